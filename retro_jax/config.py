@@ -1,0 +1,196 @@
+"""Model configuration: one frozen dataclass, validated on construction, and named presets.
+
+Layer indices are 1-based, as in the paper ("CCA every 3rd layer from layer 6" means
+layers 6, 9, 12, ...).  A baseline (no retrieval) is a config with `cca_layers=()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+
+class ConfigError(ValueError):
+  """An invalid model configuration; the message names the offending field."""
+
+
+def every_third_from(start: int, num_layers: int, every: int = 3) -> tuple[int, ...]:
+  """1-based layer indices start, start+every, ... up to num_layers (paper §2.5)."""
+  return tuple(range(start, num_layers + 1, every))
+
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class RetroConfig:
+  """Everything that fixes the shapes and the computation of a RETRO model."""
+
+  # --- Vocabulary and retrieval geometry -------------------------------------------------
+  vocab_size: int = 128_000            # LM vocabulary (paper: SentencePiece 128k).
+  chunk_size: int = 64                 # m: tokens per chunk; retrieval happens every m tokens.
+  num_neighbors: int = 2               # k: neighbors per chunk the model is trained with.
+  # Neighbor length r = 2m (retrieved chunk N plus its continuation F); derived, not a field.
+
+  # --- Decoder ------------------------------------------------------------------------------
+  emb_dim: int = 896                   # d: decoder width.
+  num_layers: int = 12                 # decoder depth.
+  num_heads: int = 16                  # decoder attention heads (self-attention and CCA).
+  head_dim: int = 64                   # width of one head.
+  mlp_dim: int = 3584                  # d_ffw of the decoder feed-forward blocks.
+  cca_layers: tuple[int, ...] = (6, 9, 12)  # 1-based decoder layers with chunked cross-attn.
+
+  # --- Neighbor encoder (ignored when cca_layers is empty) ---------------------------------
+  enc_emb_dim: int = 896               # d': encoder width (896 for every paper size).
+  enc_num_layers: int = 2
+  enc_num_heads: int = 16
+  enc_head_dim: int = 64
+  enc_mlp_dim: int = 3584
+  # 1-based encoder layers that cross-attend to the decoder activations H_u of the chunk.
+  enc_cross_attention_layers: tuple[int, ...] = (1,)
+  share_embeddings: bool = False       # encoder reuses the decoder token embedding (needs d'=d).
+
+  # --- Numerics and memory -------------------------------------------------------------------
+  positional: str = "xl"               # "xl": Transformer-XL relative positions (paper).
+  norm_eps: float = 1e-6               # RMSNorm epsilon.
+  dtype: str = "float32"               # compute dtype; parameters are always float32.
+  remat: bool = False                  # rematerialise each block in the backward pass.
+  init_std: float = 0.02               # stddev of the truncated-normal weight init.
+  # Sinusoid wavelength base of the relative-position features.
+  pos_max_wavelength: float = 10_000.0
+
+  def __post_init__(self):
+    def positive(name):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+    for name in ("vocab_size", "chunk_size", "num_neighbors", "emb_dim", "num_layers",
+                 "num_heads", "head_dim", "mlp_dim", "enc_emb_dim", "enc_num_layers",
+                 "enc_num_heads", "enc_head_dim", "enc_mlp_dim"):
+      positive(name)
+    # Normalise list-valued fields (ml_collections and JSON give lists) to tuples.
+    for name in ("cca_layers", "enc_cross_attention_layers"):
+      value = getattr(self, name)
+      if value is None:
+        value = ()
+      try:
+        value = tuple(int(v) for v in value)
+      except (TypeError, ValueError) as e:
+        raise ConfigError(f"{name} must be a sequence of layer indices, got {value!r}") from e
+      object.__setattr__(self, name, value)
+    if list(self.cca_layers) != sorted(set(self.cca_layers)):
+      raise ConfigError(f"cca_layers must be strictly increasing, got {self.cca_layers}")
+    bad = [i for i in self.cca_layers if not 1 <= i <= self.num_layers]
+    if bad:
+      raise ConfigError(
+          f"cca_layers {bad} lie outside the decoder's layers 1..{self.num_layers} "
+          f"(layer indices are 1-based)")
+    bad = [i for i in self.enc_cross_attention_layers if not 1 <= i <= self.enc_num_layers]
+    if bad:
+      raise ConfigError(
+          f"enc_cross_attention_layers {bad} lie outside the encoder's layers "
+          f"1..{self.enc_num_layers}")
+    if self.uses_retrieval and not self.enc_cross_attention_layers:
+      raise ConfigError("enc_cross_attention_layers is empty: the encoder must be conditioned "
+                        "on the decoder activations of the retrieving chunk (paper §2.4)")
+    if self.share_embeddings and self.uses_retrieval and self.enc_emb_dim != self.emb_dim:
+      raise ConfigError(
+          f"share_embeddings needs enc_emb_dim == emb_dim, got {self.enc_emb_dim} != "
+          f"{self.emb_dim}")
+    if self.positional not in ("xl",):
+      raise ConfigError(f"positional must be 'xl', got {self.positional!r}")
+    if self.dtype not in _DTYPES:
+      raise ConfigError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+    if not self.norm_eps > 0:
+      raise ConfigError(f"norm_eps must be > 0, got {self.norm_eps}")
+    if self.pos_max_wavelength <= 1:
+      raise ConfigError(f"pos_max_wavelength must be > 1, got {self.pos_max_wavelength}")
+    for name in ("emb_dim", "enc_emb_dim"):
+      if getattr(self, name) % 2:
+        raise ConfigError(f"{name} must be even (sinusoidal position features), got "
+                          f"{getattr(self, name)}")
+
+  # --- Derived quantities --------------------------------------------------------------------
+  @property
+  def uses_retrieval(self) -> bool:
+    return bool(self.cca_layers)
+
+  @property
+  def neighbor_len(self) -> int:
+    """r: tokens per neighbor, the chunk plus its continuation."""
+    return 2 * self.chunk_size
+
+  def num_chunks(self, seq_len: int) -> int:
+    """l = ceil(n / m): chunks covering a sequence of n tokens."""
+    return -(-seq_len // self.chunk_size)
+
+  def replace(self, **changes: Any) -> "RetroConfig":
+    return dataclasses.replace(self, **changes)
+
+  def baseline(self) -> "RetroConfig":
+    """The same decoder without retrieval."""
+    return self.replace(cca_layers=())
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d["cca_layers"] = list(self.cca_layers)
+    d["enc_cross_attention_layers"] = list(self.enc_cross_attention_layers)
+    return d
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "RetroConfig":
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ConfigError(f"unknown RetroConfig fields: {unknown}")
+    return cls(**dict(d))
+
+
+# --- Presets ------------------------------------------------------------------------------
+
+def _paper(d, ffw, heads, head_dim, layers):
+  return dict(emb_dim=d, mlp_dim=ffw, num_heads=heads, head_dim=head_dim, num_layers=layers,
+              cca_layers=every_third_from(6, layers))
+
+
+_PAPER = {
+    # name: (retro preset, baseline preset) — paper Table 2.
+    "172m": _paper(896, 3584, 16, 64, 12),
+    "425m": _paper(1536, 6144, 12, 128, 12),
+    "1.5b": _paper(2048, 8192, 16, 128, 24),
+    "7.5b": _paper(4096, 16384, 32, 128, 32),
+}
+_BASELINE_NAMES = {"172m": "132m", "425m": "368m", "1.5b": "1.3b", "7.5b": "7b"}
+
+PRESETS: dict[str, dict[str, Any]] = {}
+for _size, _fields in _PAPER.items():
+  PRESETS[f"retro-{_size}"] = dict(_fields)
+  PRESETS[f"baseline-{_BASELINE_NAMES[_size]}"] = dict(_fields, cca_layers=())
+
+# Small presets for CPU work.  `tiny` is the test preset: 2 chunks of 8 tokens per
+# 16-token sequence, CCA at both a middle and the last layer.
+_TINY = dict(vocab_size=97, chunk_size=8, num_neighbors=2, emb_dim=32, num_layers=4,
+             num_heads=4, head_dim=8, mlp_dim=64, cca_layers=(2, 4), enc_emb_dim=24,
+             enc_num_layers=2, enc_num_heads=2, enc_head_dim=12, enc_mlp_dim=48)
+PRESETS["tiny"] = _TINY
+PRESETS["tiny-baseline"] = dict(_TINY, cca_layers=())
+# ~10M non-embedding parameters: the quickstart's model, trainable in minutes on 2 cores.
+_SMALL = dict(vocab_size=4096, chunk_size=32, num_neighbors=2, emb_dim=256, num_layers=6,
+              num_heads=4, head_dim=64, mlp_dim=1024, cca_layers=(3, 6), enc_emb_dim=256,
+              enc_num_layers=2, enc_num_heads=4, enc_head_dim=64, enc_mlp_dim=1024)
+PRESETS["small"] = _SMALL
+PRESETS["small-baseline"] = dict(_SMALL, cca_layers=())
+# The peer-comparison shape (lucidrains' RETRO-pytorch benchmark in experiments/benchmarks).
+_PEER = dict(vocab_size=8192, chunk_size=64, num_neighbors=2, emb_dim=512, num_layers=6,
+             num_heads=8, head_dim=64, mlp_dim=2048, cca_layers=(3, 6), enc_emb_dim=512,
+             enc_num_layers=2, enc_num_heads=8, enc_head_dim=64, enc_mlp_dim=2048)
+PRESETS["peer-38m"] = _PEER
+PRESETS["peer-38m-baseline"] = dict(_PEER, cca_layers=())
+
+
+def get_preset(name: str, **overrides: Any) -> RetroConfig:
+  """A named preset (see PRESETS), optionally with fields overridden."""
+  if name not in PRESETS:
+    raise ConfigError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
+  return RetroConfig(**{**PRESETS[name], **overrides})
