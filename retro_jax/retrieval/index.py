@@ -336,7 +336,8 @@ class ScannIndex:
     db = np.ascontiguousarray(emb, dtype=np.float32)  # ScaNN wants float32 in RAM.
     if distance == "dot_product":
       norms = np.linalg.norm(db[:min(num_vectors, 1000)], axis=1)
-      if np.any(np.abs(norms - 1.0) > 1e-2):
+      # Zero rows (a chunk with no embeddable text) are allowed; they match nothing.
+      if np.any((np.abs(norms - 1.0) > 1e-2) & (norms > 1e-6)):
         raise IndexError_(
             "dot_product index needs unit-normalised embeddings (found row norms "
             f"{float(norms.min()):.3f}..{float(norms.max()):.3f}); normalise them or use "
@@ -478,3 +479,66 @@ def measure_recall(index, exact: ExactSearcher, queries: np.ndarray, k: int,
   hits = (ann_ids >= 0) & (ann_true <= kth + 1e-5)
   denominator = np.sum(ex_ids >= 0)
   return float(np.sum(hits) / max(denominator, 1))
+
+
+def search_excluding(index, queries: np.ndarray, k: int,
+                     candidate_groups: np.ndarray | None = None,
+                     exclude_groups: np.ndarray | None = None, extra: int | None = None,
+                     max_candidates: int = 4096) -> tuple[np.ndarray, np.ndarray, dict]:
+  """Best k per query after dropping candidates whose group equals the query's group.
+
+  Used for same-document exclusion: `candidate_groups` [C] is the document of every
+  database vector and `exclude_groups` [Q] the document to exclude per query (-1: none).
+  Each query first asks for k' = k + extra candidates; rows left with fewer than k after
+  the filter, whose candidate list was full (so more may exist), are asked again with 4x
+  the candidates, up to `max_candidates` (and the database size).  What still lacks
+  candidates is padded with id -1 / distance +inf.
+
+  Returns ids [Q, k] int64, distances [Q, k] float32 and stats
+  {"requeried_rows", "padded_rows", "max_candidates_used"}.
+  """
+  k = _check_k(k)
+  queries = np.asarray(queries, dtype=np.float32)
+  num_q = queries.shape[0]
+  num_vectors = index.num_vectors
+  stats = {"requeried_rows": 0, "padded_rows": 0, "max_candidates_used": 0}
+  out_ids = np.full((num_q, k), -1, np.int64)
+  out_d = np.full((num_q, k), np.inf, np.float32)
+  if num_q == 0:
+    return out_ids, out_d, stats
+  filtering = candidate_groups is not None and exclude_groups is not None
+  if extra is None:
+    extra = max(k, 8) if filtering else 0
+  kp = min(k + max(int(extra), 0), num_vectors)
+  if filtering:
+    exclude_groups = np.asarray(exclude_groups, dtype=np.int64)
+    if exclude_groups.shape != (num_q,):
+      raise IndexError_(f"exclude_groups must have shape [{num_q}], got {exclude_groups.shape}")
+  rows = np.arange(num_q)
+  while rows.size:
+    ids, dist = index.search(queries[rows], kp)
+    stats["max_candidates_used"] = max(stats["max_candidates_used"], kp)
+    if filtering:
+      groups = np.where(ids >= 0, np.asarray(candidate_groups)[np.maximum(ids, 0)], -2)
+      keep = (ids >= 0) & (groups != exclude_groups[rows][:, None])
+    else:
+      keep = ids >= 0
+    num_kept = keep.sum(axis=1)
+    # Stable compaction of kept candidates to the front (order by distance is preserved).
+    order = np.argsort(~keep, axis=1, kind="stable")
+    ids = np.take_along_axis(np.where(keep, ids, -1), order, axis=1)[:, :k]
+    dist = np.take_along_axis(np.where(keep, dist, np.inf), order, axis=1)[:, :k]
+    if ids.shape[1] < k:
+      ids = np.pad(ids, ((0, 0), (0, k - ids.shape[1])), constant_values=-1)
+      dist = np.pad(dist, ((0, 0), (0, k - dist.shape[1])), constant_values=np.inf)
+    short = num_kept < k
+    could_grow = short & (kp < min(max_candidates, num_vectors))
+    done = ~could_grow
+    out_ids[rows[done]] = ids[done]
+    out_d[rows[done]] = dist[done]
+    stats["padded_rows"] += int(np.sum(short & done))
+    rows = rows[could_grow]
+    if rows.size:
+      stats["requeried_rows"] += int(rows.size)
+      kp = min(kp * 4, max_candidates, num_vectors)
+  return out_ids, out_d, stats

@@ -172,17 +172,22 @@ def check_equal(what: str, expected: Any, actual: Any, expected_source: str,
         f"{actual_source} has {_short(actual)}")
 
 
+# Identity fields that say where a file lies, not what it is (a copied checkpoint is the same).
+LOCATION_FIELDS = ("file_name", "path", "source", "directory")
+
+
 def check_identity(what: str, expected: Mapping[str, Any] | None,
                    actual: Mapping[str, Any] | None, expected_source: str,
-                   actual_source: str) -> None:
+                   actual_source: str, ignore: tuple[str, ...] = LOCATION_FIELDS) -> None:
   """Compares two identity dicts (tokenizer, embedder) on the keys both define.
 
   Identity dicts may grow fields over time; comparing the shared keys keeps old manifests
   readable while any disagreement on a shared key (name, sha256, dims...) is refused.
+  Location fields (`ignore`) are skipped: the same file at another path is the same thing.
   """
   if expected is None or actual is None:
     return
-  keys = sorted(set(expected) & set(actual))
+  keys = sorted((set(expected) & set(actual)) - set(ignore))
   if not keys:
     check_equal(what, expected, actual, expected_source, actual_source)
     return

@@ -1,0 +1,419 @@
+r"""Neighbor precompute: the k nearest database chunks of every chunk of a query chunk store.
+
+    python -m retro_jax.retrieval.precompute_neighbors --db=DB_DIR --output=NEIGHBORS_DIR \
+        [--k=2] [--query_store=CHUNK_STORE_DIR] [--exclude_same_document=auto|true|false] \
+        [--extra_candidates=8] [--max_candidates=4096] [--part_size=8192] \
+        [--num_shards=1 --shard_index=I] [--leaves_to_search=N]
+
+Output directory (the "neighbors file" of the team contract):
+  neighbors.npy  int64 [Q, k]    database chunk ids, nearest first, -1 padded.
+  distances.npy  float32 [Q, k]  distances (index convention: smaller is nearer), +inf pad.
+  manifest.json  k, database manifest hash and chunk count, query chunk store manifest hash,
+                 tokenizer and embedder identities, index id, same-document exclusion,
+                 padding counts.  Written LAST: a directory without it is unfinished.
+Row q belongs to chunk q of the query store.  For training the query store is the
+database's own chunk store (the default), and candidates from the query chunk's own
+document are dropped (paper §2.4: otherwise the continuation leaks the future).  For a
+separate evaluation store, exclusion (off by default, `--exclude_same_document=true`) drops
+database chunks of a document with the same key (file path / jsonl line) as the query's.
+
+Work split and resume.  The query chunks are cut into fixed parts of `--part_size` rows;
+part p belongs to shard p % num_shards.  Each part is written atomically to
+`OUTPUT/parts/part-PPPPP.npz` and skipped when it already exists, so a killed job resumes
+where it stopped and the result is byte-identical to an uninterrupted run.  Any shard that
+finds every part present merges them into the final files; several machines can each run
+one `--shard_index` over a shared filesystem.  The settings of the job are pinned in
+`OUTPUT/parts/job.json`: a restart with other settings is refused rather than mixed.
+
+Query embeddings: when the query store is the database's own store, the database's
+`embeddings.npy` rows are reused (no BERT pass); otherwise the query chunks are embedded with
+the embedder recorded in the database manifest (the same `Embedder.embed_chunks` that made
+the keys), and its identity is checked against the index manifest.
+
+Scale-out beyond a few machines: the per-part function `compute_part` is pure (part index
+in, arrays out), which is exactly the shape of an Apache Beam `ParDo` over part indices with
+the searcher loaded once per worker in `setup()`; the merge is a final single-worker step.
+Beam is not wired in yet (`pip install retro_jax[beam]`, `--runner=DirectRunner` offline).
+
+Consumers load the result with `load_neighbors(dir, expected_db_manifest=...,
+expected_query_manifest=...)`, which refuses a file made for another database, query store
+or tokenizer, naming both values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import time
+from typing import Any, Callable, Mapping
+
+from absl import logging
+import numpy as np
+import tqdm
+
+from retro_jax.retrieval import index as index_lib
+from retro_jax.retrieval import manifest as manifest_lib
+
+NEIGHBORS_FORMAT = "retro_jax.neighbors.v1"
+BUILD_COMMAND = ("python -m retro_jax.retrieval.precompute_neighbors --db=DB_DIR "
+                 "--output=NEIGHBORS_DIR [--query_store=CHUNK_STORE_DIR] --k=K")
+
+
+class PrecomputeError(ValueError):
+  """Bad precompute arguments or inputs; the message names the problem."""
+
+
+@dataclasses.dataclass
+class Neighbors:
+  """A loaded neighbors file: ids [Q, k] int64 (-1 pad), distances [Q, k], manifest."""
+  neighbors: np.ndarray
+  distances: np.ndarray
+  manifest: dict
+
+  @property
+  def k(self) -> int:
+    return int(self.neighbors.shape[1])
+
+
+def _as_manifest(obj: Any, what: str) -> tuple[dict, str]:
+  """A manifest given as a dict or as a directory holding manifest.json."""
+  if obj is None:
+    return None, ""
+  if isinstance(obj, Mapping):
+    return dict(obj), f"the expected {what}"
+  path = os.fspath(obj)
+  return manifest_lib.read_manifest(path, f"{what} manifest"), f"{what} {path}"
+
+
+def load_neighbors(directory: str, expected_db_manifest: Any = None,
+                   expected_query_manifest: Any = None, k: int | None = None,
+                   mmap: bool = True) -> Neighbors:
+  """Opens a neighbors directory and checks it belongs to the given database and queries.
+
+  Args:
+    directory: output of `precompute_neighbors`.
+    expected_db_manifest: the database manifest (dict) or database directory the consumer
+      uses; the file must have been built against it (hash, chunk count, tokenizer).
+    expected_query_manifest: the query chunk store manifest (dict) or directory whose rows
+      the consumer reads; the file's rows must belong to it.
+    k: if given, the file must hold at least k neighbors per row (the first k are used).
+  Raises:
+    ManifestError: the file is missing or unfinished (message says which command builds it).
+    ManifestMismatchError: it was built for something else (message names both values).
+  """
+  man = manifest_lib.read_manifest(directory, "neighbors manifest", BUILD_COMMAND)
+  if man.get("format") != NEIGHBORS_FORMAT:
+    raise manifest_lib.ManifestMismatchError(
+        f"neighbors format mismatch: expected {NEIGHBORS_FORMAT} but {directory} has "
+        f"{man.get('format')!r}")
+  src = f"neighbors file {directory}"
+  db_man, db_src = _as_manifest(expected_db_manifest, "database")
+  if db_man is not None:
+    manifest_lib.check_identity("tokenizer", db_man.get("tokenizer"), man.get("tokenizer"),
+                                db_src, src)
+    manifest_lib.check_equal("database chunk count", db_man.get("num_chunks"),
+                             man.get("database", {}).get("num_chunks"), db_src, src)
+    manifest_lib.check_equal("database manifest hash", manifest_lib.manifest_hash(db_man),
+                             man.get("database", {}).get("manifest_hash"), db_src, src)
+  q_man, q_src = _as_manifest(expected_query_manifest, "query chunk store")
+  if q_man is not None:
+    manifest_lib.check_equal("query chunk store manifest hash",
+                             manifest_lib.manifest_hash(q_man),
+                             man.get("query", {}).get("manifest_hash"), q_src, src)
+  mode = "r" if mmap else None
+  paths = [os.path.join(directory, n) for n in ("neighbors.npy", "distances.npy")]
+  for p in paths:
+    if not os.path.exists(p):
+      raise manifest_lib.ManifestError(f"{p} is missing (manifest present): rebuild with "
+                                       f"{BUILD_COMMAND}")
+  neighbors = np.load(paths[0], mmap_mode=mode)
+  distances = np.load(paths[1], mmap_mode=mode)
+  if neighbors.shape != (man["num_queries"], man["k"]) or distances.shape != neighbors.shape:
+    raise manifest_lib.ManifestMismatchError(
+        f"neighbors shape mismatch: manifest says {[man['num_queries'], man['k']]} but "
+        f"{paths[0]} is {list(neighbors.shape)} and distances {list(distances.shape)}")
+  if k is not None and k > neighbors.shape[1]:
+    raise manifest_lib.ManifestMismatchError(
+        f"number of neighbors mismatch: the consumer wants k={k} but {src} has "
+        f"k={neighbors.shape[1]}")
+  return Neighbors(neighbors, distances, man)
+
+
+# ------------------------------------------------------------------------------------------
+# The job.
+# ------------------------------------------------------------------------------------------
+
+
+def _part_path(parts_dir: str, p: int) -> str:
+  return os.path.join(parts_dir, f"part-{p:05d}.npz")
+
+
+def _read_part(path: str) -> tuple[np.ndarray, np.ndarray, dict]:
+  with np.load(path) as z:
+    return z["neighbors"], z["distances"], {"requeried": int(z["requeried"]),
+                                            "padded": int(z["padded"])}
+
+
+def _write_part(path: str, neighbors, distances, stats) -> None:
+  import io  # pylint: disable=g-import-not-at-top
+  buf = io.BytesIO()
+  np.savez(buf, neighbors=neighbors, distances=distances,
+           requeried=np.int64(stats["requeried_rows"]), padded=np.int64(stats["padded_rows"]))
+  manifest_lib.atomic_write_bytes(path, buf.getvalue())
+
+
+class _Job:
+  """Everything a part needs, opened once per process."""
+
+  def __init__(self, db_dir, query_store_dir, k, exclude_same_document, extra_candidates,
+               max_candidates, leaves_to_search, embedder, query_batch):
+    # Imported here so `load_neighbors` works without the chunk store / embedder modules.
+    from retro_jax.retrieval import retriever as database  # pylint: disable=g-import-not-at-top
+
+    self.db = database.Database.open(db_dir)
+    db_store_dir = os.path.join(db_dir, "chunks")
+    self.query_is_db = (query_store_dir is None or
+                        os.path.realpath(query_store_dir) == os.path.realpath(db_store_dir))
+    if self.query_is_db:
+      self.query_store = self.db.store
+    else:
+      self.query_store = database.open_chunk_store(query_store_dir)
+      manifest_lib.check_equal("chunk size", self.db.chunk_size,
+                               self.query_store.chunk_size, f"database {db_dir}",
+                               f"query chunk store {query_store_dir}")
+      manifest_lib.check_identity("tokenizer", self.db.manifest.get("tokenizer"),
+                                  self.query_store.manifest.get("tokenizer"),
+                                  f"database {db_dir}", f"query chunk store {query_store_dir}")
+    if exclude_same_document is None:
+      exclude_same_document = self.query_is_db
+    self.exclude = bool(exclude_same_document)
+    if k < 1:
+      raise PrecomputeError(f"k must be >= 1, got {k}")
+    self.k = int(k)
+    self.extra = int(extra_candidates if extra_candidates is not None else max(k, 8))
+    self.max_candidates = int(max_candidates)
+    if self.max_candidates < self.k:
+      raise PrecomputeError(f"max_candidates ({max_candidates}) must be >= k ({k})")
+    self.leaves_to_search = leaves_to_search
+    self.query_batch = int(query_batch)
+    self._embedder = embedder
+    self.db_doc_ids = np.asarray(self.db.store.doc_ids)
+    self._query_doc_groups = None
+
+  @property
+  def num_queries(self) -> int:
+    return int(self.query_store.num_chunks)
+
+  def query_doc_groups(self) -> np.ndarray:
+    """Per query chunk, the database document to exclude (-1: none)  [Q]."""
+    if self._query_doc_groups is None:
+      q_doc = np.asarray(self.query_store.doc_ids).astype(np.int64)
+      if not self.exclude:
+        groups = np.full(q_doc.shape, -1, np.int64)
+      elif self.query_is_db:
+        groups = q_doc
+      else:  # Match documents across stores by key (file path / jsonl line id).
+        from retro_jax.retrieval import retriever as database  # pylint: disable=g-import-not-at-top
+        db_keys = {key: i for i, key in enumerate(database.doc_keys(self.db.store))}
+        q_keys = database.doc_keys(self.query_store)
+        per_doc = np.array([db_keys.get(key, -1) for key in q_keys], np.int64)
+        groups = per_doc[q_doc] if per_doc.size else np.full(q_doc.shape, -1, np.int64)
+      self._query_doc_groups = groups
+    return self._query_doc_groups
+
+  def embedder(self):
+    if self._embedder is None:
+      self._embedder = self.db.load_embedder()
+    self.db.check_embedder(self._embedder)
+    return self._embedder
+
+  def query_embeddings(self, start: int, stop: int) -> np.ndarray:
+    """[stop - start, D] float32 query embeddings, normalised like the database's."""
+    if self.query_is_db:
+      return np.asarray(self.db.embeddings[start:stop], dtype=np.float32)
+    tokens = np.asarray(self.query_store.tokens[start:stop])
+    out = []
+    emb = self.embedder()
+    for s in range(0, tokens.shape[0], self.query_batch):
+      out.append(np.asarray(emb.embed_chunks(tokens[s:s + self.query_batch],
+                                             self.db.tokenizer), np.float32))
+    x = np.concatenate(out) if out else np.zeros((0, self.db.dim), np.float32)
+    return self.db.prepare_queries(x)
+
+  def compute_part(self, start: int, stop: int):
+    """Neighbors of query chunks [start, stop): ids [n, k], distances [n, k], stats."""
+    queries = self.query_embeddings(start, stop)
+    index = self.db.index
+    searcher = index
+    if self.leaves_to_search:
+      searcher = _LeavesOverride(index, self.leaves_to_search)
+    groups = self.query_doc_groups()[start:stop] if self.exclude else None
+    return index_lib.search_excluding(
+        searcher, queries, self.k, candidate_groups=self.db_doc_ids if self.exclude else None,
+        exclude_groups=groups, extra=self.extra, max_candidates=self.max_candidates)
+
+  def settings(self, part_size: int) -> dict:
+    """What pins the parts: a restart with different settings must not reuse them."""
+    return {
+        "format": NEIGHBORS_FORMAT,
+        "k": self.k,
+        "part_size": int(part_size),
+        "num_queries": self.num_queries,
+        "database": {"manifest_hash": manifest_lib.manifest_hash(self.db.manifest),
+                     "num_chunks": int(self.db.num_chunks)},
+        "query": {"manifest_hash": manifest_lib.manifest_hash(self.query_store.manifest),
+                  "num_chunks": self.num_queries, "is_database": self.query_is_db},
+        "tokenizer": self.db.manifest.get("tokenizer"),
+        "embedder": self.db.manifest.get("embedder"),
+        "index_id": self.db.index.index_id,
+        "index_settings": self.db.index.manifest.get("settings"),
+        "distance": self.db.index.distance,
+        "exclude_same_document": self.exclude,
+        "exclusion_rule": (None if not self.exclude else
+                           "same document id" if self.query_is_db else "same document key"),
+        "extra_candidates": self.extra,
+        "max_candidates": self.max_candidates,
+        "leaves_to_search": self.leaves_to_search,
+    }
+
+
+class _LeavesOverride:
+  """An index view that searches a different number of leaves."""
+
+  def __init__(self, index, leaves):
+    self._index, self._leaves = index, leaves
+    self.num_vectors = index.num_vectors
+
+  def search(self, queries, k):
+    return self._index.search(queries, k, leaves_to_search=self._leaves)
+
+
+def precompute_neighbors(db_dir: str, output_dir: str, k: int = 2,
+                         query_store: str | None = None,
+                         exclude_same_document: bool | None = None,
+                         extra_candidates: int | None = None, max_candidates: int = 4096,
+                         part_size: int = 8192, num_shards: int = 1,
+                         shard_index: int | None = None,
+                         leaves_to_search: int | None = None, embedder=None,
+                         query_batch: int = 256, merge: bool = True,
+                         after_part: Callable[[int], None] | None = None) -> dict | None:
+  """Computes the neighbors file; returns its manifest, or None if parts are still missing.
+
+  Args:
+    db_dir: database directory (build_db output).
+    output_dir: where neighbors.npy / distances.npy / manifest.json go.
+    k: neighbors kept per query chunk.
+    query_store: chunk store whose chunks are the queries (default: the database's own).
+    exclude_same_document: drop candidates of the query's own document.  Default: on when
+      the query store is the database, off otherwise.
+    extra_candidates: k' = k + extra asked first (default max(k, 8)); rows left short after
+      exclusion are asked again with 4x more, up to `max_candidates`.
+    part_size: query chunks per part (the unit of atomic writes and resume).
+    num_shards, shard_index: this process computes parts p with p % num_shards ==
+      shard_index (None: all parts).
+    leaves_to_search: override the index's leaves searched per query (tree_ah only).
+    embedder: an Embedder to use for a separate query store (default: the database's).
+    merge: write the final files when all parts exist.
+    after_part: test hook, called with the part index after each part is written.
+  """
+  if num_shards < 1:
+    raise PrecomputeError(f"num_shards must be >= 1, got {num_shards}")
+  if shard_index is not None and not 0 <= shard_index < num_shards:
+    raise PrecomputeError(f"shard_index must be in [0, {num_shards}), got {shard_index}")
+  if part_size < 1:
+    raise PrecomputeError(f"part_size must be >= 1, got {part_size}")
+  job = _Job(db_dir, query_store, k, exclude_same_document, extra_candidates, max_candidates,
+             leaves_to_search, embedder, query_batch)
+  settings = job.settings(part_size)
+  parts_dir = os.path.join(output_dir, "parts")
+  final_manifest = os.path.join(output_dir, manifest_lib.MANIFEST)
+  if os.path.exists(final_manifest):
+    existing = manifest_lib.read_json(final_manifest)
+    if manifest_lib.stable_hash(existing.get("job", {})) == manifest_lib.stable_hash(settings):
+      logging.info("neighbors in %s are complete for these settings; nothing to do",
+                   output_dir)
+      return existing
+    raise manifest_lib.ManifestMismatchError(
+        f"{output_dir} already holds neighbors built with other settings "
+        f"(job {manifest_lib.stable_hash(existing.get('job', {}))[:12]} vs requested "
+        f"{manifest_lib.stable_hash(settings)[:12]}); use another --output or delete it")
+  os.makedirs(parts_dir, exist_ok=True)
+  job_path = os.path.join(parts_dir, "job.json")
+  if os.path.exists(job_path):
+    pinned = manifest_lib.read_json(job_path)
+    for key in sorted(set(pinned) | set(settings)):
+      manifest_lib.check_equal(f"precompute setting '{key}'", pinned.get(key),
+                               settings.get(key), f"unfinished job in {parts_dir}",
+                               "this run")
+  else:
+    manifest_lib.atomic_write_json(job_path, settings)
+
+  num_q = job.num_queries
+  num_parts = max(1, math.ceil(num_q / part_size))
+  mine = [p for p in range(num_parts)
+          if shard_index is None or p % num_shards == shard_index]
+  todo = [p for p in mine if not os.path.exists(_part_path(parts_dir, p))]
+  logging.info("precompute: %d query chunks, %d parts (%d for this shard, %d left), k=%d, "
+               "exclusion=%s", num_q, num_parts, len(mine), len(todo), k, job.exclude)
+  t0 = time.time()
+  done_rows = 0
+  with tqdm.tqdm(total=sum(min(part_size, num_q - p * part_size) for p in todo),
+                 unit="chunk", desc="neighbors", disable=None) as bar:
+    for p in todo:
+      start, stop = p * part_size, min((p + 1) * part_size, num_q)
+      ids, dist, stats = job.compute_part(start, stop)
+      _write_part(_part_path(parts_dir, p), ids, dist, stats)
+      done_rows += stop - start
+      bar.update(stop - start)
+      if after_part is not None:
+        after_part(p)
+  elapsed = time.time() - t0
+  if done_rows:
+    logging.info("precompute: %d query chunks in %.1fs (%.1f chunks/s)", done_rows, elapsed,
+                 done_rows / max(elapsed, 1e-9))
+  missing = [p for p in range(num_parts) if not os.path.exists(_part_path(parts_dir, p))]
+  if missing:
+    logging.info("precompute: %d parts still missing (other shards); not merging yet",
+                 len(missing))
+    return None
+  if not merge:
+    return None
+  return _merge(output_dir, parts_dir, num_parts, settings, num_q, elapsed)
+
+
+def _merge(output_dir, parts_dir, num_parts, settings, num_q, elapsed) -> dict:
+  """Concatenates the parts into neighbors.npy / distances.npy, then writes the manifest."""
+  k = settings["k"]
+  neighbors = np.full((num_q, k), -1, np.int64)
+  distances = np.full((num_q, k), np.inf, np.float32)
+  requeried = padded = 0
+  row = 0
+  for p in range(num_parts):
+    ids, dist, stats = _read_part(_part_path(parts_dir, p))
+    neighbors[row:row + ids.shape[0]] = ids
+    distances[row:row + ids.shape[0]] = dist
+    row += ids.shape[0]
+    requeried += stats["requeried"]
+    padded += stats["padded"]
+  if row != num_q:
+    raise PrecomputeError(f"parts hold {row} rows but the query store has {num_q} chunks")
+  manifest_lib.atomic_save_npy(os.path.join(output_dir, "neighbors.npy"), neighbors)
+  manifest_lib.atomic_save_npy(os.path.join(output_dir, "distances.npy"), distances)
+  man = {key: settings[key] for key in ("format", "k", "database", "query", "tokenizer",
+                                        "embedder", "index_id", "distance",
+                                        "exclude_same_document")}
+  man.update({
+      "num_queries": num_q,
+      "job": settings,
+      "padded_rows": int(padded),
+      "padded_entries": int(np.sum(neighbors < 0)),
+      "requeried_rows": int(requeried),
+      "timings": {"last_run_seconds": round(elapsed, 3)},
+  })
+  manifest_lib.atomic_write_json(os.path.join(output_dir, manifest_lib.MANIFEST), man)
+  shutil.rmtree(parts_dir, ignore_errors=True)
+  logging.info("precompute: wrote %s (%d x %d, %d padded entries)", output_dir, num_q, k,
+               man["padded_entries"])
+  return man

@@ -1,0 +1,316 @@
+"""In-process retrieval: open a database once, answer batched neighbor queries.
+
+    r = Retriever.open("DB_DIR")                 # chunk store, index, tokenizer, embedder
+    res = r.retrieve_texts(["def main():"], k=2)
+    res.ids        # [Q, k] int64 database chunk ids, nearest first, -1 = none
+    res.distances  # [Q, k] float32, smaller is nearer (1 - cosine for dot_product DBs)
+    res.tokens     # [Q, k, 2m] int32: neighbor chunk N then its continuation F, -1 padded
+    r.retrieve_chunks(tokens_Qxm, k=2, exclude_doc_ids=doc_of_each_query)
+
+A database directory (built by `python -m retro_jax.retrieval.build_db`):
+    DB_DIR/chunks/           chunk store of the database (see chunk_store.py)
+    DB_DIR/embeddings.npy    [C, D] float32 or float16 embeddings, unit-normalised when the
+                             index distance is dot_product (memory-mapped on open)
+    DB_DIR/index/            ScaNN searcher + manifest.json (settings, recall, embedder)
+    DB_DIR/tokenizer/FILE    a copy of the LM tokenizer file, so the DB is self-contained
+    DB_DIR/manifest.json     ties them together (hashes, identities, embedder source)
+`Database.open` checks that those pieces belong together (chunk store hash, embeddings
+shape, index id and embedder identity) and refuses a mismatch naming both values.
+
+Queries are embedded with the same `Embedder.embed_chunks` that embedded the keys; a
+caller-supplied embedder must have the index's identity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from retro_jax.retrieval import chunk_store as chunk_store_lib
+from retro_jax.retrieval import index as index_lib
+from retro_jax.retrieval import manifest as manifest_lib
+
+DATABASE_FORMAT = "retro_jax.database.v1"
+BUILD_COMMAND = ("python -m retro_jax.retrieval.build_db --corpus=... --tokenizer=... "
+                 "--output=DB_DIR")
+
+
+class RetrievalError(ValueError):
+  """Bad retrieval input (shape, k, ids); the message names the problem."""
+
+
+@dataclasses.dataclass
+class RetrievalResult:
+  """Neighbors of Q queries: ids [Q, k] int64, distances [Q, k] f32, tokens [Q, k, 2m] i32."""
+  ids: np.ndarray
+  distances: np.ndarray
+  tokens: np.ndarray
+
+
+def open_chunk_store(path: str) -> chunk_store_lib.ChunkStore:
+  return chunk_store_lib.ChunkStore.open(path)
+
+
+def doc_keys(store) -> list[str]:
+  """The document keys of a chunk store (one per document)."""
+  return list(store.doc_keys)
+
+
+class HashingEmbedder:
+  """A deterministic, model-free embedder: signed feature hashing of words and word pairs.
+
+  For smoke tests, CI and quick demos on machines where a BERT pass is too slow
+  (`build_db --bert=hashing:256`).  Same interface as `embedder.Embedder`; its neighbors
+  are lexical, not semantic.
+  """
+
+  def __init__(self, dim: int = 256):
+    if dim < 2:
+      raise ValueError(f"hashing embedder dim must be >= 2, got {dim}")
+    self.dim = int(dim)
+
+  def identity(self) -> dict:
+    return {"kind": "hashing", "dim": self.dim, "version": 1}
+
+  def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+    import re  # pylint: disable=g-import-not-at-top
+    import zlib  # pylint: disable=g-import-not-at-top
+    out = np.zeros((len(texts), self.dim), np.float32)
+    for i, text in enumerate(texts):
+      words = re.findall(r"\w+", text.lower())
+      for feat in words + [a + " " + b for a, b in zip(words, words[1:])]:
+        h = zlib.crc32(feat.encode("utf-8"))
+        out[i, h % self.dim] += 1.0 if (h >> 31) & 1 else -1.0
+    return out
+
+  def embed_chunks(self, tokens, lm_tokenizer) -> np.ndarray:
+    return self.embed_texts([lm_tokenizer.decode(row) for row in np.asarray(tokens)])
+
+
+def load_embedder(source: str | None = None, **kwargs):
+  """An embedder by source: "hashing:D" (model-free) or a BERT path/name (None = MiniLM)."""
+  if source is not None and str(source).startswith("hashing"):
+    _, _, dim = str(source).partition(":")
+    return HashingEmbedder(int(dim) if dim else 256)
+  from retro_jax.retrieval import embedder as embedder_lib  # pylint: disable=g-import-not-at-top
+  return embedder_lib.Embedder.from_pretrained(source, **kwargs)
+
+
+def check_database(db_manifest: Mapping[str, Any], chunk_size: int | None = None,
+                   tokenizer: Mapping[str, Any] | None = None,
+                   source: str = "the database") -> None:
+  """For consumers (training, evaluation): the database must match the model's settings.
+
+  Args:
+    db_manifest: DB_DIR/manifest.json as a dict.
+    chunk_size: the model's m; refused if the database was chunked differently.
+    tokenizer: the tokenizer identity the model uses.
+  """
+  if chunk_size is not None:
+    manifest_lib.check_equal("chunk size", int(chunk_size), db_manifest.get("chunk_size"),
+                             "the model", source)
+  if tokenizer is not None:
+    chunk_store_lib.check_tokenizer(tokenizer, db_manifest.get("tokenizer", {}),
+                                    "the model", source)
+
+
+class Database:
+  """The pieces of a database directory, checked against each other; opened lazily."""
+
+  def __init__(self, path: str, manifest: dict):
+    self.path = path
+    self.manifest = manifest
+    self.store = open_chunk_store(os.path.join(path, "chunks"))
+    manifest_lib.check_equal(
+        "chunk store manifest hash", manifest.get("chunk_store", {}).get("manifest_hash"),
+        manifest_lib.manifest_hash(self.store.manifest), f"database manifest {path}",
+        f"chunk store {self.store.path}")
+    self.embeddings = np.load(os.path.join(path, "embeddings.npy"), mmap_mode="r")
+    expect = (self.store.num_chunks, manifest.get("embedding", {}).get("dim"))
+    if self.embeddings.shape != expect:
+      raise manifest_lib.ManifestMismatchError(
+          f"embeddings shape mismatch: database manifest {path} says {list(expect)} but "
+          f"embeddings.npy is {list(self.embeddings.shape)}")
+    self._index = None
+    self._tokenizer = None
+
+  @classmethod
+  def open(cls, path: str) -> "Database":
+    path = os.path.abspath(os.fspath(path))
+    man = manifest_lib.read_manifest(path, "database manifest", BUILD_COMMAND)
+    if man.get("format") != DATABASE_FORMAT:
+      raise manifest_lib.ManifestMismatchError(
+          f"database format mismatch: expected {DATABASE_FORMAT} but {path} has "
+          f"{man.get('format')!r}")
+    return cls(path, man)
+
+  @property
+  def chunk_size(self) -> int:
+    return self.store.chunk_size
+
+  @property
+  def num_chunks(self) -> int:
+    return self.store.num_chunks
+
+  @property
+  def dim(self) -> int:
+    return int(self.embeddings.shape[1])
+
+  @property
+  def index(self) -> index_lib.ScannIndex:
+    if self._index is None:
+      index = index_lib.ScannIndex.load(os.path.join(self.path, "index"),
+                                        expected_embedder=self.manifest.get("embedder"))
+      manifest_lib.check_equal("index id", self.manifest.get("index", {}).get("index_id"),
+                               index.index_id, f"database manifest {self.path}",
+                               f"index {self.path}/index")
+      self._index = index
+    return self._index
+
+  @property
+  def tokenizer(self):
+    if self._tokenizer is None:
+      from retro_jax.retrieval import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+      tok_dir = os.path.join(self.path, "tokenizer")
+      name = self.manifest.get("tokenizer", {}).get("file_name")
+      tok = tokenizer_lib.load_tokenizer(os.path.join(tok_dir, name) if name else tok_dir)
+      chunk_store_lib.check_tokenizer(self.manifest.get("tokenizer", {}), tok.identity(),
+                                      f"database {self.path}", f"tokenizer in {tok_dir}")
+      self._tokenizer = tok
+    return self._tokenizer
+
+  def load_embedder(self):
+    """The embedder that made the keys (recorded source; None = the offline default)."""
+    emb = load_embedder(self.manifest.get("embedder_source"))
+    self.check_embedder(emb)
+    return emb
+
+  def check_embedder(self, embedder) -> None:
+    """Refuses an embedder whose identity differs from the one the index was built with."""
+    manifest_lib.check_identity("embedder", self.manifest.get("embedder"),
+                                embedder.identity(), f"database {self.path}",
+                                "the query embedder")
+
+  def prepare_queries(self, x: np.ndarray) -> np.ndarray:
+    """Query embeddings in the database's convention (unit-normalised if it is)."""
+    x = np.asarray(x, dtype=np.float32)
+    if self.manifest.get("embedding", {}).get("normalized"):
+      x = index_lib.normalize(x)
+    return x
+
+
+class Retriever:
+  """Loads a database, its index and an embedder once; answers batched queries."""
+
+  def __init__(self, db: Database, embedder=None, extra_candidates: int = 8,
+               max_candidates: int = 4096):
+    self.db = db
+    self._embedder = embedder
+    if embedder is not None:
+      db.check_embedder(embedder)
+    self.extra_candidates = extra_candidates
+    self.max_candidates = max_candidates
+
+  @classmethod
+  def open(cls, db_dir: str, embedder=None, **kwargs) -> "Retriever":
+    """Opens DB_DIR; `embedder` defaults to the one recorded in the database manifest."""
+    db = Database.open(db_dir)
+    _ = db.index  # Load (and check) now, not on the first query.
+    _ = db.tokenizer
+    r = cls(db, embedder, **kwargs)
+    _ = r.embedder
+    return r
+
+  # Contract attributes.
+  @property
+  def store(self):
+    return self.db.store
+
+  @property
+  def tokenizer(self):
+    return self.db.tokenizer
+
+  @property
+  def manifest(self) -> dict:
+    return self.db.manifest
+
+  @property
+  def chunk_size(self) -> int:
+    return self.db.chunk_size
+
+  @property
+  def embedder(self):
+    if self._embedder is None:
+      self._embedder = self.db.load_embedder()
+    return self._embedder
+
+  def _check_k(self, k) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+      raise RetrievalError(f"k must be a positive integer, got {k!r}")
+    if k > self.db.num_chunks:
+      raise RetrievalError(f"k={k} exceeds the database size ({self.db.num_chunks} chunks)")
+    return int(k)
+
+  def embed_chunks(self, tokens: np.ndarray) -> np.ndarray:
+    """[Q, m] LM token chunks -> [Q, D] query embeddings in the index's convention."""
+    x = self.embedder.embed_chunks(np.asarray(tokens), self.tokenizer)
+    return self.db.prepare_queries(x)
+
+  def search_embeddings(self, queries: np.ndarray, k: int,
+                        exclude_doc_ids: Sequence[int] | np.ndarray | None = None
+                        ) -> RetrievalResult:
+    """Neighbors of precomputed query embeddings [Q, D]."""
+    k = self._check_k(k)
+    queries = np.asarray(queries, dtype=np.float32)
+    num_q = queries.shape[0]
+    exclude = None
+    if exclude_doc_ids is not None:
+      exclude = np.asarray(exclude_doc_ids)
+      if exclude.shape != (num_q,) or not np.issubdtype(exclude.dtype, np.integer):
+        raise RetrievalError(f"exclude_doc_ids must be {num_q} integers (one per query, -1 "
+                             f"for none), got shape {exclude.shape} dtype {exclude.dtype}")
+      if np.any((exclude < -1) | (exclude >= self.db.store.num_documents)):
+        raise RetrievalError(f"exclude_doc_ids must lie in [-1, "
+                             f"{self.db.store.num_documents}), got {exclude.tolist()}")
+    ids, dist, _ = index_lib.search_excluding(
+        self.db.index, queries, k,
+        candidate_groups=np.asarray(self.db.store.doc_ids) if exclude is not None else None,
+        exclude_groups=exclude, extra=self.extra_candidates if exclude is not None else 0,
+        max_candidates=self.max_candidates)
+    return RetrievalResult(ids, dist, self.db.store.neighbor_tokens(ids))
+
+  def retrieve_chunks(self, tokens, k: int,
+                      exclude_doc_ids: Sequence[int] | np.ndarray | None = None
+                      ) -> RetrievalResult:
+    """Neighbors of token chunks [Q, m] (LM ids, -1 padding allowed)."""
+    tokens = np.asarray(tokens)
+    m = self.db.chunk_size
+    if tokens.ndim != 2 or tokens.shape[1] != m:
+      raise RetrievalError(f"chunks must have shape [Q, {m}] (the database chunk size), got "
+                           f"{list(tokens.shape)}")
+    if tokens.size and not np.issubdtype(tokens.dtype, np.integer):
+      raise RetrievalError(f"chunk tokens must be integers, got {tokens.dtype}")
+    vocab = self.tokenizer.vocab_size
+    if tokens.size and (tokens.min() < -1 or tokens.max() >= vocab):
+      raise RetrievalError(f"chunk token ids must lie in [-1, {vocab}), got "
+                           f"{int(tokens.min())}..{int(tokens.max())}")
+    k = self._check_k(k)
+    if tokens.shape[0] == 0:
+      return RetrievalResult(np.zeros((0, k), np.int64), np.zeros((0, k), np.float32),
+                             np.zeros((0, k, 2 * m), np.int32))
+    return self.search_embeddings(self.embed_chunks(tokens), k, exclude_doc_ids)
+
+  def retrieve_texts(self, texts: Sequence[str], k: int) -> RetrievalResult:
+    """Neighbors of free texts (each embedded whole, as one query)."""
+    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+      raise RetrievalError("texts must be a list of strings")
+    k = self._check_k(k)
+    if not texts:
+      m = self.db.chunk_size
+      return RetrievalResult(np.zeros((0, k), np.int64), np.zeros((0, k), np.float32),
+                             np.zeros((0, k, 2 * m), np.int32))
+    x = self.db.prepare_queries(self.embedder.embed_texts(list(texts)))
+    return self.search_embeddings(x, k)
