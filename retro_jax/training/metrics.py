@@ -1,0 +1,120 @@
+"""Training metrics: absl log, TensorBoard event files (tensorboardX), and metrics.jsonl.
+
+Only process 0 writes files.  TensorFlow is never imported: tensorboardX writes the event
+files TensorBoard reads.
+
+MFU (model-FLOPs utilisation) = model FLOPs per second / (devices x peak FLOP/s per device).
+Model FLOPs per decoder token follow PaLM's convention (6 per parameter per token for the
+forward and backward matmuls, plus 12 x layers x attention width x attended length for the
+attention products), extended to RETRO's three extra attentions:
+  6 x N_dec + 6 x N_enc x (k r / m)                        matmuls (decoder incl. CCA; encoder
+                                                            runs on k r / m tokens per token)
+  + 12 x L x H x n                                         decoder self-attention
+  + 12 x |CCA| x H x k r                                   chunked cross-attention
+  + (k r / m) x 12 x L' x H' x (r + m x |cross|/L')        encoder self- and cross-attention
+with N the parameters of rank >= 2 except the input token embeddings (the output projection
+counts), H = heads x head size.  Rematerialisation's recomputation is not counted (that
+would be hardware FLOPs, not model FLOPs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Mapping
+
+from absl import logging
+import jax
+import numpy as np
+
+# Peak dense FLOP/s per device for MFU when the config gives none (bf16 for accelerators).
+PEAK_FLOPS = (
+    (r"TPU v6", 918e12),
+    (r"TPU v5 lite|TPU v5e", 197e12),
+    (r"TPU v5", 459e12),
+    (r"TPU v4", 275e12),
+    (r"H200|H100", 989e12),
+    (r"A100", 312e12),
+    (r"cpu", 1.15e11),  # measured f32 matmul peak of this project's 2-core CI machines.
+)
+
+
+def peak_flops_per_device(configured: float = 0.0) -> float:
+  if configured and configured > 0:
+    return float(configured)
+  kind = jax.devices()[0].device_kind
+  for pattern, flops in PEAK_FLOPS:
+    if re.search(pattern, kind, re.IGNORECASE):
+      return flops
+  return 0.0
+
+
+def _is_encoder(path: tuple[str, ...]) -> bool:
+  return any("encoder" in p.lower() for p in path)
+
+
+def matmul_param_counts(params) -> tuple[int, int]:
+  """(decoder, encoder) parameters of rank >= 2, input token embeddings excluded."""
+  dec = enc = 0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    names = tuple(str(getattr(p, "key", getattr(p, "name", p))) for p in path)
+    if np.ndim(leaf) < 2 or any("embed" in n.lower() and "un" not in n.lower() for n in names):
+      continue
+    if _is_encoder(names):
+      enc += int(np.prod(np.shape(leaf)))
+    else:
+      dec += int(np.prod(np.shape(leaf)))
+  return dec, enc
+
+
+def flops_per_token(model_cfg, seq_len: int, params) -> float:
+  """Model FLOPs (forward + backward) per decoder token; see the module docstring."""
+  dec, enc = matmul_param_counts(params)
+  c = model_cfg
+  width = c.num_heads * c.head_dim
+  flops = 6.0 * dec + 12.0 * c.num_layers * width * seq_len
+  if c.uses_retrieval:
+    kr = c.num_neighbors * c.neighbor_len
+    enc_tokens = kr / c.chunk_size
+    enc_width = c.enc_num_heads * c.enc_head_dim
+    flops += 6.0 * enc * enc_tokens
+    flops += 12.0 * len(c.cca_layers) * width * kr
+    flops += enc_tokens * 12.0 * enc_width * (
+        c.enc_num_layers * c.neighbor_len + len(c.enc_cross_attention_layers) * c.chunk_size)
+  return flops
+
+
+class MetricWriter:
+  """Writes scalars to the log, TensorBoard and `metrics.jsonl` in the workdir."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled and jax.process_index() == 0
+    self._tb = None
+    self._jsonl = None
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+      try:
+        import tensorboardX  # pylint: disable=g-import-not-at-top
+        self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+      except ImportError:
+        logging.warning("tensorboardX is not installed: no TensorBoard event files")
+
+  def write(self, step: int, scalars: Mapping[str, Any], prefix: str = "train") -> None:
+    values = {k: float(v) for k, v in scalars.items()}
+    logging.info("[%s] step %d: %s", prefix, step,
+                 ", ".join(f"{k}={v:.6g}" for k, v in sorted(values.items())))
+    if not self.enabled:
+      return
+    for key, value in values.items():
+      if self._tb is not None:
+        self._tb.add_scalar(f"{prefix}/{key}", value, step)
+    self._jsonl.write(json.dumps(dict(step=int(step), split=prefix, **values)) + "\n")
+    self._jsonl.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+    if self._jsonl is not None:
+      self._jsonl.close()
