@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Builds and tests retro_jax with Bazel: the quick subset //tests:fast by default.
+# Builds and tests retro_jax with Bazel.
 #
-# Usage: bash scripts/bazel_test.sh [bazel test targets...]    (default: //tests:fast)
+# Usage: bash scripts/bazel_test.sh [bazel test targets...]
+#   default: build every target and run the tests tagged "fast" (config and model tests)
 #
 # - Installs Debian's Bazel (bazel-bootstrap, 4.2.3) with apt-get when `bazel` is missing.
 # - Runs the tests with the project's .venv interpreter (made by scripts/setup_env.sh):
@@ -89,7 +90,10 @@ if [ "$offline" = 1 ]; then
   )
 fi
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(//tests:fast)
+if [ ${#targets[@]} = 0 ]; then
+  # Build every target (so a broken BUILD file anywhere fails CI), run the "fast" tests.
+  targets=(--test_tag_filters=fast -- //...)
+fi
 
 startup=(--output_base="$cache/output_base" --max_idle_secs=60)
 status=0
