@@ -222,6 +222,13 @@ def _training_sentences(texts: Iterable[str], max_sentence_bytes: int) -> Iterat
       yield "".join(buf)
 
 
+def _train(spm, kwargs) -> None:
+  try:
+    spm.SentencePieceTrainer.train(**kwargs)
+  except RuntimeError as e:  # e.g. vocab_size below the corpus alphabet + 260 byte/specials.
+    raise TokenizerError(f"SentencePiece training failed: {e}") from e
+
+
 def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int, *,
                         model_type: str = "unigram", input_sentence_size: int = 2_000_000,
                         max_sentence_bytes: int = 4096, character_coverage: float = 0.9995,
@@ -282,7 +289,7 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int
     try:
       if not count:
         raise TokenizerError("No training text: the corpus yielded no non-empty lines.")
-      spm.SentencePieceTrainer.train(input=tmp_input, model_writer=model, **options)
+      _train(spm, dict(input=tmp_input, model_writer=model, **options))
     finally:
       os.remove(tmp_input)
   else:
@@ -292,8 +299,7 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int
     def chained():
       yield first
       yield from sentences
-    spm.SentencePieceTrainer.train(sentence_iterator=chained(), model_writer=model,
-                                   **options)
+    _train(spm, dict(sentence_iterator=chained(), model_writer=model, **options))
   proto = model.getvalue()
   sp = spm.SentencePieceProcessor(model_proto=proto)
   vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i)}\n"
