@@ -1,0 +1,163 @@
+"""Retriever (in-process) and the HTTP service + RemoteRetriever."""
+
+import http.client
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+
+from retro_jax.retrieval import manifest as manifest_lib
+from retro_jax.retrieval import retriever as retriever_lib
+from retro_jax.retrieval import service as service_lib
+from test_build_db import make_db  # pylint: disable=g-bad-import-order
+
+
+@pytest.fixture(scope="module")
+def db_dir(tmp_path_factory):
+  return make_db(str(tmp_path_factory.mktemp("svc")), num_docs=10)
+
+
+@pytest.fixture(scope="module")
+def retriever(db_dir):
+  return retriever_lib.Retriever.open(db_dir)
+
+
+@pytest.fixture(scope="module")
+def server(retriever):
+  srv = service_lib.RetrievalServer(retriever, "127.0.0.1", 0, max_batch=8, max_k=5,
+                                    max_body_bytes=1 << 16).start()
+  yield srv
+  srv.stop()
+
+
+def test_retrieve_chunks_finds_itself_and_gathers_tokens(retriever):
+  store = retriever.store
+  ids_in = np.array([0, 5, store.num_chunks - 1])
+  res = retriever.retrieve_chunks(np.asarray(store.tokens[ids_in]), k=3)
+  assert res.ids.shape == (3, 3) and res.tokens.shape == (3, 3, 2 * store.chunk_size)
+  # A database chunk's nearest neighbor is itself (or an identical twin) at distance 0.
+  np.testing.assert_allclose(res.distances[:, 0], 0.0, atol=1e-5)
+  assert (np.diff(res.distances, axis=1) >= -1e-6).all()  # sorted nearest first.
+  np.testing.assert_array_equal(res.tokens, store.neighbor_tokens(res.ids))
+  # Excluding the query's document removes every candidate from it.
+  docs = np.asarray(store.doc_ids)[ids_in]
+  res = retriever.retrieve_chunks(np.asarray(store.tokens[ids_in]), k=3, exclude_doc_ids=docs)
+  assert (np.asarray(store.doc_ids)[res.ids] != docs[:, None]).all()
+
+
+def test_retrieve_texts(retriever):
+  store = retriever.store
+  text = retriever.tokenizer.decode(np.asarray(store.tokens[7]))
+  res = retriever.retrieve_texts([text, "zzz unrelated"], k=2)
+  assert res.ids.shape == (2, 2)
+  assert res.distances[0, 0] < 1e-4  # its own text.
+
+
+def test_retriever_validates_inputs(retriever):
+  m = retriever.chunk_size
+  with pytest.raises(retriever_lib.RetrievalError, match=f"\\[Q, {m}\\]"):
+    retriever.retrieve_chunks(np.zeros((2, m + 1), np.int32), k=2)
+  with pytest.raises(retriever_lib.RetrievalError, match="positive"):
+    retriever.retrieve_chunks(np.zeros((2, m), np.int32), k=0)
+  with pytest.raises(retriever_lib.RetrievalError, match="database size"):
+    retriever.retrieve_chunks(np.zeros((2, m), np.int32), k=retriever.store.num_chunks + 1)
+  with pytest.raises(retriever_lib.RetrievalError, match="token ids"):
+    retriever.retrieve_chunks(np.full((1, m), 10 ** 6), k=1)
+  with pytest.raises(retriever_lib.RetrievalError, match="exclude_doc_ids"):
+    retriever.retrieve_chunks(np.zeros((2, m), np.int32), k=1, exclude_doc_ids=[0])
+  with pytest.raises(retriever_lib.RetrievalError, match="list of strings"):
+    retriever.retrieve_texts("not a list", k=1)
+
+
+def test_retriever_refuses_another_embedder(db_dir):
+  with pytest.raises(manifest_lib.ManifestMismatchError) as e:
+    retriever_lib.Retriever.open(db_dir, embedder=retriever_lib.HashingEmbedder(16))
+  assert "embedder" in str(e.value) and "16" in str(e.value) and "32" in str(e.value)
+
+
+def test_remote_equals_local(server, retriever):
+  remote = service_lib.RemoteRetriever(server.url, timeout=30)
+  assert remote.health()["num_chunks"] == retriever.store.num_chunks
+  assert remote.manifest == json.loads(json.dumps(retriever.manifest))
+  tokens = np.asarray(retriever.store.tokens[10:14])
+  docs = np.asarray(retriever.store.doc_ids[10:14])
+  a = retriever.retrieve_chunks(tokens, 3, exclude_doc_ids=docs)
+  b = remote.retrieve_chunks(tokens, 3, exclude_doc_ids=docs)
+  np.testing.assert_array_equal(a.ids, b.ids)
+  np.testing.assert_allclose(a.distances, b.distances, rtol=1e-6)
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  t = remote.retrieve_texts(["alpha beta gamma"], 2)
+  np.testing.assert_array_equal(t.ids, retriever.retrieve_texts(["alpha beta gamma"], 2).ids)
+
+
+def _post(url, body: bytes, path="/retrieve", headers=None):
+  host, port = url.replace("http://", "").split(":")
+  conn = http.client.HTTPConnection(host, int(port), timeout=30)
+  conn.request("POST", path, body=body, headers=headers or {"Content-Type": "application/json"})
+  resp = conn.getresponse()
+  data = json.loads(resp.read().decode("utf-8"))
+  conn.close()
+  return resp.status, data
+
+
+def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, retriever):
+  m = retriever.chunk_size
+  good_chunk = [1] * m
+  cases = [
+      (b"{not json", 400, "malformed JSON"),
+      (b"[1, 2]", 400, "JSON object"),
+      (json.dumps({"texts": ["a"], "k": 1, "colour": "red"}).encode(), 400, "unknown field"),
+      (json.dumps({"texts": ["a"]}).encode(), 400, "missing field 'k'"),
+      (json.dumps({"texts": ["a"], "chunks": [good_chunk], "k": 1}).encode(), 400,
+       "exactly one"),
+      (json.dumps({"texts": ["a"] * 9, "k": 1}).encode(), 413, "limit of 8"),
+      (json.dumps({"texts": ["a"], "k": 6}).encode(), 413, "limit of 5"),
+      (json.dumps({"texts": ["a"], "k": 0}).encode(), 400, "positive"),
+      (json.dumps({"texts": ["a"], "k": "2"}).encode(), 400, "positive"),
+      (json.dumps({"chunks": [[1, 2, 3]], "k": 1}).encode(), 400, f"list of {m} token ids"),
+      (json.dumps({"chunks": [good_chunk], "k": 1, "exclude_doc_ids": [0, 1]}).encode(), 400,
+       "exclude_doc_ids"),
+      (json.dumps({"chunks": [[10 ** 7] * m], "k": 1}).encode(), 400, "token ids"),
+      (json.dumps({"texts": [3], "k": 1}).encode(), 400, "strings"),
+      (b"x" * (1 << 17), 413, "exceeds the limit"),
+  ]
+  for body, status, fragment in cases:
+    got_status, data = _post(server.url, body)
+    assert got_status == status, (body[:80], data)
+    assert fragment in data["error"], (fragment, data)
+    assert service_lib.RemoteRetriever(server.url).health()["status"] == "ok"
+  status, data = _post(server.url, b"{}", path="/nowhere")
+  assert status == 404 and "/retrieve" in data["error"]
+  # The client surfaces the server's message.
+  with pytest.raises(service_lib.RetrievalServiceError) as e:
+    service_lib.RemoteRetriever(server.url).retrieve_texts(["a"], 6)
+  assert e.value.status == 413 and "limit of 5" in e.value.message
+  # And a good request still works after all of that.
+  status, data = _post(server.url, json.dumps({"chunks": [good_chunk], "k": 2,
+                                               "return_texts": True}).encode())
+  assert status == 200 and len(data["ids"][0]) == 2 and len(data["doc_keys"][0]) == 2
+  assert all(os.path.basename(key).startswith("doc") for key in data["doc_keys"][0])
+
+
+def test_remote_fails_fast_when_service_is_down():
+  with socket.socket() as s:  # A port that was free a moment ago: nothing listens there.
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  remote = service_lib.RemoteRetriever(f"http://127.0.0.1:{port}", timeout=5)
+  with pytest.raises(service_lib.ServiceUnavailableError, match="not reachable"):
+    remote.health()
+  with pytest.raises(ConnectionError):
+    remote.retrieve_texts(["a"], 1)
+
+
+def test_remote_times_out_instead_of_hanging():
+  # A listening socket that never answers: the client gives up after `timeout`.
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    s.listen(1)
+    remote = service_lib.RemoteRetriever(f"http://127.0.0.1:{s.getsockname()[1]}",
+                                         timeout=0.5)
+    with pytest.raises(service_lib.ServiceUnavailableError, match="not reachable"):
+      remote.health()
