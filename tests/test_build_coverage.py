@@ -75,6 +75,8 @@ def first_party_imports(tree, dotted, is_package, modules):
       names += [base + "." + a.name for a in node.names]
   found = set()
   for name in names:
+    if dotted.startswith("tests.") and "tests." + name.split(".")[0] in modules:
+      name = "tests." + name  # pytest puts tests/ on sys.path: helpers by bare name.
     parts = name.split(".")
     while parts and ".".join(parts) not in modules:
       parts.pop()

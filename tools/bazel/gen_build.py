@@ -48,6 +48,9 @@ TEST_OVERRIDES = {
     # It reads the whole checkout (found through its runfiles symlink), not just its
     # inputs, so Bazel must not cache its result.
     "test_build_coverage.py": {"size": "small", "tags": ["external"]},
+    # Compile-bound (many small jitted models): two shards use both CI cores.  "large"
+    # (900 s timeout) because on a busy machine a shard can pass 300 s without hanging.
+    "test_model.py": {"size": "large", "shard_count": 2},
 }
 
 HEADER = (
@@ -156,7 +159,12 @@ def resolve_deps(modules):
   for m in modules.values():
     deps = {}
     for name in imported_names(m):
-      dep = resolve(name, modules)
+      dep = None
+      if m.relpath.startswith(TESTS_DIR + "/"):
+        # pytest puts tests/ on sys.path, so tests import their helpers by bare name.
+        if TESTS_DIR + "." + name.split(".")[0] in modules:
+          dep = resolve(TESTS_DIR + "." + name, modules)
+      dep = dep or resolve(name, modules)
       if dep is not None and dep is not m:
         deps[dep.label] = dep
     m.deps = [deps[k] for k in sorted(deps)]
@@ -238,12 +246,13 @@ def tests_build(mods):
          '\npackage(default_visibility = ["//visibility:public"])\n']
   helpers = [m for m in mods if not m.is_test]
   tests = [m for m in mods if m.is_test]
-  for m in helpers:  # conftest.py and shared helpers: every test gets them.
+  for m in helpers:  # conftest.py and shared helpers (`import fixtures_data`)
     deps = [rel_label(d.label, TESTS_DIR) for d in m.deps]
     out.append("\n" + fmt_rule("py_library", [
         ("name", m.name), ("testonly", True), ("srcs", [os.path.basename(m.relpath)]),
         ("deps", deps)]))
-  helper_labels = [":" + h.name for h in helpers]
+  # pytest loads conftest.py for every test in the directory.
+  helper_labels = [":" + h.name for h in helpers if h.name == "conftest"]
   for m in tests:
     fname = os.path.basename(m.relpath)
     base = fname[:-3]
