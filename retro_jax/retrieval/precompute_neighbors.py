@@ -416,3 +416,61 @@ def _merge(output_dir, parts_dir, num_parts, settings, num_q) -> dict:
   logging.info("precompute: wrote %s (%d x %d, %d padded entries)", output_dir, num_q, k,
                man["padded_entries"])
   return man
+
+
+# ------------------------------------------------------------------------------------------
+# CLI.
+# ------------------------------------------------------------------------------------------
+
+
+def _define_flags():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("db", None, "Database directory (build_db output).", required=True)
+  flags.DEFINE_string("output", None, "Neighbors directory to write.", required=True)
+  flags.DEFINE_integer("k", 2, "Neighbors kept per query chunk.")
+  flags.DEFINE_string("query_store", None, "Chunk store of the queries (default: the "
+                      "database's own chunks, i.e. the training split).")
+  flags.DEFINE_enum("exclude_same_document", "auto", ["auto", "true", "false"],
+                    "Drop candidates from the query's document (auto: on iff the query "
+                    "store is the database).")
+  flags.DEFINE_integer("extra_candidates", None, "k' = k + extra first asked (default "
+                       "max(k, 8)); short rows are re-asked with 4x more.")
+  flags.DEFINE_integer("max_candidates", 4096, "Cap on k' when re-asking.")
+  flags.DEFINE_integer("part_size", 8192, "Query chunks per resumable part file.")
+  flags.DEFINE_integer("num_shards", 1, "Machines sharing the job.")
+  flags.DEFINE_integer("shard_index", None, "This machine's shard (default: all parts).")
+  flags.DEFINE_integer("leaves_to_search", None, "Override the index's leaves searched.")
+  flags.DEFINE_string("bert", None, "Embedder for a separate query store (default: the "
+                      "database's).")
+  return flags.FLAGS
+
+
+def main(argv):
+  from absl import app  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  f = FLAGS
+  exclude = {"auto": None, "true": True, "false": False}[f.exclude_same_document]
+  try:
+    embedder = None
+    if f.bert:
+      from retro_jax.retrieval import retriever as retriever_lib  # pylint: disable=g-import-not-at-top
+      embedder = retriever_lib.load_embedder(f.bert)
+    man = precompute_neighbors(
+        f.db, f.output, k=f.k, query_store=f.query_store, exclude_same_document=exclude,
+        extra_candidates=f.extra_candidates, max_candidates=f.max_candidates,
+        part_size=f.part_size, num_shards=f.num_shards, shard_index=f.shard_index,
+        leaves_to_search=f.leaves_to_search, embedder=embedder)
+  except (ValueError, OSError) as e:
+    raise SystemExit(f"precompute_neighbors: error: {e}") from None
+  if man is None:
+    print(f"shard {f.shard_index} of {f.num_shards} done; other parts still missing")
+  else:
+    print(f"wrote {f.output}: {man['num_queries']} x {man['k']} neighbors, "
+          f"{man['padded_entries']} padded entries")
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  FLAGS = _define_flags()
+  app.run(main)
