@@ -27,6 +27,20 @@ EOS = 3
 TOKENIZER = {"kind": "bytes", "file_name": "bytes", "sha256": "0" * 64, "vocab_size": VOCAB}
 
 
+def enable_compilation_cache() -> None:
+  """Shares compiled train/init steps between tests and test processes.
+
+  XLA:CPU takes tens of seconds to compile the tiny model's init (threefry per parameter)
+  and train step on a busy 2-core machine; identical computations recur across tests
+  (resume, retrofit, sharded runs), so the persistent cache keeps the suite fast.
+  """
+  import tempfile  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_compilation_cache_dir",
+                    os.path.join(tempfile.gettempdir(), "retro_jax_test_jit_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def stdlib_texts(num_docs: int, max_bytes: int, skip: int = 0) -> list[tuple[str, str]]:
   """(key, text) of the first stdlib modules (sorted by name), each cut to max_bytes."""
   paths = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))

@@ -92,7 +92,7 @@ def trainable_global_norm(grads, trainable=None) -> jnp.ndarray:
   """Global gradient norm over the trained leaves (what clipping sees)."""
   if trainable is not None:
     grads = jax.tree.map(lambda label, g: g if label == TRAINABLE else None, trainable, grads)
-  return optax.global_norm(grads)
+  return optax.tree.norm(grads)
 
 
 def labels_from_paths(params, frozen_paths: set[tuple[str, ...]]):

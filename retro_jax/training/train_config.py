@@ -83,6 +83,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
   c.async_checkpointing = True
+  c.compilation_cache_dir = ""  # persistent XLA compilation cache ("" = off).
   c.peak_flops_per_device = 0.0  # for MFU; 0: look the device kind up (CPU: measured 1.15e11).
   return c
 

@@ -41,6 +41,7 @@ import optax
 from retro_jax import config as model_config_lib
 from retro_jax import model as model_lib
 from retro_jax.model import sharding as sharding_lib
+from retro_jax.retrieval import manifest as manifest_lib
 from retro_jax.training import checkpoint as checkpoint_lib
 from retro_jax.training import data as data_lib
 from retro_jax.training import metrics as metrics_lib
@@ -196,7 +197,10 @@ def make_train_step(model, tx, schedule, trainable, accum_steps: int, mesh, stat
     grad_norm = optim.trainable_global_norm(grads, trainable)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optim.apply_updates(state.params, updates, trainable)
-    metrics = dict(loss=nll_sum / denom, grad_norm=grad_norm, learning_rate=schedule(state.step),
+    # The parameter norm is checked with the loss: a finite loss can still leave NaN weights
+    # behind (a NaN learning rate, an overflowing update), and those must never be saved.
+    metrics = dict(loss=nll_sum / denom, grad_norm=grad_norm,
+                   param_norm=optax.tree.norm(params), learning_rate=schedule(state.step),
                    scored_tokens=count)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -239,21 +243,30 @@ _DECODER_FIELDS = ("vocab_size", "chunk_size", "emb_dim", "num_layers", "num_hea
                    "head_dim", "mlp_dim", "positional", "norm_eps", "pos_max_wavelength")
 
 
-def load_baseline_params(cfg, model_cfg, params, param_shardings):
-  """`params` with every leaf the baseline checkpoint has replaced by the baseline's value."""
+def baseline_checkpoint(cfg, model_cfg):
+  """(checkpointer, step, baseline RetroConfig) of cfg.retrofit, checked against our decoder.
+
+  Runs before anything is compiled, so a wrong baseline is refused at once.
+  """
   path = cfg.retrofit.checkpoint
   ckpt = checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_dir(path), read_only=True)
   step = ckpt.latest_step() if cfg.retrofit.step < 0 else int(cfg.retrofit.step)
   if step is None:
     raise FileNotFoundError(f"retrofit.checkpoint {path} holds no checkpoint")
-  saved = ckpt.restore_config(step)
-  base_cfg = model_config_lib.RetroConfig.from_dict(saved["model"])
+  base_cfg = model_config_lib.RetroConfig.from_dict(ckpt.restore_config(step)["model"])
   for name in _DECODER_FIELDS:
     a, b = getattr(base_cfg, name), getattr(model_cfg, name)
     if a != b:
       raise model_config_lib.ConfigError(
           f"retrofit: {name} mismatch: the baseline checkpoint {path} (step {step}) has {a} "
           f"but the training config has {b}")
+  return ckpt, step, base_cfg
+
+
+def load_baseline_params(baseline, params, param_shardings):
+  """`params` with every leaf the baseline checkpoint has replaced by the baseline's value."""
+  ckpt, step, base_cfg = baseline
+  path = ckpt.directory
   base_abstract = nn.unbox(model_lib.abstract_params(base_cfg))
   flat_ours = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
   flat_shard = flax.traverse_util.flatten_dict(flax.core.unfreeze(param_shardings))
@@ -312,16 +325,21 @@ def _saved_config(cfg, model_cfg) -> dict[str, Any]:
 
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
                        stop_after: int | None = None,
-                       on_step: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
+                       on_step: Callable[[int, dict], None] | None = None,
+                       devices=None) -> dict[str, Any]:
   """Trains until cfg.num_steps (or `stop_after` steps of this call, for tests).
 
-  Returns a summary: final step, per-step losses of this call, last eval, preempted flag.
+  `devices` restricts the mesh to some devices (default: all devices of all processes).
+  Returns a summary: final step, per-step losses of this call, last eval, preempted flag,
+  final state.
   """
   train_config.validate(cfg)
   model_cfg = train_config.model_config(cfg)
+  if cfg.compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", cfg.compilation_cache_dir)
   data = open_data(cfg, model_cfg, jax.process_index(), jax.process_count())
 
-  mesh = sharding_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+  mesh = sharding_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices)
   n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
   micro = cfg.batch_size // cfg.grad_accum_steps
   if micro % n_batch_shards:
@@ -343,6 +361,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
                                      cfg.async_checkpointing)
   saved_config = _saved_config(cfg, model_cfg)
   latest = ckpt.latest_step()
+  baseline = None
+  if latest is None and cfg.retrofit.checkpoint:
+    baseline = baseline_checkpoint(cfg, model_cfg)
   if latest is not None:
     state, data_state, _ = ckpt.restore(latest, abstract_state)
     data.train.set_state(data_state)
@@ -350,8 +371,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
                  latest, data.train.epoch, data.train.position)
   else:
     state = init(jax.random.PRNGKey(cfg.seed))
-    if cfg.retrofit.checkpoint:
-      params = load_baseline_params(cfg, model_cfg, state.params, state_shardings.params)
+    if baseline is not None:
+      params = load_baseline_params(baseline, state.params, state_shardings.params)
       state = state.replace(params=params)
 
   n_params = model_lib.count_params(model_cfg)
@@ -383,10 +404,12 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
     s, m = item
     m = {k: float(v) for k, v in jax.device_get(m).items()}
     now = time.perf_counter()
-    if not math.isfinite(m["loss"]) or not math.isfinite(m["grad_norm"]):
+    if not all(math.isfinite(m[key]) for key in ("loss", "grad_norm", "param_norm")):
+      ckpt.wait()
       raise TrainingDiverged(
-          f"loss is {m['loss']} (grad norm {m['grad_norm']}) at step {s}: stopping without "
-          f"saving; the last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
+          f"loss is {m['loss']} (grad norm {m['grad_norm']}, parameter norm "
+          f"{m['param_norm']}) at step {s}: stopping without saving; the last good checkpoint "
+          f"is step {ckpt.latest_step()} in {ckpt.directory}")
     losses[s] = m["loss"]
     timer["loss"] += m["loss"]
     timer["n"] += 1
@@ -441,3 +464,21 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
     preemption.restore()
   return dict(step=step, first_step=first_step, losses=losses, eval=last_eval,
               preempted=preempted, state=state)
+
+
+USER_ERRORS = (model_config_lib.ConfigError, data_lib.DataError, manifest_lib.ManifestError,
+               manifest_lib.ManifestMismatchError, TrainingDiverged, FileNotFoundError)
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str, coordinator_address: str | None = None,
+        num_processes: int | None = None, process_id: int | None = None) -> dict[str, Any]:
+  """The CLI's one call: optional jax.distributed.initialize(), then train_and_evaluate."""
+  if cfg.distributed or coordinator_address:
+    kwargs = {k: v for k, v in dict(coordinator_address=coordinator_address,
+                                     num_processes=num_processes,
+                                     process_id=process_id).items() if v is not None}
+    jax.distributed.initialize(**kwargs)
+    logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
+                 jax.process_index(), jax.process_count(), jax.local_device_count(),
+                 jax.device_count())
+  return train_and_evaluate(cfg, workdir)

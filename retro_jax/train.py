@@ -1,0 +1,47 @@
+r"""Train RETRO (or its retrieval-free baseline, or RETRO-fit a baseline).
+
+  python -m retro_jax.train --config=experiments/configs/small.py --workdir=runs/small \
+      --config.data.db_dir=DB --config.data.neighbors_dir=NEIGHBORS \
+      [--config.model.num_layers=4 --config.retrieval=False ...]
+
+Every field of the config file can be overridden with --config.FIELD=VALUE (see
+retro_jax/training/train_config.py for the list).  Re-running the same command with the same
+--workdir resumes from the latest checkpoint, data position included.  Multi-host:
+--config.distributed=True calls jax.distributed.initialize() (arguments auto-detected on
+TPU/SLURM/..., or given with --coordinator_address/--num_processes/--process_id).
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and TensorBoard events.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 (multi-host; else auto-detected).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes (multi-host).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from retro_jax.training import trainer  # pylint: disable=g-import-not-at-top
+  try:
+    summary = trainer.run(_CONFIG.value, _WORKDIR.value, coordinator_address=_COORDINATOR.value,
+                          num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  except trainer.USER_ERRORS as e:
+    # Bad input or a diverged run: one clear line and exit status 1, no traceback.
+    logging.error("%s: %s", type(e).__name__, e)
+    sys.exit(f"error: {type(e).__name__}: {e}")
+  logging.info("finished at step %d%s", summary["step"],
+               " (preempted: checkpoint saved)" if summary["preempted"] else "")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,52 @@
+"""The absl launcher: config file + overrides train; bad input exits cleanly, naming values."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import fixtures_data as fx
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+  return fx.build_dataset(str(tmp_path_factory.mktemp("data")))
+
+
+def _train(paths, workdir, *overrides):
+  cmd = [sys.executable, "-m", "retro_jax.train",
+         "--config=experiments/configs/tiny.py", f"--workdir={workdir}",
+         f"--config.data.db_dir={paths['db_dir']}",
+         f"--config.data.neighbors_dir={paths['neighbors_dir']}",
+         "--config.model.vocab_size=260", *overrides]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_cli_trains_and_resumes(paths, tmp_path):
+  proc = _train(paths, tmp_path, "--config.num_steps=8", "--config.checkpoint_every=2",
+                "--config.log_every=1", "--config.compilation_cache_dir=" + os.path.join(
+                    os.environ.get("TMPDIR", "/tmp"), "retro_jax_test_jit_cache"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(tmp_path / "metrics.jsonl") as f:
+    steps = [json.loads(line)["step"] for line in f]
+  assert steps == list(range(1, 9))
+  again = _train(paths, tmp_path, "--config.num_steps=8")
+  assert again.returncode == 0 and "resumed from" in again.stderr
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.model.chunk_size=16", r"chunk size mismatch: .* has 16 but .* has 8"),
+    ("--config.model.num_neighbors=4", r"num_neighbors 4 .* k 2"),
+    ("--config.seq_len=30", r"seq_len 30 must be a positive multiple of the chunk size 8"),
+])
+def test_cli_refuses_bad_input_without_a_traceback(paths, tmp_path, override, message):
+  proc = _train(paths, tmp_path, override)
+  assert proc.returncode == 1
+  assert "Traceback" not in proc.stderr
+  import re  # pylint: disable=g-import-not-at-top
+  assert re.search(message, proc.stderr), proc.stderr[-2000:]
