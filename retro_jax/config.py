@@ -170,7 +170,7 @@ for _size, _fields in _PAPER.items():
 
 # Small presets for CPU work.  `tiny` is the test preset: 2 chunks of 8 tokens per
 # 16-token sequence, CCA at both a middle and the last layer.
-_TINY = dict(vocab_size=97, chunk_size=8, num_neighbors=2, emb_dim=32, num_layers=4,
+_TINY = dict(vocab_size=128, chunk_size=8, num_neighbors=2, emb_dim=32, num_layers=4,
              num_heads=4, head_dim=8, mlp_dim=64, cca_layers=(2, 4), enc_emb_dim=24,
              enc_num_layers=2, enc_num_heads=2, enc_head_dim=12, enc_mlp_dim=48)
 PRESETS["tiny"] = _TINY

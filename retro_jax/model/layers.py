@@ -1,0 +1,127 @@
+"""Building blocks shared by the decoder and the neighbor encoder.
+
+Every parameter is created with logical axis names (see `sharding.LOGICAL_RULES`); layers
+never name mesh axes.  Parameters are float32; computation runs in the config's dtype, with
+softmax and normalisation statistics in float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Logical axis names of parameters.
+VOCAB, EMBED, HEADS, KV, MLP, NORM = "vocab", "embed", "heads", "kv", "mlp", "norm"
+# Logical axis names of activations.
+BATCH, LENGTH, ACT_EMBED, ACT_HEADS, ACT_MLP, ACT_VOCAB = (
+    "batch", "length", "act_embed", "act_heads", "act_mlp", "act_vocab")
+
+# Additive mask value: large enough to zero a softmax weight, small enough never to overflow
+# when position logits are added to it in float32.
+NEG_INF = -1e9
+
+
+def dtype_of(name: str):
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+
+
+def kernel_init(std: float, names: tuple[str | None, ...]):
+  return nn.with_logical_partitioning(nn.initializers.truncated_normal(stddev=std), names)
+
+
+def constrain(x, names):
+  """Shards an activation by logical names; a no-op outside a mesh and rules context."""
+  return nn.with_logical_constraint(x, names)
+
+
+class RMSNorm(nn.Module):
+  """Root-mean-square layer norm (no bias, no centring), statistics in float32."""
+  eps: float = 1e-6
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (NORM,)),
+                       (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return (y * scale).astype(self.dtype)
+
+
+class FeedForward(nn.Module):
+  """Two-matrix GELU MLP, d -> d_ffw -> d (the paper's FFW)."""
+  hidden_dim: int
+  init_std: float = 0.02
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    wi = self.param("wi", kernel_init(self.init_std, (EMBED, MLP)), (d, self.hidden_dim),
+                    jnp.float32)
+    wo = self.param("wo", kernel_init(self.init_std, (MLP, EMBED)), (self.hidden_dim, d),
+                    jnp.float32)
+    h = jnp.einsum("...d,df->...f", x, wi.astype(self.dtype))
+    h = nn.gelu(h)
+    h = constrain(h, (BATCH,) + (None,) * (h.ndim - 2) + (ACT_MLP,))
+    return jnp.einsum("...f,fd->...d", h, wo.astype(self.dtype))
+
+
+class Embed(nn.Module):
+  """Token embedding.  Ids < 0 (absent neighbor tokens) embed as id 0; callers mask them."""
+  vocab_size: int
+  dim: int
+  init_std: float = 0.02
+  dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    self.embedding = self.param(
+        "embedding", kernel_init(self.init_std, (VOCAB, EMBED)), (self.vocab_size, self.dim),
+        jnp.float32)
+
+  def __call__(self, ids):
+    return jnp.take(self.embedding, jnp.maximum(ids, 0), axis=0).astype(self.dtype)
+
+
+def sinusoid_features(distances, dim: int, max_wavelength: float = 10_000.0):
+  """Transformer-XL relative-position features [..., dim] of (possibly negative) distances."""
+  half = dim // 2
+  inv_freq = 1.0 / (max_wavelength ** (jnp.arange(half, dtype=jnp.float32) / half))
+  angles = distances.astype(jnp.float32)[..., None] * inv_freq
+  return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
+def skew_width(nq: int, nk: int, causal: bool) -> int:
+  """Columns of the distance table that `skew` needs (see there)."""
+  return nk + 1 if causal else max(nq + nk - 1, nk + 1)
+
+
+def skew_distances(nq: int, nk: int, base: int, causal: bool):
+  """Distances of the table columns: column c holds distance base + nq - 1 - c."""
+  width = skew_width(nq, nk, causal)
+  return base + nq - 1 - jnp.arange(width)
+
+
+def skew(x, nk: int):
+  """Turns logits against a distance table into logits against keys, without a gather.
+
+  x: [..., nq, R] where column c holds the score for distance `base + nq - 1 - c`.
+  Returns [..., nq, nk] whose entry (i, j) is the score for distance base + i - j, i.e.
+  out[i, j] = x[i, nq - 1 - i + j].  This is the "relative shift" of Transformer-XL done by
+  one reshape: in the row-major flattening, x[i, nq - 1 - i + j] sits at
+  i * (R - 1) + (nq - 1) + j.  Entries whose column would fall outside [0, R) are garbage
+  and must be masked by the caller (with R = skew_width(...) that only happens for
+  causally-masked pairs).
+  """
+  *lead, nq, width = x.shape
+  flat = x.reshape(*lead, nq * width)
+  flat = flat[..., nq - 1: nq - 1 + nq * (width - 1)]
+  return flat.reshape(*lead, nq, width - 1)[..., :nk]
+
+
+def scaled_init_std(std: float, num_layers: int) -> float:
+  """GPT-2 style smaller init for the residual output projections."""
+  return std / math.sqrt(2 * max(num_layers, 1))

@@ -1,0 +1,294 @@
+"""The RETRO decoder (paper §2, Algorithm 1) and its incremental-decoding path.
+
+Shapes: B batch, n tokens, m chunk size, l = ceil(n/m) chunks, k neighbors, r = 2m neighbor
+length, d decoder width, d' encoder width, H heads, dh head width, T cache length, V vocab.
+
+Block p of the decoder computes, all residual and pre-norm (RMSNorm):
+  H <- H + ATTN(norm(H))                       causal, Transformer-XL relative positions
+  if p is the first CCA layer: E <- Encoder(neighbors, chunks of H)   (once per call)
+  if p is a CCA layer:         H <- H + CCA(norm(H), E)
+  H <- H + FFW(norm(H))
+A baseline is the same code with no CCA layers, hence no encoder and no neighbor input.
+
+Incremental decoding reuses these modules (one definition): `init_cache` precomputes the
+per-layer position tables, `prefill` runs the full forward pass over a prompt and fills the
+cache, and `decode_step` feeds one token, encoding fresh neighbors when that token completes
+a chunk.  tests/test_decoding.py checks it against the full forward pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from retro_jax.config import RetroConfig
+from retro_jax.model import layers
+from retro_jax.model.attention import RelativeAttention
+from retro_jax.model.cca import ChunkedCrossAttention, cca_distances
+from retro_jax.model.encoder import NeighborEncoder
+
+Cache = dict[str, Any]
+
+
+class DecoderLayer(nn.Module):
+  config: RetroConfig
+  index: int  # 1-based, as in the paper
+
+  @property
+  def has_cca(self) -> bool:
+    return self.index in self.config.cca_layers
+
+  def setup(self):
+    c = self.config
+    dtype = layers.dtype_of(c.dtype)
+    out_std = layers.scaled_init_std(c.init_std, c.num_layers)
+    self.attn_norm = layers.RMSNorm(c.norm_eps, dtype)
+    self.attn = RelativeAttention(c.num_heads, c.head_dim, q_dim=c.emb_dim, kv_dim=c.emb_dim,
+                                  init_std=c.init_std, out_init_std=out_std, dtype=dtype)
+    if self.has_cca:
+      self.cca_norm = layers.RMSNorm(c.norm_eps, dtype)
+      self.cca = ChunkedCrossAttention(
+          c.num_heads, c.head_dim, c.emb_dim, c.enc_emb_dim, c.chunk_size,
+          init_std=c.init_std, out_init_std=out_std, dtype=dtype)
+    self.ffw_norm = layers.RMSNorm(c.norm_eps, dtype)
+    self.ffw = layers.FeedForward(c.mlp_dim, c.init_std, dtype)
+
+  def _constrain(self, x):
+    return layers.constrain(x, (layers.BATCH, layers.LENGTH, layers.ACT_EMBED))
+
+  def attention_block(self, x, feats):
+    """x [B, n, d] -> (x + ATTN(norm(x)), keys, values [B, n, H, dh])."""
+    y, k, v = self.attn.self_attention(self.attn_norm(x), feats, causal=True)
+    return self._constrain(x + y), k, v
+
+  def retrieval_ffw_block(self, x, enc, enc_mask, cca_feats):
+    """CCA (when this layer has it and neighbors were given) then FFW."""
+    if self.has_cca and enc is not None:
+      x = self._constrain(x + self.cca(self.cca_norm(x), enc, enc_mask, cca_feats))
+    return self._constrain(x + self.ffw(self.ffw_norm(x)))
+
+  # --- incremental decoding -----------------------------------------------------------
+  def self_table(self, feats):
+    return self.attn.position_table(feats)
+
+  def cca_table(self, feats):
+    return self.cca.attn.position_table(feats)
+
+  def cca_kv(self, enc):
+    return self.cca.neighbor_kv(enc)
+
+  def decode_attention(self, x, cache_k, cache_v, table, pos):
+    y, cache_k, cache_v = self.attn.decode_self_attention(
+        self.attn_norm(x), cache_k, cache_v, table, pos)
+    return x + y, cache_k, cache_v
+
+  def decode_retrieval_ffw(self, x, cca_cache, pos):
+    if self.has_cca:
+      x = x + self.cca.decode(self.cca_norm(x), cca_cache["k"], cca_cache["v"],
+                              cca_cache["mask"], cca_cache["table"], pos)
+    return x + self.ffw(self.ffw_norm(x))
+
+
+class Retro(nn.Module):
+  """RETRO language model: `apply(params, tokens[B, n], neighbors[B, l, k, r]) -> logits`."""
+  config: RetroConfig
+
+  def setup(self):
+    c = self.config
+    dtype = layers.dtype_of(c.dtype)
+    self.embed = layers.Embed(c.vocab_size, c.emb_dim, c.init_std, dtype)
+    layer_cls = DecoderLayer
+    if c.remat:
+      layer_cls = nn.remat(DecoderLayer, methods=["attention_block", "retrieval_ffw_block"])
+    self.layers = [layer_cls(c, i + 1, name=f"layer_{i}") for i in range(c.num_layers)]
+    if c.uses_retrieval:
+      self.encoder = NeighborEncoder(
+          c, shared_embedding=self.embed if c.share_embeddings else None)
+    self.final_norm = layers.RMSNorm(c.norm_eps, dtype)
+    self.unembed = self.param("unembed", layers.kernel_init(c.init_std, (layers.EMBED,
+                                                                         layers.VOCAB)),
+                              (c.emb_dim, c.vocab_size), jnp.float32)
+
+  # --- helpers ---------------------------------------------------------------------------
+  @property
+  def _first_cca(self) -> int | None:
+    return self.config.cca_layers[0] if self.config.cca_layers else None
+
+  def _logits(self, x):
+    x = self.final_norm(x)
+    logits = jnp.einsum("bnd,dv->bnv", x, self.unembed.astype(x.dtype),
+                        preferred_element_type=jnp.float32)
+    return layers.constrain(logits, (layers.BATCH, layers.LENGTH, layers.ACT_VOCAB))
+
+  def _feats(self, distances, dim):
+    return layers.sinusoid_features(distances, dim, self.config.pos_max_wavelength)
+
+  def _check_inputs(self, tokens, neighbors):
+    c = self.config
+    if tokens.ndim != 2:
+      raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+      raise ValueError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+    b, n = tokens.shape
+    if n < 1:
+      raise ValueError("tokens must hold at least one position (got length 0)")
+    if not c.uses_retrieval or neighbors is None:
+      return
+    l, r = c.num_chunks(n), c.neighbor_len
+    if neighbors.ndim != 4:
+      raise ValueError(f"neighbors must be [batch, chunks, neighbors, {r}] = [B, l, k, r], "
+                       f"got shape {neighbors.shape}")
+    if not jnp.issubdtype(neighbors.dtype, jnp.integer):
+      raise ValueError(f"neighbors must be integer token ids, got dtype {neighbors.dtype}")
+    nb, nl, nk, nr = neighbors.shape
+    if nb != b:
+      raise ValueError(f"neighbors batch {nb} != tokens batch {b}")
+    if nl != l:
+      raise ValueError(f"neighbors have {nl} chunks but {n} tokens make l = ceil({n}/{c.chunk_size})"
+                       f" = {l} chunks")
+    if nr != r:
+      raise ValueError(f"neighbor length r = {nr}, expected 2 * chunk_size = {r}")
+    if nk < 1:
+      raise ValueError("neighbors need k >= 1 per chunk (mark absent ones with -1)")
+
+  def _chunk_context(self, h, n):
+    """Decoder activations [B, n, d] -> chunks [B, l, m, d] and their mask [B, l, m]."""
+    c = self.config
+    l, m = c.num_chunks(n), c.chunk_size
+    b, _, d = h.shape
+    chunks = jnp.pad(h, ((0, 0), (0, l * m - n), (0, 0))).reshape(b, l, m, d)
+    mask = jnp.broadcast_to((jnp.arange(l * m) < n).reshape(1, l, m), (b, l, m))
+    return chunks, mask
+
+  # --- full forward ----------------------------------------------------------------------
+  def __call__(self, tokens, neighbors=None):
+    """tokens [B, n] int; neighbors [B, l, k, r] int (-1 = absent) or None -> [B, n, V]."""
+    return self.forward(tokens, neighbors)[0]
+
+  def forward(self, tokens, neighbors=None):
+    """The forward pass, also returning what `prefill` needs for the cache."""
+    self._check_inputs(tokens, neighbors)
+    c = self.config
+    n = tokens.shape[1]
+    x = layers.constrain(self.embed(tokens), (layers.BATCH, layers.LENGTH, layers.ACT_EMBED))
+    self_feats = self._feats(layers.skew_distances(n, n, 0, causal=True), c.emb_dim)
+    cca_feats = self._feats(cca_distances(c.chunk_size, c.neighbor_len), c.emb_dim)
+    use_retrieval = c.uses_retrieval and neighbors is not None
+    enc = enc_mask = h_first = None
+    kvs = []
+    for layer in self.layers:
+      x, k, v = layer.attention_block(x, self_feats)
+      kvs.append((k, v))
+      if use_retrieval and layer.index == self._first_cca:
+        h_first = x
+        context, context_mask = self._chunk_context(x, n)
+        enc, enc_mask = self.encoder(neighbors, context, context_mask)
+      x = layer.retrieval_ffw_block(x, enc, enc_mask, cca_feats)
+    aux = dict(kvs=kvs, h_first=h_first, enc=enc, enc_mask=enc_mask)
+    return self._logits(x), aux
+
+  # --- incremental decoding ----------------------------------------------------------------
+  def init_cache(self, batch_size: int, max_len: int, num_neighbors: int | None = None):
+    """An empty cache for `batch_size` sequences of up to `max_len` tokens.
+
+    Holds, per layer, keys/values [B, T, H, dh] and the projected position table for
+    distances 0..T-1 (parameter-only, so computed here once per generation); per CCA layer,
+    the keys/values/mask of the current window's encoded neighbors and its position table;
+    and the first CCA layer's activations [B, T, d], from which chunks are re-read to
+    condition the encoder when they complete.
+    """
+    c = self.config
+    k = num_neighbors or c.num_neighbors
+    dtype = layers.dtype_of(c.dtype)
+    self_feats = self._feats(jnp.arange(max_len), c.emb_dim)
+    cca_feats = self._feats(cca_distances(c.chunk_size, c.neighbor_len), c.emb_dim)
+    kv_shape = (batch_size, max_len, c.num_heads, c.head_dim)
+    cache: Cache = {"layers": {}, "cca": {}}
+    for layer in self.layers:
+      name = f"layer_{layer.index - 1}"
+      cache["layers"][name] = dict(k=jnp.zeros(kv_shape, dtype), v=jnp.zeros(kv_shape, dtype),
+                                   table=layer.self_table(self_feats))
+      if layer.has_cca:
+        nkv = (batch_size, k * c.neighbor_len, c.num_heads, c.head_dim)
+        cache["cca"][name] = dict(k=jnp.zeros(nkv, dtype), v=jnp.zeros(nkv, dtype),
+                                  mask=jnp.zeros(nkv[:2], bool),
+                                  table=layer.cca_table(cca_feats))
+    if c.uses_retrieval:
+      cache["h_first"] = jnp.zeros((batch_size, max_len, c.emb_dim), dtype)
+    return cache
+
+  def prefill(self, tokens, neighbors, cache):
+    """Runs the prompt tokens [B, p] through the full forward pass and fills the cache.
+
+    neighbors [B, ceil(p/m), k, r] as in __call__ (None for a baseline).  Returns
+    (logits [B, p, V], cache); the next token goes to decode_step at pos = p.
+    """
+    c = self.config
+    p = tokens.shape[1]
+    logits, aux = self.forward(tokens, neighbors)
+    cache = jax.tree_util.tree_map(lambda t: t, cache)  # shallow copy of the containers
+    for i, (k, v) in enumerate(aux["kvs"]):
+      entry = dict(cache["layers"][f"layer_{i}"])
+      entry["k"] = entry["k"].at[:, :p].set(k.astype(entry["k"].dtype))
+      entry["v"] = entry["v"].at[:, :p].set(v.astype(entry["v"].dtype))
+      cache["layers"][f"layer_{i}"] = entry
+    if c.uses_retrieval and aux["h_first"] is not None:
+      cache["h_first"] = cache["h_first"].at[:, :p].set(aux["h_first"])
+      m = c.chunk_size
+      u = (p - m + 1) // m  # window of the next position p
+      if u >= 0 and (u + 1) * m <= p:  # its chunk completed inside the prompt
+        for layer in self.layers:
+          if layer.has_cca:
+            name = f"layer_{layer.index - 1}"
+            kk, vv = layer.cca_kv(aux["enc"][:, u])
+            entry = dict(cache["cca"][name])
+            entry.update(k=kk.astype(entry["k"].dtype), v=vv.astype(entry["v"].dtype),
+                         mask=aux["enc_mask"][:, u].reshape(kk.shape[:2]))
+            cache["cca"][name] = entry
+    return logits, cache
+
+  def decode_step(self, token, cache, pos, neighbors=None):
+    """Feeds token [B, 1] at position `pos` (traced int is fine) and returns
+    (logits [B, 1, V], cache).
+
+    `neighbors` [B, k, r]: pass them exactly when this token completes chunk u, i.e.
+    pos = (u+1)m - 1; they are the neighbors retrieved with chunk u's tokens.  They are
+    encoded once, conditioned on the chunk's activations, and kept in the cache for the
+    next m tokens.  Otherwise pass None.
+    """
+    c = self.config
+    m = c.chunk_size
+    if isinstance(pos, int) and neighbors is not None and (pos + 1) % m:
+      raise ValueError(f"neighbors can only be given at the last token of a chunk "
+                       f"(pos + 1 divisible by {m}), got pos = {pos}")
+    x = self.embed(token)
+    new_layers, new_cca = {}, {}
+    h_first = cache.get("h_first")
+    enc = enc_mask = None
+    for layer in self.layers:
+      name = f"layer_{layer.index - 1}"
+      lc = cache["layers"][name]
+      x, ck, cv = layer.decode_attention(x, lc["k"], lc["v"], lc["table"], pos)
+      new_layers[name] = dict(lc, k=ck, v=cv)
+      if c.uses_retrieval and layer.index == self._first_cca:
+        h_first = jax.lax.dynamic_update_slice_in_dim(h_first, x.astype(h_first.dtype), pos, 1)
+        if neighbors is not None:
+          chunk = jax.lax.dynamic_slice_in_dim(h_first, pos - (m - 1), m, axis=1)
+          enc, enc_mask = self.encoder(neighbors[:, None], chunk[:, None],
+                                       jnp.ones(chunk.shape[:2], bool)[:, None])
+      cca_cache = cache["cca"].get(name)
+      if layer.has_cca:
+        if enc is not None:
+          kk, vv = layer.cca_kv(enc[:, 0])
+          cca_cache = dict(cca_cache, k=kk.astype(cca_cache["k"].dtype),
+                           v=vv.astype(cca_cache["v"].dtype),
+                           mask=enc_mask[:, 0].reshape(kk.shape[:2]))
+        new_cca[name] = cca_cache
+      x = layer.decode_retrieval_ffw(x, cca_cache, pos)
+    new_cache: Cache = {"layers": new_layers, "cca": new_cca}
+    if h_first is not None:
+      new_cache["h_first"] = h_first
+    return self._logits(x), new_cache

@@ -1,0 +1,111 @@
+"""The one place that decides how logical axes map onto the device mesh.
+
+Layers only name logical axes (layers.py); this table maps them to the mesh axes
+('data', 'fsdp', 'tensor'):
+  data   — pure data parallelism (parameters replicated);
+  fsdp   — data parallelism with parameters and optimizer state sharded along `embed`;
+  tensor — Megatron-style tensor parallelism over heads, MLP hidden units and vocabulary.
+The batch is split over data x fsdp.  Changing the parallelism strategy means changing this
+table, nothing else.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from retro_jax.config import RetroConfig
+from retro_jax.model import params as params_lib
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    # parameters
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("mlp", "tensor"),
+    ("norm", None),
+    # activations
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A ('data', 'fsdp', 'tensor') mesh; data=-1 takes all devices left over."""
+  devices = list(devices if devices is not None else jax.devices())
+  if data == -1:
+    if len(devices) % (fsdp * tensor):
+      raise ValueError(f"{len(devices)} devices cannot be split into fsdp={fsdp} x "
+                       f"tensor={tensor}")
+    data = len(devices) // (fsdp * tensor)
+  if data * fsdp * tensor != len(devices):
+    raise ValueError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} = "
+                     f"{data * fsdp * tensor} devices, but {len(devices)} are available")
+  return jax.make_mesh((data, fsdp, tensor), MESH_AXES,
+                       axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def logical_to_sharding(boxed_tree, mesh: Mesh, rules=LOGICAL_RULES):
+  """NamedShardings for a tree of LogicallyPartitioned boxes (or abstract values)."""
+  specs = nn.get_partition_spec(boxed_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def param_partition_specs(config: RetroConfig, rules=LOGICAL_RULES):
+  """Mesh PartitionSpecs of every parameter, from the rules table (no allocation)."""
+  specs = nn.get_partition_spec(params_lib.abstract_params(config))
+  return nn.logical_to_mesh(specs, rules)
+
+
+def check_divisible(abstract_tree, shardings, mesh: Mesh):
+  """Raises a clear error when a parameter dimension cannot be split evenly on the mesh."""
+  sizes = dict(zip(mesh.axis_names, np.shape(mesh.devices)))
+  flat_shapes = jax.tree_util.tree_flatten_with_path(abstract_tree)[0]
+  flat_shardings = jax.tree_util.tree_leaves(shardings)
+  for (path, leaf), sh in zip(flat_shapes, flat_shardings):
+    for dim, axes in zip(leaf.shape, tuple(sh.spec) + (None,) * leaf.ndim):
+      if axes is None:
+        continue
+      axes = axes if isinstance(axes, tuple) else (axes,)
+      parts = int(np.prod([sizes[a] for a in axes]))
+      if dim % parts:
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        raise ValueError(
+            f"parameter {name} of shape {leaf.shape}: dimension {dim} cannot be split "
+            f"{parts} ways over mesh axes {axes}; choose sizes divisible by the mesh "
+            f"(e.g. pad vocab_size to a multiple of 128) or change the mesh")
+
+
+def init_sharded_params(config: RetroConfig, rng, mesh: Mesh, rules=LOGICAL_RULES):
+  """Parameters created directly in their shards: no device ever holds a full copy."""
+  abstract = params_lib.abstract_params(config)
+  shardings = nn.unbox(logical_to_sharding(abstract, mesh, rules))
+  check_divisible(nn.unbox(abstract), shardings, mesh)
+  init = jax.jit(lambda key: params_lib.init_params(config, key), out_shardings=shardings)
+  with nn.logical_axis_rules(rules):
+    return init(rng)
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+  """Batch-major arrays: split the leading axis over data x fsdp."""
+  return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def describe(mesh: Mesh) -> str:
+  return " x ".join(f"{n}={s}" for n, s in zip(mesh.axis_names, np.shape(mesh.devices)))
