@@ -113,7 +113,7 @@ def test_squared_l2_uses_isotropic_quantization():
   assert s.anisotropic_threshold is None
   assert index_lib.IndexSettings.resolve(50_000).mode == "brute_force"
   s = index_lib.IndexSettings.resolve(1_000_000, num_leaves=500, reorder=100)
-  assert (s.num_leaves, s.reorder) == (500, 100) and s.leaves_to_search == 50
+  assert (s.num_leaves, s.reorder) == (500, 100) and s.leaves_to_search == 125
   with pytest.raises(ValueError, match="distance"):
     index_lib.IndexSettings.resolve(10, "cosine")
 

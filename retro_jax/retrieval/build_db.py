@@ -324,7 +324,7 @@ def _define_flags():
                     "auto: brute_force below 1e5 chunks, tree_ah above.")
   flags.DEFINE_integer("num_leaves", None, "tree_ah: leaves (default ~sqrt(C)).")
   flags.DEFINE_integer("leaves_to_search", None, "tree_ah: leaves searched per query "
-                       "(default ~10% of leaves, >= 8).")
+                       "(default 25% of leaves, >= 8).")
   flags.DEFINE_integer("reorder", None, "tree_ah: exact reorder candidates (default 250).")
   flags.DEFINE_integer("dims_per_block", 2, "tree_ah: AH dimensions per block.")
   flags.DEFINE_integer("recall_queries", 1000, "Queries for the recall measurement.")
