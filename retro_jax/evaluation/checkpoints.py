@@ -1,0 +1,151 @@
+"""Loading a trained model for evaluation and generation: params, model config, provenance.
+
+A training workdir (retro_jax/train.py) holds WORKDIR/checkpoints/<step>/{state, data,
+config}; `config` is {"train": the training ConfigDict as JSON, "model": RetroConfig as a
+dict}.  The checkpoint does not copy the LM tokenizer: what the model was trained on is
+known through the training database it names (`train.data.db_dir`, whose manifest records
+the tokenizer identity and chunk size).  `load_model` reads only the `params` subtree of
+the train state (no optimizer state is materialised) onto one device.
+
+`check_against_database` refuses a database (for retrieval or tokenisation) whose chunk
+size or tokenizer differs from the checkpoint's, naming both values: the model would read
+neighbors and tokens it has never seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping
+
+from absl import logging
+import flax.linen as nn
+import jax
+
+from retro_jax import config as model_config_lib
+from retro_jax import model as model_lib
+from retro_jax.retrieval import chunk_store as chunk_store_lib
+from retro_jax.retrieval import manifest as manifest_lib
+
+
+class CheckpointError(ValueError):
+  """A workdir without a usable checkpoint; the message names the path."""
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  """A restored model: params pytree, its RetroConfig and where it came from."""
+  params: Any
+  config: model_config_lib.RetroConfig
+  step: int
+  workdir: str
+  train_config: dict[str, Any]
+  # Identity of the data the model was trained on (from the training database manifest):
+  # {"tokenizer": {...}, "chunk_size": m, "source": "<path>"}, or None when unknown.
+  data_provenance: dict[str, Any] | None = None
+
+  @property
+  def name(self) -> str:
+    return f"{os.path.basename(self.workdir.rstrip('/'))}@{self.step}"
+
+
+def _training_db_manifest(train_cfg: Mapping[str, Any]) -> tuple[dict | None, str | None]:
+  """The manifest of the chunk store the model was trained on (None if it is gone)."""
+  data = train_cfg.get("data", {}) if isinstance(train_cfg, Mapping) else {}
+  candidates = []
+  if data.get("train_chunks_dir"):
+    candidates.append(data["train_chunks_dir"])
+  if data.get("db_dir"):
+    candidates += [os.path.join(data["db_dir"], "chunks"), data["db_dir"]]
+  for path in candidates:
+    mpath = os.path.join(path, manifest_lib.MANIFEST)
+    if os.path.exists(mpath):
+      try:
+        man = manifest_lib.read_json(mpath)
+      except manifest_lib.ManifestError:
+        continue
+      if "tokenizer" in man and "chunk_size" in man:
+        return man, path
+  return None, None
+
+
+def load_model(workdir: str, step: int | None = None) -> LoadedModel:
+  """Restores params + model config (+ training data provenance) from a workdir.
+
+  Args:
+    workdir: a training workdir, or its checkpoints/ directory.
+    step: which checkpoint; None = the latest.
+  """
+  # Imported here: orbax is heavy and only needed when a checkpoint is read.
+  from retro_jax.training import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  if not workdir or not os.path.isdir(workdir):
+    raise CheckpointError(f"checkpoint workdir not found: {workdir!r}")
+  ckdir = checkpoint_lib.checkpoint_dir(workdir)
+  if not os.path.isdir(ckdir):
+    raise CheckpointError(f"{workdir} holds no checkpoints/ directory (train with "
+                          "`python -m retro_jax.train --workdir=...`)")
+  ckpt = checkpoint_lib.Checkpointer(ckdir, read_only=True, async_save=False)
+  try:
+    if step is None or step < 0:
+      step = ckpt.latest_step()
+      if step is None:
+        raise CheckpointError(f"{workdir} holds no finished checkpoint")
+    saved = ckpt.restore_config(step)
+    if not isinstance(saved, Mapping) or "model" not in saved:
+      raise CheckpointError(f"checkpoint {ckdir}/{step} has no model config")
+    cfg = model_config_lib.RetroConfig.from_dict(saved["model"])
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+        nn.unbox(model_lib.abstract_params(cfg)))
+    params = ckpt.restore_params(step, abstract)
+  finally:
+    ckpt.close()
+  train_cfg = dict(saved.get("train") or {})
+  man, path = _training_db_manifest(train_cfg)
+  provenance = None
+  if man is not None:
+    provenance = {"tokenizer": man["tokenizer"], "chunk_size": int(man["chunk_size"]),
+                  "source": path}
+  else:
+    logging.warning("The training data of %s (train.data.db_dir = %r) is not readable: the "
+                    "tokenizer identity cannot be checked, only chunk size and vocabulary.",
+                    workdir, train_cfg.get("data", {}).get("db_dir"))
+  logging.info("Loaded %s step %d (%s retrieval, chunk size %d, vocab %d)", workdir, step,
+               "with" if cfg.uses_retrieval else "without", cfg.chunk_size, cfg.vocab_size)
+  return LoadedModel(params=params, config=cfg, step=int(step),
+                     workdir=os.path.abspath(workdir), train_config=train_cfg,
+                     data_provenance=provenance)
+
+
+def check_against_database(model: LoadedModel, db_manifest: Mapping[str, Any],
+                           db_source: str, chunk_size: bool = True) -> None:
+  """Refuses a database (or chunk store) the model cannot read, naming both values.
+
+  Compared: chunk size (model config vs the database's), tokenizer identity (the
+  training data's vs the database's), vocabulary (the tokenizer's ids must fit the model).
+  """
+  what = f"checkpoint {model.workdir}"
+  if chunk_size and db_manifest.get("chunk_size") is not None:
+    chunk_store_lib.check_chunk_size(model.config.chunk_size, db_manifest["chunk_size"],
+                                     f"{what} (model config)", db_source)
+  tok = db_manifest.get("tokenizer")
+  if model.data_provenance is not None and tok:
+    chunk_store_lib.check_tokenizer(
+        model.data_provenance["tokenizer"], tok,
+        f"{what} (trained on {model.data_provenance['source']})", db_source)
+  if tok and tok.get("vocab_size") is not None and int(tok["vocab_size"]) > model.config.vocab_size:
+    raise manifest_lib.ManifestMismatchError(
+        f"vocabulary size mismatch: {what} has vocab_size {model.config.vocab_size} but "
+        f"{db_source} uses a tokenizer with vocab_size {tok['vocab_size']}")
+
+
+def check_same_data(a: LoadedModel, b: LoadedModel) -> None:
+  """Two models compared side by side must read the same tokens (same tokenizer).
+
+  Chunk sizes may differ (a baseline does not retrieve); windows follow the RETRO model's.
+  """
+  if a.data_provenance and b.data_provenance:
+    chunk_store_lib.check_tokenizer(a.data_provenance["tokenizer"],
+                                    b.data_provenance["tokenizer"],
+                                    f"checkpoint {a.workdir}", f"checkpoint {b.workdir}")

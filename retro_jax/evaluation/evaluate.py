@@ -1,0 +1,355 @@
+"""Perplexity and bits-per-byte of whole documents, with and without retrieval (library).
+
+`run_evaluation(...)` is what `python -m retro_jax.evaluate` calls:
+
+1. Load the RETRO checkpoint (and optionally a baseline checkpoint for the side-by-side
+   table), the evaluation documents (a chunk store or a corpus tokenised like one) and a
+   retrieval source (database directory, retrieval service, or precomputed neighbors for
+   the evaluation chunk store).  Chunk size and tokenizer of checkpoint, database and
+   evaluation data must agree; a mismatch is refused naming both.
+2. Neighbors: for every evaluation chunk, the K = max(k list, 10) nearest database chunks,
+   retrieved with the chunk's own tokens (see scoring.py for why that is causal), with no
+   same-document exclusion unless asked.  Evaluation documents that also appear in the
+   database (same content or same key) are reported and warned about.
+3. Leakage: r(C) per chunk from its 10 nearest neighbors (leakage.py).
+4. Scoring (scoring.py): every token of every document exactly once, windows of n tokens
+   with stride s; RETRO with retrieval off and with each k of the list (the first k
+   neighbors), the baseline once.
+5. Report: per run and per document, tokens, NLL, perplexity exp(NLL / tokens), bits per
+   UTF-8 byte (NLL / ln 2 / bytes) and bpb(alpha); a terminal table and a JSON file
+   (written atomically).
+
+Token counts include each document's eos (the chunk store appends one); bytes are the
+chunk store's doc_bytes (UTF-8 bytes of the original text).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+from absl import logging
+import numpy as np
+
+from retro_jax.evaluation import checkpoints as ckpt_lib
+from retro_jax.evaluation import leakage as leakage_lib
+from retro_jax.evaluation import scoring
+from retro_jax.evaluation import sources
+from retro_jax.retrieval import manifest as manifest_lib
+
+DEFAULT_KS = (1, 2, 5, 10)
+
+
+@dataclasses.dataclass
+class EvalSettings:
+  """How to evaluate; None means "from the checkpoint" (training seq_len) or paper default."""
+  seq_len: int | None = None        # n: window length (default: the training seq_len)
+  stride: int | None = None         # s: default n/2 (a multiple of m)
+  ks: Sequence[int] = DEFAULT_KS    # neighbor counts evaluated with retrieval on
+  retrieval_off: bool = True        # also evaluate RETRO without retrieval
+  retrieval_on: bool = True         # evaluate RETRO with retrieval for each k
+  leakage: bool = True              # compute r(C) and bpb(alpha)
+  alphas: Sequence[float] = leakage_lib.ALPHAS
+  batch_size: int = 8               # windows per model call
+  exclude_same_document: bool = False  # drop neighbors from the evaluation doc's DB twin
+  pad_id: int = 0
+  progress: bool = True
+
+
+@dataclasses.dataclass
+class Contender:
+  """A model to score: a logits function (static for jit), its params, and a name."""
+  name: str
+  logits_fn: scoring.LogitsFn
+  params: Any
+  uses_retrieval: bool
+
+
+def score_documents(contender: Contender, docs: sources.EvalDocs, seq_len: int, stride: int,
+                    eos_id: int, table: sources.NeighborTable | None = None, k: int = 0,
+                    batch_size: int = 8, pad_id: int = 0, progress: bool = False,
+                    desc: str = "") -> list[np.ndarray]:
+  """Per-token NLL (nats) of every document: list of float64 [L_d], entry i for token t_i."""
+  m = docs.chunk_size
+  l = seq_len // m
+  doc_tokens = [docs.tokens(d) for d in range(docs.num_documents)]
+  out = [np.zeros(len(t), np.float64) for t in doc_tokens]
+  use_nb = contender.uses_retrieval and table is not None and k > 0
+  if use_nb and k > table.k:
+    raise ValueError(f"k={k} but only {table.k} neighbors per chunk were retrieved")
+
+  # t_0 of every document, after the context [eos] (see scoring.py).
+  for lo in range(0, docs.num_documents, batch_size):
+    hi = min(lo + batch_size, docs.num_documents)
+    inputs = np.full((batch_size, 1), eos_id, np.int32)
+    targets = np.zeros((batch_size, 1), np.int32)
+    weights = np.zeros((batch_size, 1), np.float32)
+    for i, d in enumerate(range(lo, hi)):
+      targets[i, 0] = doc_tokens[d][0]
+      weights[i, 0] = 1.0
+    nll, _, _ = scoring.score_batch(contender.logits_fn, contender.params, inputs, targets,
+                                    weights, None)
+    nll = np.asarray(nll)
+    for i, d in enumerate(range(lo, hi)):
+      out[d][0] = nll[i, 0]
+
+  windows = [w for d, t in enumerate(doc_tokens)
+             for w in scoring.plan_windows(len(t), seq_len, stride, m, d)]
+  batches = range(0, len(windows), batch_size)
+  if progress:
+    import tqdm  # pylint: disable=g-import-not-at-top
+    batches = tqdm.tqdm(batches, desc=desc or contender.name, unit="batch")
+  for lo in batches:
+    batch = windows[lo:lo + batch_size]
+    inputs, targets, weights = scoring.window_arrays(batch, doc_tokens, seq_len, pad_id,
+                                                     batch_size)
+    nb = None
+    if use_nb:
+      r = table.tokens.shape[-1]
+      nb = np.full((batch_size, l, k, r), -1, np.int32)  # [B, l, k, r]
+      for i, w in enumerate(batch):
+        c0 = int(docs.doc_offsets[w.doc]) + w.start // m
+        nc = -(-w.length // m)
+        nb[i, :nc] = table.tokens[c0:c0 + nc, :k]
+    nll, _, _ = scoring.score_batch(contender.logits_fn, contender.params, inputs, targets,
+                                    weights, nb)
+    nll = np.asarray(nll)
+    for i, w in enumerate(batch):
+      a, b = w.score_from - w.start, w.length
+      out[w.doc][w.score_from + 1:w.start + w.length + 1] = nll[i, a:b]
+  return out
+
+
+def chunk_totals(token_nll: list[np.ndarray], docs: sources.EvalDocs):
+  """Per evaluation chunk: NLL of its target tokens [C], tokens [C], bytes [C] (bytes
+  split in proportion to tokens, see leakage.py)."""
+  m = docs.chunk_size
+  nll, toks, nbytes = [], [], []
+  for d, t in enumerate(token_nll):
+    n_chunks = int(docs.doc_offsets[d + 1] - docs.doc_offsets[d])
+    padded = np.zeros(n_chunks * m)
+    padded[:len(t)] = t
+    counts = np.clip(len(t) - m * np.arange(n_chunks), 0, m)
+    nll.append(padded.reshape(n_chunks, m).sum(axis=1))
+    toks.append(counts)
+    nbytes.append(docs.doc_bytes[d] * counts / max(len(t), 1))
+  return np.concatenate(nll), np.concatenate(toks), np.concatenate(nbytes)
+
+
+def _metrics(nll: float, tokens: int, nbytes: float) -> dict[str, Any]:
+  return dict(tokens=int(tokens), bytes=int(round(nbytes)), nll_nats=float(nll),
+              ppl=float(math.exp(nll / tokens)) if tokens else None,
+              bpb=float(nll / math.log(2) / nbytes) if nbytes else None)
+
+
+def summarize(name: str, k, token_nll: list[np.ndarray], docs: sources.EvalDocs,
+              ratios: np.ndarray | None = None, alphas=leakage_lib.ALPHAS) -> dict[str, Any]:
+  """One run's totals, per-document figures and (given r(C)) bpb(alpha)."""
+  per_doc = []
+  for d, t in enumerate(token_nll):
+    row = _metrics(float(t.sum()), len(t), float(docs.doc_bytes[d]))
+    row["key"] = docs.doc_keys[d]
+    per_doc.append(row)
+  total = _metrics(sum(float(t.sum()) for t in token_nll), sum(len(t) for t in token_nll),
+                   float(np.sum(docs.doc_bytes)))
+  run = dict(model=name, k=k, **total, documents=per_doc)
+  if ratios is not None:
+    c_nll, _, c_bytes = chunk_totals(token_nll, docs)
+    run["bpb_alpha"] = leakage_lib.filtered_bpb(c_nll, c_bytes, ratios, alphas)
+  return run
+
+
+def evaluate_contenders(contenders: Sequence[Contender], docs: sources.EvalDocs, eos_id: int,
+                        settings: EvalSettings, seq_len: int, stride: int,
+                        table: sources.NeighborTable | None = None,
+                        ratios: np.ndarray | None = None) -> list[dict[str, Any]]:
+  """All runs: each retrieval model off and with each k; each baseline once."""
+  runs = []
+  for c in contenders:
+    variants = []
+    if not c.uses_retrieval:
+      variants.append("-")
+    else:
+      if settings.retrieval_off or table is None:
+        variants.append("off")
+      if table is not None and settings.retrieval_on:
+        variants += [k for k in settings.ks if k <= table.k]
+    for k in variants:
+      kk = k if isinstance(k, int) else 0
+      t = score_documents(c, docs, seq_len, stride, eos_id, table, kk, settings.batch_size,
+                          settings.pad_id, settings.progress, desc=f"{c.name} k={k}")
+      run = summarize(c.name, k, t, docs, ratios, settings.alphas)
+      logging.info("%s k=%s: ppl %.3f, bpb %.4f", c.name, k, run["ppl"], run["bpb"])
+      runs.append(run)
+  return runs
+
+
+def format_table(report: dict[str, Any]) -> str:
+  """The runs as a fixed-width text table (totals; bpb(alpha) when computed)."""
+  runs = report["runs"]
+  alphas = list(runs[0].get("bpb_alpha", {})) if runs else []
+  head = ["model", "k", "tokens", "bytes", "ppl", "bpb"] + [f"bpb({a})" for a in alphas]
+  rows = []
+  for r in runs:
+    row = [r["model"], str(r["k"]), str(r["tokens"]), str(r["bytes"]), f"{r['ppl']:.3f}",
+           f"{r['bpb']:.4f}"]
+    for a in alphas:
+      v = r["bpb_alpha"][a]["bpb"]
+      row.append("-" if v is None else f"{v:.4f}")
+    rows.append(row)
+  if alphas and runs:
+    share = ["share of bytes", "", "", "", "", ""] + [
+        f"{runs[0]['bpb_alpha'][a]['fraction_of_bytes']:.1%}" for a in alphas]
+    rows.append(share)
+  widths = [max(len(x[i]) for x in [head] + rows) for i in range(len(head))]
+  def fmt(row):
+    return "  ".join(x.ljust(w) if i == 0 else x.rjust(w)
+                     for i, (x, w) in enumerate(zip(row, widths)))
+  lines = [fmt(head), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows]
+  return "\n".join(lines)
+
+
+def run_evaluation(workdir: str, *, eval_chunks: str | None = None,
+                   corpus: Sequence[str] | str | None = None, text_field: str = "text",
+                   max_documents: int | None = None, db_dir: str | None = None,
+                   retrieval_url: str | None = None, neighbors_dir: str | None = None,
+                   baseline_workdir: str | None = None, tokenizer: str | None = None,
+                   step: int | None = None, baseline_step: int | None = None,
+                   settings: EvalSettings | None = None, output: str | None = None,
+                   service_timeout: float = 30.0) -> dict[str, Any]:
+  """The whole evaluation job; returns the report (also written to `output` as JSON)."""
+  settings = settings or EvalSettings()
+  if bool(eval_chunks) == bool(corpus):
+    raise sources.SourceError("give the evaluation data as exactly one of a chunk store "
+                              "(--eval_chunks) or a corpus (--corpus)")
+  if neighbors_dir and not db_dir:
+    raise sources.SourceError("precomputed neighbors (--neighbors_dir) need the database "
+                              "they point into (--db_dir)")
+  if neighbors_dir and retrieval_url:
+    raise sources.SourceError("give either precomputed neighbors or a retrieval service")
+  if any(k < 1 for k in settings.ks):
+    raise ValueError(f"neighbor counts must be positive, got {list(settings.ks)}")
+
+  model = ckpt_lib.load_model(workdir, step)
+  cfg = model.config
+  m = cfg.chunk_size
+
+  # Retrieval source and the checks that tie it to the checkpoint.
+  retriever = db = None
+  db_manifest, db_name = None, None
+  if retrieval_url or (db_dir and not neighbors_dir):
+    retriever = sources.open_live_retriever(db_dir if not retrieval_url else None,
+                                            retrieval_url, service_timeout)
+    db_manifest, db_name = retriever.manifest, sources.retriever_name(retriever)
+  elif db_dir:
+    from retro_jax.retrieval import retriever as retriever_lib  # pylint: disable=g-import-not-at-top
+    db = retriever_lib.Database.open(db_dir)
+    db_manifest, db_name = db.manifest, f"database {db.path}"
+  if db_manifest is not None:
+    ckpt_lib.check_against_database(model, db_manifest, db_name)
+
+  baseline = None
+  if baseline_workdir:
+    baseline = ckpt_lib.load_model(baseline_workdir, baseline_step)
+    ckpt_lib.check_same_data(model, baseline)
+    if db_manifest is not None and baseline.data_provenance:
+      ckpt_lib.check_against_database(baseline, db_manifest, db_name,
+                                      chunk_size=baseline.config.uses_retrieval)
+
+  # Evaluation documents.
+  if eval_chunks:
+    docs = sources.EvalDocs.from_store(eval_chunks)
+    eos_id = docs.manifest.get("eos_id")
+  else:
+    tok = sources.resolve_tokenizer(tokenizer, retriever or db, model)
+    docs = sources.EvalDocs.from_corpus(corpus, tok, m, text_field, max_documents)
+    eos_id = tok.eos_id
+  if eos_id is None:
+    raise sources.SourceError("the evaluation data records no eos id")
+  sources.check_eval_docs(docs, m, None, f"checkpoint {model.workdir}")
+  ckpt_lib.check_against_database(model, docs.manifest, "the evaluation data")
+  if db_manifest is not None:
+    sources.check_eval_docs(docs, int(db_manifest["chunk_size"]), db_manifest.get("tokenizer"),
+                            db_name)
+
+  seq_len = settings.seq_len or int(model.train_config.get("seq_len") or 2048)
+  stride = settings.stride or scoring.default_stride(seq_len, m)
+  scoring.check_window_settings(seq_len, stride, m)
+
+  warnings = []
+  store = db.store if db is not None else sources.database_store(retriever)
+  matches = []
+  if store is not None:
+    matches = sources.find_in_database(docs, store)
+    if matches:
+      msg = (f"{len(matches)} of {docs.num_documents} evaluation documents also appear in the "
+             f"database ({db_name}), e.g. {matches[0]['key']!r} ({matches[0]['reason']}): "
+             "retrieval can copy them; see bpb(alpha), or pass --exclude_same_document")
+      logging.warning(msg)
+      warnings.append(msg)
+  exclude = None
+  if settings.exclude_same_document:
+    if store is None:
+      raise sources.SourceError("--exclude_same_document needs a local database (the "
+                                "evaluation documents are matched against its documents)")
+    exclude = sources.exclusion_ids(docs, matches)
+
+  table = ratios = None
+  k_needed = max(list(settings.ks) + ([leakage_lib.NUM_LEAKAGE_NEIGHBORS]
+                                      if settings.leakage else []))
+  if retriever is not None:
+    table = sources.retrieve_table(retriever, docs, k_needed, exclude,
+                                   progress=settings.progress)
+  elif db is not None:
+    table = sources.precomputed_table(neighbors_dir, db_dir, docs, k_needed, exclude)
+  if table is not None and settings.leakage:
+    kl = min(leakage_lib.NUM_LEAKAGE_NEIGHBORS, table.k)
+    ratios = leakage_lib.leakage_ratio(docs.chunks, table.tokens[:, :kl])
+    full = _verbatim_documents(docs, ratios)
+    if full:
+      msg = (f"{len(full)} evaluation documents are copied verbatim by their neighbors "
+             f"(every chunk has r(C) = 1), e.g. {docs.doc_keys[full[0]]!r}")
+      logging.warning(msg)
+      warnings.append(msg)
+
+  contenders = [Contender(model.name, scoring.retro_logits_fn(cfg), model.params,
+                          cfg.uses_retrieval)]
+  if baseline is not None:
+    contenders.append(Contender(baseline.name, scoring.retro_logits_fn(baseline.config),
+                                baseline.params, baseline.config.uses_retrieval))
+  runs = evaluate_contenders(contenders, docs, int(eos_id), settings, seq_len, stride, table,
+                             ratios)
+  report = {
+      "checkpoint": {"workdir": model.workdir, "step": model.step},
+      "baseline": ({"workdir": baseline.workdir, "step": baseline.step}
+                   if baseline is not None else None),
+      "data": {"source": docs.store_path or docs.manifest.get("source"),
+               "documents": docs.num_documents, "chunks": docs.num_chunks,
+               "tokens": int(sum(len(docs.tokens(d)) for d in range(docs.num_documents))),
+               "bytes": int(np.sum(docs.doc_bytes))},
+      "retrieval": ({"source": table.source, "k_retrieved": table.k,
+                     "exclude_same_document": bool(settings.exclude_same_document)}
+                    if table is not None else None),
+      "protocol": {"seq_len": seq_len, "stride": stride, "chunk_size": m,
+                   "first_token_context": "eos", "leakage_neighbors":
+                   leakage_lib.NUM_LEAKAGE_NEIGHBORS if ratios is not None else None,
+                   "chunk_bytes": "document bytes split in proportion to tokens"},
+      "documents_in_database": matches,
+      "leakage": ({"r": ratios.tolist(), "mean_r": float(ratios.mean())}
+                  if ratios is not None else None),
+      "warnings": warnings,
+      "runs": runs,
+  }
+  if output:
+    manifest_lib.atomic_write_json(output, report)
+  return report
+
+
+def _verbatim_documents(docs: sources.EvalDocs, ratios: np.ndarray) -> list[int]:
+  out = []
+  for d in range(docs.num_documents):
+    r = ratios[docs.doc_offsets[d]:docs.doc_offsets[d + 1]]
+    if len(r) and np.all(r >= 1.0):
+      out.append(d)
+  return out

@@ -1,0 +1,1 @@
+"""Sampling from RETRO with a KV cache and live retrieval every completed chunk."""
