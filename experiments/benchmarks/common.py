@@ -1,0 +1,172 @@
+"""Shared helpers of the benchmark scripts: thread pinning, interleaved timing, JSON output.
+
+Why interleaving: the machines these run on are shared and noisy (other jobs come and go
+within seconds), so two numbers measured one after the other can differ by 2x for reasons
+that have nothing to do with the code.  Every ratio in this directory is therefore measured
+by alternating the contenders repetition by repetition (A B A B ...) in one run and taking
+the median of each; the ratio of the medians is what the tables report.
+
+Thread count: `pin_threads(n)` must run before jax/torch are imported.  It fixes XLA's
+Eigen pool, OpenMP/MKL pools (torch, faiss, numpy) and torch's intra-op pool to `n`, so the
+two sides of a comparison use the same number of cores.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def pin_threads(n: int) -> None:
+  """Limits every thread pool we know of to n threads (call before importing jax/torch)."""
+  for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ[var] = str(n)
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "intra_op_parallelism_threads" not in flags:
+    flags += (f" --xla_cpu_multi_thread_eigen={'true' if n > 1 else 'false'}"
+              f" intra_op_parallelism_threads={n}")
+  os.environ["XLA_FLAGS"] = flags.strip()
+  if "torch" in sys.modules:
+    sys.modules["torch"].set_num_threads(n)
+
+
+def machine_info() -> dict[str, Any]:
+  """What the numbers were measured on (goes into every JSON file)."""
+  info = {
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "host_cpus": os.cpu_count(),
+      "platform": platform.platform(),
+      "python": platform.python_version(),
+      "loadavg_at_start": os.getloadavg(),
+  }
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith("model name"):
+          info["cpu"] = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  try:
+    info["mem_total_gib"] = round(
+        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+  except (ValueError, OSError):
+    pass
+  try:
+    info["git_commit"] = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        cwd=os.path.dirname(os.path.abspath(__file__)), check=False).stdout.strip()
+  except OSError:
+    pass
+  return info
+
+
+def time_call(fn: Callable[[], Any]) -> float:
+  """Seconds taken by fn(); fn must block until its result is ready."""
+  t0 = time.perf_counter()
+  fn()
+  return time.perf_counter() - t0
+
+
+def interleave(contenders: Mapping[str, Callable[[], Any]], reps: int,
+               warmup: int = 1, log: Callable[[str], None] | None = print
+               ) -> dict[str, list[float]]:
+  """Times each contender `reps` times in alternation (A B C A B C ...).
+
+  Each callable must block until its work is done.  `warmup` untimed calls of each run
+  first (compilation, caches).  The order is rotated every round so no contender always
+  runs right after the same neighbour.
+  """
+  names = list(contenders)
+  for _ in range(warmup):
+    for name in names:
+      contenders[name]()
+  times: dict[str, list[float]] = {name: [] for name in names}
+  for rep in range(reps):
+    order = names[rep % len(names):] + names[:rep % len(names)]
+    for name in order:
+      times[name].append(time_call(contenders[name]))
+    if log:
+      log(f"  rep {rep + 1}/{reps}: " +
+          ", ".join(f"{n}={times[n][-1]:.4g}s" for n in names))
+  return times
+
+
+def summary(times: Sequence[float]) -> dict[str, float]:
+  """Median (the reported figure), min and max of a list of seconds."""
+  return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+          "reps": len(times)}
+
+
+def write_json(name: str, payload: Mapping[str, Any], out_dir: str | None = None) -> str:
+  """Writes results/<name>.json atomically (tmp + rename) and returns its path."""
+  out_dir = out_dir or RESULTS_DIR
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, f"{name}.json")
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(payload, f, indent=1, sort_keys=False, default=_jsonable)
+    f.write("\n")
+  os.replace(tmp, path)
+  return path
+
+
+def _jsonable(x):
+  try:
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    if isinstance(x, np.generic):
+      return x.item()
+    if isinstance(x, np.ndarray):
+      return x.tolist()
+  except ImportError:
+    pass
+  if isinstance(x, tuple):
+    return list(x)
+  return str(x)
+
+
+def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str],
+                title: str | None = None) -> str:
+  """A fixed-width text table (also returned, for logs)."""
+  def fmt(v):
+    if isinstance(v, float):
+      if v == 0 or 1e-3 <= abs(v) < 1e6:
+        return f"{v:.4g}"
+      return f"{v:.3e}"
+    return str(v)
+  cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+  widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+  lines = []
+  if title:
+    lines.append(title)
+  lines.append("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+  lines.append("  ".join("-" * w for w in widths))
+  for row in cells:
+    lines.append("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+  text = "\n".join(lines)
+  print(text, flush=True)
+  return text
+
+
+def peak_rss_mib_self() -> float:
+  """Peak resident set size of this process so far (MiB)."""
+  import resource  # pylint: disable=g-import-not-at-top
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def current_rss_mib() -> float:
+  """Current resident set size of this process (MiB), from /proc."""
+  with open("/proc/self/status", encoding="utf-8") as f:
+    for line in f:
+      if line.startswith("VmRSS:"):
+        return int(line.split()[1]) / 1024.0
+  return float("nan")
