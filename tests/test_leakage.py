@@ -46,11 +46,11 @@ def test_run_across_chunk_and_continuation_counts():
   assert leakage.longest_common_run(chunk, nb)[0] == 5
 
 
-def test_padding_never_matches_and_partial_chunk_divides_by_its_length():
+def test_padding_never_matches_and_partial_chunk_divides_by_m():
   chunk = np.array([[4, 5, 6, -1, -1, -1, -1, -1]])
   nb = _nb([4, 5, 6])  # rest of this neighbor and the absent ones are -1
   assert leakage.longest_common_run(chunk, nb)[0] == 3
-  assert leakage.leakage_ratio(chunk, nb)[0] == 1.0
+  assert leakage.leakage_ratio(chunk, nb)[0] == 3 / M
   only_pad = np.full((1, M), -1)
   assert leakage.leakage_ratio(only_pad, _nb([]))[0] == 0.0
 

@@ -41,6 +41,15 @@ from retro_jax.retrieval import manifest as manifest_lib
 DEFAULT_KS = (1, 2, 5, 10)
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+  from retro_jax.retrieval import service as service_lib  # pylint: disable=g-import-not-at-top
+  return (ValueError, OSError, service_lib.RetrievalServiceError)
+
+
+# Bad input, unreachable services, missing files: what a CLI reports in one line.
+USER_ERRORS = _user_errors()
+
+
 @dataclasses.dataclass
 class EvalSettings:
   """How to evaluate; None means "from the checkpoint" (training seq_len) or paper default."""
@@ -309,7 +318,7 @@ def run_evaluation(workdir: str, *, eval_chunks: str | None = None,
     full = _verbatim_documents(docs, ratios)
     if full:
       msg = (f"{len(full)} evaluation documents are copied verbatim by their neighbors "
-             f"(every chunk has r(C) = 1), e.g. {docs.doc_keys[full[0]]!r}")
+             f"(every full chunk has r(C) = 1), e.g. {docs.doc_keys[full[0]]!r}")
       logging.warning(msg)
       warnings.append(msg)
 
@@ -347,9 +356,12 @@ def run_evaluation(workdir: str, *, eval_chunks: str | None = None,
 
 
 def _verbatim_documents(docs: sources.EvalDocs, ratios: np.ndarray) -> list[int]:
+  """Documents whose every full chunk is copied whole by a neighbor (r(C) = 1)."""
+  full = (np.asarray(docs.chunks) >= 0).all(axis=1)
   out = []
   for d in range(docs.num_documents):
-    r = ratios[docs.doc_offsets[d]:docs.doc_offsets[d + 1]]
+    sl = slice(docs.doc_offsets[d], docs.doc_offsets[d + 1])
+    r = ratios[sl][full[sl]]
     if len(r) and np.all(r >= 1.0):
       out.append(d)
   return out

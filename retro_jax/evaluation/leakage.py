@@ -1,12 +1,12 @@
 """Leakage-filtered evaluation (paper §2.6): how much of the gain survives without copying.
 
-For an evaluation chunk C (its real tokens, -1 padding dropped) and its nearest database
-neighbors, s(C) is the length of the longest contiguous token sequence that occurs both in C
-and in one neighbor; r(C) = s(C) / |C|, with |C| = m for every chunk but a document's last
-(partial) one, where we divide by its real token count (so a short final chunk copied whole
-counts as fully leaked rather than as 3/64).  A neighbor here is what the model reads, the
-retrieved chunk N followed by its continuation F (2m tokens), so a common run that crosses
-from N into F counts.  Padding (-1) never matches.
+For an evaluation chunk C and its nearest database neighbors, s(C) is the length of the
+longest contiguous token sequence that occurs both in C and in one neighbor, and
+r(C) = s(C) / m as in the paper (a document's last, partial chunk is divided by m too, so a
+tail of a few tokens, e.g. a lone eos that every database document also has, does not count
+as leaked).  A neighbor here is what the model reads, the retrieved chunk N followed by its
+continuation F (2m tokens), so a common run that crosses from N into F counts.  Padding (-1)
+never matches.
 
 bpb(alpha) is the bits per byte over the chunks with r(C) <= alpha: their target tokens' NLL
 (in bits) over their bytes.  A chunk's bytes are its document's UTF-8 bytes split in
@@ -53,11 +53,9 @@ def longest_common_run(chunks: np.ndarray, neighbors: np.ndarray) -> np.ndarray:
 
 
 def leakage_ratio(chunks: np.ndarray, neighbors: np.ndarray) -> np.ndarray:
-  """r(C) = s(C) / |C| in [0, 1], float64 [Q] (0 for an all-padding chunk)."""
+  """r(C) = s(C) / m in [0, 1], float64 [Q]."""
   chunks = np.asarray(chunks)
-  s = longest_common_run(chunks, neighbors)
-  length = (chunks >= 0).sum(axis=1)
-  return np.where(length > 0, s / np.maximum(length, 1), 0.0)
+  return longest_common_run(chunks, neighbors) / chunks.shape[1]
 
 
 def filtered_bpb(chunk_nll_nats: np.ndarray, chunk_bytes: np.ndarray, ratios: np.ndarray,
