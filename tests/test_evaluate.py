@@ -48,6 +48,15 @@ def save_workdir(path: str, cfg, params, db_dir: str, seq_len: int = 2 * M, step
   return path
 
 
+def _cli_env() -> dict:
+  """The test process's persistent compilation cache, shared with CLI subprocesses."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  return dict(os.environ,
+              JAX_COMPILATION_CACHE_DIR=os.path.join(tempfile.gettempdir(),
+                                                     "retro_jax_test_jit_cache"),
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+
+
 @functools.lru_cache(maxsize=None)
 def _params(cfg):
   return init_params(cfg, jax.random.PRNGKey(0))
@@ -301,6 +310,6 @@ def test_cli_exits_cleanly_on_bad_input(world, tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "retro_jax.evaluate", f"--workdir={world['retro']}",
        f"--corpus={empty}", f"--db_dir={world['db_dir']}", "--ks=1"],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
+      cwd=ROOT, env=_cli_env(), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 1
   assert "no usable document" in proc.stderr and "Traceback" not in proc.stderr

@@ -275,3 +275,39 @@ def fed_tokens(g: Generation) -> list[int]:
 
 __all__ = ["Generator", "Generation", "SamplingParams", "GenerationError", "filter_logits",
            "sample_tokens", "fed_tokens"]
+
+
+def run_generation(workdir: str, prompts: Sequence[str], *, db_dir: str | None = None,
+                   retrieval_url: str | None = None, retrieval: bool = True,
+                   tokenizer: str | None = None, num_neighbors: int | None = None,
+                   sampling: SamplingParams = SamplingParams(), step: int | None = None,
+                   service_timeout: float = 30.0) -> list[Generation]:
+  """The `python -m retro_jax.generate` job: load, check, open retrieval, sample."""
+  from retro_jax.evaluation import checkpoints as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from retro_jax.evaluation import sources  # pylint: disable=g-import-not-at-top
+  if isinstance(prompts, str):
+    prompts = [prompts]
+  if not prompts or any(not p or not p.strip() for p in prompts):
+    raise GenerationError("empty prompt: give non-empty --prompt text (or lines in "
+                          "--prompts_file)")
+  sampling.validate()
+  model = ckpt_lib.load_model(workdir, step)
+  retriever = tok_source = None
+  if retrieval and model.config.uses_retrieval:
+    if not db_dir and not retrieval_url:
+      raise GenerationError("a RETRO model retrieves every chunk: pass --db_dir or "
+                            "--retrieval_url (or --retrieval=off)")
+    retriever = tok_source = sources.open_live_retriever(
+        db_dir if not retrieval_url else None, retrieval_url, service_timeout)
+    ckpt_lib.check_against_database(model, retriever.manifest,
+                                    sources.retriever_name(retriever))
+  elif db_dir:  # no retrieval, but the database's tokenizer copy is welcome
+    from retro_jax.retrieval import retriever as retriever_lib  # pylint: disable=g-import-not-at-top
+    tok_source = retriever_lib.Database.open(db_dir)
+    ckpt_lib.check_against_database(model, tok_source.manifest,
+                                    sources.retriever_name(tok_source), chunk_size=False)
+  tok = sources.resolve_tokenizer(tokenizer, tok_source, model)
+  ckpt_lib.check_against_database(model, {"tokenizer": tok.identity()},
+                                  f"tokenizer {tok.path}", chunk_size=False)
+  gen = Generator(model.params, model.config, tok, retriever, num_neighbors)
+  return gen.generate(list(prompts), sampling)
