@@ -170,9 +170,16 @@ def load_config(name: str):
 
 
 def tiny_config(paths: dict[str, str], **changes):
-  """experiments/configs/tiny.py pointed at the fixture data, vocabulary 260."""
+  """experiments/configs/tiny.py pointed at the fixture data, vocabulary 260.
+
+  The decoder is cut to 2 layers (both with CCA) and the encoder to 1: XLA:CPU compile time
+  dominates these tests and grows with depth, while the training machinery does not care.
+  """
   cfg = load_config("tiny")
   cfg.model.vocab_size = VOCAB
+  cfg.model.num_layers = 2
+  cfg.model.cca_layers = (1, 2)
+  cfg.model.enc_num_layers = 1
   for key, value in paths.items():
     cfg.data[key] = value
   for key, value in changes.items():

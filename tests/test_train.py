@@ -31,7 +31,7 @@ def test_loss_decreases_on_real_text(run):
   _, out = run
   losses = [out["losses"][s] for s in range(1, 9)]
   assert losses[0] > math.log(fx.VOCAB) - 0.3  # starts near uniform over 260 ids
-  assert np.mean(losses[-3:]) < losses[0] - 0.5
+  assert np.mean(losses[-3:]) < losses[0] - 0.3  # 8 steps, cosine-decayed lr
 
 
 def test_metrics_reach_log_jsonl_and_tensorboard(paths, run):
