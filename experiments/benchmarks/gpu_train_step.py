@@ -1,0 +1,106 @@
+r"""GPU check (prepared, < 5 min of device time): 425M-shape train step in bfloat16, MFU.
+
+Runs bench_train_step.py for retro-425m (paper vocabulary 128k, sequence 2048, bfloat16
+compute, float32 parameters and AdamW state) against its 368M baseline, interleaved, and
+reports step time, tokens/s and model-FLOPs utilisation (PaLM-convention model FLOPs from
+retro_jax.training.metrics.flops_per_token over the device's dense bf16 peak: 989 TFLOP/s
+for H100/H200 SXM).
+
+The batch is the largest of --batch_sizes whose compiled train step fits: each candidate is
+lowered with abstract inputs and compiled (nothing allocated), and its
+memory_analysis() peak is compared with 90% of the device's bytes_limit.  The persistent
+compilation cache makes the benchmark's own compile of the chosen batch a cache hit.
+
+Usage on the device machine (from the repository root):
+  bash experiments/benchmarks/gpu_train_step.sh
+Budget: ~1 min start-up + ~2 x 40 s compile per probed batch (cache hits after) + 2 x (1 warmup
++ 5 reps) steps of a few hundred ms: well under 5 min.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from absl import app, flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("preset", "retro-425m", "RETRO preset (baseline = same without CCA).")
+flags.DEFINE_integer("seq_len", 2048, "Sequence length (paper: 2048).")
+flags.DEFINE_list("batch_sizes", ["16", "8", "4", "2", "1"], "Candidates, largest first.")
+flags.DEFINE_float("memory_fraction", 0.9, "Usable fraction of the device memory.")
+flags.DEFINE_integer("reps", 5, "Timed repetitions per model.")
+flags.DEFINE_boolean("remat", False, "Rematerialise decoder blocks.")
+flags.DEFINE_string("name", "gpu_train_step", "results/<name>.json")
+
+
+def fits(batch_size: int, limit: float) -> tuple[bool, float]:
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np
+  from retro_jax import config as config_lib
+  from retro_jax import model as model_lib
+  from retro_jax.model import sharding as sharding_lib
+  from retro_jax.training import optim, train_config, trainer
+
+  cfg = config_lib.get_preset(FLAGS.preset, dtype="bfloat16", remat=FLAGS.remat)
+  mesh = sharding_lib.make_mesh(1, 1, 1, jax.devices()[:1])
+  tcfg = train_config.default_config()
+  tx, schedule = optim.optimizer(tcfg), optim.learning_rate_schedule(tcfg)
+  _, abstract, shardings = trainer.make_init(cfg, tx, mesh)
+  n, l = FLAGS.seq_len, cfg.num_chunks(FLAGS.seq_len)
+  batch = dict(inputs=np.zeros((batch_size, n), np.int32),
+               targets=np.zeros((batch_size, n), np.int32),
+               weights=np.zeros((batch_size, n), np.float32),
+               neighbors=np.zeros((batch_size, l, cfg.num_neighbors, cfg.neighbor_len),
+                                  np.int32))
+  abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                            sharding=sharding_lib.batch_sharding(mesh, v.ndim))
+                    for k, v in batch.items()}
+  step = trainer.make_train_step(model_lib.Retro(cfg), tx, schedule, None, 1, mesh, shardings,
+                                 batch)
+  try:
+    ma = step.lower(abstract, abstract_batch).compile().memory_analysis()
+  except Exception as e:  # pylint: disable=broad-except  (XLA raises RESOURCE_EXHAUSTED here)
+    print(f"batch {batch_size}: compile failed ({str(e)[:200]})", flush=True)
+    return False, float("inf")
+  peak = (ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
+          - ma.alias_size_in_bytes)
+  return peak <= limit, peak
+
+
+def main(argv):
+  del argv
+  cache = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/retro_jax_jit_cache")
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_compilation_cache_dir", cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  dev = jax.devices()[0]
+  stats = dev.memory_stats() or {}
+  limit = FLAGS.memory_fraction * stats.get("bytes_limit", 80e9)
+  print(f"device {dev.device_kind}, bytes_limit {stats.get('bytes_limit')}", flush=True)
+  chosen = None
+  for b in [int(x) for x in FLAGS.batch_sizes]:
+    t0 = time.perf_counter()
+    ok, peak = fits(b, limit)
+    print(f"batch {b}: compiled peak {peak / 2**30:.1f} GiB vs limit {limit / 2**30:.1f} GiB "
+          f"-> {'fits' if ok else 'too big'} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    if ok:
+      chosen = b
+      break
+  if chosen is None:
+    raise SystemExit("no candidate batch fits; try --remat or smaller --batch_sizes")
+  cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                      "bench_train_step.py"),
+         f"--shapes={FLAGS.preset}:{FLAGS.seq_len}:{chosen}", "--dtype=bfloat16",
+         f"--reps={FLAGS.reps}", "--warmup=1", f"--name={FLAGS.name}",
+         f"--remat={str(FLAGS.remat).lower()}"]
+  print("running:", " ".join(cmd), flush=True)
+  sys.exit(subprocess.call(cmd, env=dict(os.environ)))
+
+
+if __name__ == "__main__":
+  app.run(main)
