@@ -27,6 +27,8 @@ EXTRAS = {
     "datasets": ["datasets"],
     "beam": ["apache-beam"],
     "plot": ["matplotlib"],
+    # experiments/benchmarks: faiss is the alternative index the ScaNN benchmark compares with.
+    "bench": ["faiss-cpu"],
 }
 
 setuptools.setup(
