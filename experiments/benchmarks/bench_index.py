@@ -160,9 +160,9 @@ def main(argv):
     nbytes = dir_bytes(os.path.join(tmp, "i")) / n
     shutil.rmtree(tmp)
     s = ah.settings
-    for leaves in sorted({max(2, s.num_leaves // 40), s.num_leaves // 20, s.num_leaves // 10,
-                          s.num_leaves // 5, s.leaves_to_search, s.num_leaves // 2}):
-      for reorder in (100, 250):
+    for leaves in sorted({s.num_leaves // 20, s.num_leaves // 10, s.num_leaves // 5,
+                          s.leaves_to_search, s.num_leaves // 2}):
+      for reorder in (s.reorder,):
         knob = Knob(lambda qq, k, lv=leaves, ro=reorder: ah.search(qq, k, lv, ro), n)
         evaluate("scann_tree_ah", f"leaves {leaves}/{s.num_leaves}, AH dims/block "
                  f"{s.dims_per_block}, reorder {reorder}", knob, build, nbytes)
@@ -194,7 +194,7 @@ def main(argv):
     ivf.train(emb)
     ivf.add(emb)
     faiss_eval(f"faiss_ivf_flat (nlist {nlist})", ivf, time.perf_counter() - t0, "nprobe",
-               [4, 8, 16, 32, 64, 128], lambda v: setattr(ivf, "nprobe", v))
+               [8, 16, 32, 64, 128], lambda v: setattr(ivf, "nprobe", v))
     del ivf
   if "faiss_hnsw" in methods:
     t0 = time.perf_counter()
@@ -202,7 +202,7 @@ def main(argv):
     hnsw.hnsw.efConstruction = 80
     hnsw.add(emb)
     faiss_eval("faiss_hnsw (M 32, efC 80)", hnsw, time.perf_counter() - t0, "efSearch",
-               [16, 32, 64, 128, 256],
+               [32, 64, 128, 256],
                lambda v: setattr(hnsw.hnsw, "efSearch", v))
     del hnsw
   if "faiss_ivfpq" in methods:
@@ -213,7 +213,7 @@ def main(argv):
     ivfpq.add(emb)
     build = time.perf_counter() - t0
     faiss_eval(f"faiss_ivf_pq (nlist {nlist}, {m} B codes)", ivfpq, build, "nprobe",
-               [8, 32, 128], lambda v: setattr(ivfpq, "nprobe", v))
+               [32], lambda v: setattr(ivfpq, "nprobe", v))
     # The fair counterpart of ScaNN's reorder: exact re-ranking of the PQ candidates.
     t0 = time.perf_counter()
     refine = faiss.IndexRefineFlat(ivfpq)
@@ -224,7 +224,7 @@ def main(argv):
       ivfpq.nprobe = v[0]
       refine.k_factor = v[1]
     faiss_eval(f"faiss_ivf_pq+refine (nlist {nlist})", refine, build, "nprobe, k_factor",
-               [(16, 10), (32, 10), (64, 20), (128, 25)], set_refine)
+               [(32, 10), (64, 20)], set_refine)
     del refine, ivfpq
 
   # Matched-recall summary: the fastest setting per family at recall@10 >= target.
