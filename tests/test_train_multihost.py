@@ -27,8 +27,8 @@ pid = int(sys.argv[1])
 if pid >= 0:
   jax.distributed.initialize({coordinator!r}, num_processes=2, process_id=pid)
 cfg = fx.tiny_config(json.loads({paths!r}), num_steps=8, checkpoint_every=100, log_every=100)
-res = trainer.train_and_evaluate(cfg, {workdir!r} + "/run" + str(max(pid, 0) if pid >= 0 else "single"),
-                                 stop_after=3)
+name = "/single" if pid < 0 else "/host" + str(pid)
+res = trainer.train_and_evaluate(cfg, {workdir!r} + name, stop_after=3)
 print("RESULT" + json.dumps(dict(losses=res["losses"], processes=jax.process_count(),
                                  devices=jax.device_count())))
 """
