@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     "safetensors",
     "tqdm",
     "tensorboardX",
+    "matplotlib",  # the quickstart's and experiments' plots
     "grain",
 ]
 

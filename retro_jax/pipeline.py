@@ -1,0 +1,352 @@
+"""The end-to-end pipeline behind the quickstart and the experiments.
+
+corpus split -> SentencePiece tokenizer -> retrieval database (chunk store, BERT embeddings,
+ScaNN index) -> precomputed neighbors (training split, and the held-out split against the
+database) -> RETRO and baseline training -> evaluation.
+
+Every stage writes under one work directory and is skipped or resumed when its finished
+output is already there, so a killed run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sysconfig
+from typing import Iterable, Sequence
+
+from absl import logging
+
+from retro_jax.retrieval import manifest as manifest_lib
+
+EXCLUDED_DIRS = ("site-packages", "dist-packages", "__pycache__", "idlelib/Icons")
+
+
+class PipelineError(ValueError):
+  """A problem with the pipeline's inputs, named for the user."""
+
+
+def stdlib_root() -> str:
+  """The Python standard library sources: text every machine with Python has."""
+  return sysconfig.get_paths()["stdlib"]
+
+
+def _split_key(rel: str, seed: int) -> int:
+  return int(hashlib.sha1(f"{seed}:{rel}".encode()).hexdigest()[:8], 16)
+
+
+def list_files(root: str, suffixes: Sequence[str]) -> list[str]:
+  """Relative paths of files under root with one of `suffixes`, sorted, excluding caches and
+  installed third-party packages."""
+  if not os.path.isdir(root):
+    raise PipelineError(f"corpus root {root} is not a directory")
+  out = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    rel_dir = os.path.relpath(dirpath, root)
+    dirnames[:] = sorted(d for d in dirnames if not any(
+        os.path.normpath(os.path.join(rel_dir, d)).endswith(x) or d == x
+        for x in EXCLUDED_DIRS))
+    for name in sorted(filenames):
+      if name.endswith(tuple(suffixes)):
+        out.append(os.path.normpath(os.path.join(rel_dir, name)))
+  if not out:
+    raise PipelineError(f"no {'/'.join(suffixes)} files under {root}")
+  return sorted(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  train_jsonl: str
+  eval_jsonl: str
+  num_train: int
+  num_eval: int
+  train_bytes: int
+  eval_bytes: int
+
+
+def split_corpus(root: str, out_dir: str, *, suffixes: Sequence[str] = (".py",),
+                 eval_percent: float = 5.0, max_train_bytes: int | None = None,
+                 max_eval_bytes: int | None = None, seed: int = 0) -> Split:
+  """Splits the files under `root` by file into train and held-out JSON Lines, deterministically.
+
+  A file goes to the held-out split when a hash of its path falls below `eval_percent`;
+  within each split files are taken in hash order (a deterministic random subset) until the
+  byte budget is reached.  Files that are not UTF-8 or are empty are left out here (the
+  corpus readers would skip them too).  Written atomically; reused when present and made
+  with the same settings.
+  """
+  settings = dict(root=os.path.abspath(root), suffixes=list(suffixes), eval_percent=eval_percent,
+                  max_train_bytes=max_train_bytes, max_eval_bytes=max_eval_bytes, seed=seed)
+  os.makedirs(out_dir, exist_ok=True)
+  meta_path = os.path.join(out_dir, "split.json")
+  if os.path.exists(meta_path):
+    meta = json.load(open(meta_path))
+    if meta["settings"] == settings:
+      return Split(**meta["split"])
+    logging.info("corpus split settings changed; re-splitting %s", out_dir)
+  files = list_files(root, suffixes)
+  order = sorted(files, key=lambda rel: _split_key(rel, seed))
+  cut = eval_percent / 100.0 * 16 ** 8
+  budgets = {"train": max_train_bytes, "eval": max_eval_bytes}
+  rows = {"train": [], "eval": []}
+  used = {"train": 0, "eval": 0}
+  for rel in order:
+    split = "eval" if _split_key(rel, seed + 1) < cut else "train"
+    try:
+      with open(os.path.join(root, rel), "rb") as f:
+        text = f.read().decode("utf-8")
+    except (UnicodeDecodeError, OSError):
+      continue
+    if not text.strip():
+      continue
+    size = len(text.encode("utf-8"))
+    budget = budgets[split]
+    if budget is not None and used[split] + size > budget:
+      continue
+    rows[split].append({"id": rel, "text": text})
+    used[split] += size
+  if not rows["train"] or not rows["eval"]:
+    raise PipelineError(f"the split of {root} left an empty train or eval set "
+                        f"({len(rows['train'])} / {len(rows['eval'])} files): raise the byte "
+                        "budgets or eval_percent")
+  paths = {}
+  for split, items in rows.items():
+    path = os.path.join(out_dir, f"{split}.jsonl")
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in items).encode("utf-8")
+    manifest_lib.atomic_write_bytes(path, data)
+    paths[split] = path
+  result = Split(train_jsonl=paths["train"], eval_jsonl=paths["eval"],
+                 num_train=len(rows["train"]), num_eval=len(rows["eval"]),
+                 train_bytes=used["train"], eval_bytes=used["eval"])
+  manifest_lib.atomic_write_json(meta_path, {"settings": settings,
+                                             "split": dataclasses.asdict(result)})
+  return result
+
+
+def train_tokenizer(train_jsonl: str, out_dir: str, vocab_size: int) -> str:
+  """SentencePiece on the training split (reused when already trained with this vocab)."""
+  from retro_jax.retrieval import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  prefix = os.path.join(out_dir, f"spm{vocab_size}")
+  model = prefix + ".model"
+  if os.path.exists(model):
+    return model
+  os.makedirs(out_dir, exist_ok=True)
+  texts = corpus_lib.texts(corpus_lib.iter_documents(train_jsonl))
+  return tokenizer_lib.train_sentencepiece(texts, prefix, vocab_size, model_type="bpe")
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+  """Everything training and evaluation read."""
+  db_dir: str
+  tokenizer: str
+  eval_chunks: str
+  train_neighbors: str
+  eval_neighbors: str
+
+
+def build_data(split: Split, work: str, *, vocab_size: int, chunk_size: int,
+               num_neighbors: int, eval_neighbors: int, bert: str | None = None,
+               embed_batch_size: int = 64) -> Data:
+  """Tokenizer, database, held-out chunk store and both neighbor files (all resumable)."""
+  from retro_jax.retrieval import build_db as build_db_lib  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval import chunk_store as chunk_store_lib  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval import precompute_neighbors as pn  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+
+  tok_path = train_tokenizer(split.train_jsonl, os.path.join(work, "tokenizer"), vocab_size)
+  db_dir = os.path.join(work, "db")
+  if not os.path.exists(os.path.join(db_dir, manifest_lib.MANIFEST)):
+    build_db_lib.build_database(split.train_jsonl, tok_path, db_dir, chunk_size=chunk_size,
+                                bert=bert, embed_batch_size=embed_batch_size)
+  eval_chunks = os.path.join(work, "eval_chunks")
+  chunk_store_lib.build_chunk_store(corpus_lib.Corpus(split.eval_jsonl),
+                                    tokenizer_lib.load_tokenizer(tok_path), eval_chunks,
+                                    chunk_size)
+  train_nb = os.path.join(work, "neighbors", "train")
+  if not os.path.exists(os.path.join(train_nb, manifest_lib.MANIFEST)):
+    pn.precompute_neighbors(db_dir, train_nb, k=num_neighbors)
+  eval_nb = os.path.join(work, "neighbors", "eval")
+  if not os.path.exists(os.path.join(eval_nb, manifest_lib.MANIFEST)):
+    pn.precompute_neighbors(db_dir, eval_nb, k=eval_neighbors, query_store=eval_chunks,
+                            exclude_same_document=False)
+  return Data(db_dir=db_dir, tokenizer=tok_path, eval_chunks=eval_chunks,
+              train_neighbors=train_nb, eval_neighbors=eval_nb)
+
+
+def train_config(data: Data, *, preset: str, retrieval: bool, steps: int, seq_len: int,
+                 batch_size: int, learning_rate: float, warmup_steps: int, eval_every: int,
+                 eval_batches: int, vocab_size: int, seed: int = 0,
+                 overrides: dict | None = None):
+  """A training ConfigDict over the pipeline's data."""
+  from retro_jax.training import train_config as tc  # pylint: disable=g-import-not-at-top
+  c = tc.default_config()
+  c.model.preset = preset
+  c.model.vocab_size = vocab_size
+  c.retrieval = retrieval
+  c.data.db_dir = data.db_dir
+  c.data.neighbors_dir = data.train_neighbors if retrieval else ""
+  c.data.eval_chunks_dir = data.eval_chunks
+  c.data.eval_neighbors_dir = data.eval_neighbors if retrieval else ""
+  c.seq_len = seq_len
+  c.batch_size = batch_size
+  c.num_steps = steps
+  c.optimizer.learning_rate = learning_rate
+  c.optimizer.warmup_steps = warmup_steps
+  c.eval_every = eval_every
+  c.eval_batches = eval_batches
+  c.log_every = max(1, min(25, steps // 10))
+  c.checkpoint_every = max(eval_every, 50)
+  c.keep_checkpoints = 2
+  c.seed = seed
+  for key, value in (overrides or {}).items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def train(cfg, run_dir: str) -> dict:
+  """Trains (or resumes, or skips when finished) one run; returns the trainer's summary."""
+  from retro_jax.training import trainer  # pylint: disable=g-import-not-at-top
+  return trainer.train_and_evaluate(cfg, run_dir)
+
+
+def read_metrics(run_dir: str, kind: str = "eval") -> list[dict]:
+  """Rows of a run's metrics.jsonl of one kind ("train" or "eval")."""
+  path = os.path.join(run_dir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  rows = [json.loads(line) for line in open(path) if line.strip()]
+  return [r for r in rows if r.get("kind", r.get("split")) == kind]
+
+
+def format_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+  """A plain fixed-width table for the terminal and for Markdown-ish READMEs."""
+  rows = [[f"{v:.4f}" if isinstance(v, float) else str(v) for v in r] for r in rows]
+  widths = [max(len(str(h)), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+  line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+  sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+  return "\n".join([line(header), sep] + [line(r) for r in rows])
+
+
+def evaluate_pair(data: Data, retro_run: str, baseline_run: str, *, ks: Sequence[int],
+                  output: str, seq_len: int | None = None, progress: bool = True) -> dict:
+  """The evaluation CLI's library call: RETRO (off and each k) and the baseline, with
+  leakage-filtered bpb, on the held-out chunk store with its precomputed neighbors."""
+  from retro_jax.evaluation import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  settings = evaluate_lib.EvalSettings(ks=tuple(ks), seq_len=seq_len, progress=progress)
+  return evaluate_lib.run_evaluation(
+      retro_run, eval_chunks=data.eval_chunks, db_dir=data.db_dir,
+      neighbors_dir=data.eval_neighbors, baseline_workdir=baseline_run, settings=settings,
+      output=output)
+
+
+def plot_curves(runs: dict[str, str], path: str, metric: str = "bits_per_byte") -> str | None:
+  """Held-out `metric` over training steps for each run, as a PNG (None without matplotlib)."""
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    logging.warning("matplotlib is not installed: no plot (pip install 'retro_jax[plot]')")
+    return None
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for label, run_dir in runs.items():
+    rows = [r for r in read_metrics(run_dir, "eval") if metric in r]
+    if rows:
+      ax.plot([r["step"] for r in rows], [r[metric] for r in rows], marker="o", label=label)
+  ax.set_xlabel("training step")
+  ax.set_ylabel(f"held-out {metric.replace('_', ' ')}")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp, dpi=120)
+  plt.close(fig)
+  os.replace(tmp, path)
+  return path
+
+
+QUICKSTART_ALPHA = "0.125"
+
+
+def comparison_table(report: dict) -> tuple[str, dict]:
+  """Side-by-side rows (baseline, RETRO without and with retrieval) from an evaluation report."""
+  rows, results = [], {}
+  for run in report["runs"]:
+    name = "baseline" if run["k"] == "-" else (
+        "RETRO, retrieval off" if run["k"] == "off" else f"RETRO, k={run['k']}")
+    alpha = run.get("bpb_alpha", {}).get(QUICKSTART_ALPHA, {})
+    rows.append([name, run["ppl"], run["bpb"],
+                 alpha.get("bpb") if alpha.get("bpb") is not None else "-"])
+    results[name] = dict(ppl=run["ppl"], bpb=run["bpb"], bpb_alpha_0125=alpha.get("bpb"))
+  table = format_table(["model", "perplexity", "bits/byte", f"bits/byte, r(C)<={QUICKSTART_ALPHA}"],
+                       rows)
+  share = None
+  if report["runs"] and report["runs"][0].get("bpb_alpha"):
+    share = report["runs"][0]["bpb_alpha"][QUICKSTART_ALPHA]["fraction_of_bytes"]
+  d = report["data"]
+  notes = [f"held-out: {d['documents']} documents, {d['tokens']} tokens, {d['bytes']} bytes"]
+  if share is not None:
+    notes.append(f"r(C)<={QUICKSTART_ALPHA}: chunks whose longest common token run with their "
+                 f"10 nearest database chunks is at most {QUICKSTART_ALPHA} of a chunk "
+                 f"({share:.1%} of the bytes)")
+  return table + "\n" + "\n".join(notes), results
+
+
+def run_quickstart(*, workdir: str, scale: float, corpus_root: str, steps: int,
+                   train_bytes: int, eval_bytes: int, preset: str, vocab_size: int,
+                   seq_len: int, batch_size: int, learning_rate: float, eval_k: Sequence[int],
+                   seed: int = 0) -> dict:
+  """Everything the quickstart does; see retro_jax/quickstart.py."""
+  from retro_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  if scale <= 0:
+    raise PipelineError(f"--scale must be positive, got {scale}")
+  model = config_lib.get_preset(preset, vocab_size=vocab_size)
+  if not model.uses_retrieval:
+    raise PipelineError(f"preset {preset!r} has no retrieval; pick a RETRO preset")
+  os.makedirs(workdir, exist_ok=True)
+  steps = max(1, int(round(steps * scale)))
+  stage = lambda name: logging.info("=== quickstart: %s ===", name)
+
+  stage("1/5 split the corpus by file")
+  split = split_corpus(corpus_root, os.path.join(workdir, "corpus"),
+                       max_train_bytes=int(train_bytes * scale),
+                       max_eval_bytes=int(eval_bytes * max(1.0, scale ** 0.5)), seed=seed)
+  logging.info("train: %d files, %d bytes; held-out: %d files, %d bytes", split.num_train,
+               split.train_bytes, split.num_eval, split.eval_bytes)
+
+  stage("2/5 tokenizer, retrieval database, neighbors")
+  data = build_data(split, workdir, vocab_size=vocab_size, chunk_size=model.chunk_size,
+                    num_neighbors=model.num_neighbors, eval_neighbors=max(10, *eval_k))
+
+  runs = {"RETRO": os.path.join(workdir, "runs", "retro"),
+          "baseline": os.path.join(workdir, "runs", "baseline")}
+  common = dict(preset=preset, steps=steps, seq_len=seq_len, batch_size=batch_size,
+                learning_rate=learning_rate, warmup_steps=max(1, steps // 10),
+                eval_every=max(1, steps // 6), eval_batches=4, vocab_size=vocab_size,
+                seed=seed)
+  for i, (name, retrieval) in enumerate((("RETRO", True), ("baseline", False))):
+    stage(f"{3 + i}/5 train {name} for {steps} steps")
+    train(train_config(data, retrieval=retrieval, **common), runs[name])
+
+  stage("5/5 evaluate both on the held-out documents")
+  report = evaluate_pair(data, runs["RETRO"], runs["baseline"], ks=eval_k,
+                         output=os.path.join(workdir, "evaluation.json"))
+  table, results = comparison_table(report)
+  plot = plot_curves(runs, os.path.join(workdir, "bpb_curves.png"))
+  artifacts = {"evaluation report": os.path.join(workdir, "evaluation.json"),
+               "retrieval database": data.db_dir, "RETRO run": runs["RETRO"],
+               "baseline run": runs["baseline"]}
+  if plot:
+    artifacts["held-out bits/byte curves"] = plot
+  with open(os.path.join(workdir, "summary.txt"), "w") as f:
+    f.write(table + "\n")
+  return dict(table=table, results=results, artifacts=artifacts)

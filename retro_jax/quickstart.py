@@ -1,0 +1,78 @@
+r"""One command that shows RETRO doing its job on a machine with no GPU and no model hub.
+
+  python -m retro_jax.quickstart [--workdir=runs/quickstart] [--scale=1]
+
+On the Python standard library's own sources (split by file into training and held-out
+documents), it trains a SentencePiece tokenizer, builds a retrieval database (chunk store,
+all-MiniLM-L6-v2 embeddings from the offline checkpoint, ScaNN index), precomputes neighbors,
+trains a small RETRO and its same-size baseline for the same number of steps, evaluates both
+on the held-out documents and prints a side-by-side table (perplexity, bits per byte,
+leakage-filtered bits per byte at alpha = 0.125), with the curves plotted to PNG.
+
+Every stage resumes: run the command again after a kill and finished stages are skipped.
+`--scale` multiplies the database size and the training steps (scale 1 takes about 15
+minutes on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import json
+import logging as pylogging
+import os
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from retro_jax import pipeline
+
+_WORKDIR = flags.DEFINE_string("workdir", "runs/quickstart", "Where everything is written.")
+_SCALE = flags.DEFINE_float("scale", 1.0, "Multiplies database size and training steps.")
+_CORPUS = flags.DEFINE_string("corpus_root", None,
+                              "Directory of .py files (default: the standard library).")
+_STEPS = flags.DEFINE_integer("steps", 300, "Training steps per model at scale 1.")
+_TRAIN_BYTES = flags.DEFINE_integer("train_bytes", 1_400_000,
+                                    "UTF-8 bytes of training/database documents at scale 1.")
+_EVAL_BYTES = flags.DEFINE_integer("eval_bytes", 120_000, "Held-out bytes at scale 1.")
+_PRESET = flags.DEFINE_string("preset", "quickstart", "Model preset (retro_jax.config.PRESETS).")
+_VOCAB = flags.DEFINE_integer("vocab_size", 4096, "SentencePiece vocabulary size.")
+_SEQ = flags.DEFINE_integer("seq_len", 256, "Training sequence length.")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Training batch size.")
+_LR = flags.DEFINE_float("learning_rate", 2e-3, "Peak learning rate.")
+_EVAL_K = flags.DEFINE_list("eval_k", ["1", "2", "4"], "Neighbor counts at evaluation.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the split, the initialisation and the data order.")
+
+
+class _QuietLibraries(pylogging.Filter):
+  """Keeps orbax's per-checkpoint INFO chatter out of the quickstart's progress log."""
+
+  def filter(self, record):
+    return record.levelno >= pylogging.WARNING or "orbax" not in record.pathname
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  start = time.time()
+  try:
+    summary = pipeline.run_quickstart(
+        workdir=_WORKDIR.value, scale=_SCALE.value,
+        corpus_root=_CORPUS.value or pipeline.stdlib_root(), steps=_STEPS.value,
+        train_bytes=_TRAIN_BYTES.value, eval_bytes=_EVAL_BYTES.value, preset=_PRESET.value,
+        vocab_size=_VOCAB.value, seq_len=_SEQ.value, batch_size=_BATCH.value,
+        learning_rate=_LR.value, eval_k=[int(k) for k in _EVAL_K.value], seed=_SEED.value)
+  except pipeline.PipelineError as e:
+    raise app.UsageError(str(e)) from None
+  print()
+  print(summary["table"])
+  print()
+  print(f"wall time {time.time() - start:.0f} s; artifacts in {os.path.abspath(_WORKDIR.value)}")
+  for name, path in summary["artifacts"].items():
+    print(f"  {name}: {path}")
+  logging.info("summary: %s", json.dumps(summary["results"]))
+
+
+if __name__ == "__main__":
+  app.run(main)
