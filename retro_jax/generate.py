@@ -62,7 +62,7 @@ def main(argv):
   for prompt, g in zip(prompts, outs):
     print(f"=== prompt: {prompt!r} ({len(g.prompt_tokens)} tokens; {len(g.tokens)} "
           f"generated, stopped by {g.stop_reason})")
-    print(prompt + g.text)
+    print(g.full_text)
     if _SHOW_NEIGHBORS.value:
       print(f"--- neighbors per chunk: {g.neighbor_ids.tolist()}")
 

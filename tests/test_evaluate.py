@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,7 +22,7 @@ from retro_jax.evaluation import checkpoints as ckpt_lib
 from retro_jax.evaluation import evaluate as eval_lib
 from retro_jax.evaluation import scoring
 from retro_jax.evaluation import sources
-from retro_jax.model import init_params
+from retro_jax.model import abstract_params
 from retro_jax.retrieval import manifest as manifest_lib
 from fixtures_data import enable_compilation_cache  # pylint: disable=g-bad-import-order
 from test_build_db import make_db  # pylint: disable=g-bad-import-order
@@ -59,7 +60,12 @@ def _cli_env() -> dict:
 
 @functools.lru_cache(maxsize=None)
 def _params(cfg):
-  return init_params(cfg, jax.random.PRNGKey(0))
+  """Random float32 params of cfg's shapes, drawn with numpy (no init compile: tests only
+  need some fixed weights; chunk size does not change the shapes)."""
+  rng = np.random.default_rng(0)
+  shapes = nn.unbox(abstract_params(cfg.replace(chunk_size=M)))
+  return jax.tree.map(lambda a: jnp.asarray(0.05 * rng.standard_normal(a.shape), a.dtype),
+                      shapes)
 
 
 @pytest.fixture(scope="module")

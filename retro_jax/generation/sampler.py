@@ -75,6 +75,7 @@ class Generation:
   neighbor_ids: np.ndarray          # [chunks retrieved, k] database chunk ids, -1 = none
   neighbor_tokens: np.ndarray       # [chunks retrieved, k, r]
   logits: np.ndarray | None = None  # [positions fed, V] when asked for
+  full_text: str = ""               # prompt + generation decoded together (joins words right)
 
 
 # --- jitted pieces (module level, config static: one compile per shape) -------------------
@@ -260,6 +261,7 @@ class Generator:
       gen = seq[i, p:p + n_gen].tolist()
       out.append(Generation(
           prompt_tokens=prompt[i].tolist(), tokens=gen, text=self.tokenizer.decode(gen),
+          full_text=self.tokenizer.decode(prompt[i].tolist() + gen),
           stop_reason="eos" if done[i] else "length",
           neighbor_ids=np.asarray(nb_ids[i], np.int64).reshape(-1, self.k),
           neighbor_tokens=np.asarray(nb_toks[i], np.int32).reshape(-1, self.k, r),
