@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -178,20 +177,23 @@ def main(argv):
              f"--db={FLAGS.db}", f"--output={tmp}/nb", "--k=2",
              f"--part_size={FLAGS.precompute_part_size}", f"--num_shards={shards}",
              "--shard_index=0"]
-      before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+      # A wrapper process runs the job as ITS only child, so RUSAGE_CHILDREN there is the
+      # job's own peak (here it would be the max over every child this script started).
+      wrapper = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
+                 "print('MAXRSS_KIB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
+                 "sys.exit(rc)")
       t0 = time.perf_counter()
-      proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+      proc = subprocess.run([sys.executable, "-c", wrapper] + cmd, capture_output=True,
+                            text=True, env=env, check=False)
       wall = time.perf_counter() - t0
-      peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+      kib = [int(l.split()[1]) for l in proc.stdout.splitlines() if l.startswith("MAXRSS_KIB")]
+      peak = kib[0] * 1024 if kib else float("nan")
       if proc.returncode:
         raise RuntimeError(f"precompute failed (rc {proc.returncode}): {proc.stderr[-3000:]}")
       queries = min(FLAGS.precompute_part_size, c)
       payload["precompute"] = dict(
           command=" ".join(cmd), wall_s=wall, queries=queries, queries_per_s=queries / wall,
-          peak_rss_bytes=peak, peak_rss_bytes_per_db_chunk=peak / c,
-          note=("getrusage(RUSAGE_CHILDREN) max over children so far: the RAM probe child "
-                f"peaked at {before * 1024} bytes, so this is the precompute job's peak if "
-                "larger"))
+          peak_rss_bytes=peak, peak_rss_bytes_per_db_chunk=peak / c)
       common.print_table([dict(what=k, value=v) for k, v in payload["precompute"].items()
                           if k != "command"], ["what", "value"],
                          title="precompute_neighbors (one part of queries)")
