@@ -40,7 +40,8 @@ print("RESULT" + json.dumps(out))
 
 def test_2x2x2_mesh_matches_one_device(tmp_path):
   paths = fx.build_dataset(str(tmp_path / "data"))
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
+             + " --xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
   code = SCRIPT.format(tests=os.path.join(ROOT, "tests"), paths=json.dumps(paths),
                        workdir=str(tmp_path))
