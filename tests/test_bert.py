@@ -80,7 +80,8 @@ def test_bucketing_and_batching_do_not_change_embeddings(emb):
   assert plain.buckets == (emb.max_length,)
   np.testing.assert_allclose(plain.embed_texts(texts), base, atol=2e-6)
   np.testing.assert_allclose(emb.embed_texts(texts[::-1])[::-1], base, atol=2e-6)
-  np.testing.assert_array_equal(base[:6], base[6:12])  # same text, same vector
+  # Same text, same vector (rows may sit in different buckets: float rounding only).
+  np.testing.assert_allclose(base[:6], base[6:12], atol=1e-6)
 
 
 def test_embed_chunks_is_embed_texts_of_detokenised_chunks(emb, tmp_path):

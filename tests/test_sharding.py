@@ -71,8 +71,10 @@ SCRIPT = textwrap.dedent("""
     emb = sharded["embed"]["embedding"]
     out["embed_shard_shape"] = list(emb.addressable_shards[0].data.shape)
     out["embed_shape"] = list(emb.shape)
+    # Same random streams sharded or not (threefry is partitionable); values may differ
+    # in the last ulp where XLA fuses the sharded init differently.
     out["params_equal"] = all(
-        bool(np.array_equal(np.asarray(a), np.asarray(b)))
+        bool(np.allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7))
         for a, b in zip(jax.tree_util.tree_leaves(sharded), jax.tree_util.tree_leaves(single)))
     rng = np.random.default_rng(0)
     n = 3 * cfg.chunk_size
