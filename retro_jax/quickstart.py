@@ -31,10 +31,10 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/quickstart", "Where everything i
 _SCALE = flags.DEFINE_float("scale", 1.0, "Multiplies database size and training steps.")
 _CORPUS = flags.DEFINE_string("corpus_root", None,
                               "Directory of .py files (default: the standard library).")
-_STEPS = flags.DEFINE_integer("steps", 300, "Training steps per model at scale 1.")
-_TRAIN_BYTES = flags.DEFINE_integer("train_bytes", 1_400_000,
+_STEPS = flags.DEFINE_integer("steps", 200, "Training steps per model at scale 1.")
+_TRAIN_BYTES = flags.DEFINE_integer("train_bytes", 700_000,
                                     "UTF-8 bytes of training/database documents at scale 1.")
-_EVAL_BYTES = flags.DEFINE_integer("eval_bytes", 120_000, "Held-out bytes at scale 1.")
+_EVAL_BYTES = flags.DEFINE_integer("eval_bytes", 80_000, "Held-out bytes at scale 1.")
 _PRESET = flags.DEFINE_string("preset", "quickstart", "Model preset (retro_jax.config.PRESETS).")
 _VOCAB = flags.DEFINE_integer("vocab_size", 4096, "SentencePiece vocabulary size.")
 _SEQ = flags.DEFINE_integer("seq_len", 256, "Training sequence length.")
