@@ -123,3 +123,33 @@ def to_jsonable(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   """The config as plain JSON types (tuples become lists), for checkpoints and logs."""
   import json  # pylint: disable=g-import-not-at-top
   return json.loads(cfg.to_json())
+
+
+PAPER_TOKENS = 419.4e9  # training tokens of every paper model (App. C.1)
+
+
+def paper_config(preset: str, *, batch_size: int, learning_rate: float, fsdp: int,
+                 tensor: int) -> ml_collections.ConfigDict:
+  """A paper-size run: App. C.1's recipe (sequence 2048, AdamW (0.9, 0.95), wd 0.1, 750
+  warmup steps from 1e-7, cosine to 0.1x), bfloat16 with rematerialisation, multi-host.
+
+  num_steps covers the paper's 419.4B tokens; set it to your budget (the cosine spans it).
+  The mesh (data=-1, fsdp, tensor) is a starting point for one pod slice.
+  """
+  c = default_config()
+  c.model.preset = preset
+  c.model.dtype = "bfloat16"
+  c.model.remat = True
+  c.seq_len = 2048
+  c.batch_size = batch_size
+  c.num_steps = int(PAPER_TOKENS // (batch_size * c.seq_len))
+  c.optimizer.learning_rate = learning_rate
+  c.optimizer.warmup_steps = 750
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, fsdp, tensor
+  c.distributed = True
+  c.log_every = 100
+  c.eval_every = 5000
+  c.eval_batches = 64
+  c.checkpoint_every = 2000
+  c.keep_checkpoints = 3
+  return c
