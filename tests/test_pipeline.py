@@ -1,0 +1,77 @@
+"""The quickstart pipeline's own logic: deterministic split, budgets, bad input."""
+
+import json
+import os
+
+import pytest
+
+from retro_jax import pipeline
+
+
+def write_files(root, n=40):
+  os.makedirs(os.path.join(root, "pkg", "__pycache__"))
+  os.makedirs(os.path.join(root, "site-packages"))
+  for i in range(n):
+    with open(os.path.join(root, "pkg", f"m{i}.py"), "w") as f:
+      f.write(f"def f{i}():\n    return {i}\n")
+  open(os.path.join(root, "pkg", "__pycache__", "x.py"), "w").write("cached = 1\n")
+  open(os.path.join(root, "site-packages", "dep.py"), "w").write("dep = 1\n")
+  open(os.path.join(root, "pkg", "empty.py"), "w").write("  \n")
+  open(os.path.join(root, "pkg", "latin1.py"), "wb").write(b"s = '\xe9'\n")
+
+
+def read_ids(path):
+  return [json.loads(line)["id"] for line in open(path)]
+
+
+def test_split_is_deterministic_disjoint_and_skips_bad_files(tmp_path):
+  root = str(tmp_path / "src")
+  write_files(root)
+  a = pipeline.split_corpus(root, str(tmp_path / "a"), eval_percent=25)
+  b = pipeline.split_corpus(root, str(tmp_path / "b"), eval_percent=25)
+  train, held = read_ids(a.train_jsonl), read_ids(a.eval_jsonl)
+  assert train == read_ids(b.train_jsonl) and held == read_ids(b.eval_jsonl)
+  assert not set(train) & set(held)
+  assert len(train) + len(held) == 40  # empty, non-UTF-8, caches, site-packages left out
+  assert all(i.startswith("pkg/m") for i in train + held)
+
+
+def test_byte_budget_is_respected(tmp_path):
+  root = str(tmp_path / "src")
+  write_files(root)
+  s = pipeline.split_corpus(root, str(tmp_path / "out"), eval_percent=25,
+                            max_train_bytes=100)
+  assert 0 < s.train_bytes <= 100
+  assert s.train_bytes == sum(len(json.loads(l)["text"].encode()) for l in open(s.train_jsonl))
+
+
+def test_bad_inputs_name_the_problem(tmp_path):
+  with pytest.raises(pipeline.PipelineError, match="is not a directory"):
+    pipeline.split_corpus(str(tmp_path / "missing"), str(tmp_path / "out"))
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(pipeline.PipelineError, match="no .py files"):
+    pipeline.split_corpus(str(tmp_path / "empty"), str(tmp_path / "out"))
+  root = str(tmp_path / "src")
+  write_files(root, n=3)
+  with pytest.raises(pipeline.PipelineError, match="empty train or eval set"):
+    pipeline.split_corpus(root, str(tmp_path / "out2"), eval_percent=0)
+  with pytest.raises(pipeline.PipelineError, match="--scale must be positive"):
+    pipeline.run_quickstart(workdir=str(tmp_path / "w"), scale=0, corpus_root=root, steps=1,
+                            train_bytes=1, eval_bytes=1, preset="quickstart", vocab_size=4096,
+                            seq_len=64, batch_size=1, learning_rate=1e-3, eval_k=[1])
+  with pytest.raises(pipeline.PipelineError, match="has no retrieval"):
+    pipeline.run_quickstart(workdir=str(tmp_path / "w"), scale=1, corpus_root=root, steps=1,
+                            train_bytes=1, eval_bytes=1, preset="quickstart-baseline",
+                            vocab_size=4096, seq_len=64, batch_size=1, learning_rate=1e-3,
+                            eval_k=[1])
+
+
+def test_quickstart_cli_reports_bad_corpus_without_traceback(tmp_path):
+  import subprocess
+  import sys
+  proc = subprocess.run([sys.executable, "-m", "retro_jax.quickstart",
+                         f"--workdir={tmp_path / 'w'}", f"--corpus_root={tmp_path / 'nope'}"],
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0
+  assert "is not a directory" in proc.stderr
+  assert "Traceback" not in proc.stderr
