@@ -304,7 +304,7 @@ def comparison_table(report: dict) -> tuple[str, dict]:
 def run_quickstart(*, workdir: str, scale: float, corpus_root: str, steps: int,
                    train_bytes: int, eval_bytes: int, preset: str, vocab_size: int,
                    seq_len: int, batch_size: int, learning_rate: float, eval_k: Sequence[int],
-                   seed: int = 0) -> dict:
+                   seed: int = 0, suffixes: Sequence[str] = (".py",)) -> dict:
   """Everything the quickstart does; see retro_jax/quickstart.py."""
   from retro_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   if scale <= 0:
@@ -317,7 +317,7 @@ def run_quickstart(*, workdir: str, scale: float, corpus_root: str, steps: int,
   stage = lambda name: logging.info("=== quickstart: %s ===", name)
 
   stage("1/5 split the corpus by file")
-  split = split_corpus(corpus_root, os.path.join(workdir, "corpus"),
+  split = split_corpus(corpus_root, os.path.join(workdir, "corpus"), suffixes=suffixes,
                        max_train_bytes=int(train_bytes * scale),
                        max_eval_bytes=int(eval_bytes * max(1.0, scale ** 0.5)), seed=seed)
   logging.info("train: %d files, %d bytes; held-out: %d files, %d bytes", split.num_train,

@@ -30,7 +30,11 @@ from retro_jax import pipeline
 _WORKDIR = flags.DEFINE_string("workdir", "runs/quickstart", "Where everything is written.")
 _SCALE = flags.DEFINE_float("scale", 1.0, "Multiplies database size and training steps.")
 _CORPUS = flags.DEFINE_string("corpus_root", None,
-                              "Directory of .py files (default: the standard library).")
+                              "Directory of documents, one per file (default: the standard "
+                              "library's .py sources).")
+_SUFFIXES = flags.DEFINE_list("suffixes", [".py"],
+                               "File name endings taken from --corpus_root (e.g. .txt for the "
+                               "Python documentation's reST sources).")
 _STEPS = flags.DEFINE_integer("steps", 200, "Training steps per model at scale 1.")
 _TRAIN_BYTES = flags.DEFINE_integer("train_bytes", 700_000,
                                     "UTF-8 bytes of training/database documents at scale 1.")
@@ -62,7 +66,8 @@ def main(argv):
         corpus_root=_CORPUS.value or pipeline.stdlib_root(), steps=_STEPS.value,
         train_bytes=_TRAIN_BYTES.value, eval_bytes=_EVAL_BYTES.value, preset=_PRESET.value,
         vocab_size=_VOCAB.value, seq_len=_SEQ.value, batch_size=_BATCH.value,
-        learning_rate=_LR.value, eval_k=[int(k) for k in _EVAL_K.value], seed=_SEED.value)
+        learning_rate=_LR.value, eval_k=[int(k) for k in _EVAL_K.value], seed=_SEED.value,
+        suffixes=tuple(_SUFFIXES.value))
   except pipeline.PipelineError as e:
     raise app.UsageError(str(e)) from None
   print()

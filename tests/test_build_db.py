@@ -168,3 +168,32 @@ def test_cli_bad_input_exits_cleanly(tmp_path):
   assert "build_db: error" in proc.stderr and "does_not_exist" in proc.stderr
   assert "Traceback" not in proc.stderr
   shutil.rmtree(tmp_path / "db", ignore_errors=True)
+
+
+def test_subset_database_copies_rows_and_nests(tmp_path):
+  src_dir = make_db(str(tmp_path), num_docs=30)
+  src = retriever_lib.Database.open(src_dir)
+  subsets = {}
+  for frac in (0.3, 0.6):
+    out = os.path.join(str(tmp_path), f"sub{frac}")
+    man = build_db.subset_database(src_dir, out, frac, seed=1)
+    sub = retriever_lib.Database.open(out)
+    keys = sub.store.doc_keys
+    assert 0 < len(keys) < src.store.num_documents
+    assert man["num_chunks"] == sub.store.num_chunks
+    # Every subset chunk and its embedding row equal the source's for that document.
+    for d, key in enumerate(keys):
+      s = src.store.doc_keys.index(key)
+      a, b = sub.store.doc_offsets[d], sub.store.doc_offsets[d + 1]
+      c = src.store.doc_offsets[s]
+      np.testing.assert_array_equal(sub.store.tokens[a:b], src.store.tokens[c:c + b - a])
+      np.testing.assert_array_equal(sub.embeddings[a:b], src.embeddings[c:c + b - a])
+    assert man["embedder"] == src.manifest["embedder"]
+    subsets[frac] = set(keys)
+  assert subsets[0.3] < subsets[0.6]  # nested: a smaller database lies inside a larger one.
+  # Rerunning reuses everything (and still agrees).
+  again = build_db.subset_database(src_dir, os.path.join(str(tmp_path), "sub0.3"), 0.3, seed=1)
+  assert again["chunk_store"] == build_db.subset_database(
+      src_dir, os.path.join(str(tmp_path), "sub0.3"), 0.3, seed=1)["chunk_store"]
+  with pytest.raises(build_db.BuildError, match="fraction"):
+    build_db.subset_database(src_dir, os.path.join(str(tmp_path), "bad"), 0.0)

@@ -24,6 +24,7 @@ past that, build one database per corpus shard and merge per-shard top-k
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import shutil
@@ -203,7 +204,7 @@ def build_database(corpus: Any, tokenizer: str, output: str, *, chunk_size: int 
 
   # 1. Chunk store.
   t0 = time.time()
-  docs = corpus if isinstance(corpus, corpus_lib.Corpus) else corpus_lib.Corpus(
+  docs = corpus if isinstance(corpus, (corpus_lib.Corpus, _Subset)) else corpus_lib.Corpus(
       corpus, text_field=text_field)
   if max_documents is not None:
     docs = _Limited(docs, max_documents)
@@ -293,6 +294,120 @@ def build_database(corpus: Any, tokenizer: str, output: str, *, chunk_size: int 
                store.num_chunks, sum(sizes[k] for k in ("tokens", "embeddings", "index")) / n,
                timings)
   return man
+
+
+class _FrozenEmbedder:
+  """Stands in for the embedder whose vectors a subset database copies: it has the source's
+  identity (so the embeddings manifest matches) and refuses to embed anything."""
+
+  def __init__(self, identity: dict):
+    self._identity = identity
+
+  def identity(self) -> dict:
+    return self._identity
+
+  def embed_chunks(self, *args, **kwargs):
+    raise BuildError("a subset database reuses its source's embeddings; nothing should be "
+                     "embedded here (the subset's chunks differ from the source's?)")
+
+
+class _Subset:
+  """The documents of a corpus whose key hashes below `fraction` (nested across fractions:
+  the 1% subset is inside the 10% one), checked against the source store's keys."""
+
+  def __init__(self, corpus, store, fraction: float, seed: int, source_hash: str):
+    self._corpus, self._store = corpus, store
+    self.fraction, self.seed, self._source_hash = fraction, seed, source_hash
+    self.kept_docs: list[int] = []
+
+  def keep(self, key: str) -> bool:
+    digest = hashlib.sha1(f"{self.seed}:{key}".encode()).hexdigest()[:8]
+    return int(digest, 16) < self.fraction * 16 ** 8
+
+  @property
+  def stats(self):
+    return self._corpus.stats
+
+  @property
+  def description(self) -> dict:
+    return {"subset_of": self._source_hash, "fraction": self.fraction, "seed": self.seed,
+            "source": self._corpus.description}
+
+  def __iter__(self):
+    keys = self._store.doc_keys
+    self.kept_docs = []
+    i = -1
+    for i, doc in enumerate(self._corpus):
+      if i >= len(keys) or keys[i] != doc.key:
+        raise BuildError(f"the source corpus no longer matches the source database: document "
+                         f"{i} is {doc.key!r} but the chunk store has "
+                         f"{keys[i] if i < len(keys) else 'nothing'!r} there")
+      if self.keep(doc.key):
+        self.kept_docs.append(i)
+        yield doc
+    if i + 1 != len(keys):
+      raise BuildError(f"the source corpus has {i + 1} documents but the source database "
+                       f"{len(keys)}")
+
+
+def subset_database(source_db: str, output: str, fraction: float, *, seed: int = 0,
+                    corpus: Any = None, **index_kwargs) -> dict:
+  """A database of a `fraction` of `source_db`'s documents, without re-embedding anything.
+
+  Documents are chosen by a hash of their key (nested: a smaller fraction's documents are in
+  every larger one's); their chunks are re-cut from the source corpus with the source's
+  tokenizer, checked token for token against the source store, and their embedding rows are
+  copied from the source.  The index is built over the subset with `index_kwargs` (same
+  meaning as in `build_database`).  For the database-size experiment (paper §4.1).
+  """
+  from retro_jax.retrieval import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  if not 0.0 < fraction <= 1.0:
+    raise BuildError(f"fraction must be in (0, 1], got {fraction}")
+  src = retriever_lib.Database.open(source_db)
+  store = src.store
+  source = corpus if corpus is not None else store.manifest.get("source", {}).get("paths")
+  if not source:
+    raise BuildError(f"database {source_db} records no corpus paths; pass corpus=")
+  text_field = store.manifest.get("source", {}).get("text_field", "text")
+  docs = _Subset(corpus_lib.Corpus(source, text_field=text_field), store, fraction, seed,
+                 manifest_lib.manifest_hash(src.manifest))
+  tok_dir = os.path.join(src.path, "tokenizer")
+  tok_files = sorted(os.listdir(tok_dir)) if os.path.isdir(tok_dir) else []
+  if not tok_files:
+    raise BuildError(f"database {source_db} has no tokenizer copy in {tok_dir}")
+  tok_path = os.path.join(tok_dir, tok_files[0])
+  tok = tokenizer_lib.load_tokenizer(tok_path)
+  output = os.path.abspath(output)
+  os.makedirs(output, exist_ok=True)
+  sub = chunk_store_lib.build_chunk_store(docs, tok, os.path.join(output, "chunks"),
+                                          store.chunk_size)
+  if not docs.kept_docs:  # the store was reused: recompute the selection from its keys.
+    wanted = set(sub.doc_keys)
+    docs.kept_docs = [i for i, key in enumerate(store.doc_keys) if key in wanted]
+  if not docs.kept_docs:
+    raise BuildError(f"fraction {fraction} of {store.num_documents} documents selected none")
+  rows = np.concatenate([np.arange(store.doc_offsets[d], store.doc_offsets[d + 1])
+                         for d in docs.kept_docs])
+  if rows.shape[0] != sub.num_chunks or not np.array_equal(
+      np.asarray(store.tokens[rows]), np.asarray(sub.tokens)):
+    raise BuildError("the subset's chunks differ from the source database's: was the source "
+                     "corpus or tokenizer changed since it was built?")
+  emb_meta = manifest_lib.read_json(os.path.join(src.path, "embeddings.json"))
+  emb_path = os.path.join(output, "embeddings.npy")
+  manifest_lib.atomic_save_npy(emb_path, np.asarray(src.embeddings[rows]))
+  man = {"chunk_store_manifest_hash": manifest_lib.manifest_hash(sub.manifest),
+         "num_chunks": int(sub.num_chunks), "embedder": emb_meta["embedder"],
+         "normalized": emb_meta["normalized"], "dtype": emb_meta["dtype"],
+         "dim": int(src.embeddings.shape[1]), "sha256": manifest_lib.file_sha256(emb_path),
+         "subset_of": {"database": src.path, "fraction": fraction, "seed": seed}}
+  manifest_lib.atomic_write_json(os.path.join(output, "embeddings.json"), man)
+  distance = index_kwargs.pop("distance", src.manifest["index"]["settings"]["distance"])
+  logging.info("subset %.3g of %s: %d of %d documents, %d chunks", fraction, src.path,
+               len(docs.kept_docs), store.num_documents, sub.num_chunks)
+  return build_database(docs, tok_path, output, chunk_size=store.chunk_size,
+                        embedder=_FrozenEmbedder(emb_meta["embedder"]), distance=distance,
+                        **index_kwargs)
 
 
 # ------------------------------------------------------------------------------------------
