@@ -49,21 +49,21 @@ class RelativeAttention(nn.Module):
   # --- projections ---------------------------------------------------------------------
   def query(self, x):
     """[..., n, q_dim] -> [..., n, H, dh]."""
-    return jnp.einsum("...d,dhk->...hk", x, self.wq.astype(self.dtype))
+    return layers.dense(x, self.wq.astype(self.dtype))
 
   def key_value(self, ctx):
     """[..., n, kv_dim] -> two [..., n, H, dh]."""
-    k = jnp.einsum("...d,dhk->...hk", ctx, self.wk.astype(self.dtype))
-    v = jnp.einsum("...d,dhk->...hk", ctx, self.wv.astype(self.dtype))
+    k = layers.dense(ctx, self.wk.astype(self.dtype))
+    v = layers.dense(ctx, self.wv.astype(self.dtype))
     return k, v
 
   def position_table(self, feats):
     """Sinusoid features [R, q_dim] -> projected position keys [R, H, dh]."""
-    return jnp.einsum("rd,dhk->rhk", feats.astype(self.dtype), self.wr.astype(self.dtype))
+    return layers.dense(jnp.asarray(feats, self.dtype), self.wr.astype(self.dtype))
 
   def output(self, o):
     """[..., n, H, dh] -> [..., n, q_dim]."""
-    return jnp.einsum("...hk,hkd->...d", o, self.wo.astype(self.dtype))
+    return layers.dense(o, self.wo.astype(self.dtype), contract=2)
 
   # --- logits --------------------------------------------------------------------------
   def content_logits(self, q, k):

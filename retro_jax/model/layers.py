@@ -32,6 +32,24 @@ def kernel_init(std: float, names: tuple[str | None, ...]):
   return nn.with_logical_partitioning(nn.initializers.truncated_normal(stddev=std), names)
 
 
+def dense(x, kernel, contract: int = 1, **kwargs):
+  """x [..., a1..ac] times kernel [a1..ac, o1..] -> [..., o1..] as one 2-D matmul.
+
+  The activations are flattened to [tokens, a1*..*ac] (and the kernel to a matrix) around
+  the dot, so XLA sees a plain 2-D matmul and its backward: with the token axes kept
+  separate ([B, l, k, r, d'] in the encoder), XLA:CPU writes activations and their gradients
+  out transposed (layout copies) to form the weight-gradient matmul.  Same math as
+  jnp.einsum over the contracted axes.
+  """
+  lead, inner = x.shape[:x.ndim - contract], x.shape[x.ndim - contract:]
+  if tuple(kernel.shape[:contract]) != tuple(inner):
+    raise ValueError(f"cannot contract {x.shape} with kernel {kernel.shape}")
+  out = kernel.shape[contract:]
+  k2 = kernel.reshape(math.prod(inner), math.prod(out))
+  y = jnp.dot(x.reshape(math.prod(lead), k2.shape[0]), k2, **kwargs)
+  return y.reshape(*lead, *out)
+
+
 def constrain(x, names):
   """Shards an activation by logical names; a no-op outside a mesh and rules context."""
   return nn.with_logical_constraint(x, names)
@@ -64,10 +82,12 @@ class FeedForward(nn.Module):
                     jnp.float32)
     wo = self.param("wo", kernel_init(self.init_std, (MLP, EMBED)), (self.hidden_dim, d),
                     jnp.float32)
-    h = jnp.einsum("...d,df->...f", x, wi.astype(self.dtype))
+    lead = x.shape[:-1]
+    # Tokens flattened to one (batch-major) axis: two plain 2-D matmuls (see `dense`).
+    h = dense(x.reshape(-1, d), wi.astype(self.dtype))
     h = nn.gelu(h)
-    h = constrain(h, (BATCH,) + (None,) * (h.ndim - 2) + (ACT_MLP,))
-    return jnp.einsum("...f,fd->...d", h, wo.astype(self.dtype))
+    h = constrain(h, (BATCH, ACT_MLP))
+    return dense(h, wo.astype(self.dtype)).reshape(*lead, d)
 
 
 class Embed(nn.Module):

@@ -119,8 +119,7 @@ class Retro(nn.Module):
 
   def _logits(self, x):
     x = self.final_norm(x)
-    logits = jnp.einsum("bnd,dv->bnv", x, self.unembed.astype(x.dtype),
-                        preferred_element_type=jnp.float32)
+    logits = layers.dense(x, self.unembed.astype(x.dtype), preferred_element_type=jnp.float32)
     return layers.constrain(logits, (layers.BATCH, layers.LENGTH, layers.ACT_VOCAB))
 
   def _feats(self, distances, dim):
