@@ -12,6 +12,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Logical axis names of parameters.
 VOCAB, EMBED, HEADS, KV, MLP, NORM = "vocab", "embed", "heads", "kv", "mlp", "norm"
@@ -107,11 +108,22 @@ class Embed(nn.Module):
 
 
 def sinusoid_features(distances, dim: int, max_wavelength: float = 10_000.0):
-  """Transformer-XL relative-position features [..., dim] of (possibly negative) distances."""
+  """Transformer-XL relative-position features [..., dim] of (possibly negative) distances.
+
+  Distances are static (they depend only on shapes), so the table is built with numpy at
+  trace time and enters the compiled program as a float32 constant instead of being
+  recomputed every step.  Traced distances fall back to the same formula in jnp.  The
+  float32 angles are those of the jnp formula; their sin/cos are rounded from float64.
+  """
   half = dim // 2
-  inv_freq = 1.0 / (max_wavelength ** (jnp.arange(half, dtype=jnp.float32) / half))
-  angles = distances.astype(jnp.float32)[..., None] * inv_freq
-  return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+  if isinstance(distances, jax.core.Tracer):
+    inv_freq = 1.0 / (max_wavelength ** (jnp.arange(half, dtype=jnp.float32) / half))
+    angles = distances.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+  exponent = np.arange(half, dtype=np.float32) / np.float32(half)
+  inv_freq = (1.0 / (max_wavelength ** exponent.astype(np.float64))).astype(np.float32)
+  angles = (np.asarray(distances).astype(np.float32)[..., None] * inv_freq).astype(np.float64)
+  return np.concatenate([np.sin(angles), np.cos(angles)], axis=-1).astype(np.float32)
 
 
 def skew_width(nq: int, nk: int, causal: bool) -> int:
@@ -122,7 +134,7 @@ def skew_width(nq: int, nk: int, causal: bool) -> int:
 def skew_distances(nq: int, nk: int, base: int, causal: bool):
   """Distances of the table columns: column c holds distance base + nq - 1 - c."""
   width = skew_width(nq, nk, causal)
-  return base + nq - 1 - jnp.arange(width)
+  return base + nq - 1 - np.arange(width)
 
 
 def skew(x, nk: int):

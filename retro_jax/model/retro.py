@@ -23,6 +23,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from retro_jax.config import RetroConfig
 from retro_jax.model import layers
@@ -202,7 +203,7 @@ class Retro(nn.Module):
     c = self.config
     k = num_neighbors or c.num_neighbors
     dtype = layers.dtype_of(c.dtype)
-    self_feats = self._feats(jnp.arange(max_len), c.emb_dim)
+    self_feats = self._feats(np.arange(max_len), c.emb_dim)
     cca_feats = self._feats(cca_distances(c.chunk_size, c.neighbor_len), c.emb_dim)
     kv_shape = (batch_size, max_len, c.num_heads, c.head_dim)
     cache: Cache = {"layers": {}, "cca": {}}
