@@ -49,6 +49,17 @@ def from_windows(w, seq_len: int):
   return w[:, :seq_len]
 
 
+def add_per_neighbor(logits, pos, k: int):
+  """logits [..., k*r] + pos [..., r] repeated for each of the k neighbors.
+
+  Done by broadcasting over a [..., k, r] view rather than jnp.tile, which would
+  materialise (and, in the backward, reduce) k copies of the position logits.
+  """
+  r = pos.shape[-1]
+  out = logits.reshape(logits.shape[:-1] + (k, r)) + pos[..., None, :]
+  return out.reshape(logits.shape)
+
+
 class ChunkedCrossAttention(nn.Module):
   """CCA of the decoder stream (width d) over encoded neighbors (width d')."""
   num_heads: int
@@ -84,7 +95,7 @@ class ChunkedCrossAttention(nn.Module):
     logits = self.attn.content_logits(q, keys)                      # [B, l, H, m, k*r]
     table = self.attn.position_table(feats)
     pos = layers.skew(self.attn.position_logits(q, table), r)       # [B, l, H, m, r]
-    logits = logits + jnp.tile(pos, (1,) * (pos.ndim - 1) + (k,))
+    logits = add_per_neighbor(logits, pos, k)
     mask = enc_mask.reshape(enc_mask.shape[:2] + (1, 1, k * r))
     out = self.attn.output(self.attn.attend(logits, mask, values))  # [B, l, m, d]
     return from_windows(out, n)
@@ -104,6 +115,6 @@ class ChunkedCrossAttention(nn.Module):
     by_distance = self.attn.position_logits(q, table)               # [B, H, 1, m+r-1]
     pos_logits = jax.lax.dynamic_slice_in_dim(by_distance, m - 1 - i, r, axis=3)
     k = cache_k.shape[1] // r
-    logits = logits + jnp.tile(pos_logits, (1, 1, 1, k))
+    logits = add_per_neighbor(logits, pos_logits, k)
     mask = cache_mask[:, None, None, :]
     return self.attn.output(self.attn.attend(logits, mask, cache_v))
