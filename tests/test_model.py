@@ -203,6 +203,31 @@ def test_encoder_reads_decoder_activations_of_first_cca_layer(params):
   assert not np.allclose(other, seen["encoded"])
 
 
+def test_each_neighbor_is_encoded_as_if_alone(params):
+  """Neighbor j's encoding, cross-attention to H_u included, does not depend on the other
+  neighbors of its chunk or on its index among them: the encoder folds the k neighbors into
+  one query axis of the cross-attention, and each neighbor's tokens must still get their
+  own relative distances to the chunk (j - i, not offset by the neighbor's index)."""
+  n = 2 * M
+  _, neighbors = make_inputs(15, n, k=3)
+  neighbors = neighbors.at[0, 1, 2, R // 2:].set(-1)
+  rng = np.random.default_rng(15)
+  context = jnp.asarray(rng.standard_normal((2, n // M, M, TINY.emb_dim)), jnp.float32)
+  context_mask = jnp.ones((2, n // M, M), bool).at[1, 1, M - 3:].set(False)
+  # Weights 5x the init (norm scales left at 1), so that attention and its position terms
+  # are far from uniform.
+  enc_params = jax.tree_util.tree_map_with_path(
+      lambda path, p: p if path[-1].key == "scale" else 5.0 * p, params["encoder"])
+  encode = jax.jit(lambda nb: NeighborEncoder(TINY).apply(
+      {"params": enc_params}, nb, context, context_mask)[0])
+  together = np.asarray(encode(neighbors))
+  for j in range(3):
+    alone = np.asarray(encode(neighbors[:, :, j:j + 1]))[:, :, 0]
+    np.testing.assert_allclose(together[:, :, j], alone, atol=1e-5, rtol=1e-5)
+  swapped = np.asarray(encode(neighbors[:, :, ::-1]))
+  np.testing.assert_allclose(swapped, together[:, :, ::-1], atol=1e-5, rtol=1e-5)
+
+
 # --- equivalences ----------------------------------------------------------------------------
 
 def test_jit_equals_no_jit(params):

@@ -46,15 +46,22 @@ class EncoderLayer(nn.Module):
         self.self_norm(x), self_feats, causal=False, key_mask=mask)
     x = x + y
     if self.cross_attends:
+      # The k neighbors of a chunk all attend the same H_u: fold k into the query length
+      # (k*r queries against m keys) instead of broadcasting the keys/values over k.
+      b, l, k, r, d = x.shape
       m = context.shape[2]
-      q = self.cross_attn.query(self.cross_norm(x))                # [B, l, k, r, H, dh]
+      q = self.cross_attn.query(self.cross_norm(x).reshape(b, l, k * r, d))  # [B,l,k*r,H,dh]
       ck, cv = self.cross_attn.key_value(self.context_norm(context))  # [B, l, m, H, dh]
-      ck, cv = ck[:, :, None], cv[:, :, None]                     # broadcast over k
-      logits = self.cross_attn.content_logits(q, ck)               # [B, l, k, H, r, m]
+      logits = self.cross_attn.content_logits(q, ck)               # [B, l, H, k*r, m]
       table = self.cross_attn.position_table(cross_feats)
-      logits = logits + layers.skew(self.cross_attn.position_logits(q, table), m)
-      cmask = context_mask[:, :, None, None, None, :]
-      x = x + self.cross_attn.output(self.cross_attn.attend(logits, cmask, cv))
+      pos = self.cross_attn.position_logits(q, table)              # [B, l, H, k*r, R]
+      # Distances are per neighbor token (token i of any neighbor against chunk token j is
+      # at distance i - j): skew each neighbor's r rows separately, then fold back.
+      pos = layers.skew(pos.reshape(pos.shape[:3] + (k, r, pos.shape[-1])), m)
+      logits = logits + pos.reshape(logits.shape)
+      cmask = context_mask[:, :, None, None, :]
+      y = self.cross_attn.output(self.cross_attn.attend(logits, cmask, cv))  # [B,l,k*r,d']
+      x = x + y.reshape(x.shape)
     return x + self.ffw(self.ffw_norm(x))
 
 
