@@ -46,7 +46,7 @@ class RelativeAttention(nn.Module):
     self.content_bias = self.param("content_bias", zeros, (h, dh), f32)
     self.position_bias = self.param("position_bias", zeros, (h, dh), f32)
 
-  # --- projections ---------------------------------------------------------------------
+  # --- projections (token-major: [..., n, H, dh], the layout of the decoding caches) ------
   def query(self, x):
     """[..., n, q_dim] -> [..., n, H, dh]."""
     return layers.dense(x, self.wq.astype(self.dtype))
@@ -65,46 +65,65 @@ class RelativeAttention(nn.Module):
     """[..., n, H, dh] -> [..., n, q_dim]."""
     return layers.dense(o, self.wo.astype(self.dtype), contract=2)
 
-  # --- logits --------------------------------------------------------------------------
+  # --- attention core (heads-first: [H, ..., n, dh]) -------------------------------------
+  # With the heads axis leading, every einsum below is a plain batched matmul over
+  # (H, ...) with the contraction on the last axis of both operands (or on the key axis of
+  # the values), so XLA needs no transposes around the dots or their gradients: with
+  # token-major [..., n, H, dh] operands and heads-major [..., H, q, k] logits, XLA:CPU
+  # wrote most operands and gradients of these dots out transposed (layout copies).  The
+  # projections are transposed once to this layout and the result once back.
+  @staticmethod
+  def _bias(bias, like):
+    """A per-head [H, dh] bias, cast and shaped to broadcast against `like` [H, ..., n, dh]."""
+    return bias.astype(like.dtype).reshape(bias.shape[:1] + (1,) * (like.ndim - 2)
+                                           + bias.shape[1:])
+
   def content_logits(self, q, k):
-    """q [..., nq, H, dh], k [..., nk, H, dh] -> [..., H, nq, nk] float32 (unscaled)."""
-    qu = q + self.content_bias.astype(q.dtype)
-    return jnp.einsum("...qhd,...khd->...hqk", qu, k, preferred_element_type=jnp.float32)
+    """q [H, ..., nq, dh], k [H, ..., nk, dh] -> [H, ..., nq, nk] float32 (unscaled)."""
+    qu = q + self._bias(self.content_bias, q)
+    return jnp.einsum("...qd,...kd->...qk", qu, k, preferred_element_type=jnp.float32)
 
   def position_logits(self, q, table):
-    """q [..., nq, H, dh], table [R, H, dh] -> [..., H, nq, R] float32 (unscaled)."""
-    qv = q + self.position_bias.astype(q.dtype)
-    return jnp.einsum("...qhd,rhd->...hqr", qv, table, preferred_element_type=jnp.float32)
+    """q [H, ..., nq, dh], table [H, R, dh] -> [H, ..., nq, R] float32 (unscaled)."""
+    qv = q + self._bias(self.position_bias, q)
+    h, dh = q.shape[0], q.shape[-1]
+    out = jnp.einsum("hnd,hrd->hnr", qv.reshape(h, -1, dh), table,
+                     preferred_element_type=jnp.float32)
+    return out.reshape(q.shape[:-1] + table.shape[1:2])
 
   def attend(self, logits, mask, v):
     """Masked softmax over the last axis, then the weighted sum of values.
 
-    logits [..., H, nq, nk] (unscaled, float32); mask broadcastable to it (True = attend);
-    v [..., nk, H, dh].  Rows with nothing to attend return zeros.  Returns [..., nq, H, dh].
+    logits [H, ..., nq, nk] (unscaled, float32); mask broadcastable to it (True = attend;
+    without a heads axis of its own, e.g. [..., nq, nk]); v [H, ..., nk, dh].  Rows with
+    nothing to attend return zeros.  Returns [H, ..., nq, dh].
     """
     logits = logits * (self.head_dim ** -0.5)
     logits = jnp.where(mask, logits, NEG_INF)
     probs = jax.nn.softmax(logits, axis=-1)
     probs = jnp.where(jnp.any(mask, axis=-1, keepdims=True), probs, 0.0)
-    return jnp.einsum("...hqk,...khd->...qhd", probs.astype(v.dtype), v)
+    return jnp.einsum("...qk,...kd->...qd", probs.astype(v.dtype), v)
 
   # --- the square self-attention used by decoder and encoder ----------------------------
   def self_attention(self, x, feats, *, causal: bool, key_mask=None):
     """x [..., n, q_dim]; feats: sinusoids of layers.skew_distances(n, n, 0, causal).
 
-    key_mask [..., n] (True = real token) or None.  Returns (output [..., n, q_dim], k, v).
+    key_mask [..., n] (True = real token) or None.  Returns (output [..., n, q_dim], k, v),
+    k and v token-major [..., n, H, dh] (what the decoding cache stores).
     """
     n = x.shape[-2]
     q = self.query(x)
     k, v = self.key_value(x)
-    logits = self.content_logits(q, k)
-    logits = logits + layers.skew(self.position_logits(q, self.position_table(feats)), n)
+    qh, kh, vh = heads_first(q), heads_first(k), heads_first(v)
+    logits = self.content_logits(qh, kh)
+    table = heads_first(self.position_table(feats))
+    logits = logits + layers.skew(self.position_logits(qh, table), n)
     mask = jnp.ones((n, n), bool)
     if causal:
       mask = jnp.tril(mask)
     if key_mask is not None:
-      mask = mask & key_mask[..., None, None, :]
-    return self.output(self.attend(logits, mask, v)), k, v
+      mask = mask & key_mask[..., None, :]
+    return self.output(heads_last(self.attend(logits, mask, vh))), k, v
 
   def decode_self_attention(self, x, cache_k, cache_v, table, pos):
     """One new token at position `pos` against a KV cache (causal decoder).
@@ -114,14 +133,25 @@ class RelativeAttention(nn.Module):
     Returns (output [B, 1, q_dim], new cache_k, new cache_v).
     """
     t_max = cache_k.shape[1]
-    q = self.query(x)
+    q = heads_first(self.query(x))                                  # [H, B, 1, dh]
     k, v = self.key_value(x)
     cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), pos, 1)
     cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), pos, 1)
-    logits = self.content_logits(q, cache_k)                        # [B, H, 1, T]
-    by_distance = self.position_logits(q, table)                    # [B, H, 1, T]
+    logits = self.content_logits(q, heads_first(cache_k))           # [H, B, 1, T]
+    by_distance = self.position_logits(q, heads_first(table))       # [H, B, 1, T]
     # Key j has distance pos - j: reverse the table and slide it by pos.
     rev = jnp.pad(by_distance[..., ::-1], [(0, 0)] * 3 + [(0, t_max)])
     logits = logits + jax.lax.dynamic_slice_in_dim(rev, t_max - 1 - pos, t_max, axis=3)
-    mask = (jnp.arange(t_max) <= pos)[None, None, None, :]
-    return self.output(self.attend(logits, mask, cache_v)), cache_k, cache_v
+    mask = (jnp.arange(t_max) <= pos)[None, None, :]
+    out = self.attend(logits, mask, heads_first(cache_v))           # [H, B, 1, dh]
+    return self.output(heads_last(out)), cache_k, cache_v
+
+
+def heads_first(t):
+  """Token-major [..., n, H, dh] -> heads-first [H, ..., n, dh]."""
+  return jnp.moveaxis(t, -2, 0)
+
+
+def heads_last(t):
+  """Heads-first [H, ..., n, dh] -> token-major [..., n, H, dh]."""
+  return jnp.moveaxis(t, 0, -2)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from retro_jax.model import layers
-from retro_jax.model.attention import RelativeAttention
+from retro_jax.model.attention import RelativeAttention, heads_first, heads_last
 
 
 def cca_distances(chunk_size: int, neighbor_len: int):
@@ -90,15 +90,15 @@ class ChunkedCrossAttention(nn.Module):
     _, l, k, r, _ = enc.shape
     windows = to_windows(h, self.chunk_size, l)                     # [B, l, m, d]
     windows = layers.constrain(windows, (layers.BATCH, None, layers.LENGTH, layers.ACT_EMBED))
-    q = self.attn.query(windows)                                    # [B, l, m, H, dh]
-    keys, values = self.neighbor_kv(enc)                            # [B, l, k*r, H, dh]
-    logits = self.attn.content_logits(q, keys)                      # [B, l, H, m, k*r]
-    table = self.attn.position_table(feats)
-    pos = layers.skew(self.attn.position_logits(q, table), r)       # [B, l, H, m, r]
+    q = heads_first(self.attn.query(windows))                       # [H, B, l, m, dh]
+    keys, values = map(heads_first, self.neighbor_kv(enc))          # [H, B, l, k*r, dh]
+    logits = self.attn.content_logits(q, keys)                      # [H, B, l, m, k*r]
+    table = heads_first(self.attn.position_table(feats))
+    pos = layers.skew(self.attn.position_logits(q, table), r)       # [H, B, l, m, r]
     logits = add_per_neighbor(logits, pos, k)
-    mask = enc_mask.reshape(enc_mask.shape[:2] + (1, 1, k * r))
-    out = self.attn.output(self.attn.attend(logits, mask, values))  # [B, l, m, d]
-    return from_windows(out, n)
+    mask = enc_mask.reshape(enc_mask.shape[:2] + (1, k * r))        # [B, l, 1, k*r]
+    out = heads_last(self.attn.attend(logits, mask, values))        # [B, l, m, H, dh]
+    return from_windows(self.attn.output(out), n)
 
   def decode(self, h, cache_k, cache_v, cache_mask, table, pos):
     """One token at position `pos` against the cached keys/values of its window's neighbors.
@@ -110,11 +110,11 @@ class ChunkedCrossAttention(nn.Module):
     m = self.chunk_size
     r = 2 * m
     i = jnp.mod(pos - (m - 1), m)                                   # offset in the window
-    q = self.attn.query(h)                                          # [B, 1, H, dh]
-    logits = self.attn.content_logits(q, cache_k)                   # [B, H, 1, k*r]
-    by_distance = self.attn.position_logits(q, table)               # [B, H, 1, m+r-1]
+    q = heads_first(self.attn.query(h))                             # [H, B, 1, dh]
+    logits = self.attn.content_logits(q, heads_first(cache_k))      # [H, B, 1, k*r]
+    by_distance = self.attn.position_logits(q, heads_first(table))  # [H, B, 1, m+r-1]
     pos_logits = jax.lax.dynamic_slice_in_dim(by_distance, m - 1 - i, r, axis=3)
     k = cache_k.shape[1] // r
     logits = add_per_neighbor(logits, pos_logits, k)
-    mask = cache_mask[:, None, None, :]
-    return self.attn.output(self.attn.attend(logits, mask, cache_v))
+    mask = cache_mask[:, None, :]                                   # [B, 1, k*r]
+    return self.attn.output(heads_last(self.attn.attend(logits, mask, heads_first(cache_v))))

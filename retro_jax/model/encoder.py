@@ -16,7 +16,7 @@ import flax.linen as nn
 
 from retro_jax.config import RetroConfig
 from retro_jax.model import layers
-from retro_jax.model.attention import RelativeAttention
+from retro_jax.model.attention import RelativeAttention, heads_first, heads_last
 
 
 class EncoderLayer(nn.Module):
@@ -50,17 +50,17 @@ class EncoderLayer(nn.Module):
       # (k*r queries against m keys) instead of broadcasting the keys/values over k.
       b, l, k, r, d = x.shape
       m = context.shape[2]
-      q = self.cross_attn.query(self.cross_norm(x).reshape(b, l, k * r, d))  # [B,l,k*r,H,dh]
-      ck, cv = self.cross_attn.key_value(self.context_norm(context))  # [B, l, m, H, dh]
-      logits = self.cross_attn.content_logits(q, ck)               # [B, l, H, k*r, m]
-      table = self.cross_attn.position_table(cross_feats)
-      pos = self.cross_attn.position_logits(q, table)              # [B, l, H, k*r, R]
+      attn = self.cross_attn
+      q = heads_first(attn.query(self.cross_norm(x).reshape(b, l, k * r, d)))  # [H,B,l,k*r,dh]
+      ck, cv = map(heads_first, attn.key_value(self.context_norm(context)))  # [H,B,l,m,dh]
+      logits = attn.content_logits(q, ck)                          # [H, B, l, k*r, m]
+      pos = attn.position_logits(q, heads_first(attn.position_table(cross_feats)))
       # Distances are per neighbor token (token i of any neighbor against chunk token j is
       # at distance i - j): skew each neighbor's r rows separately, then fold back.
-      pos = layers.skew(pos.reshape(pos.shape[:3] + (k, r, pos.shape[-1])), m)
+      pos = layers.skew(pos.reshape(pos.shape[:-2] + (k, r, pos.shape[-1])), m)
       logits = logits + pos.reshape(logits.shape)
-      cmask = context_mask[:, :, None, None, :]
-      y = self.cross_attn.output(self.cross_attn.attend(logits, cmask, cv))  # [B,l,k*r,d']
+      cmask = context_mask[:, :, None, :]                          # [B, l, 1, m]
+      y = attn.output(heads_last(attn.attend(logits, cmask, cv)))  # [B, l, k*r, d']
       x = x + y.reshape(x.shape)
     return x + self.ffw(self.ffw_norm(x))
 
