@@ -180,6 +180,9 @@ def test_subset_database_copies_rows_and_nests(tmp_path):
     sub = retriever_lib.Database.open(out)
     keys = sub.store.doc_keys
     assert 0 < len(keys) < src.store.num_documents
+    # Whole documents until the chunk budget is met: at least it, at most one document more.
+    assert frac * src.store.num_chunks <= sub.store.num_chunks
+    assert sub.store.num_chunks - np.diff(sub.store.doc_offsets).max() < frac * src.store.num_chunks
     assert man["num_chunks"] == sub.store.num_chunks
     # Every subset chunk and its embedding row equal the source's for that document.
     for d, key in enumerate(keys):

@@ -312,17 +312,29 @@ class _FrozenEmbedder:
 
 
 class _Subset:
-  """The documents of a corpus whose key hashes below `fraction` (nested across fractions:
-  the 1% subset is inside the 10% one), checked against the source store's keys."""
+  """Whole documents of a corpus making up `fraction` of its chunks: documents are taken in a
+  seeded hash order of their keys until the chunk budget is met (at least one), so a smaller
+  fraction's documents are a prefix of, hence inside, every larger one's.  Checked against
+  the source store's keys while reading."""
 
   def __init__(self, corpus, store, fraction: float, seed: int, source_hash: str):
     self._corpus, self._store = corpus, store
     self.fraction, self.seed, self._source_hash = fraction, seed, source_hash
     self.kept_docs: list[int] = []
+    keys = store.doc_keys
+    sizes = np.diff(np.asarray(store.doc_offsets))
+    order = sorted(range(len(keys)), key=lambda d: hashlib.sha1(
+        f"{seed}:{keys[d]}".encode()).hexdigest())
+    budget, total, chosen = fraction * store.num_chunks, 0, set()
+    for d in order:
+      if chosen and total >= budget:
+        break
+      chosen.add(keys[d])
+      total += int(sizes[d])
+    self._chosen = chosen
 
   def keep(self, key: str) -> bool:
-    digest = hashlib.sha1(f"{self.seed}:{key}".encode()).hexdigest()[:8]
-    return int(digest, 16) < self.fraction * 16 ** 8
+    return key in self._chosen
 
   @property
   def stats(self):
@@ -354,8 +366,9 @@ def subset_database(source_db: str, output: str, fraction: float, *, seed: int =
                     corpus: Any = None, **index_kwargs) -> dict:
   """A database of a `fraction` of `source_db`'s documents, without re-embedding anything.
 
-  Documents are chosen by a hash of their key (nested: a smaller fraction's documents are in
-  every larger one's); their chunks are re-cut from the source corpus with the source's
+  Whole documents are taken in a seeded hash order of their keys until `fraction` of the
+  chunks is reached (nested: a smaller fraction's documents are in every larger one's); their
+  chunks are re-cut from the source corpus with the source's
   tokenizer, checked token for token against the source store, and their embedding rows are
   copied from the source.  The index is built over the subset with `index_kwargs` (same
   meaning as in `build_database`).  For the database-size experiment (paper §4.1).
