@@ -108,10 +108,8 @@ def main(argv):
                       for s, a, b in rows] for name, rows in results.items()}})
   with open(os.path.join(_OUT.value, "copy_probe.md"), "w") as f:
     f.write(table + "\n")
-  try:
-    import matplotlib  # pylint: disable=g-import-not-at-top
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = pipeline.pyplot()
+  if plt is not None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, rows in results.items():
       ax.plot([r[0] for r in rows], [r[2] for r in rows], label=name)
@@ -120,10 +118,7 @@ def main(argv):
     ax.set_ylabel("loss on positions with retrieval")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(_OUT.value, "copy_probe.png"), dpi=120)
-  except ImportError:
-    pass
+    pipeline.save_figure(fig, os.path.join(_OUT.value, "copy_probe.png"))
   print(table)
 
 

@@ -95,12 +95,8 @@ def _evaluate(work: str, data: pipeline.Data, ks, output: str, with_baseline=Tru
 
 
 def _plot(xs, series: dict[str, list], path: str, xlabel: str, logx=False, hline=None):
-  try:
-    import matplotlib  # pylint: disable=g-import-not-at-top
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    logging.warning("matplotlib missing: no plot")
+  plt = pipeline.pyplot()
+  if plt is None:
     return None
   fig, ax = plt.subplots(figsize=(6, 4))
   for label, ys in series.items():
@@ -113,11 +109,7 @@ def _plot(xs, series: dict[str, list], path: str, xlabel: str, logx=False, hline
   ax.set_ylabel("held-out bits per byte")
   ax.grid(alpha=0.3)
   ax.legend()
-  fig.tight_layout()
-  fig.savefig(path + ".tmp.png", dpi=120)
-  plt.close(fig)
-  os.replace(path + ".tmp.png", path)
-  return path
+  return pipeline.save_figure(fig, path)
 
 
 def _write(name: str, result: dict, table: str) -> None:

@@ -248,14 +248,33 @@ def evaluate_pair(data: Data, retro_run: str, baseline_run: str, *, ks: Sequence
       output=output)
 
 
-def plot_curves(runs: dict[str, str], path: str, metric: str = "bits_per_byte") -> str | None:
-  """Held-out `metric` over training steps for each run, as a PNG (None without matplotlib)."""
+def pyplot():
+  """matplotlib.pyplot on the Agg backend, or None (with a warning) when it is missing."""
   try:
     import matplotlib  # pylint: disable=g-import-not-at-top
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   except ImportError:
     logging.warning("matplotlib is not installed: no plot (pip install 'retro_jax[plot]')")
+    return None
+  return plt
+
+
+def save_figure(fig, path: str) -> str:
+  """Writes a figure as PNG atomically and closes it."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig.tight_layout()
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp, dpi=120)
+  plt.close(fig)
+  os.replace(tmp, path)
+  return path
+
+
+def plot_curves(runs: dict[str, str], path: str, metric: str = "bits_per_byte") -> str | None:
+  """Held-out `metric` over training steps for each run, as a PNG (None without matplotlib)."""
+  plt = pyplot()
+  if plt is None:
     return None
   fig, ax = plt.subplots(figsize=(6, 4))
   for label, run_dir in runs.items():
@@ -266,12 +285,7 @@ def plot_curves(runs: dict[str, str], path: str, metric: str = "bits_per_byte") 
   ax.set_ylabel(f"held-out {metric.replace('_', ' ')}")
   ax.grid(alpha=0.3)
   ax.legend()
-  fig.tight_layout()
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=120)
-  plt.close(fig)
-  os.replace(tmp, path)
-  return path
+  return save_figure(fig, path)
 
 
 QUICKSTART_ALPHA = "0.125"
