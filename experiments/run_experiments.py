@@ -253,6 +253,12 @@ def main(argv):
   work = os.path.abspath(_WORKDIR.value)
   name = _NAME.value or _EXPERIMENT.value
   os.makedirs(_OUT.value, exist_ok=True)
+  missing = [f for f in ("evaluation.json", "tokenizer", "db", "eval_chunks")
+             if not os.path.exists(os.path.join(work, f))]
+  if missing:
+    raise app.UsageError(f"{work} is not a finished quickstart work directory (no "
+                         f"{', '.join(missing)}): run `python -m retro_jax.quickstart "
+                         f"--workdir={work}` first")
   try:
     {"gain": gain, "neighbors_k": neighbors_k, "db_size": db_size,
      "retrofit": retrofit}[_EXPERIMENT.value](work, name)
