@@ -62,6 +62,7 @@ import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 VOCAB, SEQ, CHUNK, K, BATCH = 8192, 512, 64, 2, 4
 LR, WD = 3e-4, 0.1
+GEMM = 2048  # side of the float32 matmul that measures each framework's sgemm rate
 
 
 # ------------------------------------------------------------------------------------------
@@ -76,6 +77,7 @@ def _ours_worker(threads: int):
   from retro_jax import config as config_lib
   from retro_jax import model as model_lib
   from retro_jax.model import sharding as sharding_lib
+  from retro_jax.training import metrics as metrics_lib
   from retro_jax.training import optim, train_config, trainer
 
   cfg = config_lib.get_preset("peer-38m")
@@ -109,8 +111,17 @@ def _ours_worker(threads: int):
     return float(metrics["loss"])  # blocks
 
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  # Matmul FLOPs of one forward+backward (the optimizer update has none), counted like
+  # torch's FlopCounterMode counts theirs.
+  model = model_lib.Retro(cfg)
+  jaxpr = jax.make_jaxpr(jax.grad(
+      lambda p, b: trainer._loss_sums(model, p, b)[0]))(state.params, dev)  # pylint: disable=protected-access
+  a = jax.numpy.ones((GEMM, GEMM), jax.numpy.float32)
+  gemm = jax.jit(lambda x: x @ x)
   return one, dict(impl="retro_jax", jax=jax.__version__, params_total=n_params,
-                   params_nonembedding=model_lib.count_params(cfg), compile_s=compile_s)
+                   params_nonembedding=model_lib.count_params(cfg), compile_s=compile_s,
+                   matmul_gflop_fwd_bwd=metrics_lib.matmul_flops(jaxpr) / 1e9,
+                   sgemm_gflops=common.sgemm_gflops(lambda: gemm(a).block_until_ready(), GEMM))
 
 
 def _theirs_worker(threads: int):
@@ -148,8 +159,16 @@ def _theirs_worker(threads: int):
     return float(loss.detach())
 
   n_params = sum(p.numel() for p in model.parameters())
+  from torch.utils.flop_counter import FlopCounterMode  # pylint: disable=g-import-not-at-top
+  counter = FlopCounterMode(display=False)
+  with counter:
+    model(seq, retrieved, return_loss=True).backward()
+  opt.zero_grad(set_to_none=True)
+  a = torch.ones(GEMM, GEMM)
   return one, dict(impl="retro-pytorch 0.3.9", torch=torch.__version__,
-                   params_total=n_params, threads=torch.get_num_threads())
+                   params_total=n_params, threads=torch.get_num_threads(),
+                   matmul_gflop_fwd_bwd=counter.get_total_flops() / 1e9,
+                   sgemm_gflops=common.sgemm_gflops(lambda: a @ a, GEMM))
 
 
 def worker_main(which: str, threads: int):
@@ -245,6 +264,11 @@ def parent_main():
     tokens = BATCH * SEQ
     res = {name: dict(common.summary(t), tokens_per_s=tokens / common.summary(t)["median_s"],
                       **info[name]) for name, t in times.items()}
+    for r in res.values():
+      # Matmul GFLOP/s achieved over the whole step, and as a share of the framework's own
+      # plain-matmul rate on this machine: how close each is to being matmul-bound.
+      r["achieved_matmul_gflops"] = r["matmul_gflop_fwd_bwd"] / r["median_s"]
+      r["share_of_sgemm"] = r["achieved_matmul_gflops"] / r["sgemm_gflops"]
     ratio = res["ours"]["tokens_per_s"] / res["theirs"]["tokens_per_s"]
     payload = dict(machine=common.machine_info(), command=" ".join(sys.argv),
                    threads=flags_.threads,
@@ -257,8 +281,13 @@ def parent_main():
     common.print_table([dict(impl=res[n]["impl"], step_s=res[n]["median_s"],
                              min_s=res[n]["min_s"], max_s=res[n]["max_s"],
                              tokens_per_s=res[n]["tokens_per_s"],
-                             params=res[n]["params_total"]) for n in names],
-                       ["impl", "step_s", "min_s", "max_s", "tokens_per_s", "params"],
+                             params=res[n]["params_total"],
+                             matmul_gflop=res[n]["matmul_gflop_fwd_bwd"],
+                             gflop_per_s=res[n]["achieved_matmul_gflops"],
+                             sgemm_gflop_per_s=res[n]["sgemm_gflops"],
+                             of_sgemm=res[n]["share_of_sgemm"]) for n in names],
+                       ["impl", "step_s", "min_s", "max_s", "tokens_per_s", "params",
+                        "matmul_gflop", "gflop_per_s", "sgemm_gflop_per_s", "of_sgemm"],
                        title=f"full AdamW train step, batch {BATCH} x {SEQ}, "
                              f"{flags_.threads} threads, medians of {len(times['ours'])}")
     print(f"ours / theirs tokens/s = {ratio:.3f}")

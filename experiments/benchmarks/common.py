@@ -172,3 +172,10 @@ def current_rss_mib() -> float:
       if line.startswith("VmRSS:"):
         return int(line.split()[1]) / 1024.0
   return float("nan")
+
+
+def sgemm_gflops(matmul: Callable[[], Any], size: int, reps: int = 5) -> float:
+  """Median GFLOP/s of `matmul()`, one size x size x size float32 product (blocking)."""
+  matmul()
+  secs = sorted(time_call(matmul) for _ in range(reps))
+  return 2.0 * size ** 3 / secs[len(secs) // 2] / 1e9

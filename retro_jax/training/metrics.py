@@ -85,6 +85,34 @@ def flops_per_token(model_cfg, seq_len: int, params) -> float:
   return flops
 
 
+
+def matmul_flops(closed_jaxpr) -> float:
+  """FLOPs of every dot_general in a (closed) jaxpr, 2 per multiply-add, sub-jaxprs included.
+
+  What the program actually multiplies (the Transformer-XL position products, full square
+  attention, every projection), as opposed to `flops_per_token`'s model FLOPs; it is also
+  what torch's FlopCounterMode counts (mm/bmm/addmm), so a JAX function and a torch module
+  can be compared on arithmetic.  `scan` bodies count `length` times, `while` bodies once.
+  Use: matmul_flops(jax.make_jaxpr(jax.grad(loss))(params, batch)).
+  """
+  def walk(jaxpr, times):
+    total = 0.0
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general":
+        (_, rhs_contract), (_, rhs_batch) = eqn.params["dimension_numbers"]
+        lhs, rhs = (v.aval.shape for v in eqn.invars[:2])
+        rhs_free = [d for i, d in enumerate(rhs) if i not in rhs_contract and i not in rhs_batch]
+        total += 2.0 * float(np.prod(lhs)) * float(np.prod(rhs_free)) * times
+      reps = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, (tuple, list)) else (value,):
+          inner = getattr(sub, "jaxpr", sub)
+          if hasattr(inner, "eqns"):
+            total += walk(inner, times * reps)
+    return total
+
+  return walk(getattr(closed_jaxpr, "jaxpr", closed_jaxpr), 1)
+
 class MetricWriter:
   """Writes scalars to the log, TensorBoard and `metrics.jsonl` in the workdir."""
 
