@@ -62,12 +62,15 @@ import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 VOCAB, SEQ, CHUNK, K, BATCH = 8192, 512, 64, 2, 4
 LR, WD = 3e-4, 0.1
-GEMM = 2048  # side of the float32 matmul that measures each framework's sgemm rate
+# float32 [M, K] x [K, N] products the model is made of (FFW in/out at 8192 encoder rows,
+# a square one): each framework's best plain-matmul rate over them is its roofline here.
+GEMMS = ((8192, 512, 2048), (8192, 2048, 512), (2048, 2048, 2048))
 
 
 # ------------------------------------------------------------------------------------------
 # Workers: `bench_peer.py worker {ours,theirs} THREADS`, then lines "run N" on stdin; each
-# answers one JSON line {"seconds": [...]} (per step).  No absl here (their venv has none).
+# answers one JSON line {"seconds": [...]} (per step); "gemm" answers {"sgemm_gflops": x}.
+# No absl here (their venv has none).
 # ------------------------------------------------------------------------------------------
 
 def _ours_worker(threads: int):
@@ -116,12 +119,15 @@ def _ours_worker(threads: int):
   model = model_lib.Retro(cfg)
   jaxpr = jax.make_jaxpr(jax.grad(
       lambda p, b: trainer._loss_sums(model, p, b)[0]))(state.params, dev)  # pylint: disable=protected-access
-  a = jax.numpy.ones((GEMM, GEMM), jax.numpy.float32)
-  gemm = jax.jit(lambda x: x @ x)
+  gemm = jax.jit(lambda x, y: x @ y)
+
+  def sgemm():
+    return max(common.sgemm_gflops(lambda a=jax.numpy.ones((m, k)), b=jax.numpy.ones((k, n)):
+                                   gemm(a, b).block_until_ready(), m * k * n)
+               for m, k, n in GEMMS)
   return one, dict(impl="retro_jax", jax=jax.__version__, params_total=n_params,
                    params_nonembedding=model_lib.count_params(cfg), compile_s=compile_s,
-                   matmul_gflop_fwd_bwd=metrics_lib.matmul_flops(jaxpr) / 1e9,
-                   sgemm_gflops=common.sgemm_gflops(lambda: gemm(a).block_until_ready(), GEMM))
+                   matmul_gflop_fwd_bwd=metrics_lib.matmul_flops(jaxpr) / 1e9), sgemm
 
 
 def _theirs_worker(threads: int):
@@ -164,15 +170,17 @@ def _theirs_worker(threads: int):
   with counter:
     model(seq, retrieved, return_loss=True).backward()
   opt.zero_grad(set_to_none=True)
-  a = torch.ones(GEMM, GEMM)
+
+  def sgemm():
+    return max(common.sgemm_gflops(lambda a=torch.ones(m, k), b=torch.ones(k, n): a @ b, m * k * n)
+               for m, k, n in GEMMS)
   return one, dict(impl="retro-pytorch 0.3.9", torch=torch.__version__,
                    params_total=n_params, threads=torch.get_num_threads(),
-                   matmul_gflop_fwd_bwd=counter.get_total_flops() / 1e9,
-                   sgemm_gflops=common.sgemm_gflops(lambda: a @ a, GEMM))
+                   matmul_gflop_fwd_bwd=counter.get_total_flops() / 1e9), sgemm
 
 
 def worker_main(which: str, threads: int):
-  one, info = (_ours_worker if which == "ours" else _theirs_worker)(threads)
+  one, info, sgemm = (_ours_worker if which == "ours" else _theirs_worker)(threads)
   t0 = time.perf_counter()
   loss = one()  # first step: compilation (ours) / allocator warm-up (theirs)
   info["first_step_s"] = time.perf_counter() - t0
@@ -182,6 +190,9 @@ def worker_main(which: str, threads: int):
     parts = line.split()
     if not parts or parts[0] == "quit":
       break
+    if parts[0] == "gemm":
+      print(json.dumps({"sgemm_gflops": sgemm()}), flush=True)
+      continue
     secs = []
     for _ in range(int(parts[1])):
       t0 = time.perf_counter()
@@ -219,6 +230,15 @@ class Worker:
     if not line:
       raise RuntimeError(f"worker {self.which} died (rc {self.proc.wait()})")
     return json.loads(line)["seconds"]
+
+  def gemm(self) -> float:
+    """The worker's best plain-matmul GFLOP/s over GEMMS (measured while the other idles)."""
+    self.proc.stdin.write("gemm\n")
+    self.proc.stdin.flush()
+    line = self.proc.stdout.readline()
+    if not line:
+      raise RuntimeError(f"worker {self.which} died (rc {self.proc.wait()})")
+    return json.loads(line)["sgemm_gflops"]
 
   def close(self):
     try:
@@ -258,6 +278,11 @@ def parent_main():
           times[name].extend(workers[name].run(flags_.steps_per_round))
         print(f"  round {rnd + 1}/{flags_.rounds}: " + ", ".join(
             f"{n}={times[n][-1]:.3f}s/step" for n in names), flush=True)
+      # Each side's roofline: its best plain float32 matmul rate, two alternating tries.
+      for _ in range(2):
+        for name in names:
+          info[name]["sgemm_gflops"] = max(info[name].get("sgemm_gflops", 0.0),
+                                           workers[name].gemm())
     finally:
       for w in workers.values():
         w.close()

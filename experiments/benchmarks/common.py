@@ -174,8 +174,8 @@ def current_rss_mib() -> float:
   return float("nan")
 
 
-def sgemm_gflops(matmul: Callable[[], Any], size: int, reps: int = 5) -> float:
-  """Median GFLOP/s of `matmul()`, one size x size x size float32 product (blocking)."""
+def sgemm_gflops(matmul: Callable[[], Any], macs: int, reps: int = 5) -> float:
+  """Median GFLOP/s of `matmul()`, one blocking float32 product of `macs` multiply-adds."""
   matmul()
   secs = sorted(time_call(matmul) for _ in range(reps))
-  return 2.0 * size ** 3 / secs[len(secs) // 2] / 1e9
+  return 2.0 * macs / secs[len(secs) // 2] / 1e9
