@@ -87,4 +87,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from retro_jax import host_malloc  # pylint: disable=g-import-not-at-top
+  host_malloc.reexec_with_tuned_malloc()  # before JAX starts: see host_malloc
   app.run(main)

@@ -208,8 +208,8 @@ def worker_main(which: str, threads: int):
 class Worker:
   """A worker subprocess speaking the line protocol above."""
 
-  def __init__(self, python: str, which: str, threads: int):
-    env = dict(os.environ)
+  def __init__(self, python: str, which: str, threads: int, env: dict[str, str]):
+    env = dict(env)
     env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.dirname(
         os.path.abspath(__file__)))) + os.pathsep + env.get("PYTHONPATH", "")
     self.proc = subprocess.Popen(
@@ -249,6 +249,16 @@ class Worker:
     self.proc.wait(timeout=60)
 
 
+def worker_environ(malloc: str) -> dict[str, str]:
+  """The workers' environment: both get the same glibc malloc settings (`--malloc`)."""
+  from retro_jax import host_malloc  # pylint: disable=g-import-not-at-top
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("GLIBC_TUNABLES", host_malloc.OPT_OUT_VAR, "RETRO_JAX_MALLOC_APPLIED")}
+  if malloc == "tuned":
+    env = host_malloc.tuned_environ(env) or env
+  return env
+
+
 def parent_main():
   from absl import app, flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("peer_python", "/work/peer_venv/bin/python",
@@ -257,6 +267,10 @@ def parent_main():
   flags.DEFINE_integer("rounds", 5, "Alternation rounds.")
   flags.DEFINE_integer("steps_per_round", 2, "Steps per contender per round.")
   flags.DEFINE_string("name", "peer", "results/<name>.json")
+  flags.DEFINE_enum("malloc", "tuned", ["tuned", "system"],
+                    "glibc malloc settings of BOTH workers: 'tuned' = those our command-line "
+                    "entry points run with (retro_jax/host_malloc.py), 'system' = glibc "
+                    "defaults.")
   flags_ = flags.FLAGS
 
   def main(argv):
@@ -264,8 +278,9 @@ def parent_main():
     if not os.path.exists(flags_.peer_python):
       raise app.UsageError(f"--peer_python {flags_.peer_python} does not exist; see the "
                            "module docstring for the peer venv setup")
-    workers = {"ours": Worker(sys.executable, "ours", flags_.threads),
-               "theirs": Worker(flags_.peer_python, "theirs", flags_.threads)}
+    env = worker_environ(flags_.malloc)
+    workers = {"ours": Worker(sys.executable, "ours", flags_.threads, env),
+               "theirs": Worker(flags_.peer_python, "theirs", flags_.threads, env)}
     try:
       # Start both, but let each build/compile while the other is idle.
       info = {name: w.ready() for name, w in workers.items()}
@@ -296,7 +311,8 @@ def parent_main():
       r["share_of_sgemm"] = r["achieved_matmul_gflops"] / r["sgemm_gflops"]
     ratio = res["ours"]["tokens_per_s"] / res["theirs"]["tokens_per_s"]
     payload = dict(machine=common.machine_info(), command=" ".join(sys.argv),
-                   threads=flags_.threads,
+                   threads=flags_.threads, malloc=flags_.malloc,
+                   glibc_tunables=env.get("GLIBC_TUNABLES", ""),
                    config=dict(vocab=VOCAB, seq_len=SEQ, chunk=CHUNK, k=K, batch=BATCH,
                                neighbor_len=2 * CHUNK, decoder="6 x 512, CCA at 3, 6",
                                encoder="2 x 512, cross-attention at encoder layer 1",
@@ -314,7 +330,8 @@ def parent_main():
                        ["impl", "step_s", "min_s", "max_s", "tokens_per_s", "params",
                         "matmul_gflop", "gflop_per_s", "sgemm_gflop_per_s", "of_sgemm"],
                        title=f"full AdamW train step, batch {BATCH} x {SEQ}, "
-                             f"{flags_.threads} threads, medians of {len(times['ours'])}")
+                             f"{flags_.threads} threads, malloc {flags_.malloc}, "
+                             f"medians of {len(times['ours'])}")
     print(f"ours / theirs tokens/s = {ratio:.3f}")
     print("wrote", common.write_json(flags_.name, payload))
 

@@ -329,4 +329,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Run as the command-line entry points do (retro_jax/host_malloc.py).
+  from retro_jax import host_malloc  # pylint: disable=g-import-not-at-top
+  host_malloc.reexec_with_tuned_malloc()
   app.run(main)

@@ -479,6 +479,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from retro_jax import host_malloc  # pylint: disable=g-import-not-at-top
+  host_malloc.reexec_with_tuned_malloc()  # before JAX starts: see host_malloc
   from absl import app  # pylint: disable=g-import-not-at-top
   FLAGS = _define_flags()
   app.run(main)

@@ -1,0 +1,78 @@
+"""glibc malloc settings that keep XLA:CPU's per-step buffers mapped between steps.
+
+Why: an XLA:CPU executable allocates its temporary buffer (one block, ~3 GB for the peer
+benchmark's train step) on every call, from an executor thread.  With glibc's defaults a
+block that large is always a fresh mmap (its mmap threshold tops out at 32 MiB, and a thread
+arena cannot hold blocks over 64 MiB), so every step the kernel faults in and zeroes every
+page again, inside the matmuls that first write them.  Measured on the 2-core CPU machine
+(experiments/benchmarks/README.md): ~500k page faults and ~3 s of system time per step, a
+third of the step.  PyTorch allocates tensor by tensor and is barely affected.
+
+The fix is the allocator configuration, not the model: one arena (so the executor threads
+allocate from the main heap), no mmap for large blocks, and no trimming of freed memory.
+The heap then grows to the job's peak once and is reused by every later step.  glibc reads
+these settings only at process start (GLIBC_TUNABLES), so the command-line entry points
+re-execute themselves once with them set, before JAX starts.  Cost: freed host memory is
+kept by the process (peak RSS of that benchmark: 4.2 -> 7.0 GB).
+
+Opt out with RETRO_JAX_MALLOC=system.  Settings you put in GLIBC_TUNABLES yourself come after
+ours and win.  Nothing happens on other C libraries or platforms.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from typing import Mapping
+
+OPT_OUT_VAR = "RETRO_JAX_MALLOC"
+_APPLIED_VAR = "RETRO_JAX_MALLOC_APPLIED"
+_OPT_OUT_VALUES = ("system", "default", "off", "0", "false", "no")
+TUNABLES = (
+    "glibc.malloc.arena_max=1",      # executor threads share the main heap
+    "glibc.malloc.mmap_max=0",       # large blocks come from the heap, not fresh mmaps
+    "glibc.malloc.trim_threshold=68719476736",  # freed memory stays mapped (64 GiB)
+)
+
+
+def _is_glibc_linux() -> bool:
+  return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+
+def tuned_environ(environ: Mapping[str, str]) -> dict[str, str] | None:
+  """The environment to re-execute with, or None when there is nothing to do.
+
+  None when not on glibc/Linux, when the user opted out, or when this process already is
+  the re-executed one.
+  """
+  if not _is_glibc_linux():
+    return None
+  choice = environ.get(OPT_OUT_VAR, "").strip().lower()
+  if choice in _OPT_OUT_VALUES or environ.get(_APPLIED_VAR):
+    return None
+  env = dict(environ)
+  own = environ.get("GLIBC_TUNABLES", "")
+  env["GLIBC_TUNABLES"] = ":".join(TUNABLES + ((own,) if own else ()))
+  env[_APPLIED_VAR] = "1"
+  return env
+
+
+def applied() -> bool:
+  """Whether this process runs with the settings (it was re-executed with them)."""
+  return bool(os.environ.get(_APPLIED_VAR))
+
+
+def reexec_with_tuned_malloc() -> None:
+  """Replaces this process by the same command with the malloc settings (see module doc).
+
+  Call first thing in a `__main__` block, before JAX is imported; returns only when nothing
+  needs doing.  Never call it from library code or tests: it restarts the interpreter.
+  """
+  env = tuned_environ(os.environ)
+  argv = list(getattr(sys, "orig_argv", []) or [])
+  if env is None or not argv or not sys.executable:
+    return
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execve(sys.executable, argv, env)

@@ -1,0 +1,87 @@
+"""The glibc malloc settings of the command-line entry points (retro_jax/host_malloc.py)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from retro_jax import host_malloc
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+glibc_only = pytest.mark.skipif(not host_malloc._is_glibc_linux(),  # pylint: disable=protected-access
+                                reason="the settings are glibc tunables")
+
+
+@glibc_only
+def test_environ_adds_settings_and_keeps_the_users_own_last():
+  env = host_malloc.tuned_environ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=4", "X": "1"})
+  parts = env["GLIBC_TUNABLES"].split(":")
+  assert parts[:len(host_malloc.TUNABLES)] == list(host_malloc.TUNABLES)
+  assert parts[-1] == "glibc.malloc.arena_max=4"  # later entries win in glibc
+  assert env["X"] == "1"
+
+
+@glibc_only
+@pytest.mark.parametrize("value", ["system", "OFF", "0"])
+def test_opt_out(value):
+  assert host_malloc.tuned_environ({host_malloc.OPT_OUT_VAR: value}) is None
+
+
+@glibc_only
+def test_no_second_reexec():
+  env = host_malloc.tuned_environ({})
+  assert host_malloc.tuned_environ(env) is None
+
+
+def test_nothing_to_do_off_glibc(monkeypatch):
+  monkeypatch.setattr(host_malloc, "_is_glibc_linux", lambda: False)
+  assert host_malloc.tuned_environ({}) is None
+
+
+_PROBE = textwrap.dedent("""
+    import ctypes, json, resource, sys, threading
+    sys.path.insert(0, {repo!r})
+    from retro_jax import host_malloc
+    host_malloc.reexec_with_tuned_malloc()
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    size, faults = 128 << 20, []
+    def work():  # like an XLA executor thread: a large block per "step"
+      for _ in range(3):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        p = libc.malloc(size)
+        ctypes.memset(p, 1, size)
+        libc.free(p)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    t = threading.Thread(target=work)
+    t.start(); t.join()
+    print(json.dumps(dict(applied=host_malloc.applied(), pages=size // 4096, faults=faults)))
+""")
+
+
+def _probe(tmp_path, **env):
+  script = tmp_path / "probe.py"
+  script.write_text(_PROBE.format(repo=REPO))
+  full = {k: v for k, v in os.environ.items()
+          if k not in ("GLIBC_TUNABLES", host_malloc.OPT_OUT_VAR, "RETRO_JAX_MALLOC_APPLIED")}
+  full.update(env)
+  out = subprocess.run([sys.executable, str(script)], env=full, capture_output=True, text=True,
+                       check=True, timeout=120)
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@glibc_only
+def test_reexec_keeps_a_threads_large_block_mapped_between_steps(tmp_path):
+  tuned = _probe(tmp_path)
+  system = _probe(tmp_path, **{host_malloc.OPT_OUT_VAR: "system"})
+  assert tuned["applied"] and not system["applied"]
+  pages = tuned["pages"]
+  # glibc defaults: every "step" maps the block afresh and faults in every page again.
+  assert min(system["faults"][1:]) > pages // 2, system
+  # With the settings only the first step faults; later ones reuse the mapped heap.
+  assert tuned["faults"][0] > pages // 2, tuned
+  assert max(tuned["faults"][1:]) < pages // 20, tuned
