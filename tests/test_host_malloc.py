@@ -85,3 +85,20 @@ def test_reexec_keeps_a_threads_large_block_mapped_between_steps(tmp_path):
   # With the settings only the first step faults; later ones reuse the mapped heap.
   assert tuned["faults"][0] > pages // 2, tuned
   assert max(tuned["faults"][1:]) < pages // 20, tuned
+
+
+ENTRY_POINTS = ("retro_jax/train.py", "retro_jax/evaluate.py", "retro_jax/generate.py",
+                "retro_jax/quickstart.py", "retro_jax/retrieval/build_db.py",
+                "retro_jax/retrieval/precompute_neighbors.py")
+
+
+@pytest.mark.parametrize("path", ENTRY_POINTS)
+def test_entry_points_reexec_before_running(path):
+  """Each CLI's __main__ block calls reexec_with_tuned_malloc before app.run."""
+  import ast  # pylint: disable=g-import-not-at-top
+  tree = ast.parse(open(os.path.join(REPO, path), encoding="utf-8").read())
+  mains = [n for n in tree.body if isinstance(n, ast.If) and "__main__" in ast.unparse(n.test)]
+  assert len(mains) == 1, path
+  calls = [ast.unparse(c.func) for c in ast.walk(mains[0]) if isinstance(c, ast.Call)]
+  assert "host_malloc.reexec_with_tuned_malloc" in calls and "app.run" in calls, calls
+  assert calls.index("host_malloc.reexec_with_tuned_malloc") < calls.index("app.run"), calls
