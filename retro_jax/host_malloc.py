@@ -75,4 +75,8 @@ def reexec_with_tuned_malloc() -> None:
     return
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execve(sys.executable, argv, env)
+  try:
+    os.execve(sys.executable, argv, env)
+  except OSError as e:  # e.g. the interpreter was replaced under us: run as we are
+    print(f"retro_jax: could not restart with the malloc settings ({e}); continuing with "
+          "glibc's defaults", file=sys.stderr)
