@@ -179,3 +179,31 @@ def sgemm_gflops(matmul: Callable[[], Any], macs: int, reps: int = 5) -> float:
   matmul()
   secs = sorted(time_call(matmul) for _ in range(reps))
   return 2.0 * macs / secs[len(secs) // 2] / 1e9
+
+
+def random_train_step(cfg, seq_len: int, batch_size: int, seed: int = 0):
+  """The user's full train step (trainer.make_train_step, default optimizer, one device) of
+  `cfg` on a random batch (token ids 1..V-1, every position scored; random neighbors when
+  the config retrieves).  Returns (init, abstract_state, step, batch): `init(rng)` makes the
+  state, `step.lower(abstract_state, batch).compile()` the executable."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from retro_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  from retro_jax.model import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from retro_jax.training import optim, train_config, trainer  # pylint: disable=g-import-not-at-top
+  n, b = seq_len, batch_size
+  mesh = sharding_lib.make_mesh(1, 1, 1, jax.devices()[:1])
+  tcfg = train_config.default_config()
+  tx, schedule = optim.optimizer(tcfg), optim.learning_rate_schedule(tcfg)
+  rng = np.random.default_rng(seed)
+  toks = rng.integers(1, cfg.vocab_size, (b, n + 1), dtype=np.int32)
+  batch = dict(inputs=toks[:, :-1], targets=toks[:, 1:], weights=np.ones((b, n), np.float32))
+  if cfg.uses_retrieval:
+    batch["neighbors"] = rng.integers(1, cfg.vocab_size, (b, cfg.num_chunks(n),
+                                      cfg.num_neighbors, cfg.neighbor_len), dtype=np.int32)
+  batch = {k: jax.device_put(v, sharding_lib.batch_sharding(mesh, v.ndim))
+           for k, v in batch.items()}
+  init, abstract, shardings = trainer.make_init(cfg, tx, mesh)
+  step = trainer.make_train_step(model_lib.Retro(cfg), tx, schedule, None, 1, mesh,
+                                 shardings, batch)
+  return init, abstract, step, batch

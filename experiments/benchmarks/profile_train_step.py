@@ -67,31 +67,14 @@ def main(argv):
   del argv
   common.pin_threads(2)
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np
-  from retro_jax import config as config_lib
-  from retro_jax import model as model_lib
-  from retro_jax.model import sharding as sharding_lib
-  from retro_jax.training import optim, train_config, trainer
+  from retro_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 
   over = {"vocab_size": FLAGS.vocab_size} if FLAGS.vocab_size else {}
   cfg = config_lib.get_preset(FLAGS.preset, **over)
   if FLAGS.baseline:
     cfg = cfg.baseline()
   n, b = FLAGS.seq_len, FLAGS.batch_size
-  mesh = sharding_lib.make_mesh(1, 1, 1, jax.devices()[:1])
-  tcfg = train_config.default_config()
-  tx, schedule = optim.optimizer(tcfg), optim.learning_rate_schedule(tcfg)
-  rng = np.random.default_rng(0)
-  toks = rng.integers(1, cfg.vocab_size, (b, n + 1), dtype=np.int32)
-  batch = dict(inputs=toks[:, :-1], targets=toks[:, 1:], weights=np.ones((b, n), np.float32))
-  if cfg.uses_retrieval:
-    batch["neighbors"] = rng.integers(1, cfg.vocab_size, (b, cfg.num_chunks(n),
-                                      cfg.num_neighbors, cfg.neighbor_len), dtype=np.int32)
-  dev = {k: jax.device_put(v, sharding_lib.batch_sharding(mesh, v.ndim))
-         for k, v in batch.items()}
-  init, abstract, shardings = trainer.make_init(cfg, tx, mesh)
-  step = trainer.make_train_step(model_lib.Retro(cfg), tx, schedule, None, 1, mesh,
-                                 shardings, batch)
+  init, abstract, step, dev = common.random_train_step(cfg, n, b)
   compiled = step.lower(abstract, dev).compile()
   hlo = compiled.as_text()
   if FLAGS.dump_hlo:
