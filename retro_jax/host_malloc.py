@@ -27,8 +27,9 @@ import sys
 from typing import Mapping
 
 OPT_OUT_VAR = "RETRO_JAX_MALLOC"
-_APPLIED_VAR = "RETRO_JAX_MALLOC_APPLIED"
+APPLIED_VAR = "RETRO_JAX_MALLOC_APPLIED"
 _OPT_OUT_VALUES = ("system", "default", "off", "0", "false", "no")
+_OPT_IN_VALUES = ("", "tuned", "on", "1", "true", "yes")
 TUNABLES = (
     "glibc.malloc.arena_max=1",      # executor threads share the main heap
     "glibc.malloc.mmap_max=0",       # large blocks come from the heap, not fresh mmaps
@@ -44,23 +45,31 @@ def tuned_environ(environ: Mapping[str, str]) -> dict[str, str] | None:
   """The environment to re-execute with, or None when there is nothing to do.
 
   None when not on glibc/Linux, when the user opted out, or when this process already is
-  the re-executed one.
+  the re-executed one.  Raises ValueError for a RETRO_JAX_MALLOC value it does not know (a
+  misspelt opt-out must not silently opt in).
   """
-  if not _is_glibc_linux():
-    return None
   choice = environ.get(OPT_OUT_VAR, "").strip().lower()
-  if choice in _OPT_OUT_VALUES or environ.get(_APPLIED_VAR):
+  if choice not in _OPT_OUT_VALUES + _OPT_IN_VALUES:
+    raise ValueError(f"{OPT_OUT_VAR}={environ[OPT_OUT_VAR]!r}: expected 'system' (glibc's "
+                     "malloc defaults) or 'tuned' (the default)")
+  if not _is_glibc_linux() or choice in _OPT_OUT_VALUES or environ.get(APPLIED_VAR):
     return None
   env = dict(environ)
   own = environ.get("GLIBC_TUNABLES", "")
   env["GLIBC_TUNABLES"] = ":".join(TUNABLES + ((own,) if own else ()))
-  env[_APPLIED_VAR] = "1"
+  env[APPLIED_VAR] = "1"
   return env
+
+
+def without_settings(environ: Mapping[str, str]) -> dict[str, str]:
+  """`environ` minus GLIBC_TUNABLES and this module's variables (a clean start for a child)."""
+  drop = ("GLIBC_TUNABLES", OPT_OUT_VAR, APPLIED_VAR)
+  return {k: v for k, v in environ.items() if k not in drop}
 
 
 def applied() -> bool:
   """Whether this process runs with the settings (it was re-executed with them)."""
-  return bool(os.environ.get(_APPLIED_VAR))
+  return bool(os.environ.get(APPLIED_VAR))
 
 
 def reexec_with_tuned_malloc() -> None:
@@ -69,7 +78,10 @@ def reexec_with_tuned_malloc() -> None:
   Call first thing in a `__main__` block, before JAX is imported; returns only when nothing
   needs doing.  Never call it from library code or tests: it restarts the interpreter.
   """
-  env = tuned_environ(os.environ)
+  try:
+    env = tuned_environ(os.environ)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
   argv = list(getattr(sys, "orig_argv", []) or [])
   if env is None or not argv or not sys.executable:
     return

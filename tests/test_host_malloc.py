@@ -36,6 +36,28 @@ def test_no_second_reexec():
   assert host_malloc.tuned_environ(env) is None
 
 
+@pytest.mark.parametrize("value", ["sytem", "maybe"])
+def test_unknown_value_is_a_clear_error_not_a_silent_opt_in(value):
+  with pytest.raises(ValueError, match=r"RETRO_JAX_MALLOC='%s'.*'system'" % value):
+    host_malloc.tuned_environ({host_malloc.OPT_OUT_VAR: value})
+
+
+def test_cli_exits_with_one_line_on_an_unknown_value():
+  env = dict(host_malloc.without_settings(os.environ), **{host_malloc.OPT_OUT_VAR: "sytem"})
+  out = subprocess.run([sys.executable, "-m", "retro_jax.train", "--helpshort"], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 1
+  assert out.stderr.strip().splitlines() == [
+      "error: RETRO_JAX_MALLOC='sytem': expected 'system' (glibc's malloc defaults) or "
+      "'tuned' (the default)"]
+
+
+def test_without_settings_strips_only_ours():
+  env = host_malloc.without_settings({"GLIBC_TUNABLES": "x", host_malloc.OPT_OUT_VAR: "system",
+                                      host_malloc.APPLIED_VAR: "1", "PATH": "/bin"})
+  assert env == {"PATH": "/bin"}
+
+
 def test_nothing_to_do_off_glibc(monkeypatch):
   monkeypatch.setattr(host_malloc, "_is_glibc_linux", lambda: False)
   assert host_malloc.tuned_environ({}) is None
@@ -66,8 +88,7 @@ _PROBE = textwrap.dedent("""
 def _probe(tmp_path, **env):
   script = tmp_path / "probe.py"
   script.write_text(_PROBE.format(repo=REPO))
-  full = {k: v for k, v in os.environ.items()
-          if k not in ("GLIBC_TUNABLES", host_malloc.OPT_OUT_VAR, "RETRO_JAX_MALLOC_APPLIED")}
+  full = host_malloc.without_settings(os.environ)
   full.update(env)
   out = subprocess.run([sys.executable, str(script)], env=full, capture_output=True, text=True,
                        check=True, timeout=120)

@@ -252,8 +252,7 @@ class Worker:
 def worker_environ(malloc: str) -> dict[str, str]:
   """The workers' environment: both get the same glibc malloc settings (`--malloc`)."""
   from retro_jax import host_malloc  # pylint: disable=g-import-not-at-top
-  env = {k: v for k, v in os.environ.items()
-         if k not in ("GLIBC_TUNABLES", host_malloc.OPT_OUT_VAR, "RETRO_JAX_MALLOC_APPLIED")}
+  env = host_malloc.without_settings(os.environ)
   if malloc == "tuned":
     env = host_malloc.tuned_environ(env) or env
   return env
