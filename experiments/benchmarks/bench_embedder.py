@@ -8,8 +8,11 @@ alternating repetitions in one run.  Contenders per batch size B:
                    tokenized: host-side length bucketing + padding, jitted BERT + pooling);
   ours_jit         the jitted pooled function alone on a prebuilt [B, 64] array (isolates
                    the host-side overhead);
+  ours_xla_default embed_token_ids compiled with XLA:CPU's default options, i.e. with the
+                   YNNPACK library fusions that embedder.CPU_COMPILER_OPTIONS turns off;
   torch            BertModel(input_ids, attention_mask) under torch.inference_mode + the
-                   same pooling in torch.
+                   same pooling in torch, in the same dtype as ours (--dtype=bfloat16 casts
+                   the torch model to bfloat16 too, so the comparison stays like for like).
 Tokenization (shared by both in real use: the same HF fast tokenizer) is timed separately.
 
 Usage:
@@ -33,7 +36,8 @@ flags.DEFINE_integer("chunks_per_rep", 256, "Chunks embedded per timed repetitio
 flags.DEFINE_integer("chunk_tokens", 64, "BERT tokens per chunk including [CLS]/[SEP].")
 flags.DEFINE_integer("reps", 5, "Interleaved repetitions per contender.")
 flags.DEFINE_integer("threads", 2, "Threads for XLA and torch.")
-flags.DEFINE_string("dtype", "float32", "Our embedder's compute dtype.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                  "Compute dtype of both embedders.")
 flags.DEFINE_string("name", "embedder", "results/<name>.json")
 
 
@@ -73,6 +77,8 @@ def main(argv):
   ids = np.asarray(chunks, np.int32)
   mask = np.ones_like(ids)
   pt = transformers.BertModel.from_pretrained(ours.model_dir, add_pooling_layer=False).eval()
+  if FLAGS.dtype == "bfloat16":
+    pt = pt.to(torch.bfloat16)
   ids_t, mask_t = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask.astype(np.int64))
 
   def torch_embed(bsz):
@@ -83,7 +89,7 @@ def main(argv):
         w = mask_t[s:s + bsz, :, None].to(h.dtype)
         v = (h * w).sum(1) / w.sum(1).clamp(min=1.0)
         outs.append(torch.nn.functional.normalize(v, dim=-1))
-    return torch.cat(outs).numpy()
+    return torch.cat(outs).float().numpy()
 
   # Correctness first: the two must agree, or the timing compares different work.
   ours.batch_size = batch_sizes[0]
@@ -98,6 +104,10 @@ def main(argv):
     emb = embedder_lib.Embedder(ours.config, ours.params, tok, name=ours.name,
                                 model_dir=ours.model_dir, dtype=FLAGS.dtype,
                                 max_length=ours.max_length, batch_size=bsz)
+    ynn = embedder_lib.Embedder(ours.config, ours.params, tok, name=ours.name,
+                                model_dir=ours.model_dir, dtype=FLAGS.dtype,
+                                max_length=ours.max_length, batch_size=bsz,
+                                cpu_compiler_options={})
     jids, jmask = jax.device_put(ids[:bsz]), jax.device_put(mask[:bsz])
 
     def ours_jit(emb=emb, bsz=bsz, jids=jids, jmask=jmask):
@@ -106,6 +116,7 @@ def main(argv):
 
     contenders = {"ours_embed_ids": lambda emb=emb: emb.embed_token_ids(chunks),
                   "ours_jit": ours_jit,
+                  "ours_xla_default": lambda ynn=ynn: ynn.embed_token_ids(chunks),
                   "torch": lambda bsz=bsz: torch_embed(bsz)}
     print(f"== batch {bsz}", flush=True)
     times = common.interleave(contenders, FLAGS.reps, warmup=1)
@@ -113,9 +124,12 @@ def main(argv):
     per_bs[bsz] = {k: dict(common.summary(v), chunks_per_s=n / med[k])
                    for k, v in times.items()}
     rows.append(dict(batch=bsz, ours_chunks_s=n / med["ours_embed_ids"],
-                     ours_jit_chunks_s=n / med["ours_jit"], torch_chunks_s=n / med["torch"],
+                     ours_jit_chunks_s=n / med["ours_jit"],
+                     ours_xla_default_chunks_s=n / med["ours_xla_default"],
+                     torch_chunks_s=n / med["torch"],
                      ratio_ours_over_torch=med["torch"] / med["ours_embed_ids"],
-                     ratio_jit_over_torch=med["torch"] / med["ours_jit"]))
+                     ratio_jit_over_torch=med["torch"] / med["ours_jit"],
+                     ratio_ours_over_xla_default=med["ours_xla_default"] / med["ours_embed_ids"]))
   tok_rate = n / common.summary(t_tok)["median_s"]
   common.print_table(rows, list(rows[0]), title=(
       f"chunks/s, {FLAGS.chunk_tokens}-token chunks, {FLAGS.threads} threads, dtype "
@@ -130,4 +144,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Run as build_db does (retro_jax/host_malloc.py); torch shares the process and the settings.
+  from retro_jax import host_malloc  # pylint: disable=g-import-not-at-top
+  host_malloc.reexec_with_tuned_malloc()
   app.run(main)

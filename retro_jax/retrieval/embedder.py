@@ -26,6 +26,11 @@ Choices, and why:
   bucketing changes results only by float rounding (tested).
 * dtype "bfloat16" runs the matmuls in bfloat16 (parameters stay float32; softmax and
   pooling in float32); outputs are always float32.
+* On CPU the BERT is compiled without XLA's YNNPACK library fusions
+  (`CPU_COMPILER_OPTIONS`), so its dots run on XLA's own Eigen kernels: 1.23x the chunks/s
+  at batch 256 and 1.01x at batch 32 on a 2-core AVX-512 Xeon (section 3 of
+  experiments/benchmarks/README.md).  Only these jitted functions are affected, not the
+  rest of the process; `cpu_compiler_options={}` keeps XLA's defaults.
 
 `identity()` is what index and neighbor manifests record: checkpoint name, hashes of
 config.json, of the weights (size + first/last MiB) and of the tokenizer files, pooling,
@@ -39,7 +44,7 @@ import hashlib
 import importlib.util
 import json
 import os
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +58,13 @@ POOLING = "mean_all_nonpad_tokens_incl_cls_sep"
 _MIN_BUCKET = 16
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json",
                     "special_tokens_map.json")
+
+
+# Per-compilation XLA options for the BERT on the CPU backend.  YNNPACK fuses each dense
+# layer with its bias, GELU and layer-norm reductions; on this model's narrow matmuls (384
+# wide) those fusions ran at ~100-120 GFLOP/s on an AVX-512 Xeon where XLA's plain dots
+# reach ~170.  Measured, not assumed: section 3 of experiments/benchmarks/README.md.
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 class EmbedderError(ValueError):
@@ -126,7 +138,8 @@ class Embedder:
 
   def __init__(self, config: bert_lib.BertConfig, params, tokenizer, *, name: str,
                model_dir: str, dtype: str = "float32", max_length: int = 256,
-               normalize: bool = True, batch_size: int = 64, bucketing: bool = True):
+               normalize: bool = True, batch_size: int = 64, bucketing: bool = True,
+               cpu_compiler_options: Mapping[str, Any] | None = None):
     if dtype not in ("float32", "bfloat16"):
       raise EmbedderError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
     if not 2 < max_length <= config.max_position_embeddings:
@@ -149,8 +162,14 @@ class Embedder:
         out = out / jnp.maximum(jnp.linalg.norm(out, axis=-1, keepdims=True), 1e-12)
       return jnp.where(mask.any(1, keepdims=True), out, 0.0)
 
-    self._pooled = jax.jit(pooled)
-    self._hidden = jax.jit(lambda p, ids, mask: model.apply({"params": p}, ids, mask))
+    if cpu_compiler_options is None:
+      cpu_compiler_options = CPU_COMPILER_OPTIONS
+    # Only where they are meant for: XLA:GPU/TPU get their defaults.
+    self.compiler_options = (dict(cpu_compiler_options) if jax.default_backend() == "cpu"
+                             else {})
+    jit = functools.partial(jax.jit, compiler_options=self.compiler_options or None)
+    self._pooled = jit(pooled)
+    self._hidden = jit(lambda p, ids, mask: model.apply({"params": p}, ids, mask))
 
   @property
   def dim(self) -> int:
@@ -159,7 +178,8 @@ class Embedder:
   @classmethod
   def from_pretrained(cls, path_or_name: str | None = None, dtype: str = "float32", *,
                       max_length: int | None = None, normalize: bool = True,
-                      batch_size: int = 64, bucketing: bool = True) -> "Embedder":
+                      batch_size: int = 64, bucketing: bool = True,
+                      cpu_compiler_options: Mapping[str, Any] | None = None) -> "Embedder":
     """Loads a BERT checkpoint directory, or a hub name (downloaded via huggingface_hub).
 
     Args:
@@ -173,6 +193,8 @@ class Embedder:
       normalize: L2-normalise embeddings (default; the index uses dot product).
       batch_size: texts per jitted call.
       bucketing: pad to bucket lengths (False: always pad to max_length).
+      cpu_compiler_options: XLA options for compiling the BERT on the CPU backend; None =
+        CPU_COMPILER_OPTIONS, {} = XLA's defaults.  Ignored on other backends.
     """
     if path_or_name is None:
       model_dir, name = default_checkpoint_dir(), DEFAULT_NAME
@@ -197,7 +219,7 @@ class Embedder:
     params = jax.device_put(params)
     return cls(config, params, tok, name=name, model_dir=model_dir, dtype=dtype,
                max_length=max_length, normalize=normalize, batch_size=batch_size,
-               bucketing=bucketing)
+               bucketing=bucketing, cpu_compiler_options=cpu_compiler_options)
 
   # --- Embedding -------------------------------------------------------------------------
 
