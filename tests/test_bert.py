@@ -121,7 +121,8 @@ def test_cpu_compiler_options_change_the_program_not_the_embeddings(emb):
   xla = embedder_lib.Embedder(emb.config, emb.params, emb.tokenizer, name=emb.name,
                               model_dir=emb.model_dir, max_length=emb.max_length,
                               batch_size=4, cpu_compiler_options={})
-  assert emb.compiler_options == embedder_lib.CPU_COMPILER_OPTIONS and xla.compiler_options == {}
+  assert emb.compiler_options == embedder_lib.CPU_COMPILER_OPTIONS["float32"] != {}
+  assert xla.compiler_options == {}
   ids = np.full((4, 16), emb.config.pad_token_id, np.int32)
   ids[:, 0] = 101
   mask = (ids != emb.config.pad_token_id).astype(np.int32)
@@ -131,6 +132,30 @@ def test_cpu_compiler_options_change_the_program_not_the_embeddings(emb):
   if "__ynn_fusion" not in default:
     pytest.skip("this jaxlib builds no YNNPACK fusions: nothing to compare")
   np.testing.assert_allclose(xla.embed_texts(SENTENCES), emb.embed_texts(SENTENCES), atol=2e-6)
+
+
+def test_bfloat16_dense_accumulates_in_float32():
+  import jax
+  import jax.numpy as jnp
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((8, 512)).astype(np.float32)
+  layer = bert_lib.Dense(64, dtype=jnp.bfloat16)
+  params = layer.init(jax.random.PRNGKey(0), x)
+  params = jax.tree.map(lambda p: p + 0.1, params)  # a nonzero bias
+  got = np.asarray(layer.apply(params, x).astype(jnp.float32))
+  # Reference: bfloat16 operands, exact (float64) sum, bias added, ONE rounding to bfloat16.
+  xb = np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32), np.float64)
+  kb = np.asarray(params["params"]["kernel"].astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+  ref = xb @ kb + np.asarray(params["params"]["bias"], np.float64)
+  ref = np.asarray(jnp.asarray(ref, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32))
+  # A bfloat16 accumulator over 512 terms would be off by many bfloat16 ulps; float32
+  # accumulation rounds to the same bfloat16 value except at rare ties (one ulp).
+  ulp = np.abs(ref) * 2.0 ** -7
+  assert (np.abs(got - ref) <= ulp + 1e-6).all()
+  assert (got == ref).mean() > 0.95
+  f32 = bert_lib.Dense(64).apply(params, x)
+  np.testing.assert_allclose(np.asarray(f32), x @ np.asarray(params["params"]["kernel"])
+                             + np.asarray(params["params"]["bias"]), rtol=1e-5, atol=1e-5)
 
 
 def test_identity(emb):

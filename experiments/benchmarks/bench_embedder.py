@@ -9,7 +9,8 @@ alternating repetitions in one run.  Contenders per batch size B:
   ours_jit         the jitted pooled function alone on a prebuilt [B, 64] array (isolates
                    the host-side overhead);
   ours_xla_default embed_token_ids compiled with XLA:CPU's default options, i.e. with the
-                   YNNPACK library fusions that embedder.CPU_COMPILER_OPTIONS turns off;
+                   YNNPACK library fusions that embedder.CPU_COMPILER_OPTIONS turns off in
+                   float32 (in bfloat16 it keeps them: this contender then equals ours);
   torch            BertModel(input_ids, attention_mask) under torch.inference_mode + the
                    same pooling in torch, in the same dtype as ours (--dtype=bfloat16 casts
                    the torch model to bfloat16 too, so the comparison stays like for like).

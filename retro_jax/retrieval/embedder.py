@@ -24,13 +24,14 @@ Choices, and why:
   the next bucket length (powers of two from 16 and their midpoints, capped by `max_length`) and to a fixed
   batch size, so jit compiles at most one program per bucket.  Padding is masked out, so
   bucketing changes results only by float rounding (tested).
-* dtype "bfloat16" runs the matmuls in bfloat16 (parameters stay float32; softmax and
-  pooling in float32); outputs are always float32.
-* On CPU the BERT is compiled without XLA's YNNPACK library fusions
+* dtype "bfloat16" runs the matmuls in bfloat16 with float32 accumulation (parameters stay
+  float32; softmax and pooling in float32); outputs are always float32.
+* On CPU, in float32, the BERT is compiled without XLA's YNNPACK library fusions
   (`CPU_COMPILER_OPTIONS`), so its dots run on XLA's own Eigen kernels: 1.23x the chunks/s
   at batch 256 and 1.01x at batch 32 on a 2-core AVX-512 Xeon (section 3 of
-  experiments/benchmarks/README.md).  Only these jitted functions are affected, not the
-  rest of the process; `cpu_compiler_options={}` keeps XLA's defaults.
+  experiments/benchmarks/README.md).  In bfloat16 XLA's defaults stay: there YNNPACK
+  drives the CPU's bfloat16 matrix units.  Only these jitted functions are affected, not
+  the rest of the process; `cpu_compiler_options={}` keeps XLA's defaults.
 
 `identity()` is what index and neighbor manifests record: checkpoint name, hashes of
 config.json, of the weights (size + first/last MiB) and of the tokenizer files, pooling,
@@ -60,11 +61,15 @@ _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json",
                     "special_tokens_map.json")
 
 
-# Per-compilation XLA options for the BERT on the CPU backend.  YNNPACK fuses each dense
-# layer with its bias, GELU and layer-norm reductions; on this model's narrow matmuls (384
-# wide) those fusions ran at ~100-120 GFLOP/s on an AVX-512 Xeon where XLA's plain dots
-# reach ~170.  Measured, not assumed: section 3 of experiments/benchmarks/README.md.
-CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# Per-compilation XLA options for the BERT on the CPU backend, by compute dtype.  In float32,
+# YNNPACK's fusions of each dense layer with its bias, GELU or layer-norm reduction ran this
+# model's narrow matmuls (384 wide) at ~100-120 GFLOP/s on an AVX-512 Xeon where XLA's plain
+# dots reach ~170, so they are turned off.  In bfloat16 (float32 accumulation) YNNPACK is
+# what reaches the CPU's bfloat16 matrix units (AMX: ~420 GFLOP/s against ~150 for the plain
+# dots), so XLA's defaults stay.  Measured, not assumed: section 3 of
+# experiments/benchmarks/README.md.
+CPU_COMPILER_OPTIONS = {"float32": {"xla_cpu_experimental_ynn_fusion_type": ""},
+                        "bfloat16": {}}
 
 
 class EmbedderError(ValueError):
@@ -163,7 +168,7 @@ class Embedder:
       return jnp.where(mask.any(1, keepdims=True), out, 0.0)
 
     if cpu_compiler_options is None:
-      cpu_compiler_options = CPU_COMPILER_OPTIONS
+      cpu_compiler_options = CPU_COMPILER_OPTIONS[dtype]
     # Only where they are meant for: XLA:GPU/TPU get their defaults.
     self.compiler_options = (dict(cpu_compiler_options) if jax.default_backend() == "cpu"
                              else {})
@@ -194,7 +199,7 @@ class Embedder:
       batch_size: texts per jitted call.
       bucketing: pad to bucket lengths (False: always pad to max_length).
       cpu_compiler_options: XLA options for compiling the BERT on the CPU backend; None =
-        CPU_COMPILER_OPTIONS, {} = XLA's defaults.  Ignored on other backends.
+        CPU_COMPILER_OPTIONS[dtype], {} = XLA's defaults.  Ignored on other backends.
     """
     if path_or_name is None:
       model_dir, name = default_checkpoint_dir(), DEFAULT_NAME
