@@ -27,8 +27,8 @@ Choices, and why:
 * dtype "bfloat16" runs the matmuls in bfloat16 with float32 accumulation (parameters stay
   float32; softmax and pooling in float32); outputs are always float32.
 * On CPU, in float32, the BERT is compiled without XLA's YNNPACK library fusions
-  (`CPU_COMPILER_OPTIONS`), so its dots run on XLA's own Eigen kernels: 1.23x the chunks/s
-  at batch 256 and 1.01x at batch 32 on a 2-core AVX-512 Xeon (section 3 of
+  (`CPU_COMPILER_OPTIONS`), so its dots run on XLA's own Eigen kernels: 1.17-1.23x the
+  chunks/s at batch 256 and 1.01-1.13x at batch 32 on a 2-core AVX-512 Xeon (section 3 of
   experiments/benchmarks/README.md).  In bfloat16 XLA's defaults stay: there YNNPACK
   drives the CPU's bfloat16 matrix units.  Only these jitted functions are affected, not
   the rest of the process; `cpu_compiler_options={}` keeps XLA's defaults.
