@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 import sys
-import sysconfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -42,24 +41,6 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
 flags.DEFINE_string("name", "embedder", "results/<name>.json")
 
 
-def real_chunks(tokenizer, n_chunks: int, body: int):
-  """n_chunks lists of BERT ids ([CLS] + `body` wordpieces + [SEP]) from stdlib sources."""
-  stdlib = sysconfig.get_paths()["stdlib"]
-  ids, out = [], []
-  for name in sorted(os.listdir(stdlib)):
-    if not name.endswith(".py"):
-      continue
-    with open(os.path.join(stdlib, name), encoding="utf-8", errors="replace") as f:
-      ids.extend(tokenizer(f.read(), add_special_tokens=False)["input_ids"])
-    while len(ids) >= body and len(out) < n_chunks:
-      out.append([tokenizer.cls_token_id] + ids[:body] + [tokenizer.sep_token_id])
-      ids = ids[body:]
-    if len(out) >= n_chunks:
-      break
-  texts = [tokenizer.decode(c[1:-1]) for c in out]
-  return out, texts
-
-
 def main(argv):
   del argv
   common.pin_threads(FLAGS.threads)
@@ -73,7 +54,7 @@ def main(argv):
   batch_sizes = [int(b) for b in FLAGS.batch_sizes]
   ours = embedder_lib.Embedder.from_pretrained(None, dtype=FLAGS.dtype)
   tok = ours.tokenizer
-  chunks, texts = real_chunks(tok, FLAGS.chunks_per_rep, FLAGS.chunk_tokens - 2)
+  chunks, texts = common.real_bert_chunks(tok, FLAGS.chunks_per_rep, FLAGS.chunk_tokens - 2)
   n = len(chunks)
   ids = np.asarray(chunks, np.int32)
   mask = np.ones_like(ids)

@@ -20,6 +20,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import sysconfig
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -207,3 +208,21 @@ def random_train_step(cfg, seq_len: int, batch_size: int, seed: int = 0):
   step = trainer.make_train_step(model_lib.Retro(cfg), tx, schedule, None, 1, mesh,
                                  shardings, batch)
   return init, abstract, step, batch
+
+
+def real_bert_chunks(tokenizer, n_chunks: int, body: int):
+  """n_chunks lists of BERT ids ([CLS] + `body` wordpieces + [SEP]) from stdlib sources."""
+  stdlib = sysconfig.get_paths()["stdlib"]
+  ids, out = [], []
+  for name in sorted(os.listdir(stdlib)):
+    if not name.endswith(".py"):
+      continue
+    with open(os.path.join(stdlib, name), encoding="utf-8", errors="replace") as f:
+      ids.extend(tokenizer(f.read(), add_special_tokens=False)["input_ids"])
+    while len(ids) >= body and len(out) < n_chunks:
+      out.append([tokenizer.cls_token_id] + ids[:body] + [tokenizer.sep_token_id])
+      ids = ids[body:]
+    if len(out) >= n_chunks:
+      break
+  texts = [tokenizer.decode(c[1:-1]) for c in out]
+  return out, texts
