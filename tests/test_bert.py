@@ -134,6 +134,16 @@ def test_cpu_compiler_options_change_the_program_not_the_embeddings(emb):
   np.testing.assert_allclose(xla.embed_texts(SENTENCES), emb.embed_texts(SENTENCES), atol=2e-6)
 
 
+def test_bad_cpu_compiler_options_are_refused_up_front(emb):
+  import jax
+  if jax.default_backend() != "cpu":
+    pytest.skip("the options apply to the CPU backend only")
+  with pytest.raises(embedder_lib.EmbedderError, match="xla_cpu_no_such_option"):
+    embedder_lib.Embedder(emb.config, emb.params, emb.tokenizer, name=emb.name,
+                          model_dir=emb.model_dir, max_length=emb.max_length,
+                          cpu_compiler_options={"xla_cpu_no_such_option": ""})
+
+
 def test_bfloat16_dense_accumulates_in_float32():
   import jax
   import jax.numpy as jnp

@@ -138,6 +138,16 @@ def bucket_lengths(max_length: int) -> tuple[int, ...]:
   return tuple(out) + (max_length,)
 
 
+def _check_compiler_options(options) -> None:
+  """A caller's XLA options, refused up front (not at the first batch) when XLA rejects them."""
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(
+        np.zeros(1, np.float32)).compile()
+  except (TypeError, ValueError, RuntimeError) as e:
+    raise EmbedderError(f"cpu_compiler_options {dict(options)!r} rejected by XLA: "
+                        f"{str(e).splitlines()[0]}") from e
+
+
 class Embedder:
   """Frozen BERT + masked mean pooling; see the module docstring."""
 
@@ -167,11 +177,13 @@ class Embedder:
         out = out / jnp.maximum(jnp.linalg.norm(out, axis=-1, keepdims=True), 1e-12)
       return jnp.where(mask.any(1, keepdims=True), out, 0.0)
 
+    on_cpu = jax.default_backend() == "cpu"
     if cpu_compiler_options is None:
       cpu_compiler_options = CPU_COMPILER_OPTIONS[dtype]
+    elif on_cpu and cpu_compiler_options:
+      _check_compiler_options(cpu_compiler_options)
     # Only where they are meant for: XLA:GPU/TPU get their defaults.
-    self.compiler_options = (dict(cpu_compiler_options) if jax.default_backend() == "cpu"
-                             else {})
+    self.compiler_options = dict(cpu_compiler_options) if on_cpu else {}
     jit = functools.partial(jax.jit, compiler_options=self.compiler_options or None)
     self._pooled = jit(pooled)
     self._hidden = jit(lambda p, ids, mask: model.apply({"params": p}, ids, mask))
