@@ -219,9 +219,11 @@ def real_bert_chunks(tokenizer, n_chunks: int, body: int):
       continue
     with open(os.path.join(stdlib, name), encoding="utf-8", errors="replace") as f:
       ids.extend(tokenizer(f.read(), add_special_tokens=False)["input_ids"])
-    while len(ids) >= body and len(out) < n_chunks:
-      out.append([tokenizer.cls_token_id] + ids[:body] + [tokenizer.sep_token_id])
-      ids = ids[body:]
+    start = 0
+    while len(ids) - start >= body and len(out) < n_chunks:
+      out.append([tokenizer.cls_token_id] + ids[start:start + body] + [tokenizer.sep_token_id])
+      start += body
+    ids = ids[start:]  # the remainder carries over into the next file's chunks
     if len(out) >= n_chunks:
       break
   texts = [tokenizer.decode(c[1:-1]) for c in out]
