@@ -24,8 +24,10 @@ Usage (2 cores, shared machine: keep runs short):
       --shapes=small:256:4,small:512:2 --reps=5
   .venv/bin/python experiments/benchmarks/bench_train_step.py \
       --shapes=retro-172m:256:1 --vocab_size=32000 --breakdown --reps=3
-  # 425M: parameters + AdamW state of both models do not fit next to other jobs in 24 GiB,
-  # so --mode=fwdbwd times forward+backward only (no optimizer state).
+  # 425M: the full step of both models peaks at 21.4 GB RSS, so it fits an otherwise idle
+  # 24 GiB machine only; next to other jobs, --mode=fwdbwd drops the optimizer state.
+  .venv/bin/python experiments/benchmarks/bench_train_step.py \
+      --shapes=retro-425m:128:1 --vocab_size=32000 --reps=5 --warmup=1
   .venv/bin/python experiments/benchmarks/bench_train_step.py \
       --shapes=retro-425m:128:1 --vocab_size=32000 --mode=fwdbwd --reps=3
 Shapes are PRESET:SEQ_LEN:BATCH (the baseline is PRESET with cca_layers=()).
