@@ -118,6 +118,26 @@ def test_squared_l2_uses_isotropic_quantization():
     index_lib.IndexSettings.resolve(10, "cosine")
 
 
+def test_spherical_tree_setting_reaches_scann_and_old_manifests_load(tmp_path):
+  # Default: spherical k-means for dot product on unit vectors, not for squared L2.
+  assert index_lib.IndexSettings.resolve(200_000).spherical is True
+  assert index_lib.IndexSettings.resolve(200_000, "squared_l2").spherical is False
+  assert index_lib.IndexSettings.resolve(200_000, spherical=False).spherical is False
+  x = _clustered(2000, 16, clusters=30)
+  configs = {}
+  for spherical in (True, False):
+    idx = index_lib.ScannIndex.build(x, mode="tree_ah", recall_ks=(), spherical=spherical)
+    assert idx.manifest["settings"]["spherical"] is spherical
+    idx.save(str(tmp_path / f"s{spherical}"))
+    configs[spherical] = (tmp_path / f"s{spherical}" / "scann_config.pb").read_bytes()
+  # The flag is in the config ScaNN was built from (not only in our manifest).
+  assert configs[True] != configs[False]
+  # A manifest written before the field existed describes a non-spherical tree.
+  old = index_lib.IndexSettings.resolve(200_000).__dict__.copy()
+  del old["spherical"]
+  assert index_lib.IndexSettings(**old).spherical is False
+
+
 def test_dot_product_refuses_unnormalised_embeddings():
   x = 3.0 * _clustered(100, 8)
   with pytest.raises(ValueError, match="unit-normalised"):
