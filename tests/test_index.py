@@ -132,10 +132,32 @@ def test_spherical_tree_setting_reaches_scann_and_old_manifests_load(tmp_path):
     configs[spherical] = (tmp_path / f"s{spherical}" / "scann_config.pb").read_bytes()
   # The flag is in the config ScaNN was built from (not only in our manifest).
   assert configs[True] != configs[False]
-  # A manifest written before the field existed describes a non-spherical tree.
+  # A manifest written before the fields existed describes a non-spherical tree, no SOAR.
   old = index_lib.IndexSettings.resolve(200_000).__dict__.copy()
-  del old["spherical"]
+  for field in ("spherical", "soar_lambda", "soar_overretrieve"):
+    del old[field]
   assert index_lib.IndexSettings(**old).spherical is False
+  assert index_lib.IndexSettings(**old).soar_lambda is None
+
+
+def test_soar_spilling_default_stores_a_second_code_per_vector(tmp_path):
+  s = index_lib.IndexSettings.resolve(200_000)
+  assert (s.soar_lambda, s.soar_overretrieve) == (index_lib.SOAR_LAMBDA,
+                                                   index_lib.SOAR_OVERRETRIEVE)
+  assert index_lib.IndexSettings.resolve(200_000, "squared_l2").soar_lambda is None
+  with pytest.raises(ValueError, match="SOAR.*dot_product"):
+    index_lib.IndexSettings.resolve(200_000, "squared_l2", soar=True)
+  x = _clustered(3000, 16, clusters=40)
+  files = {}
+  for soar in (True, False):
+    idx = index_lib.ScannIndex.build(x, mode="tree_ah", recall_ks=(2,), recall_queries=200,
+                                     soar=soar)
+    assert (idx.manifest["settings"]["soar_lambda"] is None) is not soar
+    assert idx.manifest["recall"]["recall@2"] >= 0.9
+    idx.save(str(tmp_path / f"s{soar}"))
+    files[soar] = set(p.name for p in (tmp_path / f"s{soar}").iterdir())
+  # ScaNN wrote the spilled assignments (a second AH code per vector) only with SOAR on.
+  assert files[True] - files[False] == {"hashed_dataset_soar.npy"}
 
 
 def test_dot_product_refuses_unnormalised_embeddings():

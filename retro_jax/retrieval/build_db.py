@@ -167,7 +167,8 @@ def build_database(corpus: Any, tokenizer: str, output: str, *, chunk_size: int 
                    index_mode: str = "auto", num_leaves: int | None = None,
                    leaves_to_search: int | None = None, reorder: int | None = None,
                    dims_per_block: int = 2, spherical: bool | None = None,
-                   recall_queries: int = 1000, recall_ks=(2, 10), text_field: str = "text",
+                   soar: bool | None = None, recall_queries: int = 1000,
+                   recall_ks=(2, 10), text_field: str = "text",
                    max_documents: int | None = None, after_shard=None) -> dict:
   """Builds (or finishes building) the database at `output`; returns its manifest.
 
@@ -182,8 +183,8 @@ def build_database(corpus: Any, tokenizer: str, output: str, *, chunk_size: int 
     embed_dtype: compute dtype of the embedder (e.g. "bfloat16"); None = its default.
     embeddings_dtype: storage dtype of embeddings.npy ("float32" or "float16").
     embed_batch_size, shard_size: chunks per embedder call / per resumable shard.
-    distance, index_mode, num_leaves, leaves_to_search, reorder, dims_per_block, spherical:
-      index settings (see index.IndexSettings.resolve); None = chosen from the database
+    distance, index_mode, num_leaves, leaves_to_search, reorder, dims_per_block, spherical,
+      soar: index settings (see index.IndexSettings.resolve); None = chosen from the database
       size and distance.
     recall_queries, recall_ks: recall measurement against exact search at build time.
     text_field: JSON Lines / datasets text field.
@@ -230,7 +231,7 @@ def build_database(corpus: Any, tokenizer: str, output: str, *, chunk_size: int 
   index_dir = os.path.join(output, "index")
   wanted = index_lib.IndexSettings.resolve(
       store.num_chunks, distance, index_mode, num_leaves, leaves_to_search, reorder,
-      dims_per_block, spherical=spherical)
+      dims_per_block, spherical=spherical, soar=soar)
   index_man = None
   if os.path.exists(os.path.join(index_dir, manifest_lib.MANIFEST)):
     existing = manifest_lib.read_manifest(index_dir)
@@ -243,7 +244,7 @@ def build_database(corpus: Any, tokenizer: str, output: str, *, chunk_size: int 
     index = index_lib.ScannIndex.build(
         embeddings, distance=distance, mode=index_mode, num_leaves=num_leaves,
         leaves_to_search=leaves_to_search, reorder=reorder, dims_per_block=dims_per_block,
-        spherical=spherical, embedder_identity=emb_man["embedder"],
+        spherical=spherical, soar=soar, embedder_identity=emb_man["embedder"],
         embeddings_sha256=emb_man["sha256"], recall_ks=recall_ks,
         recall_queries=recall_queries)
     index.save(index_dir)
@@ -459,6 +460,8 @@ def _define_flags():
   flags.DEFINE_integer("dims_per_block", 2, "tree_ah: AH dimensions per block.")
   flags.DEFINE_boolean("spherical_tree", None, "tree_ah: spherical k-means tree (default: "
                        "on for dot_product, off for squared_l2).")
+  flags.DEFINE_boolean("soar", None, "tree_ah: SOAR spilling, a second leaf per vector "
+                       "(default: on for dot_product; dot_product only).")
   flags.DEFINE_integer("recall_queries", 1000, "Queries for the recall measurement.")
   return flags.FLAGS
 
@@ -475,7 +478,7 @@ def main(argv):
         embeddings_dtype=f.embeddings_dtype, embed_batch_size=f.embed_batch_size,
         shard_size=f.shard_size, distance=f.distance, index_mode=f.index_mode,
         num_leaves=f.num_leaves, leaves_to_search=f.leaves_to_search, reorder=f.reorder,
-        dims_per_block=f.dims_per_block, spherical=f.spherical_tree,
+        dims_per_block=f.dims_per_block, spherical=f.spherical_tree, soar=f.soar,
         recall_queries=f.recall_queries,
         text_field=f.text_field, max_documents=f.max_documents)
   except (ValueError, OSError) as e:  # Our errors are ValueErrors with a message.
