@@ -266,8 +266,9 @@ class IndexSettings:
 
     `soar` (default: on for dot_product; ScaNN supports it for dot product only) adds SOAR
     spilling, `SOAR_LAMBDA` and `SOAR_OVERRETRIEVE`: +196 bytes per vector (a second AH
-    code and leaf id).  On the same vectors, spherical tree, 9 alternating timings: recall@10
-    0.952 at 8 leaves with SOAR vs 24 without, 1.23x the queries/s (7,064 vs 5,741).
+    code and leaf id).  On the same vectors, spherical tree, 7 alternating timings: recall@10
+    0.951 at 8 leaves with SOAR vs 24 without, 1.27x the queries/s (11,680 vs 9,217); on
+    1e6 synthetic vectors a wash (0.96x at recall@10 0.957) for a 43% longer build.
     """
     if distance not in DISTANCES:
       raise IndexError_(f"distance must be one of {DISTANCES}, got {distance!r}")

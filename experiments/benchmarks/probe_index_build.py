@@ -1,0 +1,93 @@
+r"""Probe: ScaNN tree build settings compared at matched recall, timings alternating.
+
+Builds the tree-AH index once per variant (--variants: `plain` k-means tree, `spherical`,
+`spherical_soar`: the defaults of IndexSettings), measures recall@10 of each (variant,
+leaves) pair on 1000 database rows as queries (bench_index's protocol and data flags:
+--embeddings, --augment_to, --augment_noise), then times all pairs in alternation
+(--reps) with one search thread, so the queries/s of settings at similar recall compare.
+
+Usage:
+  .venv/bin/python experiments/benchmarks/probe_index_build.py \
+      --embeddings=DB/embeddings.npy --leaves=plain:24:47,spherical:16:24,spherical_soar:6:8
+  .venv/bin/python experiments/benchmarks/probe_index_build.py --embeddings=DB/embeddings.npy \
+      --augment_to=1000000 --leaves=spherical:5:7:10,spherical_soar:2:3:4:5
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_index  # pylint: disable=g-import-not-at-top,wrong-import-position  (defines the data flags)
+import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from absl import app, flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("leaves", ["spherical:16:24", "spherical_soar:6:8"],
+                  "VARIANT:LEAVES[:LEAVES...] entries; VARIANT in plain, spherical, "
+                  "spherical_soar.")
+flags.DEFINE_integer("probe_reorder", 50, "Exact-reorder candidates for every setting.")
+flags.DEFINE_integer("reps", 7, "Alternating timings of every (variant, leaves) pair.")
+FLAGS.set_default("name", "probe_index_build")  # bench_index's --name: results/<name>.json
+
+_VARIANTS = {"plain": dict(spherical=False, soar=False),
+             "spherical": dict(spherical=True, soar=False),
+             "spherical_soar": dict(spherical=True, soar=True)}
+
+
+def _parse():
+  out = []
+  for entry in FLAGS.leaves:
+    name, *leaves = entry.split(":")
+    if name not in _VARIANTS or not leaves:
+      raise app.UsageError(f"--leaves entry {entry!r}: want VARIANT:LEAVES[:...] with VARIANT "
+                           f"in {sorted(_VARIANTS)}")
+    try:
+      out.append((name, [int(x) for x in leaves]))
+    except ValueError:
+      raise app.UsageError(f"--leaves entry {entry!r}: leaves must be integers") from None
+  return out
+
+
+def main(argv):
+  del argv
+  plan = _parse()
+  common.pin_threads(2)
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval import index as index_lib  # pylint: disable=g-import-not-at-top
+
+  emb, source = bench_index.load_embeddings()
+  n = len(emb)
+  rng = np.random.default_rng(123)  # bench_index's query sample
+  qids = np.sort(rng.choice(n, size=min(FLAGS.num_queries, n), replace=False))
+  q = emb[qids]
+  truth = bench_index.CachedExact(index_lib.ExactSearcher(emb))
+  contenders, recall, builds = {}, {}, {}
+  for name, leaves in plan:
+    t0 = time.perf_counter()
+    index = index_lib.ScannIndex.build(emb, mode="tree_ah", recall_ks=(), num_threads=2,
+                                       **_VARIANTS[name])
+    builds[name] = time.perf_counter() - t0
+    for lv in leaves:
+      knob = bench_index.Knob(
+          lambda qq, k, ix=index, lv=lv: ix.search(qq, k, lv, FLAGS.probe_reorder), n)
+      key = f"{name} leaves {lv}/{index.settings.num_leaves}"
+      recall[key] = index_lib.measure_recall(knob, truth, q, 10, qids)
+      contenders[key] = lambda knob=knob: knob.search(q, 11)
+      print(f"{key}: recall@10 {recall[key]:.4f}", flush=True)
+  times = common.interleave(contenders, reps=FLAGS.reps, log=None)
+  rows = [dict(setting=k, recall_at_10=recall[k], qps=len(q) / statistics.median(v),
+               build_s=builds[k.split()[0]]) for k, v in times.items()]
+  common.print_table(rows, ["setting", "recall_at_10", "qps", "build_s"],
+                     title=f"{n} vectors, reorder {FLAGS.probe_reorder}, medians of "
+                           f"{FLAGS.reps} alternating repetitions, 1 search thread")
+  print("wrote", common.write_json(FLAGS.name, dict(
+      machine=common.machine_info(), command=" ".join(sys.argv), source=source, rows=rows)))
+
+
+if __name__ == "__main__":
+  app.run(main)
