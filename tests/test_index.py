@@ -113,7 +113,12 @@ def test_squared_l2_uses_isotropic_quantization():
   assert s.anisotropic_threshold is None
   assert index_lib.IndexSettings.resolve(50_000).mode == "brute_force"
   s = index_lib.IndexSettings.resolve(1_000_000, num_leaves=500, reorder=100)
-  assert (s.num_leaves, s.reorder) == (500, 100) and s.leaves_to_search == 125
+  # SOAR (the dot-product default) searches 10% of the leaves, a plain tree 25%.
+  assert (s.num_leaves, s.reorder) == (500, 100) and s.leaves_to_search == 50
+  s = index_lib.IndexSettings.resolve(1_000_000, num_leaves=500, soar=False)
+  assert s.leaves_to_search == 125 and s.soar_lambda is None
+  assert index_lib.IndexSettings.resolve(1_000_000, "squared_l2",
+                                         num_leaves=500).leaves_to_search == 125
   with pytest.raises(ValueError, match="distance"):
     index_lib.IndexSettings.resolve(10, "cosine")
 

@@ -455,7 +455,7 @@ def _define_flags():
                     "auto: brute_force below 1e5 chunks, tree_ah above.")
   flags.DEFINE_integer("num_leaves", None, "tree_ah: leaves (default ~sqrt(C)).")
   flags.DEFINE_integer("leaves_to_search", None, "tree_ah: leaves searched per query "
-                       "(default 25% of leaves, >= 8).")
+                       "(default: 10% of leaves with SOAR, 25% without; >= 8).")
   flags.DEFINE_integer("reorder", None, "tree_ah: exact reorder candidates (default 250).")
   flags.DEFINE_integer("dims_per_block", 2, "tree_ah: AH dimensions per block.")
   flags.DEFINE_boolean("spherical_tree", None, "tree_ah: spherical k-means tree (default: "
