@@ -170,6 +170,12 @@ def test_cli_bad_input_exits_cleanly(tmp_path):
   shutil.rmtree(tmp_path / "db", ignore_errors=True)
 
 
+def test_soar_with_squared_l2_is_refused_before_any_work(tmp_path):
+  with pytest.raises(build_db.BuildError, match="soar.*dot_product"):
+    make_db(tmp_path, distance="squared_l2", soar=True, index_mode="tree_ah")
+  assert not os.path.exists(os.path.join(tmp_path, "db"))
+
+
 def test_subset_database_copies_rows_and_nests(tmp_path):
   src_dir = make_db(str(tmp_path), num_docs=30)
   src = retriever_lib.Database.open(src_dir)

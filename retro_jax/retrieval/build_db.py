@@ -199,6 +199,10 @@ def build_database(corpus: Any, tokenizer: str, output: str, *, chunk_size: int 
     raise BuildError(f"index_mode must be one of {index_lib.MODES}, got {index_mode!r}")
   if max_documents is not None and max_documents < 1:
     raise BuildError(f"max_documents must be >= 1, got {max_documents}")
+  if soar and distance != "dot_product":
+    # Before any chunking or embedding: the index step would refuse it only at the end.
+    raise BuildError(f"soar=True needs distance='dot_product' (ScaNN supports SOAR "
+                     f"spilling for dot product only), got distance={distance!r}")
   output = os.path.abspath(output)
   os.makedirs(output, exist_ok=True)
   timings = {}
