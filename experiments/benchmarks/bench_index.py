@@ -136,8 +136,14 @@ def load_embeddings():
     noisy /= np.linalg.norm(noisy, axis=1, keepdims=True)
     emb = np.concatenate([emb, noisy])
     source.update(synthetic_vectors=int(extra), noise_sigma_per_dim=sigma,
-                  augment_noise=FLAGS.augment_noise, note="SYNTHETIC augmentation: noisy copies of real rows, renormalised")
+                  augment_noise=FLAGS.augment_noise,
+                  note="SYNTHETIC augmentation: noisy copies of real rows, renormalised")
   return emb, source
+
+
+def _family(row):
+  """An index family without its build parameters: "faiss_hnsw (M 32, efC 80)" -> "faiss_hnsw"."""
+  return row["family"].split(" (")[0]
 
 
 def _scann_grid():
@@ -176,8 +182,8 @@ def main(argv):
   rows = []
   machine = common.machine_info()
 
-  # (family, setting) -> a callable that sets the knob and runs the timed batch: the
-  # matched-recall winners are timed again head to head at the end.
+  # (family, setting) -> a callable that sets the knob and runs the timed batch, for the
+  # rematch at the end.
   runners = {}
 
   def evaluate(family, setting, searcher, build_s, bytes_per_vector, prepare=lambda: None):
@@ -294,8 +300,8 @@ def main(argv):
   # any tried might clear it too, so its figure is a lower bound on its speed.
   best, below = {}, set()
   for r in rows:
-    fam = r["family"].split(" (")[0]
-    if r["family"] == "exact_jax":
+    fam = _family(r)
+    if fam == "exact_jax":
       continue
     if r["recall_at_10"] < FLAGS.target_recall:
       below.add(fam)
@@ -318,7 +324,7 @@ def main(argv):
     # timed again in alternation; the ratio of the best medians is the headline.
     per_family = {}
     for r in rows:
-      fam = r["family"].split(" (")[0]
+      fam = _family(r)
       if r["recall_at_10"] >= FLAGS.target_recall and (
           fam == "scann_tree_ah" or (fam.startswith("faiss") and fam != "faiss_flat")):
         per_family.setdefault(fam, []).append(r)
@@ -327,8 +333,7 @@ def main(argv):
       for r in sorted(rs, key=lambda r: r["recall_at_10"])[:FLAGS.rematch_per_family]:
         contenders[(fam, r["family"], r["setting"], r["recall_at_10"])] = runners[
             (r["family"], r["setting"])]
-    times = common.interleave({k: v for k, v in contenders.items()}, reps=FLAGS.rematch_reps,
-                              log=None)
+    times = common.interleave(contenders, reps=FLAGS.rematch_reps, log=None)
     rematch = [dict(family=k[1], setting=k[2], recall_at_10=k[3],
                     qps=len(q) / common.summary(t)["median_s"])
                for k, t in times.items()]

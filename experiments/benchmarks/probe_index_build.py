@@ -21,7 +21,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_index  # pylint: disable=g-import-not-at-top,wrong-import-position  (defines the data flags)
+import bench_index  # pylint: disable=g-import-not-at-top,wrong-import-position  (data flags)
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from absl import app, flags  # pylint: disable=g-import-not-at-top,wrong-import-position
