@@ -85,7 +85,9 @@ def test_scann_tree_ah_recall_and_manifest(tmp_path):
   man = idx.manifest
   assert man["settings"]["mode"] == "tree_ah"
   assert man["settings"]["quantization"] == "ah_anisotropic"
-  assert man["settings"]["num_leaves"] == round(4000 ** 0.5)
+  # With SOAR (the dot-product default) the tree has 3 * sqrt(N) leaves, 5% searched.
+  assert man["settings"]["num_leaves"] == round(3 * 4000 ** 0.5)
+  assert man["settings"]["leaves_to_search"] == 10
   assert man["recall"]["recall@2"] >= 0.9
   # Measured independently on held-out queries (not database rows).
   rng = np.random.default_rng(5)
@@ -99,7 +101,7 @@ def test_scann_tree_ah_recall_and_manifest(tmp_path):
   a, da = idx.search(q, 4)
   b, db = loaded.search(q, 4)
   np.testing.assert_array_equal(a, b)
-  np.testing.assert_allclose(da, db)
+  np.testing.assert_allclose(da, db, rtol=0, atol=1e-6)  # float32 rounding of the reorder
   assert loaded.index_id == idx.index_id and loaded.index_id
   with pytest.raises(manifest_lib.ManifestMismatchError) as e:
     index_lib.ScannIndex.load(str(tmp_path / "index"),
@@ -112,9 +114,13 @@ def test_squared_l2_uses_isotropic_quantization():
   assert s.mode == "tree_ah" and s.quantization == "ah_isotropic"
   assert s.anisotropic_threshold is None
   assert index_lib.IndexSettings.resolve(50_000).mode == "brute_force"
-  s = index_lib.IndexSettings.resolve(1_000_000, num_leaves=500, reorder=100)
-  # SOAR (the dot-product default) searches 10% of the leaves, a plain tree 25%.
-  assert (s.num_leaves, s.reorder) == (500, 100) and s.leaves_to_search == 50
+  s = index_lib.IndexSettings.resolve(1_000_000, num_leaves=500, reorder=60)
+  # SOAR (the dot-product default) searches 5% of the leaves, a plain tree 25%; the tree
+  # has 3 * sqrt(N) leaves with SOAR, sqrt(N) without.
+  assert (s.num_leaves, s.reorder) == (500, 60) and s.leaves_to_search == 25
+  assert (index_lib.IndexSettings.resolve(1_000_000).num_leaves,
+          index_lib.IndexSettings.resolve(1_000_000).reorder) == (3000, 100)
+  assert index_lib.IndexSettings.resolve(1_000_000, soar=False).num_leaves == 1000
   s = index_lib.IndexSettings.resolve(1_000_000, num_leaves=500, soar=False)
   assert s.leaves_to_search == 125 and s.soar_lambda is None
   assert index_lib.IndexSettings.resolve(1_000_000, "squared_l2",

@@ -457,10 +457,11 @@ def _define_flags():
                     "Index distance (dot_product on unit vectors = cosine).")
   flags.DEFINE_enum("index_mode", "auto", list(index_lib.MODES),
                     "auto: brute_force below 1e5 chunks, tree_ah above.")
-  flags.DEFINE_integer("num_leaves", None, "tree_ah: leaves (default ~sqrt(C)).")
+  flags.DEFINE_integer("num_leaves", None, "tree_ah: leaves (default ~3*sqrt(C) with SOAR, "
+                       "~sqrt(C) without).")
   flags.DEFINE_integer("leaves_to_search", None, "tree_ah: leaves searched per query "
-                       "(default: 10% of leaves with SOAR, 25% without; >= 8).")
-  flags.DEFINE_integer("reorder", None, "tree_ah: exact reorder candidates (default 250).")
+                       "(default: 5% of leaves with SOAR, 25% without; >= 8).")
+  flags.DEFINE_integer("reorder", None, "tree_ah: exact reorder candidates (default 100).")
   flags.DEFINE_integer("dims_per_block", 2, "tree_ah: AH dimensions per block.")
   flags.DEFINE_boolean("spherical_tree", None, "tree_ah: spherical k-means tree (default: "
                        "on for dot_product, off for squared_l2).")

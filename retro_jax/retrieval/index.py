@@ -11,9 +11,10 @@ distance +inf.
 Index modes (`ScannIndex.build(mode=...)`):
   * "brute_force": ScaNN exact float32 scoring; chosen by "auto" below 1e5 vectors, where it
     is fast enough and has recall 1.
-  * "tree_ah": a k-means tree (num_leaves ~ sqrt(N), 25% of leaves searched) with
-    asymmetric hashing (dims_per_block 2) and exact float reordering of the best `reorder`
-    candidates.  Anisotropic quantisation (threshold 0.2) is used only with dot_product,
+  * "tree_ah": a k-means tree with asymmetric hashing (dims_per_block 2) and exact float
+    reordering of the best `reorder` candidates.  For dot product: a spherical tree of
+    ~3*sqrt(N) leaves with SOAR spilling, 5% of leaves searched, reorder 100; for squared_l2: a plain
+    tree of ~sqrt(N) leaves, 25% searched (`IndexSettings.resolve`).  Anisotropic quantisation (threshold 0.2) is used only with dot_product,
     where it is designed for inner-product loss; squared_l2 uses isotropic AH.  The choice
     is recorded in the index manifest ("quantization").
 Recall is measured, not assumed: `measure_recall` compares the index with `ExactSearcher`
@@ -50,6 +51,11 @@ AUTO_BRUTE_FORCE_BELOW = 100_000
 # many more candidates a query retrieves to make up for vectors found twice.
 SOAR_LAMBDA = 1.0
 SOAR_OVERRETRIEVE = 2.0
+# Tree size with SOAR: num_leaves = this * sqrt(N) (sqrt(N) without SOAR).  Smaller leaves
+# cost more centroid scoring per query but fewer AH codes scanned for the same recall; on
+# 99,766 MiniLM vectors 948 leaves answered 1.3x (recall@10 0.95) to 1.8x (0.99) the
+# queries/s of 316 (experiments/benchmarks/README.md, section 4d).
+LEAVES_PER_SQRT_N_SOAR = 3.0
 INDEX_FORMAT = "retro_jax.scann_index.v1"
 
 
@@ -278,9 +284,6 @@ class IndexSettings:
       mode = "brute_force" if num_vectors < AUTO_BRUTE_FORCE_BELOW else "tree_ah"
     if mode == "brute_force":
       return cls(mode=mode, distance=distance, quantization="none")
-    if num_leaves is None:
-      num_leaves = max(2, int(round(math.sqrt(num_vectors))))
-    num_leaves = int(min(num_leaves, max(2, num_vectors // 4)))
     anisotropic = distance == "dot_product"
     if spherical is None:
       spherical = anisotropic
@@ -289,17 +292,26 @@ class IndexSettings:
     if soar and not anisotropic:
       raise IndexError_("SOAR spilling needs distance='dot_product' (ScaNN supports it for "
                         "dot product only)")
+    if num_leaves is None:
+      num_leaves = max(2, int(round(LEAVES_PER_SQRT_N_SOAR * math.sqrt(num_vectors) if soar
+                                    else math.sqrt(num_vectors))))
+    num_leaves = int(min(num_leaves, max(2, num_vectors // 4)))
     if leaves_to_search is None:
       # At least 8 leaves, and a fraction of them.  Plain tree, no SOAR: 25%, measured on
       # the stdlib database (1.5e5 x 384, 387 leaves, reorder 250): 10% gave recall@2 0.88,
       # 20% 0.935, 25% 0.950, 41% 0.978.  Spherical tree + SOAR: 10%, measured on 99,766
       # MiniLM vectors (316 leaves): recall@2 0.997 and recall@10 0.993 at 10%, and 1.000 /
-      # 0.999 at 25% for about half the queries/s (experiments/benchmarks, 4c).
-      fraction = 0.10 if soar else 0.25
+      # 0.999 at 25% for about half the queries/s (experiments/benchmarks, 4c).  With
+      # 3*sqrt(N) leaves (948 there): 5%, recall@10 0.993 (4d).
+      fraction = 0.05 if soar else 0.25
       leaves_to_search = max(8, int(math.ceil(num_leaves * fraction)))
     leaves_to_search = int(min(leaves_to_search, num_leaves))
     if reorder is None:
-      reorder = 250
+      # 250 before the 3*sqrt(N) tree; on 99,766 MiniLM vectors 100 gave the same recall@2
+      # (and recall@10 to 1e-4) at every leaves setting from 5 to 474 of 948, at 1.2x the
+      # queries/s (experiments/benchmarks/README.md, 4d).  The precompute job's candidate
+      # lists (k + max(k, 8)) stay far below it.
+      reorder = 100
     if reorder < 1:
       raise IndexError_(f"reorder must be >= 1, got {reorder}")
     if dims_per_block < 1:
