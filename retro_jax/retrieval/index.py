@@ -12,11 +12,12 @@ Index modes (`ScannIndex.build(mode=...)`):
   * "brute_force": ScaNN exact float32 scoring; chosen by "auto" below 1e5 vectors, where it
     is fast enough and has recall 1.
   * "tree_ah": a k-means tree with asymmetric hashing (dims_per_block 2) and exact float
-    reordering of the best `reorder` candidates.  For dot product: a spherical tree of
-    ~3*sqrt(N) leaves with SOAR spilling, 5% of leaves searched, reorder 100; for squared_l2: a plain
-    tree of ~sqrt(N) leaves, 25% searched (`IndexSettings.resolve`).  Anisotropic quantisation (threshold 0.2) is used only with dot_product,
-    where it is designed for inner-product loss; squared_l2 uses isotropic AH.  The choice
-    is recorded in the index manifest ("quantization").
+    reordering of the best `reorder` (default 100) candidates.  For dot product: a
+    spherical tree of ~3*sqrt(N) leaves with SOAR spilling, 5% of them searched; for
+    squared_l2: a plain tree of ~sqrt(N) leaves, 25% searched (`IndexSettings.resolve`).
+    Anisotropic quantisation (threshold 0.2) is used only with dot_product, where it is
+    designed for inner-product loss; squared_l2 uses isotropic AH.  The choice is recorded
+    in the index manifest ("quantization").
 Recall is measured, not assumed: `measure_recall` compares the index with `ExactSearcher`
 (a jitted JAX matmul + lax.top_k over database blocks) and `ScannIndex.build` writes
 recall@k for the requested ks into the manifest.
@@ -53,8 +54,8 @@ SOAR_LAMBDA = 1.0
 SOAR_OVERRETRIEVE = 2.0
 # Tree size with SOAR: num_leaves = this * sqrt(N) (sqrt(N) without SOAR).  Smaller leaves
 # cost more centroid scoring per query but fewer AH codes scanned for the same recall; on
-# 99,766 MiniLM vectors 948 leaves answered 1.3x (recall@10 0.95) to 1.8x (0.99) the
-# queries/s of 316 (experiments/benchmarks/README.md, section 4d).
+# 99,766 MiniLM vectors 948 leaves answered 1.3x (near recall@10 0.95) and 1.47x (0.99)
+# the queries/s of 316 (experiments/benchmarks/README.md, section 4d).
 LEAVES_PER_SQRT_N_SOAR = 3.0
 INDEX_FORMAT = "retro_jax.scann_index.v1"
 
@@ -310,7 +311,7 @@ class IndexSettings:
       # 250 before the 3*sqrt(N) tree; on 99,766 MiniLM vectors 100 gave the same recall@2
       # (and recall@10 to 1e-4) at every leaves setting from 5 to 474 of 948, at 1.2x the
       # queries/s (experiments/benchmarks/README.md, 4d).  The precompute job's candidate
-      # lists (k + max(k, 8)) stay far below it.
+      # lists start far below it (k + max(k, 8)); larger ones reorder all they ask for.
       reorder = 100
     if reorder < 1:
       raise IndexError_(f"reorder must be >= 1, got {reorder}")
