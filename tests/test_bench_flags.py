@@ -1,0 +1,40 @@
+"""The index benchmarks refuse malformed sweep flags with a one-line usage error, before
+loading any data (benchmark runs take minutes to hours; a typo must not cost a build)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         "experiments", "benchmarks")
+pytestmark = pytest.mark.skipif(not os.path.isdir(BENCH_DIR),
+                                reason="experiments/benchmarks is not in this sandbox")
+
+
+def _run(script, *flags):
+  # A missing embeddings file: if a bad flag were not refused up front, the script would
+  # fail later on the file, with another message.
+  proc = subprocess.run(
+      [sys.executable, os.path.join(BENCH_DIR, script), "--embeddings=/nonexistent.npy",
+       *flags], capture_output=True, text=True, timeout=120, check=False)
+  return proc.returncode, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("script,flag,message", [
+    ("bench_index.py", "--target_recalls=0.95,1.5", "--target_recalls must lie in (0, 1]"),
+    ("bench_index.py", "--target_recalls=high", "--target_recalls: could not convert"),
+    ("bench_index.py", "--scann_reorders=5", "--scann_reorders must be >= 11"),
+    ("bench_index.py", "--scann_leaf_fractions=0,0.1", "--scann_leaf_fractions must lie in"),
+    ("probe_index_build.py", "--leaves=spherical_soar@x:3",
+     "NUM_LEAVES and LEAVES must be integers"),
+    ("probe_index_build.py", "--leaves=bogus@900:3", "want VARIANT[@NUM_LEAVES]"),
+    ("probe_index_build.py", "--leaves=spherical_soar@900", "want VARIANT[@NUM_LEAVES]"),
+    ("probe_index_build.py", "--hnsw_ef=11,many", "--hnsw_ef must be integers"),
+])
+def test_bad_sweep_flag_is_refused_before_any_data(script, flag, message):
+  code, out = _run(script, flag)
+  assert code != 0
+  assert message in out, out[-2000:]
+  assert "nonexistent" not in out  # refused before the data was touched
