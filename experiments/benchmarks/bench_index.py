@@ -149,6 +149,11 @@ def _family(row):
   return row["family"].split(" (")[0]
 
 
+def _compared(fam):
+  """Whether a family takes part in the ScaNN-vs-faiss comparison (not exact baselines)."""
+  return fam == "scann_tree_ah" or (fam.startswith("faiss") and fam != "faiss_flat")
+
+
 def _scann_grid():
   """The --scann_* sweep flags as numbers, or a usage error naming the bad entry."""
   try:
@@ -188,7 +193,7 @@ def _matched_recall(rows, runners, target, num_queries):
     if not r["bracketed"] and not f.startswith(("scann_brute", "faiss_flat")):
       print(f"NOTE: {f}: every setting tried reaches recall@10 {target}; its fastest is a "
             "lower bound (sweep a cheaper setting)")
-  faiss_best = max((r for f, r in best.items() if f.startswith("faiss") and f != "faiss_flat"),
+  faiss_best = max((r for f, r in best.items() if _compared(f) and f.startswith("faiss")),
                    key=lambda r: r["qps"], default=None)
   scann_best = best.get("scann_tree_ah")
   out = dict(best_at_target=best, best_faiss=faiss_best, best_scann=scann_best,
@@ -204,8 +209,7 @@ def _matched_recall(rows, runners, target, num_queries):
   per_family = {}
   for r in rows:
     fam = _family(r)
-    if r["recall_at_10"] >= target and (
-        fam == "scann_tree_ah" or (fam.startswith("faiss") and fam != "faiss_flat")):
+    if r["recall_at_10"] >= target and _compared(fam):
       per_family.setdefault(fam, []).append(r)
   contenders = {}
   for fam, rs in per_family.items():
