@@ -313,6 +313,8 @@ def main(argv):
                xla_flop_ratio=res.get("xla_flops_ratio", ""),
                analytic_ratio=res["analytic_ratio"],
                analytic_at_preset_V=res["analytic_ratio_at_preset_vocab"])
+    if "mfu" in res:  # accelerators with a known peak (metrics.PEAK_FLOPS)
+      row.update(retro_mfu=res["mfu"]["retro"], base_mfu=res["mfu"]["baseline"])
     rows.append(row)
     if "breakdown" in res:
       bd = res["breakdown"]

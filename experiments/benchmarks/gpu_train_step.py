@@ -1,4 +1,4 @@
-r"""GPU check (prepared, < 5 min of device time): 425M-shape train step in bfloat16, MFU.
+r"""GPU check (~5 min of device time): 425M-shape train step in bfloat16, MFU.
 
 Runs bench_train_step.py for retro-425m (paper vocabulary 128k, sequence 2048, bfloat16
 compute, float32 parameters and AdamW state) against its 368M baseline, interleaved, and
@@ -7,18 +7,25 @@ retro_jax.training.metrics.flops_per_token over the device's dense bf16 peak: 98
 for H100/H200 SXM).
 
 The batch is the largest of --batch_sizes whose compiled train step fits: each candidate is
-lowered with abstract inputs and compiled (nothing allocated), and its
-memory_analysis() peak is compared with 90% of the device's bytes_limit.  The persistent
-compilation cache makes the benchmark's own compile of the chosen batch a cache hit.
+lowered with abstract inputs and compiled (nothing allocated) in a child process of its own,
+and its memory_analysis() peak plus the resident state of the second model (the benchmark
+keeps RETRO and baseline states on the device together; RETRO's argument bytes stand in for
+the smaller baseline's) is compared with --memory_fraction of the device's bytes_limit.
+This process never initialises the GPU itself: on 2026-12-01 a version that probed in-process
+kept JAX's preallocated 75% of the H200 while the benchmark ran in a child, which then ran
+out of memory.  The persistent compilation cache makes the benchmark's own compile of the
+chosen batch a cache hit.
 
 Usage on the device machine (from the repository root):
   bash experiments/benchmarks/gpu_train_step.sh
-Budget: ~1 min start-up + ~2 x 40 s compile per probed batch (cache hits after) + 2 x (1 warmup
-+ 5 reps) steps of a few hundred ms: well under 5 min.
+Measured on an H200 (2026-12-01, jax 0.11.2): ~60 s to compile each probed batch, ~150 s for
+the benchmark's two compiles, 22 s for the whole benchmark when every compile is a cache
+hit; each step ~0.3 s at batch 8.  Budget ~5 min of device time with two probed batches.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -36,9 +43,11 @@ flags.DEFINE_float("memory_fraction", 0.9, "Usable fraction of the device memory
 flags.DEFINE_integer("reps", 5, "Timed repetitions per model.")
 flags.DEFINE_boolean("remat", False, "Rematerialise decoder blocks.")
 flags.DEFINE_string("name", "gpu_train_step", "results/<name>.json")
+flags.DEFINE_integer("probe", 0, "Internal: compile this batch size, print its memory as JSON.")
 
 
-def fits(batch_size: int, limit: float) -> tuple[bool, float]:
+def probe(batch_size: int) -> dict:
+  """Compiles the train step at batch_size (abstract inputs); its memory, in bytes."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np
   from retro_jax import config as config_lib
@@ -62,32 +71,52 @@ def fits(batch_size: int, limit: float) -> tuple[bool, float]:
                     for k, v in batch.items()}
   step = trainer.make_train_step(model_lib.Retro(cfg), tx, schedule, None, 1, mesh, shardings,
                                  batch)
+  stats = jax.devices()[0].memory_stats() or {}
+  out = dict(bytes_limit=stats.get("bytes_limit", 80e9), device=jax.devices()[0].device_kind)
   try:
     ma = step.lower(abstract, abstract_batch).compile().memory_analysis()
   except Exception as e:  # pylint: disable=broad-except  (XLA raises RESOURCE_EXHAUSTED here)
-    print(f"batch {batch_size}: compile failed ({str(e)[:200]})", flush=True)
-    return False, float("inf")
+    return dict(out, error=str(e)[:300])
   peak = (ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
           - ma.alias_size_in_bytes)
-  return peak <= limit, peak
+  return dict(out, peak=peak, arguments=ma.argument_size_in_bytes)
+
+
+def probe_in_child(batch_size: int) -> dict:
+  """Runs probe() in a fresh process, so that this one never holds device memory."""
+  cmd = [sys.executable, os.path.abspath(__file__), f"--probe={batch_size}",
+         f"--preset={FLAGS.preset}", f"--seq_len={FLAGS.seq_len}",
+         f"--remat={str(FLAGS.remat).lower()}"]
+  proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+  if proc.returncode != 0 or not lines:
+    return dict(error=f"probe process exited with {proc.returncode}")
+  return json.loads(lines[-1])
 
 
 def main(argv):
   del argv
-  cache = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/retro_jax_jit_cache")
-  import jax  # pylint: disable=g-import-not-at-top
-  jax.config.update("jax_compilation_cache_dir", cache)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  dev = jax.devices()[0]
-  stats = dev.memory_stats() or {}
-  limit = FLAGS.memory_fraction * stats.get("bytes_limit", 80e9)
-  print(f"device {dev.device_kind}, bytes_limit {stats.get('bytes_limit')}", flush=True)
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/retro_jax_jit_cache")
+  if FLAGS.probe:
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    print(json.dumps(probe(FLAGS.probe)), flush=True)
+    return
   chosen = None
   for b in [int(x) for x in FLAGS.batch_sizes]:
     t0 = time.perf_counter()
-    ok, peak = fits(b, limit)
-    print(f"batch {b}: compiled peak {peak / 2**30:.1f} GiB vs limit {limit / 2**30:.1f} GiB "
-          f"-> {'fits' if ok else 'too big'} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    res = probe_in_child(b)
+    took = time.perf_counter() - t0
+    if "error" in res:
+      print(f"batch {b}: compile failed ({res['error']}) ({took:.0f}s)", flush=True)
+      continue
+    limit = FLAGS.memory_fraction * res["bytes_limit"]
+    need = res["peak"] + res["arguments"]
+    ok = need <= limit
+    print(f"{res['device']} batch {b}: compiled peak {res['peak'] / 2**30:.1f} GiB + other "
+          f"model's state {res['arguments'] / 2**30:.1f} GiB vs limit {limit / 2**30:.1f} GiB "
+          f"-> {'fits' if ok else 'too big'} ({took:.0f}s)", flush=True)
     if ok:
       chosen = b
       break
