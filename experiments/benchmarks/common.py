@@ -17,6 +17,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -228,3 +229,41 @@ def real_bert_chunks(tokenizer, n_chunks: int, body: int):
       break
   texts = [tokenizer.decode(c[1:-1]) for c in out]
   return out, texts
+
+
+def trace_op_events(trace):
+  """(name, duration in µs, HLO instruction) of each op event of a Perfetto trace.
+
+  Where the trace has device processes (/device:GPU:N), only their events count: the
+  "XLA Ops" lines if there are any, else every line but the module/step summaries.
+  Otherwise (CPU) the per-instruction thunk events, without the enclosing program and
+  Python events.
+  """
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  procs, threads = {}, {}
+  for e in events:
+    if e.get("ph") == "M" and e.get("name") == "process_name":
+      procs[e.get("pid")] = str(e.get("args", {}).get("name", ""))
+    elif e.get("ph") == "M" and e.get("name") == "thread_name":
+      threads[(e.get("pid"), e.get("tid"))] = str(e.get("args", {}).get("name", ""))
+  device = {pid for pid, name in procs.items() if re.search(r"/device:(GPU|TPU)", name)}
+  op_lines = {key for key, name in threads.items() if key[0] in device and "XLA Ops" in name}
+  for e in events:
+    if e.get("ph") != "X" or "dur" not in e:
+      continue
+    name, key = e.get("name", ""), (e.get("pid"), e.get("tid"))
+    if device:
+      if e.get("pid") not in device:
+        continue
+      if op_lines and key not in op_lines:
+        continue
+      if not op_lines and re.search(r"Module|Step|TraceContext", threads.get(key, "")):
+        continue
+      args = e.get("args") or {}
+      yield name, e["dur"], str(args.get("hlo_op", args.get("long_name", name))).split(" ")[0]
+      continue
+    # CPU: skip the enclosing program / python events; keep per-instruction thunks.
+    if name.startswith(("PjitFunction", "PjRt", "Thunk", "$", "jit_", "XlaModule", "end:")) or \
+        "::" in name or " " in name or name.startswith("pjit"):
+      continue
+    yield name, e["dur"], name

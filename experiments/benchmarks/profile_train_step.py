@@ -1,4 +1,4 @@
-r"""Where the time of one train step goes, per XLA op, from a jax.profiler trace (CPU).
+r"""Where the time of one train step goes, per XLA op, from a jax.profiler trace.
 
 Runs the full train step (trainer.make_train_step) of a preset a few times under
 `jax.profiler.trace(..., create_perfetto_trace=True)`, reads the Perfetto JSON trace, and
@@ -7,12 +7,21 @@ copy/transpose, ...).  The op names carry the Flax module path in their metadata
 thunk events name HLO instructions, so the table groups by instruction name prefix; read
 it with the compiled HLO (`--dump_hlo`) when an instruction needs explaining.
 
+On a GPU the trace also holds the device's own timeline (processes named /device:GPU:N):
+then only those events are counted (kernels, or the "XLA Ops" line where the trace has one),
+charged through their `hlo_op` argument where they carry it.  This GPU path was written
+without a GPU trace at hand (2026-12-01): if its table looks wrong, --copy_trace keeps the
+trace for reading offline.
+
 Attribution only: absolute times under a loaded machine are inflated; shares are what
 matter.
 
 Usage:
   .venv/bin/python experiments/benchmarks/profile_train_step.py --preset=peer-38m \
       --seq_len=512 --batch_size=4
+  # GPU, paper shapes, trace kept in $OUT:
+  python3 experiments/benchmarks/profile_train_step.py --preset=retro-425m --seq_len=2048 \
+      --batch_size=8 --vocab_size=0 --dtype=bfloat16 --copy_trace=$OUT
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import gzip
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 
@@ -40,6 +50,8 @@ flags.DEFINE_boolean("baseline", False, "Profile the baseline (cca_layers=()) in
 flags.DEFINE_integer("steps", 2, "Profiled steps (after one untimed).")
 flags.DEFINE_integer("top", 30, "Rows of the per-op table.")
 flags.DEFINE_string("dump_hlo", "", "Write the optimized HLO text here.")
+flags.DEFINE_string("dtype", "float32", "Compute dtype (bfloat16 on accelerators).")
+flags.DEFINE_string("copy_trace", "", "Also copy the Perfetto trace (.json.gz) into this folder.")
 flags.DEFINE_string("name", "", "results/<name>.json (default profile_<preset>).")
 
 
@@ -70,7 +82,7 @@ def main(argv):
   from retro_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 
   over = {"vocab_size": FLAGS.vocab_size} if FLAGS.vocab_size else {}
-  cfg = config_lib.get_preset(FLAGS.preset, **over)
+  cfg = config_lib.get_preset(FLAGS.preset, dtype=FLAGS.dtype, **over)
   if FLAGS.baseline:
     cfg = cfg.baseline()
   n, b = FLAGS.seq_len, FLAGS.batch_size
@@ -100,25 +112,22 @@ def main(argv):
     raise SystemExit(f"no perfetto trace under {tmp}")
   with gzip.open(paths[0], "rt") as f:
     trace = json.load(f)
-  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  if FLAGS.copy_trace:
+    os.makedirs(FLAGS.copy_trace, exist_ok=True)
+    shutil.copy(paths[0], os.path.join(FLAGS.copy_trace, "profile_trace.json.gz"))
   by_name, by_kind, by_part = (collections.Counter(), collections.Counter(),
                                 collections.Counter())
   total = 0.0
-  for e in events:
-    if e.get("ph") != "X" or "dur" not in e:
-      continue
-    name = e.get("name", "")
-    # Skip the enclosing program / python events; keep per-instruction thunks.
-    if name.startswith(("PjitFunction", "PjRt", "Thunk", "$", "jit_", "XlaModule", "end:")) or \
-        "::" in name or " " in name or name.startswith("pjit"):
-      continue
-    dur = e["dur"] / 1e6 / FLAGS.steps
+  for name, dur_us, hlo_op in common.trace_op_events(trace):
+    dur = dur_us / 1e6 / FLAGS.steps
     base = re.sub(r"\.\d+$", "", name)
     by_name[name] += dur
     kind = re.sub(r"[._]?\d+$", "", base.split(".")[0])
     by_kind[kind] += dur
-    by_part[_component(op_path.get(name, ""))] += dur
+    by_part[_component(op_path.get(hlo_op, ""))] += dur
     total += dur
+  if not total:
+    raise SystemExit(f"no op events recognised in {paths[0]}")
   rows = [dict(op=k, seconds_per_step=v, share=v / total) for k, v in by_name.most_common(FLAGS.top)]
   common.print_table(rows, ["op", "seconds_per_step", "share"],
                      title=f"top ops, {cfg.num_layers}L {FLAGS.preset}{' baseline' if FLAGS.baseline else ''} "
