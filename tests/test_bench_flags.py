@@ -1,5 +1,6 @@
 """The index benchmarks refuse malformed sweep flags with a one-line usage error, before
-loading any data (benchmark runs take minutes to hours; a typo must not cost a build)."""
+loading any data (benchmark runs take minutes to hours; a typo must not cost a build), and
+the GPU check refuses bad flags before it compiles anything (device time is scarce)."""
 
 import os
 import subprocess
@@ -38,3 +39,17 @@ def test_bad_sweep_flag_is_refused_before_any_data(script, flag, message):
   assert code != 0
   assert message in out, out[-2000:]
   assert "nonexistent" not in out  # refused before the data was touched
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--preset=retro-9b", "unknown preset 'retro-9b'"),
+    ("--batch_sizes=8,many", "--batch_sizes must be integers"),
+])
+def test_gpu_check_refuses_bad_flags_before_compiling(flag, message):
+  # Device time is scarce: a typo must be named before any probe compiles a train step.
+  proc = subprocess.run([sys.executable, os.path.join(BENCH_DIR, "gpu_train_step.py"), flag],
+                        capture_output=True, text=True, timeout=120, check=False)
+  out = proc.stdout + proc.stderr
+  assert proc.returncode != 0
+  assert message in out, out[-2000:]
+  assert "compile failed" not in out and "compiled peak" not in out  # no probe ran

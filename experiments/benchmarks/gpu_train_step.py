@@ -103,8 +103,17 @@ def main(argv):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     print(json.dumps(probe(FLAGS.probe)), flush=True)
     return
+  from retro_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  try:  # a bad preset is named here, not as a traceback in every probe (jax stays idle)
+    config_lib.get_preset(FLAGS.preset)
+  except config_lib.ConfigError as e:
+    raise app.UsageError(str(e)) from e
+  try:
+    batch_sizes = [int(x) for x in FLAGS.batch_sizes]
+  except ValueError as e:
+    raise app.UsageError(f"--batch_sizes must be integers: {e}") from e
   chosen = None
-  for b in [int(x) for x in FLAGS.batch_sizes]:
+  for b in batch_sizes:
     t0 = time.perf_counter()
     res = probe_in_child(b)
     took = time.perf_counter() - t0
