@@ -13,8 +13,8 @@ keeps RETRO and baseline states on the device together; RETRO's argument bytes s
 the smaller baseline's) is compared with --memory_fraction of the device's bytes_limit.
 This process never initialises the GPU itself: on 2026-12-01 a version that probed in-process
 kept JAX's preallocated 75% of the H200 while the benchmark ran in a child, which then ran
-out of memory.  The persistent compilation cache makes the benchmark's own compile of the
-chosen batch a cache hit.
+out of memory.  Probes and benchmark share the persistent compilation cache (a hit where the
+programs are identical; a rerun on the same machine took 22 s for the benchmark).
 
 Usage on the device machine (from the repository root):
   bash experiments/benchmarks/gpu_train_step.sh
