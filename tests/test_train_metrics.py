@@ -67,3 +67,18 @@ def test_model_flops_formula_against_the_counted_matmuls(preset):
   assert 2.9 * forward < both <= 3.0 * forward
   model_flops = metrics.flops_per_token(cfg, n, nn.unbox(model_lib.abstract_params(cfg))) * b * n
   assert model_flops < both < 1.1 * model_flops
+
+
+def test_cpu_peak_is_the_matmul_rate_measured_on_this_machine(monkeypatch):
+  # A fixed CPU peak from one machine logged MFU 1.25 on a faster one: on CPU the peak is
+  # the best float32 matmul time measured in this process (here on a fake clock that makes
+  # every timed product take 5 ms), measured once and reused.
+  assert jax.devices()[0].platform == "cpu"
+  ticks = iter(np.arange(0, 10, 0.005))
+  monkeypatch.setattr(metrics.time, "perf_counter", lambda: float(next(ticks)))
+  monkeypatch.setattr(metrics, "_MEASURED_MATMUL_FLOPS", {})
+  expected = 2 * 1024 ** 3 / 0.005
+  assert metrics.peak_flops_per_device() == pytest.approx(expected)
+  monkeypatch.setattr(metrics.time, "perf_counter", lambda: 1 / 0)  # no second measurement
+  assert metrics.peak_flops_per_device() == pytest.approx(expected)
+  assert metrics.peak_flops_per_device(3e12) == 3e12  # a configured peak wins
