@@ -53,3 +53,18 @@ def test_gpu_check_refuses_bad_flags_before_compiling(flag, message):
   assert proc.returncode != 0
   assert message in out, out[-2000:]
   assert "compile failed" not in out and "compiled peak" not in out  # no probe ran
+
+
+@pytest.mark.parametrize("script,flag,message", [
+    ("bench_train_step.py", "--dtype=bf16", "value should be one of <float32|bfloat16"),
+    ("profile_train_step.py", "--dtype=bf16", "value should be one of <float32|bfloat16"),
+    ("profile_train_step.py", "--copy_trace=/proc/no_such_dir/x", "--copy_trace: cannot create"),
+])
+def test_train_step_benchmarks_refuse_bad_flags_before_compiling(script, flag, message):
+  # Were a flag not refused up front, the script would start its minutes-long run first.
+  proc = subprocess.run([sys.executable, os.path.join(BENCH_DIR, script), flag],
+                        capture_output=True, text=True, timeout=300, check=False)
+  out = proc.stdout + proc.stderr
+  assert proc.returncode != 0
+  assert message in out, out[-2000:]
+  assert "Traceback" not in out

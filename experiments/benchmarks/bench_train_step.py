@@ -53,7 +53,8 @@ flags.DEFINE_boolean("breakdown", False, "Also time encoder / CCA / decoder fwd+
 flags.DEFINE_integer("reps", 5, "Timed repetitions per contender (interleaved).")
 flags.DEFINE_integer("warmup", 1, "Untimed calls per contender after compilation.")
 flags.DEFINE_integer("threads", 2, "CPU threads for XLA.")
-flags.DEFINE_string("dtype", "float32", "Compute dtype (bfloat16 for accelerators).")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"],
+                  "Compute dtype (bfloat16 for accelerators).")
 flags.DEFINE_boolean("remat", False, "Rematerialise decoder blocks.")
 flags.DEFINE_float("peak_flops", 0.0, "Peak FLOP/s per device for MFU (0: look up the device).")
 flags.DEFINE_string("name", "train_step", "results/<name>.json")

@@ -21,7 +21,7 @@ Usage:
       --seq_len=512 --batch_size=4
   # GPU, paper shapes, trace kept in $OUT:
   python3 experiments/benchmarks/profile_train_step.py --preset=retro-425m --seq_len=2048 \
-      --batch_size=8 --vocab_size=0 --dtype=bfloat16 --copy_trace=$OUT
+      --batch_size=8 --dtype=bfloat16 --copy_trace=$OUT
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ flags.DEFINE_boolean("baseline", False, "Profile the baseline (cca_layers=()) in
 flags.DEFINE_integer("steps", 2, "Profiled steps (after one untimed).")
 flags.DEFINE_integer("top", 30, "Rows of the per-op table.")
 flags.DEFINE_string("dump_hlo", "", "Write the optimized HLO text here.")
-flags.DEFINE_string("dtype", "float32", "Compute dtype (bfloat16 on accelerators).")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"],
+                  "Compute dtype (bfloat16 on accelerators).")
 flags.DEFINE_string("copy_trace", "", "Also copy the Perfetto trace (.json.gz) into this folder.")
 flags.DEFINE_string("name", "", "results/<name>.json (default profile_<preset>).")
 
@@ -77,6 +78,11 @@ def _component(path: str) -> str:
 
 def main(argv):
   del argv
+  if FLAGS.copy_trace:  # before minutes of compiling and profiling, not after
+    try:
+      os.makedirs(FLAGS.copy_trace, exist_ok=True)
+    except OSError as e:
+      raise app.UsageError(f"--copy_trace: cannot create {FLAGS.copy_trace}: {e}") from e
   common.pin_threads(2)
   import jax  # pylint: disable=g-import-not-at-top
   from retro_jax import config as config_lib  # pylint: disable=g-import-not-at-top
@@ -113,7 +119,6 @@ def main(argv):
   with gzip.open(paths[0], "rt") as f:
     trace = json.load(f)
   if FLAGS.copy_trace:
-    os.makedirs(FLAGS.copy_trace, exist_ok=True)
     shutil.copy(paths[0], os.path.join(FLAGS.copy_trace, "profile_trace.json.gz"))
   by_name, by_kind, by_part = (collections.Counter(), collections.Counter(),
                                 collections.Counter())
