@@ -65,6 +65,16 @@ def machine_info() -> dict[str, Any]:
         os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
   except (ValueError, OSError):
     pass
+  # The SIMD kernels the index libraries ran with, when this process used them.
+  simd = sys.modules.get("retro_jax.retrieval.scann_simd")
+  if simd is not None and simd.state() is not None:
+    info["scann_simd"] = simd.state()
+  faiss = sys.modules.get("faiss")
+  if faiss is not None and hasattr(faiss, "SIMDConfig"):
+    try:
+      info["faiss_simd"] = faiss.SIMDConfig().get_level_name()
+    except Exception:  # pylint: disable=broad-except  (an older faiss: no level to report)
+      pass
   try:
     info["git_commit"] = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from retro_jax.retrieval import manifest as manifest_lib
+from retro_jax.retrieval import scann_simd
 
 DISTANCES = ("dot_product", "squared_l2")
 MODES = ("auto", "brute_force", "tree_ah")
@@ -329,11 +330,19 @@ class IndexSettings:
                soar_overretrieve=SOAR_OVERRETRIEVE if soar else None)
 
 
+_SIMD_DONE = False
+
+
 def _scann():
+  """ScaNN's pybind API, with its AVX2/AVX-512 kernels switched on (see scann_simd)."""
   try:
     import scann  # pylint: disable=g-import-not-at-top
   except ImportError as e:  # pragma: no cover - scann is an install requirement.
     raise ImportError("the ScaNN index needs `pip install scann` (Linux x86_64/aarch64)") from e
+  global _SIMD_DONE
+  if not _SIMD_DONE:  # Once per process, before the first searcher is built or loaded.
+    scann_simd.enable(scann.scann_ops_pybind.scann_pybind.__file__)
+    _SIMD_DONE = True
   return scann.scann_ops_pybind
 
 
