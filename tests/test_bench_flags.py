@@ -2,6 +2,7 @@
 loading any data (benchmark runs take minutes to hours; a typo must not cost a build), and
 the GPU check refuses bad flags before it compiles anything (device time is scarce)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -28,6 +29,8 @@ def _run(script, *flags):
     ("bench_index.py", "--target_recalls=high", "--target_recalls: could not convert"),
     ("bench_index.py", "--scann_reorders=5", "--scann_reorders must be >= 11"),
     ("bench_index.py", "--scann_leaf_fractions=0,0.1", "--scann_leaf_fractions must lie in"),
+    ("bench_index.py", "--hnsw_m=16,x", "--hnsw_m must be integers"),
+    ("bench_index.py", "--hnsw_m=1", "--hnsw_m must be >= 2"),
     ("probe_index_build.py", "--leaves=spherical_soar@x:3",
      "NUM_LEAVES and LEAVES must be integers"),
     ("probe_index_build.py", "--leaves=bogus@900:3", "want VARIANT[@NUM_LEAVES]"),
@@ -68,3 +71,27 @@ def test_train_step_benchmarks_refuse_bad_flags_before_compiling(script, flag, m
   assert proc.returncode != 0
   assert message in out, out[-2000:]
   assert "Traceback" not in out
+
+
+def test_index_rematch_times_every_hnsw_build():
+  """Two HNSW builds (M 16, M 32) are one family in the summary, but the rematch must time
+  each build's cheapest settings at the target: taking the family's lowest-recall settings
+  once timed only M 16's slow ones when M 32 was the fast build at recall 0.95."""
+  rows = [dict(family="scann_tree_ah", setting=f"leaves {lv}", recall_at_10=rc)
+          for lv, rc in ((4, 0.92), (6, 0.951), (9, 0.97), (12, 0.978))]
+  rows += [dict(family="faiss_hnsw (M 16, efC 80)", setting=f"efSearch {ef}", recall_at_10=rc)
+           for ef, rc in ((32, 0.943), (48, 0.957), (64, 0.966), (96, 0.972))]
+  rows += [dict(family="faiss_hnsw (M 32, efC 80)", setting=f"efSearch {ef}", recall_at_10=rc)
+           for ef, rc in ((11, 0.949), (16, 0.968), (24, 0.979))]
+  rows += [dict(family="exact_jax", setting="matmul", recall_at_10=1.0)]
+  code = ("import json, sys; sys.path.insert(0, %r); import bench_index; "
+          "print(json.dumps(bench_index._rematch_picks(json.loads(sys.stdin.read()), 0.95, 2)))"
+          % BENCH_DIR)
+  proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(rows),
+                        capture_output=True, text=True, timeout=120, check=True)
+  picks = {tuple(p[:2]) for p in json.loads(proc.stdout.strip().splitlines()[-1])}
+  assert picks == {("scann_tree_ah", "leaves 6"), ("scann_tree_ah", "leaves 9"),
+                   ("faiss_hnsw (M 16, efC 80)", "efSearch 48"),
+                   ("faiss_hnsw (M 16, efC 80)", "efSearch 64"),
+                   ("faiss_hnsw (M 32, efC 80)", "efSearch 16"),
+                   ("faiss_hnsw (M 32, efC 80)", "efSearch 24")}

@@ -43,6 +43,21 @@ def pin_threads(n: int) -> None:
     sys.modules["torch"].set_num_threads(n)
 
 
+def simd_info() -> dict[str, Any]:
+  """The SIMD kernels ScaNN and faiss run with, for those this process has used."""
+  info: dict[str, Any] = {}
+  simd = sys.modules.get("retro_jax.retrieval.scann_simd")
+  if simd is not None and simd.state() is not None:
+    info["scann_simd"] = simd.state()
+  faiss = sys.modules.get("faiss")
+  if faiss is not None and hasattr(faiss, "SIMDConfig"):
+    try:
+      info["faiss_simd"] = faiss.SIMDConfig().get_level_name()
+    except Exception:  # pylint: disable=broad-except  (an older faiss: no level to report)
+      pass
+  return info
+
+
 def machine_info() -> dict[str, Any]:
   """What the numbers were measured on (goes into every JSON file)."""
   info = {
@@ -65,16 +80,7 @@ def machine_info() -> dict[str, Any]:
         os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
   except (ValueError, OSError):
     pass
-  # The SIMD kernels the index libraries ran with, when this process used them.
-  simd = sys.modules.get("retro_jax.retrieval.scann_simd")
-  if simd is not None and simd.state() is not None:
-    info["scann_simd"] = simd.state()
-  faiss = sys.modules.get("faiss")
-  if faiss is not None and hasattr(faiss, "SIMDConfig"):
-    try:
-      info["faiss_simd"] = faiss.SIMDConfig().get_level_name()
-    except Exception:  # pylint: disable=broad-except  (an older faiss: no level to report)
-      pass
+  info.update(simd_info())
   try:
     info["git_commit"] = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

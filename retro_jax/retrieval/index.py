@@ -18,6 +18,8 @@ Index modes (`ScannIndex.build(mode=...)`):
     Anisotropic quantisation (threshold 0.2) is used only with dot_product, where it is
     designed for inner-product loss; squared_l2 uses isotropic AH.  The choice is recorded
     in the index manifest ("quantization").
+ScaNN's AVX2/AVX-512 kernels, which the scann 1.4.2 wheel never selects, are switched on
+where the CPU has them before the first searcher is built or loaded (`scann_simd`).
 Recall is measured, not assumed: `measure_recall` compares the index with `ExactSearcher`
 (a jitted JAX matmul + lax.top_k over database blocks) and `ScannIndex.build` writes
 recall@k for the requested ks into the manifest.
