@@ -23,8 +23,9 @@ fastest setting with recall@10 >= the target and whether a setting below it was 
 (`bracketed`: if not, a cheaper setting might also reach it, and that family's speed is only
 a lower bound).  Then a rematch: per index build (--hnsw_m gives one HNSW build per M),
 the --rematch_per_family settings that just clear the target (lowest recall@10 at or above
-it: the cheapest knobs that reach it) are timed again, all alternating, --rematch_reps repetitions; the ratio of the best ScaNN and
-the best faiss median is the "matched recall" comparison.
+it: the cheapest knobs that reach it) are timed again, all alternating, --rematch_reps
+repetitions; the ratio of the best ScaNN and the best faiss median is the "matched recall"
+comparison.
 
 Usage:
   .venv/bin/python experiments/benchmarks/bench_index.py
