@@ -47,6 +47,15 @@ def test_bad_mode_is_named(monkeypatch):
     scann_simd.enable(_library())
 
 
+def test_no_extension_changes_nothing(tmp_path):
+  """Another ScaNN packaging (no pybind file, or one that will not load) is left alone."""
+  bad = tmp_path / "not_a_library.so"
+  bad.write_bytes(b"not an ELF file")
+  for path in (None, str(bad)):
+    state = scann_simd.enable(path, mode="auto", cpu=ALL_FLAGS)
+    assert state["raised"] == [] and state["avx2"] is None and state["avx512"] is None
+
+
 @pytest.mark.skipif(not X86, reason="ScaNN's dispatch flags exist on x86 only")
 def test_enable_raises_only_what_the_cpu_and_mode_allow(flags, monkeypatch):
   def reset(avx2=False, avx512=False):

@@ -343,7 +343,8 @@ def _scann():
     raise ImportError("the ScaNN index needs `pip install scann` (Linux x86_64/aarch64)") from e
   global _SIMD_DONE
   if not _SIMD_DONE:  # Once per process, before the first searcher is built or loaded.
-    scann_simd.enable(scann.scann_ops_pybind.scann_pybind.__file__)
+    extension = getattr(scann.scann_ops_pybind, "scann_pybind", None)
+    scann_simd.enable(getattr(extension, "__file__", None))
     _SIMD_DONE = True
   return scann.scann_ops_pybind
 

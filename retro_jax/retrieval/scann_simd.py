@@ -65,9 +65,18 @@ def _mode(mode: str | None) -> str:
   return value
 
 
-def flags_of(library_path: str) -> dict[str, ctypes.c_bool]:
-  """ScaNN's dispatch flags in an already-loaded extension, by level (missing ones left out)."""
-  lib = ctypes.CDLL(library_path)  # Already loaded by the import: the same handle.
+def flags_of(library_path: str | None) -> dict[str, ctypes.c_bool]:
+  """ScaNN's dispatch flags in an already-loaded extension, by level (missing ones left out).
+
+  Empty when there is no such file or it cannot be opened (another ScaNN packaging): its
+  dispatch is then left as it is.
+  """
+  if not library_path:
+    return {}
+  try:
+    lib = ctypes.CDLL(library_path)  # Already loaded by the import: the same handle.
+  except OSError:
+    return {}
   out = {}
   for level, symbol in FLAG_SYMBOLS.items():
     try:
@@ -77,12 +86,13 @@ def flags_of(library_path: str) -> dict[str, ctypes.c_bool]:
   return out
 
 
-def enable(library_path: str, mode: str | None = None,
+def enable(library_path: str | None, mode: str | None = None,
            cpu: Iterable[str] | None = None) -> dict[str, Any]:
   """Raises ScaNN's dispatch flags to what the CPU supports; returns what is now active.
 
   Args:
-    library_path: ScaNN's extension module file (`scann_ops_pybind.scann_pybind.__file__`).
+    library_path: ScaNN's extension module file (`scann_ops_pybind.scann_pybind.__file__`;
+      None or an unloadable file: nothing is changed).
     mode: "auto" (every supported level), "avx2" (not AVX-512) or "off" (touch nothing);
       default: the RETRO_JAX_SCANN_SIMD environment variable, else "auto".
     cpu: the CPU's feature flags (default: `cpu_flags()`).
