@@ -56,6 +56,66 @@ def test_chunk_u_gets_the_neighbors_precomputed_for_its_store_chunk(paths):
   assert checked > 50
 
 
+def _cross_document_neighbors(paths, tmp_path):
+  """A copy of the neighbors directory whose table points into the window's other documents.
+
+  Chunk c of document d gets as neighbor 0 the first chunk of document d + 1 (in the window
+  whenever the window runs from d into d + 1) and as neighbor 1 the first chunk of a far
+  document (never in a window of l = 4 chunks).  The precompute job's own exclusion (same
+  document as the query chunk) never removes these: only the loader's window rule can.
+  """
+  store = chunk_store_lib.ChunkStore.open(os.path.join(paths["db_dir"], "chunks"))
+  doc_ids = np.asarray(store.doc_ids)
+  offsets = np.asarray(store.doc_offsets)
+  num_docs = len(offsets) - 1
+  table = np.stack([offsets[(doc_ids + 1) % num_docs],
+                    offsets[(doc_ids + num_docs // 2) % num_docs]], axis=1).astype(np.int64)
+  out = str(tmp_path / "cross_doc_neighbors")
+  shutil.copytree(paths["neighbors_dir"], out)
+  old = np.load(os.path.join(out, "neighbors.npy"))
+  assert old.shape == table.shape
+  np.save(os.path.join(out, "neighbors.npy"), table)
+  return out, table
+
+
+def test_neighbors_from_any_document_of_the_window_are_dropped(paths, tmp_path):
+  nb_dir, table = _cross_document_neighbors(paths, tmp_path)
+  _, model_cfg, data = _open(paths, **{"data.neighbors_dir": nb_dir})
+  ds = data.train.dataset
+  store, l, k = ds.store, ds.l, model_cfg.num_neighbors
+  doc_ids = np.asarray(store.doc_ids)
+  starts = np.concatenate([ds.window_starts(o) for o in range(l)])
+  docs = doc_ids[starts[:, None] + np.arange(l)]
+  crossing = starts[docs[:, 0] != docs[:, -1]]
+  starts = np.concatenate([crossing, starts[docs[:, 0] == docs[:, -1]][:40]])
+  batch = ds.batch(starts)
+  dropped = kept = 0
+  for b in range(len(starts)):
+    window_docs = set(doc_ids[batch["chunk_ids"][b]].tolist())
+    for u in range(l):
+      c = int(batch["chunk_ids"][b, u])
+      for j in range(k):
+        nid = int(table[c, j])
+        if doc_ids[nid] in window_docs:
+          assert batch["neighbor_ids"][b, u, j] == -1, (b, u, j)
+          assert (batch["neighbors"][b, u, j] == -1).all()
+          dropped += 1
+        else:
+          assert batch["neighbor_ids"][b, u, j] == nid, (b, u, j)
+          np.testing.assert_array_equal(batch["neighbors"][b, u, j],
+                                        store.neighbor_tokens(np.array([nid]))[0])
+          kept += 1
+  # Every window that crosses into the next document loses neighbor 0 of its earlier
+  # chunks; far documents are kept.
+  assert dropped >= len(crossing) > 10
+  assert kept > dropped
+  # A held-out split (database != query store) drops nothing by window.
+  held_out = data_lib.WindowDataset(store, ds.seq_len, ds.vocab_size, k, ds.neighbors,
+                                    database=store, same_store=False)
+  np.testing.assert_array_equal(held_out.batch(crossing)["neighbor_ids"],
+                                table[crossing[:, None] + np.arange(l)][:, :, :k])
+
+
 def test_targets_are_the_next_token_and_padding_is_not_scored(paths):
   _, model_cfg, data = _open(paths)
   store = data.train.dataset.store
