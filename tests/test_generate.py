@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -78,6 +79,25 @@ def test_filters():
   draws = {int(sampler.sample_tokens(logits, jnp.asarray([[0, s]], jnp.uint32), 1.0, 2, 1.0,
                                      greedy=False)[0]) for s in range(40)}
   assert draws == {0, 1}
+
+
+def test_sampling_frequencies_follow_temperature_and_top_p():
+  """4000 draws per setting against the distribution written out: softmax(logits / T), then
+  the smallest most-probable set with mass >= top_p (of the tempered distribution),
+  renormalised."""
+  probs = np.array([0.4, 0.3, 0.2, 0.1])
+  draws = 4000
+  rows = jnp.repeat(jnp.log(jnp.asarray(probs, jnp.float32))[None], draws, axis=0)
+  keys = jax.random.split(jax.random.PRNGKey(0), draws)
+  for temperature, top_p in ((0.5, 1.0), (2.0, 1.0), (0.5, 0.8), (1.0, 0.6)):
+    want = probs ** (1 / temperature)
+    want /= want.sum()
+    before = np.cumsum(want) - want        # sorted already: mass of the more likely tokens
+    want = np.where(before < top_p, want, 0.0)
+    want /= want.sum()
+    got = np.bincount(np.asarray(sampler.sample_tokens(rows, keys, temperature, 0, top_p,
+                                                       greedy=False)), minlength=4) / draws
+    np.testing.assert_allclose(got, want, atol=0.03, err_msg=f"T={temperature} p={top_p}")
 
 
 def test_empty_prompt_is_a_clear_error(world):  # pylint: disable=redefined-outer-name

@@ -84,3 +84,47 @@ def test_frozen_leaves_get_no_update_and_no_adam_state():
   assert np.array_equal(np.asarray(new["a"]).view(np.uint32), np.asarray(params["a"]).view(
       np.uint32))  # bitwise, even for -0.0
   assert not np.allclose(new["b"], params["b"])
+
+
+def test_adamw_with_global_norm_clipping_equals_a_hand_computation():
+  """Three steps of the paper's optimizer against the formulas written out: clip the global
+  norm to 1, Adam moments with beta = (0.9, 0.95) and bias correction, decoupled weight
+  decay on matrices only.  The gradients change direction and norm (one above the clip,
+  one below), so neither clipping nor the betas can drop out unnoticed: a single step or a
+  uniformly scaled gradient would hide both (Adam is invariant to a gradient's scale)."""
+  cfg = _cfg(learning_rate=0.05, warmup_steps=2, init_lr=0.01)
+  opt = cfg.optimizer
+  assert (opt.b1, opt.b2, opt.weight_decay, opt.grad_clip_norm) == (0.9, 0.95, 0.1, 1.0)
+  rng = np.random.default_rng(0)
+  params = {"dense": {"kernel": rng.standard_normal((3, 4)).astype(np.float32)},
+            "norm": {"scale": np.ones((4,), np.float32)}}
+  grads = [{"dense": {"kernel": s * rng.standard_normal((3, 4)).astype(np.float32)},
+            "norm": {"scale": s * rng.standard_normal((4,)).astype(np.float32)}}
+           for s in (20.0, 0.1, 3.0)]
+  tx = optim.optimizer(cfg)
+  state = tx.init(jax.tree.map(jnp.asarray, params))
+  got = jax.tree.map(jnp.asarray, params)
+  for g in grads:
+    updates, state = tx.update(jax.tree.map(jnp.asarray, g), state, got)
+    got = optim.apply_updates(got, updates)
+
+  lr = optim.learning_rate_schedule(cfg)
+  p = {k: np.asarray(v, np.float64) for k, v in
+       (("kernel", params["dense"]["kernel"]), ("scale", params["norm"]["scale"]))}
+  m = {k: np.zeros_like(v) for k, v in p.items()}
+  v = {k: np.zeros_like(x) for k, x in p.items()}
+  for t, g in enumerate(grads, start=1):
+    g = {"kernel": np.asarray(g["dense"]["kernel"], np.float64),
+         "scale": np.asarray(g["norm"]["scale"], np.float64)}
+    norm = np.sqrt(sum((x ** 2).sum() for x in g.values()))
+    g = {k: x * min(1.0, opt.grad_clip_norm / norm) for k, x in g.items()}
+    for k in p:
+      m[k] = opt.b1 * m[k] + (1 - opt.b1) * g[k]
+      v[k] = opt.b2 * v[k] + (1 - opt.b2) * g[k] ** 2
+      step = (m[k] / (1 - opt.b1 ** t)) / (np.sqrt(v[k] / (1 - opt.b2 ** t)) + opt.eps)
+      decay = opt.weight_decay * p[k] if k == "kernel" else 0.0
+      p[k] = p[k] - float(lr(t - 1)) * (step + decay)
+  np.testing.assert_allclose(np.asarray(got["dense"]["kernel"]), p["kernel"], rtol=1e-5,
+                             atol=1e-6)
+  np.testing.assert_allclose(np.asarray(got["norm"]["scale"]), p["scale"], rtol=1e-5,
+                             atol=1e-6)

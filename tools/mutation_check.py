@@ -1,0 +1,264 @@
+"""Mutation check of the test suite: deliberate bugs that the tests must catch.
+
+Each entry of MUTATIONS is a named bug: one or more exact text substitutions in one module
+of retro_jax/, and the test files (or test ids) that should catch it.  For every bug the
+script copies retro_jax/, tests/ and experiments/configs/ into a fresh temporary directory
+(the working tree is never modified), applies the substitutions there, and runs the
+matching tests with pytest against the copy (PYTHONPATH and the working directory point at
+the copy, so the copy's modules shadow the editable install).  A bug is
+
+  caught    the tests failed (pytest exit status 1; 2 = the copy no longer imports, shown
+            as "caught (error)"),
+  SURVIVED  the tests passed: they cannot tell the bug from the correct code,
+  TARGET NOT FOUND  a substitution's text no longer occurs in the module (the code changed:
+            update the entry), never silently skipped,
+  NO TESTS  pytest collected nothing (a renamed test: update the entry).
+
+First the same tests run on an unmodified copy: if they fail there, a "caught" would mean
+nothing, and the script stops.  It prints a table and exits non-zero unless every bug is
+caught.
+
+  .venv/bin/python tools/mutation_check.py              # all bugs
+  .venv/bin/python tools/mutation_check.py --only cca   # names containing "cca"
+  .venv/bin/python tools/mutation_check.py --list       # the table of bugs, nothing run
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COPIED = ("retro_jax", "tests", os.path.join("experiments", "configs"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutation:
+  name: str
+  module: str                            # path under the repository root
+  edits: tuple[tuple[str, str], ...]     # (exact old text, new text), each must occur
+  tests: tuple[str, ...]                 # pytest ids relative to the root (files or ::tests)
+
+
+def _m(name, module, edits, *tests):
+  return Mutation(name, module, tuple(edits), tuple(tests))
+
+
+MUTATIONS: tuple[Mutation, ...] = (
+    # --- model: positions and windows -----------------------------------------------------
+    _m("CCA without the m-1 shift (windows = chunks)", "retro_jax/model/cca.py", [
+        ("(0, 0)))[:, m - 1:]", "(0, 0)))[:, 0:]"),
+        ("h = jnp.pad(h, ((0, 0), (0, m - 1), (0, 0)))", "h = jnp.pad(h, ((0, 0), (0, 0), (0, 0)))"),
+        ("w = jnp.pad(w, ((0, 0), (m - 1, 0), (0, 0)))", "w = jnp.pad(w, ((0, 0), (0, 0), (0, 0)))"),
+    ], "tests/test_model.py", "tests/test_reference.py"),
+    _m("CCA distance i - j instead of i - j + m - 1", "retro_jax/model/cca.py", [
+        ("layers.skew_distances(chunk_size, neighbor_len, chunk_size - 1, causal=False)",
+         "layers.skew_distances(chunk_size, neighbor_len, 0, causal=False)"),
+    ], "tests/test_reference.py"),
+    _m("CCA ignores the neighbor-token mask", "retro_jax/model/cca.py", [
+        ("out = heads_last(self.attn.attend(logits, mask, values))",
+         "out = heads_last(self.attn.attend(logits, jnp.ones_like(mask), values))"),
+    ], "tests/test_model.py"),
+    _m("XL distance table reversed (j - i)", "retro_jax/model/layers.py", [
+        ("return base + nq - 1 - np.arange(width)", "return base - nq + 1 + np.arange(width)"),
+    ], "tests/test_reference.py"),
+    _m("XL relative shift off by one column", "retro_jax/model/layers.py", [
+        ("flat = flat[..., nq - 1: nq - 1 + nq * (width - 1)]",
+         "flat = flat[..., nq: nq + nq * (width - 1)]"),
+    ], "tests/test_reference.py"),
+    _m("encoder cross-attention distance i - j + 1", "retro_jax/model/encoder.py", [
+        ("layers.skew_distances(r, m, 0, causal=False)",
+         "layers.skew_distances(r, m, 1, causal=False)"),
+    ], "tests/test_reference.py"),
+    _m("encoder cross-attention distances run across the k neighbors",
+       "retro_jax/model/encoder.py", [
+           ("pos = layers.skew(pos.reshape(pos.shape[:-2] + (k, r, pos.shape[-1])), m)",
+            "pos = layers.skew(pos, m)"),
+       ], "tests/test_reference.py"),
+    _m("decoder self-attention not causal", "retro_jax/model/attention.py", [
+        ("      mask = jnp.tril(mask)", "      mask = mask"),
+    ], "tests/test_model.py"),
+    _m("-1 neighbor tokens not masked in the encoder", "retro_jax/model/encoder.py", [
+        ("mask = neighbors >= 0", "mask = neighbors > -1000"),
+    ], "tests/test_model.py"),
+    # --- model: precision and memory --------------------------------------------------------
+    _m("bf16: RMSNorm statistics in bfloat16", "retro_jax/model/layers.py", [
+        ("    x32 = x.astype(jnp.float32)", "    x32 = x"),
+    ], "tests/test_model.py::test_bfloat16_keeps_softmax_and_norm_statistics_in_float32"),
+    _m("bf16: softmax in bfloat16", "retro_jax/model/attention.py", [
+        ("probs = jax.nn.softmax(logits, axis=-1)",
+         "probs = jax.nn.softmax(logits.astype(v.dtype), axis=-1)"),
+    ], "tests/test_model.py::test_bfloat16_keeps_softmax_and_norm_statistics_in_float32"),
+    _m("remat flag ignored", "retro_jax/model/retro.py", [
+        ("    if c.remat:", "    if False:  # c.remat"),
+    ], "tests/test_model.py::test_remat_is_in_the_jaxpr"),
+    # --- training data ---------------------------------------------------------------------
+    _m("loader keeps neighbors from other documents of the window",
+       "retro_jax/training/data.py", [
+           ("ids = np.where(same, -1, ids)", "ids = ids"),
+       ], "tests/test_data.py"),
+    _m("loader targets not shifted by one", "retro_jax/training/data.py", [
+        ("inputs, targets = seq[:, :-1], seq[:, 1:]", "inputs, targets = seq[:, :-1], seq[:, :-1]"),
+    ], "tests/test_data.py"),
+    # --- retrieval -------------------------------------------------------------------------
+    _m("precompute: no same-document exclusion", "retro_jax/retrieval/precompute_neighbors.py", [
+        ("      elif self.query_is_db:\n        groups = q_doc",
+         "      elif self.query_is_db:\n        groups = np.full(q_doc.shape, -1, np.int64)"),
+    ], "tests/test_precompute.py"),
+    _m("search_excluding keeps the excluded group", "retro_jax/retrieval/index.py", [
+        ("keep = (ids >= 0) & (groups != exclude_groups[rows][:, None])", "keep = ids >= 0"),
+    ], "tests/test_index.py"),
+    _m("tokenizer identity check skipped", "retro_jax/retrieval/manifest.py", [
+        ("  check_equal(what, exp, act, expected_source, actual_source)", "  del exp, act"),
+    ], "tests/test_evaluate.py::test_tokenizer_mismatch_is_refused_naming_both",
+       "tests/test_precompute.py::test_manifest_mismatches_are_refused"),
+    # --- training --------------------------------------------------------------------------
+    _m("gradient accumulation averages per microbatch (scale 1/A)",
+       "retro_jax/training/trainer.py", [
+           ("return (jax.tree.map(jnp.add, g_acc, g), nll_acc + nll, count_acc + count), None",
+            "return (jax.tree.map(lambda a, b: a + b / accum_steps, g_acc, g), "
+            "nll_acc + nll, count_acc + count), None"),
+       ], "tests/test_train.py::test_gradient_accumulation_matches_one_big_batch"),
+    _m("AdamW betas swapped", "retro_jax/training/optim.py", [
+        ("b1=float(opt.b1), b2=float(opt.b2)", "b1=float(opt.b2), b2=float(opt.b1)"),
+    ], "tests/test_train_optim.py"),
+    _m("global-norm clipping dropped", "retro_jax/training/optim.py", [
+        ("    parts.append(optax.clip_by_global_norm(float(opt.grad_clip_norm)))", "    pass"),
+    ], "tests/test_train_optim.py"),
+    # --- evaluation and generation ---------------------------------------------------------
+    _m("evaluation windows advance by n, not by the stride", "retro_jax/evaluation/scoring.py", [
+        ("    start += stride", "    start += seq_len"),
+    ], "tests/test_evaluate.py::test_windows_score_every_token_exactly_once"),
+    _m("bits per byte divides by tokens, not bytes", "retro_jax/evaluation/evaluate.py", [
+        ("bpb=float(nll / math.log(2) / nbytes) if nbytes else None)",
+         "bpb=float(nll / math.log(2) / tokens) if nbytes else None)"),
+    ], "tests/test_evaluate.py::test_uniform_model_gives_vocab_perplexity",
+       "tests/test_evaluate.py::test_bigram_model_equals_hand_computation"),
+    _m("evaluation windows read the document's first neighbors", "retro_jax/evaluation/evaluate.py", [
+        ("c0 = int(docs.doc_offsets[w.doc]) + w.start // m", "c0 = int(docs.doc_offsets[w.doc])"),
+    ], "tests/test_evaluate.py::test_each_window_chunk_gets_its_own_neighbors"),
+    _m("sampling ignores the temperature", "retro_jax/generation/sampler.py", [
+        ("logits = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)",
+         "logits = logits.astype(jnp.float32)"),
+    ], "tests/test_generate.py::test_sampling_frequencies_follow_temperature_and_top_p"),
+)
+
+
+@dataclasses.dataclass
+class Result:
+  mutation: Mutation
+  status: str
+  seconds: float
+  detail: str = ""
+
+
+def _copy_tree(dst: str) -> None:
+  ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
+  for rel in COPIED:
+    shutil.copytree(os.path.join(ROOT, rel), os.path.join(dst, rel), ignore=ignore)
+
+
+def apply_edits(text: str, edits) -> tuple[str, list[str]]:
+  """text with every (old, new) applied once; also the old texts that were not found."""
+  missing = []
+  for old, new in edits:
+    if old not in text:
+      missing.append(old)
+      continue
+    text = text.replace(old, new, 1)
+  return text, missing
+
+
+def _pytest(copy: str, tests, timeout: float, workers: int) -> tuple[int, str]:
+  env = dict(os.environ, PYTHONPATH=copy + os.pathsep + os.path.join(copy, "tests"),
+             PYTHONDONTWRITEBYTECODE="1")
+  cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+         "--rootdir", copy, *tests]
+  if workers > 1:
+    cmd[4:4] = ["-n", str(workers)]
+  try:
+    proc = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+  except subprocess.TimeoutExpired:
+    return -1, "timed out"
+  lines = [l for l in proc.stdout.splitlines() if l.strip()]
+  return proc.returncode, (lines[-1] if lines else proc.stderr.strip()[-300:])
+
+
+def run_one(mutation: Mutation | None, tests, timeout: float, workers: int) -> Result:
+  t0 = time.time()
+  with tempfile.TemporaryDirectory(prefix="retro_mutation_") as copy:
+    _copy_tree(copy)
+    if mutation is not None:
+      path = os.path.join(copy, mutation.module)
+      if not os.path.exists(path):
+        return Result(mutation, "TARGET NOT FOUND", 0.0, f"no module {mutation.module}")
+      with open(path, encoding="utf-8") as f:
+        text, missing = apply_edits(f.read(), mutation.edits)
+      if missing:
+        return Result(mutation, "TARGET NOT FOUND", 0.0,
+                      f"{mutation.module} no longer contains {missing[0]!r}")
+      with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    rc, summary = _pytest(copy, tests, timeout, workers)
+  status = {0: "SURVIVED", 1: "caught", 2: "caught (error)", 5: "NO TESTS"}.get(
+      rc, "TIMED OUT" if rc == -1 else f"ERROR (pytest exit {rc})")
+  return Result(mutation, status, time.time() - t0, summary)
+
+
+def format_table(results) -> str:
+  rows = [("bug", "module", "tests", "result", "s")]
+  for r in results:
+    m = r.mutation
+    tests = ", ".join(t.replace("tests/", "") for t in m.tests)
+    rows.append((m.name, m.module.replace("retro_jax/", ""), tests, r.status,
+                 f"{r.seconds:.0f}"))
+  lines = ["| " + " | ".join(row) + " |" for row in rows]
+  lines.insert(1, "|" + "|".join("---" for _ in rows[0]) + "|")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--only", default="", help="run the bugs whose name contains this")
+  parser.add_argument("--list", action="store_true", help="print the bugs and exit")
+  parser.add_argument("--skip_clean", action="store_true",
+                      help="do not first run the tests on an unmodified copy")
+  parser.add_argument("--timeout", type=float, default=900, help="seconds per pytest run")
+  parser.add_argument("--workers", type=int, default=1, help="pytest -n (needs xdist)")
+  args = parser.parse_args(argv)
+  chosen = [m for m in MUTATIONS if args.only.lower() in m.name.lower()]
+  if not chosen:
+    print(f"no bug matches --only={args.only!r}", file=sys.stderr)
+    return 2
+  if args.list:
+    print(format_table([Result(m, "-", 0.0) for m in chosen]))
+    return 0
+  if not args.skip_clean:
+    tests = sorted({t for m in chosen for t in m.tests})
+    clean = run_one(None, tests, args.timeout, args.workers)
+    print(f"unmodified copy: {clean.detail} ({clean.seconds:.0f} s)", flush=True)
+    if clean.status != "SURVIVED":  # i.e. the clean tests did not all pass
+      print("the tests fail without any bug: fix them first", file=sys.stderr)
+      return 2
+  results = []
+  for m in chosen:
+    r = run_one(m, m.tests, args.timeout, args.workers)
+    print(f"{r.status:>16}  {m.name}  ({r.seconds:.0f} s; {r.detail})", flush=True)
+    results.append(r)
+  print()
+  print(format_table(results))
+  bad = [r for r in results if not r.status.startswith("caught")]
+  print(f"\n{len(results) - len(bad)} of {len(results)} bugs caught", end="")
+  print(f"; not caught: {', '.join(r.mutation.name for r in bad)}" if bad else "")
+  return 1 if bad else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
