@@ -236,9 +236,17 @@ def test_end_to_end_report(world, tmp_path):
              for m in report["documents_in_database"])
   assert any("appear in the database" in w for w in report["warnings"])
   # Its chunks are their own nearest neighbors: r(C) = 1.
-  leaked = [i for i, k in enumerate(r["key"] for r in runs[("retro", "off")]["documents"])
-            if k.endswith("zz_leaked.txt")][0]
-  assert leaked >= 0 and max(report["leakage"]["r"]) == 1.0
+  documents = runs[("retro", "off")]["documents"]
+  leaked = [i for i, d in enumerate(documents) if d["key"].endswith("zz_leaked.txt")]
+  assert len(leaked) == 1
+  chunks = [-(-d["tokens"] // M) for d in documents]   # r(C) per chunk, documents in order
+  ratios = np.asarray(report["leakage"]["r"])
+  assert len(ratios) == sum(chunks)
+  lo = sum(chunks[:leaked[0]])
+  mine = ratios[lo:lo + chunks[leaked[0]]]
+  assert (mine[:-1] == 1.0).all()                      # every full chunk (the last may be cut)
+  others = np.delete(ratios, np.arange(lo, lo + len(mine)))
+  assert others.mean() < 0.9
   assert any("copied verbatim" in w for w in report["warnings"])
   table = eval_lib.format_table(report)
   assert "bpb(0.125)" in table and "base@1" in table and "retro@1" in table

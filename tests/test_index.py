@@ -47,11 +47,48 @@ def test_exact_pads_when_k_exceeds_database():
   assert sorted(ids[0, :10].tolist()) == list(range(10))
 
 
-def test_recall_of_exact_against_itself_is_one():
+def test_recall_counts_misses_and_ties_by_hand():
+  """recall@k of a searcher with a known number of misses, and of one that returns other
+  ids at tied distances (duplicate rows), which count as hits."""
   x = _clustered(500, 16)
+  x = np.concatenate([x, x[:40]])                 # rows 500..539 duplicate rows 0..39
   ex = index_lib.ExactSearcher(x)
-  assert index_lib.measure_recall(ex, ex, x[:50], 10) == 1.0
-  assert index_lib.measure_recall(ex, ex, x[:50], 2, query_ids=np.arange(50)) == 1.0
+  q, k = x[:50], 10
+  far = np.argsort(-(1.0 - q @ x.T), axis=1, kind="stable")[:, :3]  # never in a top 10
+
+  class Missing:
+    num_vectors = len(x)
+
+    def search(self, queries, kk):
+      ids, d = ex.search(queries, kk)
+      ids = ids.copy()
+      ids[::2, -3:] = far[::2]                    # 3 misses in every other query
+      return ids, d
+
+  class Twin:
+    num_vectors = len(x)
+
+    def search(self, queries, kk):
+      ids, d = ex.search(queries, kk)
+      twin = np.where(ids < 40, ids + 500, np.where((ids >= 500) & (ids < 540), ids - 500, ids))
+      return twin, d
+
+  assert index_lib.measure_recall(Missing(), ex, q, k) == pytest.approx(1 - 25 * 3 / (50 * k))
+  twin_ids = Twin().search(q, k)[0]
+  assert (twin_ids != ex.search(q, k)[0]).any()
+  assert index_lib.measure_recall(Twin(), ex, q, k) == 1.0
+  # With query_ids, a query's own row is no answer: returning it costs a hit.
+  own = np.arange(50)
+
+  class Own:
+    num_vectors = len(x)
+
+    def search(self, queries, kk):
+      ids, d = ex.search(queries, kk)
+      return np.concatenate([own[:, None], ids[:, :-1]], axis=1), d
+
+  assert index_lib.measure_recall(Own(), ex, q, 2, query_ids=own) < 1.0
+  assert index_lib.measure_recall(ex, ex, q, 2, query_ids=own) == 1.0
 
 
 def test_recall_detects_a_bad_index():

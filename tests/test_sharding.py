@@ -9,6 +9,8 @@ import subprocess
 import sys
 import textwrap
 
+import jax
+
 from retro_jax import config as config_lib
 from retro_jax.model import sharding
 
@@ -88,6 +90,8 @@ SCRIPT = textwrap.dedent("""
                                        sharding.batch_sharding(mesh, 4)))(sharded, tokens, nb)
     out["max_diff"] = float(jnp.abs(got - ref).max())
     out["out_sharding"] = str(got.sharding.spec)
+    out["logits_shard_shape"] = list(got.addressable_shards[0].data.shape)
+    out["logits_shape"] = list(got.shape)
     try:
       sharding.init_sharded_params(cfg.replace(vocab_size=97), key, mesh)
       out["uneven_error"] = None
@@ -110,4 +114,10 @@ def test_sharded_forward_equals_single_device():
   # embedding [vocab, embed] split over tensor x fsdp = 2 x 2.
   assert out["embed_shard_shape"] == [out["embed_shape"][0] // 2, out["embed_shape"][1] // 2]
   assert out["max_diff"] < 1e-5, out
+  # Logits [B, n, V] come back split by the rules table: batch over data x fsdp, vocab
+  # over tensor (logical names batch, length, act_vocab).
+  assert out["out_sharding"] == str(jax.sharding.PartitionSpec(("data", "fsdp"), None,
+                                                               "tensor")), out
+  b, n, v = out["logits_shape"]
+  assert out["logits_shard_shape"] == [b // 4, n, v // 2]
   assert "dimension 97 cannot be split 2 ways" in out["uneven_error"]

@@ -1,7 +1,8 @@
 """Two CPU processes as two hosts (jax.distributed on 127.0.0.1) train like one process.
 
 Each process owns one CPU device and loads only its half of every global batch; the mesh
-spans both processes.  The losses must match a single-process run over the same data.
+spans both processes.  Losses, gradient norms and parameter norms must match a
+single-process run over the same data.
 """
 
 import json
@@ -28,9 +29,11 @@ if pid >= 0:
   jax.distributed.initialize({coordinator!r}, num_processes=2, process_id=pid)
 cfg = fx.tiny_config(json.loads({paths!r}), num_steps=8, checkpoint_every=100, log_every=100)
 name = "/single" if pid < 0 else "/host" + str(pid)
-res = trainer.train_and_evaluate(cfg, {workdir!r} + name, stop_after=3)
+metrics = {{}}
+res = trainer.train_and_evaluate(cfg, {workdir!r} + name, stop_after=4,
+                                 on_step=lambda s, m: metrics.__setitem__(s, m))
 print("RESULT" + json.dumps(dict(losses=res["losses"], processes=jax.process_count(),
-                                 devices=jax.device_count())))
+                                 devices=jax.device_count(), metrics=metrics)))
 """
 
 
@@ -64,7 +67,14 @@ def test_two_processes_train_like_one(tmp_path):
                           capture_output=True, text=True, timeout=1200)
   assert single.returncode == 0, single.stderr[-4000:]
   ref = _result(single.stdout)["losses"]
+  ref_metrics = _result(single.stdout)["metrics"]
   for host in hosts:
-    assert host["losses"].keys() == ref.keys()
+    assert host["losses"].keys() == ref.keys() == {"1", "2", "3", "4"}
     for step, loss in ref.items():
       assert host["losses"][step] == pytest.approx(loss, rel=1e-5), step
+      # Gradient and parameter norms too: steps 3 and 4 follow updates at a real learning
+      # rate, and a wrong cross-host reduction scales the gradient, which AdamW with
+      # clipping hides from the losses.
+      got, want = host["metrics"][step], ref_metrics[step]
+      assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4), step
+      assert got["param_norm"] == pytest.approx(want["param_norm"], rel=1e-5), step

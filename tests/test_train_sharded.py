@@ -24,16 +24,23 @@ import fixtures_data as fx
 from retro_jax.training import trainer
 fx.enable_compilation_cache()
 paths = json.loads({paths!r})
-out = {{}}
+import numpy as np
+out, params = {{}}, {{}}
 for name, mesh, devices in (("one", (1, 1, 1), jax.devices()[:1]),
                             ("eight", (2, 2, 2), jax.devices())):
   cfg = fx.tiny_config(paths, num_steps=8, checkpoint_every=100, log_every=100)
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh
+  metrics = {{}}
   res = trainer.train_and_evaluate(cfg, {workdir!r} + "/" + name, stop_after=4,
-                                   devices=devices)
+                                   devices=devices,
+                                   on_step=lambda s, m: metrics.__setitem__(s, m))
   leaf = res["state"].params["layer_1"]["cca"]["attn"]["wq"]
   out[name] = dict(losses=res["losses"], shards=len(leaf.addressable_shards),
-                   spec=str(leaf.sharding.spec))
+                   spec=str(leaf.sharding.spec), metrics=metrics)
+  params[name] = jax.tree.leaves(res["state"].params)
+out["param_diff"] = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                        for a, b in zip(params["one"], params["eight"]))
+out["param_moved"] = max(float(np.abs(np.asarray(a)).max()) for a in params["one"])
 print("RESULT" + json.dumps(out))
 """
 
@@ -56,3 +63,10 @@ def test_2x2x2_mesh_matches_one_device(tmp_path):
   assert out["one"]["losses"].keys() == out["eight"]["losses"].keys() == {"1", "2", "3", "4"}
   for step, loss in out["one"]["losses"].items():
     assert out["eight"]["losses"][step] == pytest.approx(loss, rel=1e-4, abs=1e-5), step
+    # Gradients, not only losses: a wrong all-reduce factor scales them (and AdamW with
+    # clipping would hide that scale from the losses and parameters).
+    one, eight = out["one"]["metrics"][step], out["eight"]["metrics"][step]
+    assert eight["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4), step
+    assert eight["param_norm"] == pytest.approx(one["param_norm"], rel=1e-5), step
+  # The 4 steps' updates (3 at a real learning rate) land on the same parameters.
+  assert out["param_diff"] < 1e-4 * out["param_moved"], out["param_diff"]
