@@ -98,6 +98,9 @@ MUTATIONS: tuple[Mutation, ...] = (
     _m("remat flag ignored", "retro_jax/model/retro.py", [
         ("    if c.remat:", "    if False:  # c.remat"),
     ], "tests/test_model.py::test_remat_is_in_the_jaxpr"),
+    _m("share_embeddings ignored (encoder keeps its own table)", "retro_jax/model/retro.py", [
+        ("shared_embedding=self.embed if c.share_embeddings else None", "shared_embedding=None"),
+    ], "tests/test_model.py::test_shared_embeddings_option"),
     # --- training data ---------------------------------------------------------------------
     _m("loader keeps neighbors from other documents of the window",
        "retro_jax/training/data.py", [
@@ -106,6 +109,9 @@ MUTATIONS: tuple[Mutation, ...] = (
     _m("loader targets not shifted by one", "retro_jax/training/data.py", [
         ("inputs, targets = seq[:, :-1], seq[:, 1:]", "inputs, targets = seq[:, :-1], seq[:, :-1]"),
     ], "tests/test_data.py"),
+    _m("every process loads the first rows of the global batch", "retro_jax/training/data.py", [
+        ("    lo = self.process_index * self.local_batch_size", "    lo = 0"),
+    ], "tests/test_data.py::test_process_shards_concatenate_to_the_global_batch"),
     # --- retrieval -------------------------------------------------------------------------
     _m("precompute: no same-document exclusion", "retro_jax/retrieval/precompute_neighbors.py", [
         ("      elif self.query_is_db:\n        groups = q_doc",
@@ -131,6 +137,12 @@ MUTATIONS: tuple[Mutation, ...] = (
     _m("global-norm clipping dropped", "retro_jax/training/optim.py", [
         ("    parts.append(optax.clip_by_global_norm(float(opt.grad_clip_norm)))", "    pass"),
     ], "tests/test_train_optim.py"),
+    _m("weight decay on norm scales and biases too", "retro_jax/training/optim.py", [
+        ("not (names and _NO_DECAY.search(names[-1]))", "True"),
+    ], "tests/test_train_optim.py"),
+    _m("RETRO-fitting updates the frozen decoder", "retro_jax/training/optim.py", [
+        ("lambda label, p, q: p if label == FROZEN else q", "lambda label, p, q: q"),
+    ], "tests/test_train_optim.py"),
     # --- evaluation and generation ---------------------------------------------------------
     _m("evaluation windows advance by n, not by the stride", "retro_jax/evaluation/scoring.py", [
         ("    start += stride", "    start += seq_len"),
@@ -146,6 +158,10 @@ MUTATIONS: tuple[Mutation, ...] = (
     _m("sampling ignores the temperature", "retro_jax/generation/sampler.py", [
         ("logits = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)",
          "logits = logits.astype(jnp.float32)"),
+    ], "tests/test_generate.py::test_sampling_frequencies_follow_temperature_and_top_p"),
+    _m("nucleus (top-p) taken from the untempered distribution", "retro_jax/generation/sampler.py", [
+        ("probs = jax.nn.softmax(desc, axis=-1)",
+         "probs = jax.nn.softmax(desc * jnp.maximum(temperature, 1e-6), axis=-1)"),
     ], "tests/test_generate.py::test_sampling_frequencies_follow_temperature_and_top_p"),
 )
 
@@ -242,6 +258,8 @@ def main(argv=None) -> int:
     return 0
   if not args.skip_clean:
     tests = sorted({t for m in chosen for t in m.tests})
+    files = {t for t in tests if "::" not in t}
+    tests = [t for t in tests if t.split("::")[0] not in files or "::" not in t]
     clean = run_one(None, tests, args.timeout, args.workers)
     print(f"unmodified copy: {clean.detail} ({clean.seconds:.0f} s)", flush=True)
     if clean.status != "SURVIVED":  # i.e. the clean tests did not all pass
