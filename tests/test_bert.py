@@ -50,7 +50,8 @@ def test_matches_pytorch_bert(emb):
   np.testing.assert_array_equal(mask, ref_mask)
   assert len(set(mask.sum(1).tolist())) == len(SENTENCES)  # all lengths differ: padding used
   real = mask.astype(bool)
-  assert np.abs(hidden - ref_hidden)[real].max() <= 1e-4
+  # The README says ~3e-6 (seen: 3.6e-6 on the MiniLM sentences below).
+  assert np.abs(hidden - ref_hidden)[real].max() <= 1e-5
   # Pooled: masked mean over all non-pad tokens ([CLS]/[SEP] included), then L2-normalised.
   w = ref_mask[..., None].astype(np.float64)
   ref = (ref_hidden * w).sum(1) / w.sum(1)

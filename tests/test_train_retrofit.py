@@ -44,6 +44,14 @@ def test_retrofit_freezes_the_baseline_and_trains_encoder_and_cca(paths, tmp_pat
   assert changed == new
   assert all(np.isfinite(v) for v in out["losses"].values())
 
+  # retrofit.unfreeze_decoder=True: the same baseline is loaded, and then trained too.
+  fit_cfg.retrofit.unfreeze_decoder = True
+  free = _flat(trainer.train_and_evaluate(fit_cfg, str(tmp_path / "free"),
+                                          stop_after=3)["state"].params)
+  moved = [n for n in base if not np.array_equal(free[n], base[n])]
+  assert len(moved) > len(base) // 2, sorted(set(base) - set(moved))
+  assert any(n.startswith("layer_0/attn/") for n in moved) and "unembed" in moved
+
 
 def test_retrofit_refuses_a_baseline_with_another_decoder(paths, tmp_path):
   base_dir = str(tmp_path / "baseline")

@@ -143,6 +143,9 @@ MUTATIONS: tuple[Mutation, ...] = (
     _m("RETRO-fitting updates the frozen decoder", "retro_jax/training/optim.py", [
         ("lambda label, p, q: p if label == FROZEN else q", "lambda label, p, q: q"),
     ], "tests/test_train_optim.py"),
+    _m("retrofit.unfreeze_decoder=True ignored", "retro_jax/training/trainer.py", [
+        ("  if unfreeze_decoder:\n    return None", "  if False:\n    return None"),
+    ], "tests/test_train_retrofit.py::test_retrofit_freezes_the_baseline_and_trains_encoder_and_cca"),
     # --- evaluation and generation ---------------------------------------------------------
     _m("evaluation windows advance by n, not by the stride", "retro_jax/evaluation/scoring.py", [
         ("    start += stride", "    start += seq_len"),
