@@ -252,6 +252,50 @@ def test_end_to_end_report(world, tmp_path):
   assert "bpb(0.125)" in table and "base@1" in table and "retro@1" in table
 
 
+def test_live_service_and_precomputed_retrieval_give_the_same_report(world, tmp_path):
+  """The three neighbor sources the README offers (local index, --retrieval_url, neighbors
+  precomputed for an evaluation chunk store) score the same likelihoods; r(C) is computed
+  from the 10 nearest chunks in every case."""
+  from retro_jax.retrieval import chunk_store as chunk_store_lib  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval import precompute_neighbors as pn_lib  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval import retriever as retriever_lib  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval import service as service_lib  # pylint: disable=g-import-not-at-top
+  settings = eval_lib.EvalSettings(seq_len=2 * M, stride=M, ks=(1, 2), batch_size=4,
+                                   progress=False, retrieval_off=False)
+  live = eval_lib.run_evaluation(world["retro"], corpus=world["corpus"],
+                                 db_dir=world["db_dir"], settings=settings)
+  retriever = retriever_lib.Retriever.open(world["db_dir"])
+  server = service_lib.RetrievalServer(retriever, "127.0.0.1", 0, max_batch=256, max_k=10,
+                                       max_body_bytes=1 << 22).start()
+  try:
+    remote = eval_lib.run_evaluation(world["retro"], corpus=world["corpus"],
+                                     retrieval_url=server.url, settings=settings)
+  finally:
+    server.stop()
+  store_dir, nb_dir = str(tmp_path / "eval_chunks"), str(tmp_path / "eval_neighbors")
+  chunk_store_lib.build_chunk_store(corpus_lib.Corpus(world["corpus"]), retriever.tokenizer,
+                                    store_dir, M)
+  pn_lib.precompute_neighbors(world["db_dir"], nb_dir, k=10, query_store=store_dir)
+  pre = eval_lib.run_evaluation(world["retro"], eval_chunks=store_dir, db_dir=world["db_dir"],
+                                neighbors_dir=nb_dir, settings=settings)
+
+  def numbers(report):
+    return {str(r["k"]): (r["tokens"], r["bytes"], r["bpb"]) for r in report["runs"]}
+
+  want = numbers(live)
+  assert set(want) == {"1", "2"}
+  for report in (remote, pre):
+    got = numbers(report)
+    assert got.keys() == want.keys()
+    for k, (tokens, nbytes, bpb) in want.items():
+      assert got[k][:2] == (tokens, nbytes) and got[k][2] == pytest.approx(bpb, rel=1e-6), k
+    np.testing.assert_allclose(report["leakage"]["r"], live["leakage"]["r"])
+    assert report["protocol"]["leakage_neighbors"] == 10
+    assert report["retrieval"]["k_retrieved"] >= 10
+  assert live["protocol"]["leakage_neighbors"] == 10
+
+
 def test_same_document_exclusion_removes_the_copy(world):
   settings = eval_lib.EvalSettings(seq_len=2 * M, ks=(1,), batch_size=4, progress=False,
                                    retrieval_off=False, exclude_same_document=True)

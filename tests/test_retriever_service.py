@@ -3,7 +3,10 @@
 import http.client
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -161,3 +164,69 @@ def test_remote_times_out_instead_of_hanging():
                                          timeout=0.5)
     with pytest.raises(service_lib.ServiceUnavailableError, match="not reachable"):
       remote.health()
+
+
+# --- the inspect and serve CLIs ------------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _shown_ids(output: str) -> list[int]:
+  """Neighbor chunk ids of an inspect report ("[rank] chunk ID  distance ...")."""
+  return [int(line.split()[2]) for line in output.splitlines()
+          if line.startswith("[") and " chunk " in line]
+
+
+def test_inspect_cli_shows_what_the_model_reads(db_dir, retriever, tmp_path):
+  from retro_jax.retrieval import precompute_neighbors as pn_lib  # pylint: disable=g-import-not-at-top
+
+  def run(*flags):
+    proc = subprocess.run([sys.executable, "-m", "retro_jax.retrieval.inspect",
+                           f"--db={db_dir}", *flags], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+  store = retriever.store
+  c = 7
+  doc = int(store.doc_ids[c])
+  live = run(f"--chunk_id={c}", "--k=3")
+  want = retriever.search_embeddings(np.asarray(retriever.db.embeddings[c:c + 1], np.float32),
+                                     3, exclude_doc_ids=[doc]).ids[0]
+  assert _shown_ids(live) == want.tolist()
+  assert all(int(store.doc_ids[i]) != doc for i in want)
+  assert retriever.tokenizer.decode(np.asarray(store.tokens[want[0]])).strip()[:20] in live
+  nb_dir = str(tmp_path / "nb")
+  pn_lib.precompute_neighbors(db_dir, nb_dir, k=2)
+  pre = run(f"--chunk_id={c}", "--k=2", f"--neighbors={nb_dir}")
+  assert _shown_ids(pre) == np.load(os.path.join(nb_dir, "neighbors.npy"))[c].tolist()
+  text = retriever.tokenizer.decode(np.asarray(store.tokens[c]))
+  assert _shown_ids(run(f"--text={text}", "--k=2")) == (
+      retriever.retrieve_texts([text], 2).ids[0].tolist())
+  bad = subprocess.run([sys.executable, "-m", "retro_jax.retrieval.inspect", f"--db={db_dir}",
+                        "--chunk_id=-1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert bad.returncode != 0 and "outside the database" in bad.stderr
+
+
+def test_serve_cli_answers_like_the_local_retriever(db_dir, retriever):
+  proc = subprocess.Popen([sys.executable, "-m", "retro_jax.retrieval.serve", f"--db={db_dir}",
+                           "--port=0"], cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  try:
+    line = proc.stdout.readline()
+    assert line.startswith("retrieval service on "), (line, proc.stderr.read()[-2000:]
+                                                      if proc.poll() is not None else "")
+    url = line.split()[3]
+    remote = service_lib.RemoteRetriever(url, timeout=60)
+    assert remote.health()["status"] == "ok"
+    chunks = np.asarray(retriever.store.tokens[[0, 9, 20]])
+    got, want = remote.retrieve_chunks(chunks, 2), retriever.retrieve_chunks(chunks, 2)
+    np.testing.assert_array_equal(got.ids, want.ids)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+  finally:
+    proc.send_signal(signal.SIGINT)
+    try:
+      proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      proc.wait()

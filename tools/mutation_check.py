@@ -158,6 +158,9 @@ MUTATIONS: tuple[Mutation, ...] = (
     _m("evaluation windows read the document's first neighbors", "retro_jax/evaluation/evaluate.py", [
         ("c0 = int(docs.doc_offsets[w.doc]) + w.start // m", "c0 = int(docs.doc_offsets[w.doc])"),
     ], "tests/test_evaluate.py::test_each_window_chunk_gets_its_own_neighbors"),
+    _m("r(C) from the 2 nearest chunks, not the paper's 10", "retro_jax/evaluation/leakage.py", [
+        ("NUM_LEAKAGE_NEIGHBORS = 10", "NUM_LEAKAGE_NEIGHBORS = 2"),
+    ], "tests/test_evaluate.py::test_live_service_and_precomputed_retrieval_give_the_same_report"),
     _m("sampling ignores the temperature", "retro_jax/generation/sampler.py", [
         ("logits = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)",
          "logits = logits.astype(jnp.float32)"),
