@@ -50,3 +50,28 @@ def test_cli_refuses_bad_input_without_a_traceback(paths, tmp_path, override, me
   assert "Traceback" not in proc.stderr
   import re  # pylint: disable=g-import-not-at-top
   assert re.search(message, proc.stderr), proc.stderr[-2000:]
+
+
+def test_distributed_flag_initialises_jax_distributed_before_training(monkeypatch):
+  """--config.distributed=True: jax.distributed.initialize() with its arguments left to
+  auto-detection, before anything touches a device; explicit coordinator flags pass through.
+  (Two real processes train as two hosts in test_train_multihost.py.)"""
+  from retro_jax.training import train_config  # pylint: disable=g-import-not-at-top
+  from retro_jax.training import trainer  # pylint: disable=g-import-not-at-top
+  calls = []
+  monkeypatch.setattr(trainer.jax.distributed, "initialize",
+                      lambda **kwargs: calls.append(("initialize", kwargs)))
+  monkeypatch.setattr(trainer, "train_and_evaluate",
+                      lambda cfg, workdir: calls.append(("train", workdir)) or "trained")
+  cfg = train_config.default_config()
+  cfg.distributed = True
+  assert trainer.run(cfg, "/w") == "trained"
+  assert calls == [("initialize", {}), ("train", "/w")]
+  calls.clear()
+  cfg.distributed = False
+  trainer.run(cfg, "/w")
+  assert calls == [("train", "/w")]
+  calls.clear()
+  trainer.run(cfg, "/w", coordinator_address="10.0.0.1:1234", num_processes=2, process_id=1)
+  assert calls[0] == ("initialize", dict(coordinator_address="10.0.0.1:1234",
+                                         num_processes=2, process_id=1))

@@ -146,6 +146,10 @@ MUTATIONS: tuple[Mutation, ...] = (
     _m("retrofit.unfreeze_decoder=True ignored", "retro_jax/training/trainer.py", [
         ("  if unfreeze_decoder:\n    return None", "  if False:\n    return None"),
     ], "tests/test_train_retrofit.py::test_retrofit_freezes_the_baseline_and_trains_encoder_and_cca"),
+    _m("--config.distributed=True does not initialise jax.distributed",
+       "retro_jax/training/trainer.py", [
+           ("  if cfg.distributed or coordinator_address:", "  if coordinator_address:"),
+       ], "tests/test_train_cli.py::test_distributed_flag_initialises_jax_distributed_before_training"),
     # --- evaluation and generation ---------------------------------------------------------
     _m("evaluation windows advance by n, not by the stride", "retro_jax/evaluation/scoring.py", [
         ("    start += stride", "    start += seq_len"),
