@@ -50,6 +50,23 @@ class RetroConfig:
   enc_cross_attention_layers: tuple[int, ...] = (1,)
   share_embeddings: bool = False       # encoder reuses the decoder token embedding (needs d'=d).
 
+  # --- Learning to read neighbors (not in the paper; all off in the paper presets) ----------
+  # See README "Learning to read neighbors" for the ablation of each.
+  # CCA adds a learned per-head logit to every token of the neighbor of rank i (0 = nearest;
+  # ranks past the training k share the last one): a prior on which neighbor to read.
+  cca_rank_bias: bool = False
+  # Shift each neighbor's 2m-token window inside its document so that its longest token run
+  # shared with the retrieving chunk lines up with the chunk (retrieval/align.py): a copy
+  # is then one fixed relative distance away.  Applied in training, evaluation, generation.
+  align_neighbors: bool = False
+  # Drop neighbors whose longest token run shared with the retrieving chunk is shorter than
+  # this (0 = keep all): chunks without lexical overlap get no CCA update.
+  neighbor_min_match: int = 0
+  # A pointer over the neighbor tokens mixed into the output distribution with a learned
+  # gate (model/copy.py): a neighbor token's identity reaches the output without having to
+  # be learned through encoder, CCA and unembedding.
+  copy_head: bool = False
+
   # --- Numerics and memory -------------------------------------------------------------------
   positional: str = "xl"               # "xl": Transformer-XL relative positions (paper).
   norm_eps: float = 1e-6               # RMSNorm epsilon.
@@ -98,6 +115,13 @@ class RetroConfig:
       raise ConfigError(
           f"share_embeddings needs enc_emb_dim == emb_dim, got {self.enc_emb_dim} != "
           f"{self.emb_dim}")
+    if (not isinstance(self.neighbor_min_match, int) or isinstance(self.neighbor_min_match, bool)
+        or not 0 <= self.neighbor_min_match <= self.chunk_size):
+      raise ConfigError(f"neighbor_min_match must be an integer in [0, chunk_size="
+                        f"{self.chunk_size}], got {self.neighbor_min_match!r}")
+    for name in ("cca_rank_bias", "align_neighbors", "copy_head", "share_embeddings", "remat"):
+      if not isinstance(getattr(self, name), bool):
+        raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
     if self.positional not in ("xl",):
       raise ConfigError(f"positional must be 'xl', got {self.positional!r}")
     if self.dtype not in _DTYPES:
@@ -184,9 +208,14 @@ PRESETS["small-baseline"] = dict(_SMALL, cca_layers=())
 # The quickstart's model: the `small` decoder with a narrower neighbor encoder, so that
 # RETRO costs ~1.3x its baseline per step on CPU instead of ~2.3x (the encoder reads
 # k*r/m = 4 neighbor tokens per decoder token).
-PRESETS["quickstart"] = dict(_SMALL, enc_emb_dim=128, enc_num_heads=4, enc_head_dim=32,
-                             enc_mlp_dim=512)
-PRESETS["quickstart-baseline"] = dict(PRESETS["quickstart"], cca_layers=())
+# "quickstart-paper" reads its neighbors as the paper does; "quickstart" adds the three
+# options that make reading learnable in a CPU-sized run (README "Learning to read
+# neighbors"): aligned neighbors, the min-match filter (m/4 tokens) and the copy head.
+PRESETS["quickstart-paper"] = dict(_SMALL, enc_emb_dim=128, enc_num_heads=4, enc_head_dim=32,
+                                   enc_mlp_dim=512)
+PRESETS["quickstart"] = dict(PRESETS["quickstart-paper"], align_neighbors=True,
+                             neighbor_min_match=8, copy_head=True)
+PRESETS["quickstart-baseline"] = dict(PRESETS["quickstart-paper"], cca_layers=())
 # The peer-comparison shape (lucidrains' RETRO-pytorch benchmark in experiments/benchmarks).
 _PEER = dict(vocab_size=8192, chunk_size=64, num_neighbors=2, emb_dim=512, num_layers=6,
              num_heads=8, head_dim=64, mlp_dim=2048, cca_layers=(3, 6), enc_emb_dim=512,

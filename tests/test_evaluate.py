@@ -219,7 +219,8 @@ def test_end_to_end_report(world, tmp_path):
                                    settings=settings, output=out)
   assert os.path.exists(out) and manifest_lib.read_json(out)["runs"][0]["k"] == "off"
   runs = {(r["model"].split("@")[0], str(r["k"])): r for r in report["runs"]}
-  assert set(runs) == {("retro", "off"), ("retro", "1"), ("retro", "2"), ("base", "-")}
+  assert set(runs) == {("retro", "off"), ("retro", "1"), ("retro", "2"), ("base", "-"),
+                       ("n-gram copy over base", "copy2")}
   tokens = report["data"]["tokens"]
   for r in runs.values():
     assert r["tokens"] == tokens and r["bytes"] == report["data"]["bytes"]
@@ -248,6 +249,14 @@ def test_end_to_end_report(world, tmp_path):
   others = np.delete(ratios, np.arange(lo, lo + len(mine)))
   assert others.mean() < 0.9
   assert any("copied verbatim" in w for w in report["warnings"])
+  # The n-gram copy model over the same neighbors: its mixture with the baseline gains
+  # most on the document its neighbors hold verbatim, and changes only windows it matches.
+  base_docs = runs[("base", "-")]["documents"]
+  copy_docs = runs[("n-gram copy over base", "copy2")]["documents"]
+  gain = [b["bpb"] - c["bpb"] for b, c in zip(base_docs, copy_docs)]
+  assert gain[leaked[0]] > 1.0 and gain[leaked[0]] == max(gain)
+  per_bucket = runs[("n-gram copy over base", "copy2")]["bpb_buckets"]
+  assert sum(b["fraction_of_bytes"] for b in per_bucket.values()) == pytest.approx(1.0)
   table = eval_lib.format_table(report)
   assert "bpb(0.125)" in table and "base@1" in table and "retro@1" in table
 

@@ -33,9 +33,11 @@ from absl import logging
 import numpy as np
 
 from retro_jax.evaluation import checkpoints as ckpt_lib
+from retro_jax.evaluation import copy_model as copy_model_lib
 from retro_jax.evaluation import leakage as leakage_lib
 from retro_jax.evaluation import scoring
 from retro_jax.evaluation import sources
+from retro_jax.retrieval import align as align_lib
 from retro_jax.retrieval import manifest as manifest_lib
 
 DEFAULT_KS = (1, 2, 5, 10)
@@ -64,6 +66,7 @@ class EvalSettings:
   exclude_same_document: bool = False  # drop neighbors from the evaluation doc's DB twin
   pad_id: int = 0
   progress: bool = True
+  copy_model: bool = True           # also score the n-gram copy model mixed with the baseline
 
 
 @dataclasses.dataclass
@@ -73,6 +76,9 @@ class Contender:
   logits_fn: scoring.LogitsFn
   params: Any
   uses_retrieval: bool
+  # How the model was trained to see its neighbors (aligned / filtered; retrieval/align.py).
+  presentation: align_lib.Presentation = align_lib.Presentation()
+  train_k: int = 0  # neighbors per chunk in training (the copy model reads that many)
 
 
 def score_documents(contender: Contender, docs: sources.EvalDocs, seq_len: int, stride: int,
@@ -166,15 +172,21 @@ def summarize(name: str, k, token_nll: list[np.ndarray], docs: sources.EvalDocs,
   if ratios is not None:
     c_nll, _, c_bytes = chunk_totals(token_nll, docs)
     run["bpb_alpha"] = leakage_lib.filtered_bpb(c_nll, c_bytes, ratios, alphas)
+    run["bpb_buckets"] = leakage_lib.bucketed_bpb(c_nll, c_bytes, ratios)
   return run
 
 
 def evaluate_contenders(contenders: Sequence[Contender], docs: sources.EvalDocs, eos_id: int,
                         settings: EvalSettings, seq_len: int, stride: int,
                         table: sources.NeighborTable | None = None,
-                        ratios: np.ndarray | None = None) -> list[dict[str, Any]]:
-  """All runs: each retrieval model off and with each k; each baseline once."""
+                        ratios: np.ndarray | None = None, store=None) -> list[dict[str, Any]]:
+  """All runs: each retrieval model off and with each k; each baseline once.
+
+  `store`: the database chunk store, needed for models that align or filter their
+  neighbors (they read tokens around each retrieved chunk).
+  """
   runs = []
+  shown_for_copy = None  # what the first retrieval model reads at its training k
   for c in contenders:
     variants = []
     if not c.uses_retrieval:
@@ -186,12 +198,38 @@ def evaluate_contenders(contenders: Sequence[Contender], docs: sources.EvalDocs,
         variants += [k for k in settings.ks if k <= table.k]
     for k in variants:
       kk = k if isinstance(k, int) else 0
-      t = score_documents(c, docs, seq_len, stride, eos_id, table, kk, settings.batch_size,
+      shown = table
+      if kk and not c.presentation.is_paper:
+        if store is None:
+          raise sources.SourceError(
+              f"{c.name} was trained with aligned/filtered neighbors (align_neighbors, "
+              "neighbor_min_match), which reads the database's tokens: pass --db_dir")
+        ids, toks = align_lib.present(store, table.ids, docs.chunks, c.presentation, kk)
+        shown = sources.NeighborTable(ids, toks, table.source)
+      if shown_for_copy is None and kk and kk == (c.train_k or kk):
+        shown_for_copy = (shown, kk)
+      t = score_documents(c, docs, seq_len, stride, eos_id, shown, kk, settings.batch_size,
                           settings.pad_id, settings.progress, desc=f"{c.name} k={k}")
       run = summarize(c.name, k, t, docs, ratios, settings.alphas)
       logging.info("%s k=%s: ppl %.3f, bpb %.4f", c.name, k, run["ppl"], run["bpb"])
       runs.append(run)
+      if not c.uses_retrieval and settings.copy_model and shown_for_copy is not None:
+        runs.append(_copy_model_run(c, t, docs, shown_for_copy, ratios, settings))
   return runs
+
+
+def _copy_model_run(baseline: Contender, token_nll, docs, shown, ratios, settings):
+  """The training-free n-gram copy model over the neighbors, mixed with the baseline."""
+  table, k = shown
+  mixed = []
+  for d, nll in enumerate(token_nll):
+    lo, hi = int(docs.doc_offsets[d]), int(docs.doc_offsets[d + 1])
+    mixed.append(copy_model_lib.mixed_token_nll(docs.tokens(d), nll, table.tokens[lo:hi, :k],
+                                                docs.chunk_size))
+  name = f"n-gram copy over {baseline.name}"
+  run = summarize(name, f"copy{k}", mixed, docs, ratios, settings.alphas)
+  logging.info("%s (k=%d, lambda %.2f): bpb %.4f", name, k, copy_model_lib.LAMBDA, run["bpb"])
+  return run
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -323,12 +361,13 @@ def run_evaluation(workdir: str, *, eval_chunks: str | None = None,
       warnings.append(msg)
 
   contenders = [Contender(model.name, scoring.retro_logits_fn(cfg), model.params,
-                          cfg.uses_retrieval)]
+                          cfg.uses_retrieval, align_lib.Presentation.of(cfg),
+                          cfg.num_neighbors)]
   if baseline is not None:
     contenders.append(Contender(baseline.name, scoring.retro_logits_fn(baseline.config),
                                 baseline.params, baseline.config.uses_retrieval))
   runs = evaluate_contenders(contenders, docs, int(eos_id), settings, seq_len, stride, table,
-                             ratios)
+                             ratios, store=store)
   report = {
       "checkpoint": {"workdir": model.workdir, "step": model.step},
       "baseline": ({"workdir": baseline.workdir, "step": baseline.step}

@@ -80,3 +80,28 @@ def filtered_bpb(chunk_nll_nats: np.ndarray, chunk_bytes: np.ndarray, ratios: np
         "fraction_of_bytes": float(b / total) if total > 0 else 0.0,
     }
   return out
+
+
+BUCKETS = (0.0, 0.125, 0.25, 0.5, 1.0)
+
+
+def bucketed_bpb(chunk_nll_nats: np.ndarray, chunk_bytes: np.ndarray, ratios: np.ndarray,
+                 edges=BUCKETS) -> dict[str, dict]:
+  """bpb per r(C) bucket: [0, e1], (e1, e2], ... (where the gain comes from).
+
+  Returns {"lo-hi": {"bpb", "chunks", "bytes", "fraction_of_bytes"}} (bpb None when empty).
+  """
+  nll = np.asarray(chunk_nll_nats, np.float64)
+  nbytes = np.asarray(chunk_bytes, np.float64)
+  ratios = np.asarray(ratios, np.float64)
+  total = nbytes.sum()
+  out = {}
+  for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+    keep = (ratios <= hi + 1e-12) & ((ratios > lo + 1e-12) if i else True)
+    b = nbytes[keep].sum()
+    out[f"{lo:g}-{hi:g}"] = {
+        "bpb": float(nll[keep].sum() / np.log(2) / b) if b > 0 else None,
+        "chunks": int(keep.sum()), "bytes": float(b),
+        "fraction_of_bytes": float(b / total) if total > 0 else 0.0,
+    }
+  return out

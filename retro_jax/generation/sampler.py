@@ -40,6 +40,7 @@ import numpy as np
 
 from retro_jax.config import RetroConfig
 from retro_jax.model import Retro
+from retro_jax.retrieval import align as align_lib
 
 
 class GenerationError(ValueError):
@@ -186,8 +187,19 @@ class Generator:
   # --- internals ----------------------------------------------------------------------
   def _retrieve(self, chunks: np.ndarray):
     """chunks [Q, m] -> ids [Q, k], tokens [Q, k, r]."""
-    res = self.retriever.retrieve_chunks(np.asarray(chunks, np.int32), self.k)
-    return np.asarray(res.ids, np.int64), np.asarray(res.tokens, np.int32)
+    shown = align_lib.Presentation.of(self.config)
+    if shown.is_paper:
+      res = self.retriever.retrieve_chunks(np.asarray(chunks, np.int32), self.k)
+      return np.asarray(res.ids, np.int64), np.asarray(res.tokens, np.int32)
+    store = getattr(self.retriever, "store", None)
+    if store is None:
+      raise GenerationError("this model was trained with aligned/filtered neighbors "
+                            "(align_neighbors, neighbor_min_match), which reads the "
+                            "database's tokens: use an in-process retriever (--db_dir)")
+    k = self.k if not shown.min_match else max(self.k, align_lib.CANDIDATES)
+    res = self.retriever.retrieve_chunks(np.asarray(chunks, np.int32), k)
+    ids, toks = align_lib.present(store, res.ids, np.asarray(chunks), shown, self.k)
+    return np.asarray(ids, np.int64), np.asarray(toks, np.int32)
 
   def _generate_group(self, prompt: np.ndarray, prompt_ids: Sequence[int],
                       sampling: SamplingParams, return_logits: bool) -> list[Generation]:

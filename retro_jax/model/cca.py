@@ -49,6 +49,11 @@ def from_windows(w, seq_len: int):
   return w[:, :seq_len]
 
 
+def rank_logits(bias, k: int):
+  """A per-head, per-rank bias [H, K] -> [H, k] for k neighbors (ranks >= K reuse K-1's)."""
+  return bias[:, jnp.minimum(jnp.arange(k), bias.shape[1] - 1)]
+
+
 def add_per_neighbor(logits, pos, k: int):
   """logits [..., k*r] + pos [..., r] repeated for each of the k neighbors.
 
@@ -70,12 +75,28 @@ class ChunkedCrossAttention(nn.Module):
   init_std: float = 0.02
   out_init_std: float = 0.02
   dtype: jnp.dtype = jnp.float32
+  num_ranks: int = 0  # > 0: a learned per-head logit for each of this many neighbor ranks.
 
   def setup(self):
     self.attn = RelativeAttention(
         num_heads=self.num_heads, head_dim=self.head_dim, q_dim=self.emb_dim,
         kv_dim=self.enc_emb_dim, init_std=self.init_std, out_init_std=self.out_init_std,
         dtype=self.dtype)
+    if self.num_ranks:
+      zeros = nn.with_logical_partitioning(nn.initializers.zeros, (layers.HEADS, None))
+      self.rank_bias = self.param("rank_bias", zeros, (self.num_heads, self.num_ranks),
+                                  jnp.float32)
+
+  def _add_rank_bias(self, logits, k: int):
+    """logits [H, ..., k*r] + the rank bias of each neighbor (in logit units: the attention
+    scales logits by 1/sqrt(dh) afterwards)."""
+    if not self.num_ranks:
+      return logits
+    h = logits.shape[0]
+    bias = rank_logits(self.rank_bias, k) * (self.head_dim ** 0.5)      # [H, k]
+    shaped = logits.reshape(logits.shape[:-1] + (k, -1))
+    bias = bias.reshape((h,) + (1,) * (shaped.ndim - 3) + (k, 1))
+    return (shaped + bias).reshape(logits.shape)
 
   def neighbor_kv(self, enc):
     """enc [..., k, r, d'] -> keys and values [..., k*r, H, dh]."""
@@ -95,7 +116,7 @@ class ChunkedCrossAttention(nn.Module):
     logits = self.attn.content_logits(q, keys)                      # [H, B, l, m, k*r]
     table = heads_first(self.attn.position_table(feats))
     pos = layers.skew(self.attn.position_logits(q, table), r)       # [H, B, l, m, r]
-    logits = add_per_neighbor(logits, pos, k)
+    logits = self._add_rank_bias(add_per_neighbor(logits, pos, k), k)
     mask = enc_mask.reshape(enc_mask.shape[:2] + (1, k * r))        # [B, l, 1, k*r]
     out = heads_last(self.attn.attend(logits, mask, values))        # [B, l, m, H, dh]
     return from_windows(self.attn.output(out), n)
@@ -115,6 +136,6 @@ class ChunkedCrossAttention(nn.Module):
     by_distance = self.attn.position_logits(q, heads_first(table))  # [H, B, 1, m+r-1]
     pos_logits = jax.lax.dynamic_slice_in_dim(by_distance, m - 1 - i, r, axis=3)
     k = cache_k.shape[1] // r
-    logits = add_per_neighbor(logits, pos_logits, k)
+    logits = self._add_rank_bias(add_per_neighbor(logits, pos_logits, k), k)
     mask = cache_mask[:, None, :]                                   # [B, 1, k*r]
     return self.attn.output(heads_last(self.attn.attend(logits, mask, heads_first(cache_v))))

@@ -29,6 +29,7 @@ from retro_jax.config import RetroConfig
 from retro_jax.model import layers
 from retro_jax.model.attention import RelativeAttention
 from retro_jax.model.cca import ChunkedCrossAttention, cca_distances
+from retro_jax.model.copy import COPY_DIM, MATCH_ORDERS, NeighborCopy, recent_tokens
 from retro_jax.model.encoder import NeighborEncoder
 
 Cache = dict[str, Any]
@@ -53,7 +54,8 @@ class DecoderLayer(nn.Module):
       self.cca_norm = layers.RMSNorm(c.norm_eps, dtype)
       self.cca = ChunkedCrossAttention(
           c.num_heads, c.head_dim, c.emb_dim, c.enc_emb_dim, c.chunk_size,
-          init_std=c.init_std, out_init_std=out_std, dtype=dtype)
+          init_std=c.init_std, out_init_std=out_std, dtype=dtype,
+          num_ranks=c.num_neighbors if c.cca_rank_bias else 0)
     self.ffw_norm = layers.RMSNorm(c.norm_eps, dtype)
     self.ffw = layers.FeedForward(c.mlp_dim, c.init_std, dtype)
 
@@ -108,6 +110,8 @@ class Retro(nn.Module):
     if c.uses_retrieval:
       self.encoder = NeighborEncoder(
           c, shared_embedding=self.embed if c.share_embeddings else None)
+    if c.uses_retrieval and c.copy_head:
+      self.copy = NeighborCopy(c.emb_dim, c.enc_emb_dim, c.chunk_size, c.init_std)
     self.final_norm = layers.RMSNorm(c.norm_eps, dtype)
     self.unembed = self.param("unembed", layers.kernel_init(c.init_std, (layers.EMBED,
                                                                          layers.VOCAB)),
@@ -118,10 +122,23 @@ class Retro(nn.Module):
   def _first_cca(self) -> int | None:
     return self.config.cca_layers[0] if self.config.cca_layers else None
 
-  def _logits(self, x):
+  def _logits(self, x, copy_fn=None, aux=None):
+    """Final norm and unembedding; with the copy head, `copy_fn` (a callable of the normed
+    states and logits) turns them into the mixture's log-probabilities, and the decoder's
+    own logits go to aux["lm_logits"]."""
     x = self.final_norm(x)
     logits = layers.dense(x, self.unembed.astype(x.dtype), preferred_element_type=jnp.float32)
-    return layers.constrain(logits, (layers.BATCH, layers.LENGTH, layers.ACT_VOCAB))
+    logits = layers.constrain(logits, (layers.BATCH, layers.LENGTH, layers.ACT_VOCAB))
+    if copy_fn is not None:
+      if aux is not None:
+        aux["lm_logits"] = logits
+      logits = layers.constrain(copy_fn(x, logits),
+                                (layers.BATCH, layers.LENGTH, layers.ACT_VOCAB))
+    return logits
+
+  @property
+  def _has_copy(self) -> bool:
+    return self.config.uses_retrieval and self.config.copy_head
 
   def _feats(self, distances, dim):
     return layers.sinusoid_features(distances, dim, self.config.pos_max_wavelength)
@@ -188,7 +205,20 @@ class Retro(nn.Module):
         enc, enc_mask = self.encoder(neighbors, context, context_mask)
       x = layer.retrieval_ffw_block(x, enc, enc_mask, cca_feats)
     aux = dict(kvs=kvs, h_first=h_first, enc=enc, enc_mask=enc_mask)
-    return self._logits(x), aux
+    copy = None
+    if use_retrieval and self._has_copy:
+      copy = lambda h, logits: self.copy(h, logits, enc, enc_mask, neighbors, tokens)
+    return self._logits(x, copy, aux), aux
+
+  def train_outputs(self, tokens, neighbors=None):
+    """(logits [B, n, V], lm_logits [B, n, V] or None): what training scores.
+
+    The objective is CE(logits) + CE(lm_logits) when lm_logits is not None: with the copy
+    head, logits are the mixture's log-probabilities, which hold the decoder's own
+    distribution constant, and lm_logits are the decoder's own logits.
+    """
+    logits, aux = self.forward(tokens, neighbors)
+    return logits, aux.get("lm_logits")
 
   # --- incremental decoding ----------------------------------------------------------------
   def init_cache(self, batch_size: int, max_len: int, num_neighbors: int | None = None):
@@ -218,6 +248,12 @@ class Retro(nn.Module):
                                   table=layer.cca_table(cca_feats))
     if c.uses_retrieval:
       cache["h_first"] = jnp.zeros((batch_size, max_len, c.emb_dim), dtype)
+    if self._has_copy:
+      kr = k * c.neighbor_len
+      cache["copy"] = dict(k=jnp.zeros((batch_size, kr, COPY_DIM), jnp.float32),
+                           ids=jnp.full((batch_size, kr), -1, jnp.int32),
+                           mask=jnp.zeros((batch_size, kr), bool),
+                           recent=jnp.full((batch_size, MATCH_ORDERS - 1), -1, jnp.int32))
     return cache
 
   def prefill(self, tokens, neighbors, cache):
@@ -248,7 +284,20 @@ class Retro(nn.Module):
             entry.update(k=kk.astype(entry["k"].dtype), v=vv.astype(entry["v"].dtype),
                          mask=aux["enc_mask"][:, u].reshape(kk.shape[:2]))
             cache["cca"][name] = entry
+        if self._has_copy:
+          cache["copy"] = dict(self._copy_cache(aux["enc"][:, u], aux["enc_mask"][:, u],
+                                                neighbors[:, u]),
+                               recent=cache["copy"]["recent"])
+    if self._has_copy:  # the prompt's last tokens, newest first, for the match features
+      recent = recent_tokens(tokens.astype(jnp.int32))[:, -1, :MATCH_ORDERS - 1]
+      cache["copy"] = dict(cache["copy"], recent=recent)
     return logits, cache
+
+  def _copy_cache(self, enc, enc_mask, neighbors):
+    """The copy head's cache for one window: enc [B, k, r, d'], mask/ids [B, k, r]."""
+    b = enc.shape[0]
+    return dict(k=self.copy.keys(enc).reshape(b, -1, COPY_DIM),
+                ids=neighbors.reshape(b, -1).astype(jnp.int32), mask=enc_mask.reshape(b, -1))
 
   def decode_step(self, token, cache, pos, neighbors=None):
     """Feeds token [B, 1] at position `pos` (traced int is fine) and returns
@@ -291,4 +340,13 @@ class Retro(nn.Module):
     new_cache: Cache = {"layers": new_layers, "cca": new_cca}
     if h_first is not None:
       new_cache["h_first"] = h_first
-    return self._logits(x), new_cache
+    copy = None
+    if self._has_copy:
+      cc = cache["copy"]
+      if enc is not None:
+        cc = dict(self._copy_cache(enc[:, 0], enc_mask[:, 0], neighbors), recent=cc["recent"])
+      recent = jnp.concatenate([token.astype(jnp.int32), cc["recent"]], axis=1)  # [B, O]
+      new_cache["copy"] = dict(cc, recent=recent[:, :MATCH_ORDERS - 1])
+      copy = lambda h, logits: self.copy.decode(h, logits, cc["k"], cc["ids"], cc["mask"], pos,
+                                                recent)
+    return self._logits(x, copy), new_cache

@@ -45,6 +45,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from retro_jax.retrieval import align as align_lib
 from retro_jax.retrieval import manifest as manifest_lib
 
 PRECOMPUTE_COMMAND = "python -m retro_jax.retrieval.precompute_neighbors"
@@ -185,7 +186,7 @@ class WindowDataset:
 
   def __init__(self, store, seq_len: int, vocab_size: int, num_neighbors: int = 0,
                neighbors: Neighbors | None = None, database=None, same_store: bool = True,
-               pad_id: int = 0):
+               pad_id: int = 0, presentation: align_lib.Presentation | None = None):
     self.store = store
     self.m = int(store.chunk_size)
     if seq_len % self.m:
@@ -198,6 +199,7 @@ class WindowDataset:
     self.database = database if database is not None else store
     self.same_store = same_store
     self.pad_id = pad_id
+    self.presentation = presentation or align_lib.Presentation()
     if self.k and neighbors is None:
       raise DataError("num_neighbors > 0 needs a neighbors file")
     if self.store.num_chunks < self.l:
@@ -246,14 +248,17 @@ class WindowDataset:
                targets=np.where(targets >= 0, targets, self.pad_id).astype(np.int32),
                weights=weights, chunk_ids=chunk_ids)
     if self.k:
-      ids = np.asarray(self.neighbors.ids[chunk_ids.reshape(-1), : self.k], dtype=np.int64)
-      ids = ids.reshape(b, self.l, self.k)  # [B, l, k]
+      # With a filter, every retrieved candidate may stand in for a dropped one.
+      width = self.k if self.presentation.is_paper else self.neighbors.ids.shape[1]
+      ids = np.asarray(self.neighbors.ids[chunk_ids.reshape(-1), :width], dtype=np.int64)
+      ids = ids.reshape(b, self.l, -1)  # [B, l, K]
       if self.same_store:
         window_docs = np.asarray(self.store.doc_ids[chunk_ids.reshape(-1)]).reshape(b, self.l)
         nb_docs = np.where(ids >= 0, np.asarray(self.database.doc_ids)[np.maximum(ids, 0)], -2)
         same = (nb_docs[..., None] == window_docs[:, None, None, :]).any(-1)  # [B, l, k]
         ids = np.where(same, -1, ids)
-      tokens = np.asarray(self.database.neighbor_tokens(ids), dtype=np.int32)  # [B, l, k, r]
+      ids, tokens = align_lib.present(self.database, ids, body.reshape(b, self.l, self.m),
+                                      self.presentation, self.k)  # [B, l, k], [B, l, k, r]
       self._check_tokens(tokens, "neighbor tokens")
       out["neighbor_ids"] = ids
       out["neighbors"] = tokens

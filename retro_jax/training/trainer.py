@@ -41,6 +41,7 @@ import optax
 from retro_jax import config as model_config_lib
 from retro_jax import model as model_lib
 from retro_jax.model import sharding as sharding_lib
+from retro_jax.retrieval import align as align_lib
 from retro_jax.retrieval import manifest as manifest_lib
 from retro_jax.training import checkpoint as checkpoint_lib
 from retro_jax.training import data as data_lib
@@ -84,8 +85,10 @@ def open_data(cfg, model_cfg, process_index: int = 0, process_count: int = 1) ->
     neighbors = data_lib.open_neighbors(d.neighbors_dir, query_store=store, db_dir=d.db_dir)
   data_lib.check_compatible(model_cfg, cfg.seq_len, store, train_dir, neighbors, store,
                             train_dir)
+  shown = align_lib.Presentation.of(model_cfg)
   train = data_lib.WindowDataset(store, cfg.seq_len, model_cfg.vocab_size, k, neighbors,
-                                 database=store, same_store=True, pad_id=d.pad_id)
+                                 database=store, same_store=True, pad_id=d.pad_id,
+                                 presentation=shown)
   iterator = data_lib.BatchIterator(train, cfg.batch_size, cfg.seed, process_index,
                                     process_count, shuffle=True)
   eval_ds = bpt = None
@@ -103,7 +106,8 @@ def open_data(cfg, model_cfg, process_index: int = 0, process_count: int = 1) ->
     data_lib.check_compatible(model_cfg, cfg.seq_len, eval_store, d.eval_chunks_dir, eval_nb,
                               store, train_dir)
     eval_ds = data_lib.WindowDataset(eval_store, cfg.seq_len, model_cfg.vocab_size, k, eval_nb,
-                                     database=store, same_store=False, pad_id=d.pad_id)
+                                     database=store, same_store=False, pad_id=d.pad_id,
+                                     presentation=shown)
     bpt = data_lib.bytes_per_token(eval_store)
   return Data(train=iterator, eval=eval_ds, eval_bytes_per_token=bpt)
 
@@ -159,11 +163,20 @@ def make_init(model_cfg, tx, mesh, rules=sharding_lib.LOGICAL_RULES):
 
 
 def _loss_sums(model, params, batch):
-  """(sum of NLL over scored positions, number of scored positions)."""
-  logits = model.apply({"params": params}, batch["inputs"], batch.get("neighbors"))
-  nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # [B, n]
+  """(objective summed over scored positions, (NLL sum, number of scored positions)).
+
+  The objective is the NLL, plus the decoder's own NLL for a model with a copy head
+  (`Retro.train_outputs`); the NLL reported is always the model's output distribution's.
+  """
+  logits, lm_logits = model.apply({"params": params}, batch["inputs"], batch.get("neighbors"),
+                                  method=model.train_outputs)
   w = batch["weights"]
-  return jnp.sum(nll * w), jnp.sum(w)
+  nll = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]) * w)
+  objective = nll
+  if lm_logits is not None:
+    objective = objective + jnp.sum(
+        optax.softmax_cross_entropy_with_integer_labels(lm_logits, batch["targets"]) * w)
+  return objective, (nll, jnp.sum(w))
 
 
 def make_train_step(model, tx, schedule, trainable, accum_steps: int, mesh, state_shardings,
@@ -175,7 +188,7 @@ def make_train_step(model, tx, schedule, trainable, accum_steps: int, mesh, stat
   def step(state, batch):
     with nn.logical_axis_rules(rules):
       if accum_steps == 1:
-        (nll_sum, count), grads = grad_fn(state.params, batch)
+        (_, (nll_sum, count)), grads = grad_fn(state.params, batch)
       else:
         # Microbatch a = rows a, a + A, a + 2A, ...: each device keeps its own rows.
         def split(x):
@@ -186,7 +199,7 @@ def make_train_step(model, tx, schedule, trainable, accum_steps: int, mesh, stat
 
         def body(carry, mb):
           g_acc, nll_acc, count_acc = carry
-          (nll, count), g = grad_fn(state.params, mb)
+          (_, (nll, count)), g = grad_fn(state.params, mb)
           return (jax.tree.map(jnp.add, g_acc, g), nll_acc + nll, count_acc + count), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -214,7 +227,7 @@ def make_train_step(model, tx, schedule, trainable, accum_steps: int, mesh, stat
 def make_eval_step(model, mesh, param_shardings, rules=sharding_lib.LOGICAL_RULES):
   def step(params, batch):
     with nn.logical_axis_rules(rules):
-      return _loss_sums(model, params, batch)
+      return _loss_sums(model, params, batch)[1]  # (NLL sum, count)
   return jax.jit(step, in_shardings=(param_shardings, None),
                  out_shardings=sharding_lib.replicated(mesh))
 
