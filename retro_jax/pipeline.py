@@ -11,6 +11,7 @@ output is already there, so a killed run continues where it stopped.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import hashlib
 import json
 import os
@@ -33,13 +34,35 @@ def stdlib_root() -> str:
   return sysconfig.get_paths()["stdlib"]
 
 
+def transformers_models_root() -> str:
+  """The installed `transformers` package's model sources (a dependency, so on every install).
+
+  Its ~550 model directories reuse each other's code heavily: the `modeling_*.py` files are
+  generated from `modular_*.py` files that import from other models, and "Copied from"
+  blocks remain, so a held-out model's code is largely present in other models' files.
+  """
+  import transformers  # pylint: disable=g-import-not-at-top
+  return os.path.join(os.path.dirname(transformers.__file__), "models")
+
+
+CORPORA = {"transformers": (transformers_models_root, ("modeling_*.py",), "directory"),
+           "stdlib": (stdlib_root, (".py",), "file")}
+
+
 def _split_key(rel: str, seed: int) -> int:
   return int(hashlib.sha1(f"{seed}:{rel}".encode()).hexdigest()[:8], 16)
 
 
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+  """A file name against suffixes (".py") or glob patterns ("modeling_*.py")."""
+  return any(fnmatch.fnmatch(name, p) if any(ch in p for ch in "*?[") else name.endswith(p)
+             for p in patterns)
+
+
 def list_files(root: str, suffixes: Sequence[str]) -> list[str]:
-  """Relative paths of files under root with one of `suffixes`, sorted, excluding caches and
-  installed third-party packages."""
+  """Relative paths of files under root whose names end with one of `suffixes` (or match it,
+  for a glob such as "modeling_*.py"), sorted, excluding caches and installed third-party
+  packages."""
   if not os.path.isdir(root):
     raise PipelineError(f"corpus root {root} is not a directory")
   out = []
@@ -49,7 +72,7 @@ def list_files(root: str, suffixes: Sequence[str]) -> list[str]:
         os.path.normpath(os.path.join(rel_dir, d)).endswith(x) or d == x
         for x in EXCLUDED_DIRS))
     for name in sorted(filenames):
-      if name.endswith(tuple(suffixes)):
+      if _matches(name, suffixes):
         out.append(os.path.normpath(os.path.join(rel_dir, name)))
   if not out:
     raise PipelineError(f"no {'/'.join(suffixes)} files under {root}")
@@ -68,17 +91,28 @@ class Split:
 
 def split_corpus(root: str, out_dir: str, *, suffixes: Sequence[str] = (".py",),
                  eval_percent: float = 5.0, max_train_bytes: int | None = None,
-                 max_eval_bytes: int | None = None, seed: int = 0) -> Split:
-  """Splits the files under `root` by file into train and held-out JSON Lines, deterministically.
+                 max_eval_bytes: int | None = None, seed: int = 0,
+                 split_by: str = "file", twin_eval: bool = False) -> Split:
+  """Splits the files under `root` into train and held-out JSON Lines, deterministically.
 
-  A file goes to the held-out split when a hash of its path falls below `eval_percent`;
+  split_by="file": a file goes to the held-out split when a hash of its path falls below
+  `eval_percent`; "directory": the hash is of its top-level directory, so all files of one
+  directory (one model of `transformers`) land on the same side and a held-out document's
+  siblings are never in the database.
+
+  twin_eval=True also writes every held-out document into the training split under the key
+  "twin/<key>" (the pipeline copy check: each held-out chunk's exact copy is in the
+  database, so a model that reads its neighbors can copy it).
   within each split files are taken in hash order (a deterministic random subset) until the
   byte budget is reached.  Files that are not UTF-8 or are empty are left out here (the
   corpus readers would skip them too).  Written atomically; reused when present and made
   with the same settings.
   """
+  if split_by not in ("file", "directory"):
+    raise PipelineError(f"split_by must be 'file' or 'directory', got {split_by!r}")
   settings = dict(root=os.path.abspath(root), suffixes=list(suffixes), eval_percent=eval_percent,
-                  max_train_bytes=max_train_bytes, max_eval_bytes=max_eval_bytes, seed=seed)
+                  max_train_bytes=max_train_bytes, max_eval_bytes=max_eval_bytes, seed=seed,
+                  split_by=split_by, twin_eval=twin_eval)
   os.makedirs(out_dir, exist_ok=True)
   meta_path = os.path.join(out_dir, "split.json")
   if os.path.exists(meta_path):
@@ -93,7 +127,8 @@ def split_corpus(root: str, out_dir: str, *, suffixes: Sequence[str] = (".py",),
   rows = {"train": [], "eval": []}
   used = {"train": 0, "eval": 0}
   for rel in order:
-    split = "eval" if _split_key(rel, seed + 1) < cut else "train"
+    group = rel.split(os.sep)[0] if split_by == "directory" and os.sep in rel else rel
+    split = "eval" if _split_key(group, seed + 1) < cut else "train"
     try:
       with open(os.path.join(root, rel), "rb") as f:
         text = f.read().decode("utf-8")
@@ -111,6 +146,9 @@ def split_corpus(root: str, out_dir: str, *, suffixes: Sequence[str] = (".py",),
     raise PipelineError(f"the split of {root} left an empty train or eval set "
                         f"({len(rows['train'])} / {len(rows['eval'])} files): raise the byte "
                         "budgets or eval_percent")
+  if twin_eval:
+    rows["train"] += [{"id": "twin/" + r["id"], "text": r["text"]} for r in rows["eval"]]
+    used["train"] += used["eval"]
   paths = {}
   for split, items in rows.items():
     path = os.path.join(out_dir, f"{split}.jsonl")
@@ -292,38 +330,52 @@ QUICKSTART_ALPHA = "0.125"
 
 
 def comparison_table(report: dict) -> tuple[str, dict]:
-  """Side-by-side rows (baseline, RETRO without and with retrieval) from an evaluation report."""
+  """Side-by-side rows (baseline, RETRO without and with retrieval) from an evaluation report:
+  perplexity, bits/byte, and bits/byte in each r(C) bucket (where the gain comes from)."""
   rows, results = [], {}
+  first = report["runs"][0] if report["runs"] else {}
+  buckets = list(first.get("bpb_buckets", {}))
   for run in report["runs"]:
-    name = "baseline" if run["k"] == "-" else (
-        "RETRO, retrieval off" if run["k"] == "off" else f"RETRO, k={run['k']}")
+    k = str(run["k"])
+    name = ("baseline" if k == "-" else "RETRO, retrieval off" if k == "off" else
+            f"baseline + n-gram copy, k={k[4:]}" if k.startswith("copy") else f"RETRO, k={k}")
+    by_bucket = {b: run.get("bpb_buckets", {}).get(b, {}).get("bpb") for b in buckets}
+    rows.append([name, run["ppl"], run["bpb"]] +
+                [v if v is not None else "-" for v in by_bucket.values()])
     alpha = run.get("bpb_alpha", {}).get(QUICKSTART_ALPHA, {})
-    rows.append([name, run["ppl"], run["bpb"],
-                 alpha.get("bpb") if alpha.get("bpb") is not None else "-"])
-    results[name] = dict(ppl=run["ppl"], bpb=run["bpb"], bpb_alpha_0125=alpha.get("bpb"))
-  table = format_table(["model", "perplexity", "bits/byte", f"bits/byte, r(C)<={QUICKSTART_ALPHA}"],
-                       rows)
-  share = None
-  if report["runs"] and report["runs"][0].get("bpb_alpha"):
-    share = report["runs"][0]["bpb_alpha"][QUICKSTART_ALPHA]["fraction_of_bytes"]
+    results[name] = dict(ppl=run["ppl"], bpb=run["bpb"], bpb_alpha_0125=alpha.get("bpb"),
+                         bpb_buckets=by_bucket)
+  table = format_table(["model", "perplexity", "bits/byte"] +
+                       [f"r(C) {b}" for b in buckets], rows)
   d = report["data"]
   notes = [f"held-out: {d['documents']} documents, {d['tokens']} tokens, {d['bytes']} bytes"]
-  if share is not None:
-    notes.append(f"r(C)<={QUICKSTART_ALPHA}: chunks whose longest common token run with their "
-                 f"10 nearest database chunks is at most {QUICKSTART_ALPHA} of a chunk "
-                 f"({share:.1%} of the bytes)")
+  if buckets:
+    shares = ", ".join(f"{b}: {first['bpb_buckets'][b]['fraction_of_bytes']:.1%}"
+                       for b in buckets)
+    notes.append("r(C) = longest token run a chunk shares with its 10 nearest database "
+                 f"neighbors / chunk size (paper §2.6); share of the bytes per bucket: {shares}")
   return table + "\n" + "\n".join(notes), results
 
 
 def run_quickstart(*, workdir: str, scale: float, corpus_root: str, steps: int,
                    train_bytes: int, eval_bytes: int, preset: str, vocab_size: int,
                    seq_len: int, batch_size: int, learning_rate: float, eval_k: Sequence[int],
-                   seed: int = 0, suffixes: Sequence[str] = (".py",)) -> dict:
-  """Everything the quickstart does; see retro_jax/quickstart.py."""
+                   seed: int = 0, suffixes: Sequence[str] = (".py",), split_by: str = "file",
+                   bert: str | None = None, twin_eval: bool = False,
+                   model_overrides: dict | None = None, eval_percent: float = 5.0) -> dict:
+  """Everything the quickstart does; see retro_jax/quickstart.py.
+
+  model_overrides: RetroConfig fields changed from the preset (both models).
+  """
   from retro_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval import align as align_lib  # pylint: disable=g-import-not-at-top
   if scale <= 0:
     raise PipelineError(f"--scale must be positive, got {scale}")
-  model = config_lib.get_preset(preset, vocab_size=vocab_size)
+  model_overrides = dict(model_overrides or {})
+  try:
+    model = config_lib.get_preset(preset, vocab_size=vocab_size, **model_overrides)
+  except config_lib.ConfigError as e:
+    raise PipelineError(str(e)) from None
   if not model.uses_retrieval:
     raise PipelineError(f"preset {preset!r} has no retrieval; pick a RETRO preset")
   os.makedirs(workdir, exist_ok=True)
@@ -333,20 +385,25 @@ def run_quickstart(*, workdir: str, scale: float, corpus_root: str, steps: int,
   stage("1/5 split the corpus by file")
   split = split_corpus(corpus_root, os.path.join(workdir, "corpus"), suffixes=suffixes,
                        max_train_bytes=int(train_bytes * scale),
-                       max_eval_bytes=int(eval_bytes * max(1.0, scale ** 0.5)), seed=seed)
+                       max_eval_bytes=int(eval_bytes * max(1.0, scale ** 0.5)), seed=seed,
+                       split_by=split_by, twin_eval=twin_eval, eval_percent=eval_percent)
   logging.info("train: %d files, %d bytes; held-out: %d files, %d bytes", split.num_train,
                split.train_bytes, split.num_eval, split.eval_bytes)
 
   stage("2/5 tokenizer, retrieval database, neighbors")
+  # A filter may drop neighbors: retrieve candidates to replace them (align.CANDIDATES).
+  train_k = model.num_neighbors
+  if model.neighbor_min_match:
+    train_k = max(train_k, align_lib.CANDIDATES)
   data = build_data(split, workdir, vocab_size=vocab_size, chunk_size=model.chunk_size,
-                    num_neighbors=model.num_neighbors, eval_neighbors=max(10, *eval_k))
+                    num_neighbors=train_k, eval_neighbors=max(10, *eval_k), bert=bert)
 
   runs = {"RETRO": os.path.join(workdir, "runs", "retro"),
           "baseline": os.path.join(workdir, "runs", "baseline")}
   common = dict(preset=preset, steps=steps, seq_len=seq_len, batch_size=batch_size,
                 learning_rate=learning_rate, warmup_steps=max(1, steps // 10),
                 eval_every=max(1, steps // 6), eval_batches=4, vocab_size=vocab_size,
-                seed=seed)
+                seed=seed, overrides={f"model.{k}": v for k, v in model_overrides.items()})
   for i, (name, retrieval) in enumerate((("RETRO", True), ("baseline", False))):
     stage(f"{3 + i}/5 train {name} for {steps} steps")
     train(train_config(data, retrieval=retrieval, **common), runs[name])

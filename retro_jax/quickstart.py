@@ -29,15 +29,31 @@ from retro_jax import pipeline
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/quickstart", "Where everything is written.")
 _SCALE = flags.DEFINE_float("scale", 1.0, "Multiplies database size and training steps.")
+_CORPUS_NAME = flags.DEFINE_enum(
+    "corpus", "transformers", sorted(pipeline.CORPORA),
+    "Embedded corpus: 'transformers' = the installed transformers package's modeling_*.py "
+    "files, split by model directory (code with heavy cross-model reuse); 'stdlib' = the "
+    "Python standard library's .py files, split by file.")
 _CORPUS = flags.DEFINE_string("corpus_root", None,
-                              "Directory of documents, one per file (default: the standard "
-                              "library's .py sources).")
-_SUFFIXES = flags.DEFINE_list("suffixes", [".py"],
-                               "File name endings taken from --corpus_root (e.g. .txt for the "
+                              "Directory of documents, one per file (overrides --corpus).")
+_SUFFIXES = flags.DEFINE_list("suffixes", None,
+                               "File name endings or globs taken from the corpus (default: "
+                               "the --corpus's; .py for --corpus_root; e.g. .txt for the "
                                "Python documentation's reST sources).")
+_SPLIT_BY = flags.DEFINE_enum("split_by", None, ["file", "directory"],
+                              "Held-out unit: a file, or a whole top-level directory "
+                              "(default: the --corpus's; file for --corpus_root).")
+_BERT = flags.DEFINE_string("bert", "hashing:4096",
+                            "Retrieval keys: hashing:D = lexical (signed feature hashing of "
+                            "words and word pairs, D dims), '' = the offline "
+                            "all-MiniLM-L6-v2 BERT, or a BERT checkpoint path.")
+_TWIN = flags.DEFINE_bool("twin_heldout", False,
+                          "Also put a copy of every held-out document into the database "
+                          "(the pipeline copy check: each held-out chunk's continuation is "
+                          "retrievable verbatim).")
 _STEPS = flags.DEFINE_integer("steps", 120, "Training steps per model at scale 1 (120 keeps "
                               "the whole command near 15 minutes on 2 idle CPU cores).")
-_TRAIN_BYTES = flags.DEFINE_integer("train_bytes", 700_000,
+_TRAIN_BYTES = flags.DEFINE_integer("train_bytes", 2_800_000,
                                     "UTF-8 bytes of training/database documents at scale 1.")
 _EVAL_BYTES = flags.DEFINE_integer("eval_bytes", 80_000, "Held-out bytes at scale 1.")
 _PRESET = flags.DEFINE_string("preset", "quickstart", "Model preset (retro_jax.config.PRESETS).")
@@ -61,14 +77,19 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   start = time.time()
+  root_fn, suffixes, split_by = pipeline.CORPORA[_CORPUS_NAME.value]
+  if _CORPUS.value:
+    root, suffixes, split_by = _CORPUS.value, (".py",), "file"
+  else:
+    root = root_fn()
   try:
     summary = pipeline.run_quickstart(
-        workdir=_WORKDIR.value, scale=_SCALE.value,
-        corpus_root=_CORPUS.value or pipeline.stdlib_root(), steps=_STEPS.value,
+        workdir=_WORKDIR.value, scale=_SCALE.value, corpus_root=root, steps=_STEPS.value,
         train_bytes=_TRAIN_BYTES.value, eval_bytes=_EVAL_BYTES.value, preset=_PRESET.value,
         vocab_size=_VOCAB.value, seq_len=_SEQ.value, batch_size=_BATCH.value,
         learning_rate=_LR.value, eval_k=[int(k) for k in _EVAL_K.value], seed=_SEED.value,
-        suffixes=tuple(_SUFFIXES.value))
+        suffixes=tuple(_SUFFIXES.value or suffixes), split_by=_SPLIT_BY.value or split_by,
+        bert=_BERT.value or None, twin_eval=_TWIN.value)
   except pipeline.PipelineError as e:
     raise app.UsageError(str(e)) from None
   print()

@@ -75,3 +75,35 @@ def test_quickstart_cli_reports_bad_corpus_without_traceback(tmp_path):
   assert proc.returncode != 0
   assert "is not a directory" in proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+def test_directory_split_keeps_each_directory_on_one_side_and_globs_select_files(tmp_path):
+  root = tmp_path / "models"
+  for d in range(30):
+    (root / f"model{d}").mkdir(parents=True)
+    for name in ("modeling_x.py", "configuration_x.py"):
+      (root / f"model{d}" / name).write_text(f"# {name} of model {d}\nx = {d}\n")
+  s = pipeline.split_corpus(str(root), str(tmp_path / "out"), suffixes=("modeling_*.py",),
+                            eval_percent=30, split_by="directory")
+  train, held = read_ids(s.train_jsonl), read_ids(s.eval_jsonl)
+  assert all(i.endswith("modeling_x.py") for i in train + held)
+  assert len(train) + len(held) == 30 and held
+  assert not {i.split("/")[0] for i in train} & {i.split("/")[0] for i in held}
+  with pytest.raises(pipeline.PipelineError, match="split_by"):
+    pipeline.split_corpus(str(root), str(tmp_path / "o2"), split_by="model")
+
+
+def test_twin_eval_puts_a_copy_of_each_held_out_document_in_the_training_split(tmp_path):
+  root = str(tmp_path / "src")
+  write_files(root)
+  s = pipeline.split_corpus(root, str(tmp_path / "out"), eval_percent=25, twin_eval=True)
+  train = {json.loads(l)["id"]: json.loads(l)["text"] for l in open(s.train_jsonl)}
+  held = {json.loads(l)["id"]: json.loads(l)["text"] for l in open(s.eval_jsonl)}
+  assert held and all(train["twin/" + k] == v for k, v in held.items())
+  plain = pipeline.split_corpus(root, str(tmp_path / "out2"), eval_percent=25)
+  assert set(read_ids(plain.train_jsonl)) == {k for k in train if not k.startswith("twin/")}
+
+
+def test_the_embedded_corpora_exist_on_this_install():
+  for name, (root_fn, suffixes, _) in pipeline.CORPORA.items():
+    assert pipeline.list_files(root_fn(), suffixes), name
