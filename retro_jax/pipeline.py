@@ -382,7 +382,7 @@ def run_quickstart(*, workdir: str, scale: float, corpus_root: str, steps: int,
   steps = max(1, int(round(steps * scale)))
   stage = lambda name: logging.info("=== quickstart: %s ===", name)
 
-  stage("1/5 split the corpus by file")
+  stage(f"1/5 split the corpus by {split_by}")
   split = split_corpus(corpus_root, os.path.join(workdir, "corpus"), suffixes=suffixes,
                        max_train_bytes=int(train_bytes * scale),
                        max_eval_bytes=int(eval_bytes * max(1.0, scale ** 0.5)), seed=seed,
