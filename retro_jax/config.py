@@ -55,6 +55,9 @@ class RetroConfig:
   # CCA adds a learned per-head logit to every token of the neighbor of rank i (0 = nearest;
   # ranks past the training k share the last one): a prior on which neighbor to read.
   cca_rank_bias: bool = False
+  # Each CCA update passes through tanh(g), g a learned scalar starting at 0 (Flamingo): the
+  # decoder starts as the baseline and lets neighbors in as far as they help.
+  cca_gate: bool = False
   # Shift each neighbor's 2m-token window inside its document so that its longest token run
   # shared with the retrieving chunk lines up with the chunk (retrieval/align.py): a copy
   # is then one fixed relative distance away.  Applied in training, evaluation, generation.
@@ -119,7 +122,8 @@ class RetroConfig:
         or not 0 <= self.neighbor_min_match <= self.chunk_size):
       raise ConfigError(f"neighbor_min_match must be an integer in [0, chunk_size="
                         f"{self.chunk_size}], got {self.neighbor_min_match!r}")
-    for name in ("cca_rank_bias", "align_neighbors", "copy_head", "share_embeddings", "remat"):
+    for name in ("cca_rank_bias", "cca_gate", "align_neighbors", "copy_head",
+                 "share_embeddings", "remat"):
       if not isinstance(getattr(self, name), bool):
         raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
     if self.positional not in ("xl",):
@@ -208,13 +212,13 @@ PRESETS["small-baseline"] = dict(_SMALL, cca_layers=())
 # The quickstart's model: the `small` decoder with a narrower neighbor encoder, so that
 # RETRO costs ~1.3x its baseline per step on CPU instead of ~2.3x (the encoder reads
 # k*r/m = 4 neighbor tokens per decoder token).
-# "quickstart-paper" reads its neighbors as the paper does; "quickstart" adds the three
-# options that make reading learnable in a CPU-sized run (README "Learning to read
-# neighbors"): aligned neighbors, the min-match filter (m/4 tokens) and the copy head.
+# "quickstart-paper" reads its neighbors as the paper does; "quickstart" adds the options
+# that make reading learnable in a CPU-sized run (README "Learning to read neighbors"):
+# aligned neighbors, the min-match filter (m/4 tokens), the copy head and the CCA gate.
 PRESETS["quickstart-paper"] = dict(_SMALL, enc_emb_dim=128, enc_num_heads=4, enc_head_dim=32,
                                    enc_mlp_dim=512)
 PRESETS["quickstart"] = dict(PRESETS["quickstart-paper"], align_neighbors=True,
-                             neighbor_min_match=8, copy_head=True)
+                             neighbor_min_match=8, copy_head=True, cca_gate=True)
 PRESETS["quickstart-baseline"] = dict(PRESETS["quickstart-paper"], cca_layers=())
 # The peer-comparison shape (lucidrains' RETRO-pytorch benchmark in experiments/benchmarks).
 _PEER = dict(vocab_size=8192, chunk_size=64, num_neighbors=2, emb_dim=512, num_layers=6,

@@ -136,6 +136,8 @@ def test_bad_query_shape_is_refused():
     ("neighbor_min_match", -1, "neighbor_min_match"),
     ("neighbor_min_match", 9, "neighbor_min_match"),
     ("cca_rank_bias", 1, "cca_rank_bias"),
+    ("cca_gate", 0, "cca_gate"),
+    ("copy_head", "on", "copy_head"),
     ("align_neighbors", "yes", "align_neighbors"),
 ])
 def test_bad_reading_options_name_the_field(field, value, match):
@@ -277,6 +279,38 @@ def test_copy_head_in_incremental_decoding_equals_the_full_forward():
   cfg, params = _copy_model(seed=3)
   tokens, nbs = _inputs(cfg, n=3 * M + 2)
   nbs = nbs.at[0, 1, 1:].set(-1).at[1, 2, :, M + 2:].set(-1)
+  full = Retro(cfg).apply({"params": params}, tokens, nbs)
+  inc = incremental(cfg, params, tokens, nbs, prompt_len=M + 1, max_len=4 * M)
+  np.testing.assert_allclose(np.asarray(inc), np.asarray(full), atol=2e-5, rtol=1e-5)
+
+
+# --- the CCA gate ----------------------------------------------------------------------
+
+def test_a_closed_cca_gate_is_retrieval_off_and_an_open_one_lets_cca_in():
+  cfg = config_lib.get_preset("tiny", cca_gate=True)
+  params = init_params(cfg, jax.random.PRNGKey(0))
+  assert float(params["layer_1"]["cca_gate"]) == 0.0
+  tokens, nbs = _inputs(cfg)
+  model = Retro(cfg)
+  np.testing.assert_allclose(model.apply({"params": params}, tokens, nbs),
+                             model.apply({"params": params}, tokens, None), atol=1e-6)
+  opened = jax.tree_util.tree_map(lambda x: x, params)
+  for name in ("layer_1", "layer_3"):
+    opened[name]["cca_gate"] = jnp.float32(10.0)  # tanh(100) = 1: the ungated CCA
+  plain = {k: ({kk: vv for kk, vv in v.items() if kk != "cca_gate"} if isinstance(v, dict)
+               else v) for k, v in opened.items()}
+  np.testing.assert_allclose(model.apply({"params": opened}, tokens, nbs),
+                             Retro(cfg.replace(cca_gate=False)).apply({"params": plain},
+                                                                      tokens, nbs), atol=1e-5)
+
+
+def test_cca_gate_in_incremental_decoding_equals_the_full_forward():
+  from tests.test_decoding import incremental  # pylint: disable=import-outside-toplevel
+  cfg = config_lib.get_preset("tiny", cca_gate=True, copy_head=True)
+  params = jax.tree_util.tree_map(lambda x: x, init_params(cfg, jax.random.PRNGKey(2)))
+  params["layer_1"]["cca_gate"] = jnp.float32(0.05)
+  params["layer_3"]["cca_gate"] = jnp.float32(-0.08)
+  tokens, nbs = _inputs(cfg, n=3 * M + 2)
   full = Retro(cfg).apply({"params": params}, tokens, nbs)
   inc = incremental(cfg, params, tokens, nbs, prompt_len=M + 1, max_len=4 * M)
   np.testing.assert_allclose(np.asarray(inc), np.asarray(full), atol=2e-5, rtol=1e-5)

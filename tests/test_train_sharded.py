@@ -29,8 +29,10 @@ out, params = {{}}, {{}}
 for name, mesh, devices in (("one", (1, 1, 1), jax.devices()[:1]),
                             ("eight", (2, 2, 2), jax.devices())):
   cfg = fx.tiny_config(paths, num_steps=8, checkpoint_every=100, log_every=100)
-  # The reading options too: the copy head's scatter and pointer, the rank bias, alignment.
+  # The reading options too: the copy head's scatter and pointer, the rank bias, the CCA
+  # gate, alignment.
   cfg.model.copy_head = cfg.model.cca_rank_bias = cfg.model.align_neighbors = True
+  cfg.model.cca_gate = True
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh
   metrics = {{}}
   res = trainer.train_and_evaluate(cfg, {workdir!r} + "/" + name, stop_after=4,

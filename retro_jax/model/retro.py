@@ -29,7 +29,8 @@ from retro_jax.config import RetroConfig
 from retro_jax.model import layers
 from retro_jax.model.attention import RelativeAttention
 from retro_jax.model.cca import ChunkedCrossAttention, cca_distances
-from retro_jax.model.copy import COPY_DIM, MATCH_ORDERS, NeighborCopy, recent_tokens
+from retro_jax.model.copy import (COPY_DIM, MATCH_ORDERS, SCALAR_SCALE, NeighborCopy,
+                                  recent_tokens)
 from retro_jax.model.encoder import NeighborEncoder
 
 Cache = dict[str, Any]
@@ -56,6 +57,11 @@ class DecoderLayer(nn.Module):
           c.num_heads, c.head_dim, c.emb_dim, c.enc_emb_dim, c.chunk_size,
           init_std=c.init_std, out_init_std=out_std, dtype=dtype,
           num_ranks=c.num_neighbors if c.cca_rank_bias else 0)
+      if c.cca_gate:
+        # Flamingo's zero-initialised tanh gate, stored / 10 (copy.SCALAR_SCALE) so that it
+        # can open within a few hundred steps.
+        zero = nn.with_logical_partitioning(nn.initializers.zeros, ())
+        self.cca_gate = self.param("cca_gate", zero, (), jnp.float32)
     self.ffw_norm = layers.RMSNorm(c.norm_eps, dtype)
     self.ffw = layers.FeedForward(c.mlp_dim, c.init_std, dtype)
 
@@ -67,10 +73,16 @@ class DecoderLayer(nn.Module):
     y, k, v = self.attn.self_attention(self.attn_norm(x), feats, causal=True)
     return self._constrain(x + y), k, v
 
+  def _gated(self, y):
+    """The CCA update, through tanh(10 a) when config.cca_gate (a = 0 at init)."""
+    if not self.config.cca_gate:
+      return y
+    return jnp.tanh(SCALAR_SCALE * self.cca_gate).astype(y.dtype) * y
+
   def retrieval_ffw_block(self, x, enc, enc_mask, cca_feats):
     """CCA (when this layer has it and neighbors were given) then FFW."""
     if self.has_cca and enc is not None:
-      x = self._constrain(x + self.cca(self.cca_norm(x), enc, enc_mask, cca_feats))
+      x = self._constrain(x + self._gated(self.cca(self.cca_norm(x), enc, enc_mask, cca_feats)))
     return self._constrain(x + self.ffw(self.ffw_norm(x)))
 
   # --- incremental decoding -----------------------------------------------------------
@@ -90,8 +102,8 @@ class DecoderLayer(nn.Module):
 
   def decode_retrieval_ffw(self, x, cca_cache, pos):
     if self.has_cca:
-      x = x + self.cca.decode(self.cca_norm(x), cca_cache["k"], cca_cache["v"],
-                              cca_cache["mask"], cca_cache["table"], pos)
+      x = x + self._gated(self.cca.decode(self.cca_norm(x), cca_cache["k"], cca_cache["v"],
+                                          cca_cache["mask"], cca_cache["table"], pos))
     return x + self.ffw(self.ffw_norm(x))
 
 
