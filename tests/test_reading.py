@@ -314,3 +314,45 @@ def test_cca_gate_in_incremental_decoding_equals_the_full_forward():
   full = Retro(cfg).apply({"params": params}, tokens, nbs)
   inc = incremental(cfg, params, tokens, nbs, prompt_len=M + 1, max_len=4 * M)
   np.testing.assert_allclose(np.asarray(inc), np.asarray(full), atol=2e-5, rtol=1e-5)
+
+
+def test_the_mixture_trains_only_the_copy_head_and_train_outputs_the_decoder():
+  cfg, params = _copy_model()
+  tokens, nbs = _inputs(cfg)
+  targets = jnp.roll(tokens, -1, axis=1)
+  model = Retro(cfg)
+
+  def ce(logits):
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1).mean()
+
+  mix_grad = jax.grad(lambda p: ce(model.apply({"params": p}, tokens, nbs)))(params)
+  assert float(jnp.abs(mix_grad["unembed"]).max()) == 0.0        # decoder: constant
+  assert float(jnp.abs(mix_grad["copy"]["gate_bias"])) > 0.0     # copy head: trained
+  _, lm_logits = model.apply({"params": params}, tokens, nbs, method=Retro.train_outputs)
+  lm_grad = jax.grad(lambda p: ce(model.apply({"params": p}, tokens, nbs,
+                                              method=Retro.train_outputs)[1]))(params)
+  assert float(jnp.abs(lm_grad["unembed"]).max()) > 0.0
+  np.testing.assert_allclose(lm_logits, Retro(cfg.replace(copy_head=False)).apply(
+      {"params": {k: v for k, v in params.items() if k != "copy"}}, tokens, nbs), atol=1e-5)
+
+
+def test_the_training_loader_shows_neighbors_as_the_config_says(tmp_path):
+  import fixtures_data as fx  # pylint: disable=import-outside-toplevel
+  from retro_jax.training import data as data_lib  # pylint: disable=import-outside-toplevel
+  paths = fx.build_dataset(str(tmp_path / "data"), k=4)
+  store = data_lib.open_chunk_store(paths["db_dir"] + "/chunks")
+  nb = data_lib.open_neighbors(paths["neighbors_dir"], query_store=store)
+  shown = align.Presentation(align=True, min_match=3)
+  ds = data_lib.WindowDataset(store, 4 * store.chunk_size, fx.VOCAB, 2, nb, database=store,
+                              presentation=shown)
+  plain = data_lib.WindowDataset(store, 4 * store.chunk_size, fx.VOCAB, 2, nb, database=store)
+  starts = ds.window_starts()[:6]
+  got, ref = ds.batch(starts), plain.batch(starts)
+  # What the loader gives is align.present over the window-filtered candidates (all 4).
+  wide = data_lib.WindowDataset(store, 4 * store.chunk_size, fx.VOCAB, 4, nb, database=store)
+  cand = wide.batch(starts)["neighbor_ids"]
+  queries = np.asarray(store.tokens)[got["chunk_ids"]]          # [B, l, m]
+  want_ids, want = align.present(store, cand, queries, shown, 2)
+  np.testing.assert_array_equal(got["neighbor_ids"], want_ids)
+  np.testing.assert_array_equal(got["neighbors"], want)
+  assert not np.array_equal(got["neighbors"], ref["neighbors"])

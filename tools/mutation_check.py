@@ -173,6 +173,31 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("probs = jax.nn.softmax(desc, axis=-1)",
          "probs = jax.nn.softmax(desc * jnp.maximum(temperature, 1e-6), axis=-1)"),
     ], "tests/test_generate.py::test_sampling_frequencies_follow_temperature_and_top_p"),
+    # --- reading options (retrieval/align.py, model/copy.py, the CCA gate) -----------------
+    _m("alignment ignores the best shift", "retro_jax/retrieval/align.py", [
+        ("starts = m + shifts[pick]", "starts = m + 0 * shifts[pick]"),
+    ], "tests/test_reading.py"),
+    _m("min-match filter keeps neighbors with short matches", "retro_jax/retrieval/align.py", [
+        ("keep &= best >= presentation.min_match", "keep &= best >= 0"),
+    ], "tests/test_reading.py"),
+    _m("the loader ignores the neighbor presentation", "retro_jax/training/data.py", [
+        ("self.presentation = presentation or align_lib.Presentation()",
+         "self.presentation = align_lib.Presentation()"),
+    ], "tests/test_reading.py::test_the_training_loader_shows_neighbors_as_the_config_says"),
+    _m("copy head distance table off by one", "retro_jax/model/copy.py", [
+        ("return i - j + neighbor_len - 1", "return i - j + neighbor_len"),
+    ], "tests/test_reading.py"),
+    _m("copy head reads the next chunk's neighbors", "retro_jax/model/copy.py", [
+        ("ids = jnp.broadcast_to(neighbors.reshape(b, l, 1, k * r), weights.shape)",
+         "ids = jnp.broadcast_to(jnp.roll(neighbors, -1, axis=1).reshape(b, l, 1, k * r), "
+         "weights.shape)"),
+    ], "tests/test_reading.py"),
+    _m("the copy mixture trains the decoder", "retro_jax/model/copy.py", [
+        ("log_model = jax.lax.stop_gradient(jax.nn.log_softmax(", "log_model = (jax.nn.log_softmax("),
+    ], "tests/test_reading.py"),
+    _m("CCA gate ignored", "retro_jax/model/retro.py", [
+        ("    if not self.config.cca_gate:\n      return y", "    if True:\n      return y"),
+    ], "tests/test_reading.py"),
 )
 
 
