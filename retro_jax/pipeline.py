@@ -357,6 +357,21 @@ def comparison_table(report: dict) -> tuple[str, dict]:
   return table + "\n" + "\n".join(notes), results
 
 
+def check_workdir_data(workdir: str, settings: dict) -> None:
+  """A rerun must build its data as the first run did: the database and neighbors are reused
+  when present, so different data settings would silently mix old and new data."""
+  path = os.path.join(workdir, "data_settings.json")
+  if os.path.exists(path):
+    old = manifest_lib.read_json(path)
+    changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+    if changed:
+      what = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in changed)
+      raise PipelineError(f"{workdir} was built with other data settings ({what}): use "
+                          "another --workdir, or delete this one")
+    return
+  manifest_lib.atomic_write_json(path, settings)
+
+
 def run_quickstart(*, workdir: str, scale: float, corpus_root: str, steps: int,
                    train_bytes: int, eval_bytes: int, preset: str, vocab_size: int,
                    seq_len: int, batch_size: int, learning_rate: float, eval_k: Sequence[int],
@@ -379,6 +394,11 @@ def run_quickstart(*, workdir: str, scale: float, corpus_root: str, steps: int,
   if not model.uses_retrieval:
     raise PipelineError(f"preset {preset!r} has no retrieval; pick a RETRO preset")
   os.makedirs(workdir, exist_ok=True)
+  check_workdir_data(workdir, dict(
+      corpus_root=os.path.abspath(corpus_root), suffixes=list(suffixes), split_by=split_by,
+      twin_eval=bool(twin_eval), eval_percent=eval_percent, scale=scale,
+      train_bytes=train_bytes, eval_bytes=eval_bytes, seed=seed, vocab_size=vocab_size,
+      chunk_size=model.chunk_size, bert=bert))
   steps = max(1, int(round(steps * scale)))
   stage = lambda name: logging.info("=== quickstart: %s ===", name)
 

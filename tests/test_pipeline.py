@@ -120,3 +120,13 @@ def test_quickstart_cli_names_a_bad_flag_in_one_line(tmp_path, flag, message):
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0 and message in proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+def test_a_rerun_with_other_data_settings_is_refused_not_mixed(tmp_path):
+  work = str(tmp_path / "w")
+  os.makedirs(work)
+  settings = dict(corpus_root="/a", bert="hashing:4096", vocab_size=4096)
+  pipeline.check_workdir_data(work, settings)
+  pipeline.check_workdir_data(work, dict(settings))  # same settings: resumes
+  with pytest.raises(pipeline.PipelineError, match=r"bert: 'hashing:4096' -> None"):
+    pipeline.check_workdir_data(work, dict(settings, bert=None))
