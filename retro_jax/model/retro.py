@@ -122,7 +122,7 @@ class Retro(nn.Module):
     if c.uses_retrieval:
       self.encoder = NeighborEncoder(
           c, shared_embedding=self.embed if c.share_embeddings else None)
-    if c.uses_retrieval and c.copy_head:
+    if self._has_copy:
       self.copy = NeighborCopy(c.emb_dim, c.enc_emb_dim, c.chunk_size, c.init_std)
     self.final_norm = layers.RMSNorm(c.norm_eps, dtype)
     self.unembed = self.param("unembed", layers.kernel_init(c.init_std, (layers.EMBED,
@@ -297,9 +297,8 @@ class Retro(nn.Module):
                          mask=aux["enc_mask"][:, u].reshape(kk.shape[:2]))
             cache["cca"][name] = entry
         if self._has_copy:
-          cache["copy"] = dict(self._copy_cache(aux["enc"][:, u], aux["enc_mask"][:, u],
-                                                neighbors[:, u]),
-                               recent=cache["copy"]["recent"])
+          cache["copy"] = self._copy_cache(aux["enc"][:, u], aux["enc_mask"][:, u],
+                                           neighbors[:, u])  # "recent" is set below
     if self._has_copy:  # the prompt's last tokens, newest first, for the match features
       recent = recent_tokens(tokens.astype(jnp.int32))[:, -1, :MATCH_ORDERS - 1]
       cache["copy"] = dict(cache["copy"], recent=recent)
