@@ -39,18 +39,31 @@ from retro_jax.retrieval import manifest as manifest_lib  # pylint: disable=wron
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A finished quickstart work directory.",
-                               required=True)
-_EXPERIMENT = flags.DEFINE_enum("experiment", None, ["gain", "neighbors_k", "db_size",
-                                                     "retrofit"], "Which experiment.",
+_WORKDIR = flags.DEFINE_string("workdir", None, "A finished quickstart work directory (every "
+                               "experiment but overlap).")
+EXPERIMENTS = ("gain", "neighbors_k", "db_size", "retrofit", "overlap", "baselines", "curves")
+_EXPERIMENT = flags.DEFINE_enum("experiment", None, list(EXPERIMENTS), "Which experiment.",
                                 required=True)
 _NAME = flags.DEFINE_string("name", None, "Result file stem (default: the experiment name).")
 _KS = flags.DEFINE_list("ks", ["1", "2", "5", "10"], "neighbors_k: neighbor counts.")
 _FRACTIONS = flags.DEFINE_list("fractions", ["0.01", "0.1", "1"],
-                               "db_size: fractions of the training documents.")
+                               "db_size: database sizes as fractions of the training "
+                               "documents; above 1, the training documents plus unused "
+                               "documents of the same corpus (never the held-out ones).")
 _K = flags.DEFINE_integer("k", 2, "db_size: neighbors at evaluation.")
 _RETROFIT_STEPS = flags.DEFINE_integer("retrofit_steps", 150, "retrofit: training steps.")
 _LR = flags.DEFINE_float("learning_rate", 2e-3, "retrofit: peak learning rate.")
+_CORPORA = flags.DEFINE_list("corpora", None, "overlap: NAME=WORKDIR pairs, one finished "
+                             "quickstart work directory per corpus (NAME from CORPORA).")
+_SIZES = flags.DEFINE_list("sizes", ["2x", "4x"], "baselines: larger baselines (BASELINE_SIZES).")
+_CURVE_STEPS = flags.DEFINE_integer("curve_steps", 2000, "curves: training steps per model.")
+_CURVE_EVERY = flags.DEFINE_integer("curve_every", 100, "curves: steps between held-out "
+                                    "evaluations.")
+_CURVE_BATCHES = flags.DEFINE_integer("curve_batches", 32, "curves: held-out batches per "
+                                      "periodic evaluation.")
+_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "curves: tabulate what the runs have "
+                                 "logged so far (partial results, step counts stated) "
+                                 "without training.")
 _OUT = flags.DEFINE_string("results_dir", os.path.join(HERE, "results"),
                            "Where results are written.")
 
@@ -84,14 +97,15 @@ def _row(run: dict) -> dict:
           alpha.get("fraction_of_bytes")}
 
 
-def _evaluate(work: str, data: pipeline.Data, ks, output: str, with_baseline=True,
-              retro_run: str | None = None) -> dict:
+def _evaluate(work: str, data: pipeline.Data, ks, output: str, retro_run: str | None = "",
+              baseline_run: str | None = "") -> dict:
+  """An evaluation report, cached in `output`; "" = the quickstart's run, None = no run."""
   runs = _runs(work)
   if os.path.exists(output):
     return json.load(open(output))
-  return pipeline.evaluate_pair(data, retro_run or runs["RETRO"],
-                                runs["baseline"] if with_baseline else None, ks=ks,
-                                output=output, progress=False)
+  return pipeline.evaluate_pair(data, runs["RETRO"] if retro_run == "" else retro_run,
+                                runs["baseline"] if baseline_run == "" else baseline_run,
+                                ks=ks, output=output, progress=False)
 
 
 def _plot(xs, series: dict[str, list], path: str, xlabel: str, logx=False, hline=None):
@@ -159,18 +173,60 @@ def neighbors_k(work: str, name: str) -> None:
   _write(name, {"workdir": work, "rows": rows}, table)
 
 
+def _extended_database(work: str, frac: float) -> str:
+  """A database `frac` (> 1) times the training documents' bytes: the training documents plus
+  documents of the same corpus that the split left unused, never one on the held-out side
+  (for a split by directory, no file of a held-out directory).  Same tokenizer and embedder."""
+  from retro_jax.retrieval import build_db  # pylint: disable=g-import-not-at-top
+  db_dir = os.path.join(work, "db_extended", f"{frac:g}")
+  if os.path.exists(os.path.join(db_dir, manifest_lib.MANIFEST)):
+    return db_dir
+  meta = manifest_lib.read_json(os.path.join(work, "corpus", "split.json"))
+  st, train_jsonl = meta["settings"], os.path.join(work, "corpus", "train.jsonl")
+  used = {json.loads(line)["id"] for line in open(train_jsonl, encoding="utf-8")}
+  cut = st["eval_percent"] / 100.0 * 16 ** 8
+  budget = (frac - 1.0) * meta["split"]["train_bytes"]
+  rows, total = [], 0
+  for rel in sorted(pipeline.list_files(st["root"], st["suffixes"]),
+                    key=lambda r: pipeline._split_key(r, st["seed"])):  # pylint: disable=protected-access
+    group = rel.split(os.sep)[0] if st["split_by"] == "directory" and os.sep in rel else rel
+    if rel in used or pipeline._split_key(group, st["seed"] + 1) < cut:  # pylint: disable=protected-access
+      continue
+    try:
+      text = open(os.path.join(st["root"], rel), "rb").read().decode("utf-8")
+    except (UnicodeDecodeError, OSError):
+      continue
+    if not text.strip() or total + len(text.encode("utf-8")) > budget:
+      continue
+    rows.append({"id": rel, "text": text})
+    total += len(text.encode("utf-8"))
+  if total < 0.5 * budget:
+    raise ExperimentError(f"the corpus {st['root']} has only {total} unused bytes, not the "
+                          f"{budget:.0f} a {frac:g}x database needs: pick a smaller fraction")
+  extra = os.path.join(work, "corpus", f"extra_{frac:g}.jsonl")
+  manifest_lib.atomic_write_bytes(extra, "".join(
+      json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8"))
+  src = manifest_lib.read_manifest(os.path.join(work, "db"))
+  build_db.build_database([train_jsonl, extra], _data(work).tokenizer, db_dir,
+                          chunk_size=int(src["chunk_size"]), bert=src["embedder_source"],
+                          embed_batch_size=64)
+  return db_dir
+
+
 def db_size(work: str, name: str) -> None:
   from retro_jax.retrieval import build_db  # pylint: disable=g-import-not-at-top
   from retro_jax.retrieval import precompute_neighbors as pn  # pylint: disable=g-import-not-at-top
   rows = []
   for frac in sorted(float(f) for f in _FRACTIONS.value):
-    if frac >= 1.0:
+    if frac > 1.0:
+      db_dir = _extended_database(work, frac)
+    elif frac == 1.0:
       db_dir = os.path.join(work, "db")
     else:
       db_dir = os.path.join(work, "db_subsets", f"{frac:g}")
       if not os.path.exists(os.path.join(db_dir, manifest_lib.MANIFEST)):
         build_db.subset_database(os.path.join(work, "db"), db_dir, frac)
-    nb = os.path.join(work, "neighbors", "eval" if frac >= 1.0 else f"eval_db{frac:g}")
+    nb = os.path.join(work, "neighbors", "eval" if frac == 1.0 else f"eval_db{frac:g}")
     if not os.path.exists(os.path.join(nb, manifest_lib.MANIFEST)):
       pn.precompute_neighbors(db_dir, nb, k=10, query_store=os.path.join(work, "eval_chunks"),
                               exclude_same_document=False)
@@ -247,23 +303,289 @@ def retrofit(work: str, name: str) -> None:
                 "rows": rows}, table)
 
 
+# The corpora of the gain-vs-overlap experiment, in the order of their cross-document reuse as
+# measured (experiments/README.md): quickstart flags that build each one's work directory.
+CORPORA = {
+    "docs": ("Python 3.11 documentation, reST prose, split by file",
+             "--corpus_root=/usr/share/doc/python3.11/html/_sources --suffixes=.txt"),
+    "stdlib": ("Python standard library, split by file", "--corpus=stdlib"),
+    "scipy": ("SciPy's sources, split by file", "--corpus_root=<site-packages>/scipy"),
+    "transformers": ("transformers modeling_*.py, split by model directory (the quickstart)",
+                     ""),
+    "twins": ("near-duplicate control: transformers with a copy of every held-out model in "
+              "the database", "--twin_heldout"),
+}
+
+
+class ExperimentError(Exception):
+  """Bad input to an experiment: the message says what and how to fix it."""
+
+
+def _report(work: str) -> dict:
+  path = os.path.join(work, "evaluation.json")
+  if not os.path.exists(path):
+    raise ExperimentError(f"{work} has no evaluation.json (an unfinished quickstart): rerun "
+                          f"`python -m retro_jax.quickstart --workdir={work}` to finish it")
+  return manifest_lib.read_json(path)
+
+
+def _pick(report: dict, k) -> dict:
+  rows = [r for r in report["runs"] if str(r["k"]) == str(k)]
+  if not rows:
+    raise ExperimentError(f"the evaluation of {report['checkpoint']['workdir']} has no run "
+                          f"with k={k} (it has {[r['k'] for r in report['runs']]})")
+  return rows[0]
+
+
+def parse_corpora(items) -> dict[str, str]:
+  """NAME=WORKDIR pairs; NAME must be one of CORPORA."""
+  out = {}
+  for item in items or ():
+    name, sep, work = item.partition("=")
+    if not sep or not work:
+      raise ExperimentError(f"--corpora item {item!r} is not NAME=WORKDIR (e.g. "
+                            "docs=runs/docs)")
+    if name not in CORPORA:
+      raise ExperimentError(f"--corpora: unknown corpus {name!r}; known: "
+                            f"{', '.join(CORPORA)}")
+    if not os.path.isdir(work):
+      raise ExperimentError(f"--corpora: work directory {work} of {name} does not exist: "
+                            f"build it with `python -m retro_jax.quickstart --workdir={work} "
+                            f"{CORPORA[name][1]}`")
+    out[name] = os.path.abspath(work)
+  if not out:
+    raise ExperimentError("--experiment=overlap needs --corpora=NAME=WORKDIR,... (NAME in "
+                          f"{', '.join(CORPORA)})")
+  return out
+
+
+def overlap(corpora: dict[str, str], name: str) -> None:
+  """Relative gain against measured overlap, one finished quickstart per corpus (paper §4.4,
+  Fig. 6): overall, and per r(C) bucket."""
+  rows, payload = [], {}
+  for corpus, work in corpora.items():
+    report = _report(work)
+    retro, off, base = _pick(report, _K.value), _pick(report, "off"), _pick(report, "-")
+    buckets = list(base["bpb_buckets"])
+    high = base["bpb_buckets"][buckets[-1]]["fraction_of_bytes"]
+    entry = dict(workdir=work, description=CORPORA[corpus][0], mean_r=report["leakage"]["mean_r"],
+                 share_high_overlap=high, bytes=report["data"]["bytes"],
+                 baseline=base["bpb"], retro=retro["bpb"], off=off["bpb"],
+                 ratio=retro["bpb"] / base["bpb"], off_ratio=off["bpb"] / base["bpb"],
+                 buckets={b: dict(share=base["bpb_buckets"][b]["fraction_of_bytes"],
+                                  baseline=base["bpb_buckets"][b]["bpb"],
+                                  retro=retro["bpb_buckets"][b]["bpb"]) for b in buckets})
+    payload[corpus] = entry
+    rows.append([corpus, entry["mean_r"], f"{high:.1%}", entry["baseline"], entry["retro"],
+                 entry["ratio"], entry["off_ratio"]] +
+                [f"{v['retro'] / v['baseline']:.3f} ({v['share']:.0%})"
+                 for v in entry["buckets"].values()])
+  order = sorted(payload, key=lambda c: payload[c]["mean_r"])
+  rows.sort(key=lambda r: payload[r[0]]["mean_r"])
+  table = pipeline.format_table(
+      ["corpus", "mean r(C)", f"bytes with r(C) in {buckets[-1]}", "baseline bpb",
+       f"RETRO k={_K.value} bpb", "RETRO / baseline", "retrieval off / baseline"] +
+      [f"RETRO / baseline, r(C) {b} (share)" for b in buckets], rows)
+  plt = pipeline.pyplot()
+  if plt is not None:
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    xs = [payload[c]["mean_r"] for c in order]
+    ax1.plot(xs, [1 - payload[c]["ratio"] for c in order], marker="o", label="RETRO")
+    ax1.plot(xs, [1 - payload[c]["off_ratio"] for c in order], marker="x", ls="--",
+             label="RETRO, retrieval off")
+    for c, x in zip(order, xs):
+      ax1.annotate(c, (x, 1 - payload[c]["ratio"]), textcoords="offset points", xytext=(4, 4))
+    ax1.axhline(0, color="gray", lw=0.8)
+    ax1.set_xlabel("mean r(C) of the held-out chunks (overlap with the database)")
+    ax1.set_ylabel("bits/byte gain over the baseline (1 - ratio)")
+    ax1.legend()
+    ax1.grid(alpha=0.3)
+    for c in order:
+      ax2.plot(range(len(buckets)), [v["retro"] / v["baseline"] for v in
+                                     payload[c]["buckets"].values()], marker="o", label=c)
+    ax2.set_xticks(range(len(buckets)))
+    ax2.set_xticklabels(buckets)
+    ax2.axhline(1, color="gray", lw=0.8)
+    ax2.set_xlabel("r(C) bucket of the held-out chunk")
+    ax2.set_ylabel("RETRO / baseline bits/byte")
+    ax2.legend()
+    ax2.grid(alpha=0.3)
+    pipeline.save_figure(fig, os.path.join(_OUT.value, name + ".png"))
+  _write(name, {"k": _K.value, "corpora": payload}, table)
+
+
+# Baselines of about 2x and 4x the quickstart RETRO's non-embedding parameters (RETRO counted
+# with its encoder, CCA and copy head): RetroConfig fields changed from the preset.
+BASELINE_SIZES = {"2x": dict(emb_dim=384, mlp_dim=1536, num_heads=6),
+                  "4x": dict(num_layers=12, emb_dim=384, mlp_dim=1536, num_heads=6)}
+
+
+def _params(cfg) -> tuple[int, int]:
+  from retro_jax.model import params as params_lib  # pylint: disable=g-import-not-at-top
+  from retro_jax.training import train_config as tc  # pylint: disable=g-import-not-at-top
+  model = tc.model_config(cfg)
+  return params_lib.count_params(model), params_lib.count_params(model, embeddings=True)
+
+
+def _scratch_settings(runs) -> dict:
+  scratch = _train_config_of(runs["RETRO"])
+  return dict(preset=scratch["model"]["preset"], vocab_size=scratch["model"]["vocab_size"],
+              steps=scratch["num_steps"], seq_len=scratch["seq_len"],
+              batch_size=scratch["batch_size"],
+              learning_rate=scratch["optimizer"]["learning_rate"],
+              warmup_steps=scratch["optimizer"]["warmup_steps"], seed=scratch["seed"])
+
+
+def baselines(work: str, name: str) -> None:
+  """RETRO against baselines of ~2x and ~4x its parameters at equal training tokens (the
+  paper's headline: RETRO 7.5B on par with much larger models)."""
+  unknown = [s for s in _SIZES.value if s not in BASELINE_SIZES]
+  if unknown:
+    raise ExperimentError(f"--sizes: unknown {unknown}; known: {', '.join(BASELINE_SIZES)}")
+  runs, data = _runs(work), _data(work)
+  st = _scratch_settings(runs)
+  common = dict(preset=st["preset"], steps=st["steps"], seq_len=st["seq_len"],
+                batch_size=st["batch_size"], learning_rate=st["learning_rate"],
+                warmup_steps=st["warmup_steps"], eval_every=max(1, st["steps"] // 6),
+                eval_batches=4, vocab_size=st["vocab_size"], seed=st["seed"])
+  retro_cfg = pipeline.train_config(data, retrieval=True, **common)
+  rows, payload = [], []
+  entries = [("RETRO", runs["RETRO"], retro_cfg, "k=" + str(_K.value)),
+             ("baseline (same size)", runs["baseline"],
+              pipeline.train_config(data, retrieval=False, **common), "-")]
+  for size in _SIZES.value:
+    cfg = pipeline.train_config(data, retrieval=False, overrides={
+        f"model.{k}": v for k, v in BASELINE_SIZES[size].items()}, **common)
+    run_dir = os.path.join(work, "runs", f"baseline_{size}")
+    t0 = time.time()
+    pipeline.train(cfg, run_dir)
+    logging.info("baseline %s trained in %.0f s", size, time.time() - t0)
+    entries.append((f"baseline {size}", run_dir, cfg, "-"))
+  retro_params = _params(retro_cfg)[0]
+  for label, run_dir, cfg, k in entries:
+    if label == "RETRO":
+      report = _evaluate(work, data, [_K.value], os.path.join(work, f"eval_{name}.json"))
+      row = _pick(report, _K.value)
+    else:
+      out = os.path.join(work, f"eval_{name}_{os.path.basename(run_dir)}.json")
+      report = _evaluate(work, data, [_K.value], out, baseline_run=run_dir)
+      row = _pick(report, "-")
+    n, n_emb = _params(cfg)
+    payload.append(dict(model=label, run=run_dir, params=n, params_with_embeddings=n_emb,
+                        bpb=row["bpb"], bpb_buckets={b: v["bpb"] for b, v in
+                                                     row["bpb_buckets"].items()}))
+    rows.append([label, f"{n / 1e6:.2f}M", f"{n / retro_params:.2f}x", f"{n_emb / 1e6:.2f}M",
+                 k, row["bpb"]] + [v["bpb"] for v in row["bpb_buckets"].values()])
+  base = payload[1]["bpb"]
+  for r, p in zip(rows, payload):
+    r.insert(6, p["bpb"] / base)
+  buckets = list(payload[0]["bpb_buckets"])
+  table = pipeline.format_table(
+      ["model", "params (non-embedding)", "/ RETRO", "params (all)", "k", "bits/byte",
+       "/ same-size baseline"] + [f"r(C) {b}" for b in buckets], rows)
+  table += (f"\nall trained {st['steps']} steps of {st['batch_size']} x {st['seq_len']} tokens "
+            f"(equal training tokens), lr {st['learning_rate']}, seed {st['seed']}")
+  plt = pipeline.pyplot()
+  if plt is not None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bl = [p for p in payload if p["model"] != "RETRO"]
+    ax.plot([p["params"] for p in bl], [p["bpb"] for p in bl], marker="o", label="baselines")
+    ax.plot([payload[0]["params"]], [payload[0]["bpb"]], marker="*", ms=14, ls="",
+            label=f"RETRO, k={_K.value}")
+    ax.set_xscale("log")
+    ax.set_xlabel("non-embedding parameters")
+    ax.set_ylabel("held-out bits per byte")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    pipeline.save_figure(fig, os.path.join(_OUT.value, name + ".png"))
+  _write(name, {"workdir": work, "k": _K.value, "steps": st["steps"], "rows": payload}, table)
+
+
+def curves(work: str, name: str) -> None:
+  """Held-out bits/byte against training tokens for RETRO and its baseline over
+  --curve_steps steps (resumable: rerun to continue; --report_only tabulates a partial run)."""
+  runs, data = _runs(work), _data(work)
+  st = _scratch_settings(runs)
+  steps = _CURVE_STEPS.value
+  tokens_per_step = st["batch_size"] * st["seq_len"]
+  curve_runs = {"RETRO": os.path.join(work, "runs", f"curve{steps}_retro"),
+                "baseline": os.path.join(work, "runs", f"curve{steps}_baseline")}
+  if not _REPORT_ONLY.value:
+    for label, retrieval in (("RETRO", True), ("baseline", False)):
+      cfg = pipeline.train_config(
+          data, preset=st["preset"], retrieval=retrieval, steps=steps, seq_len=st["seq_len"],
+          batch_size=st["batch_size"], learning_rate=st["learning_rate"],
+          warmup_steps=max(1, steps // 20), eval_every=_CURVE_EVERY.value,
+          eval_batches=_CURVE_BATCHES.value, vocab_size=st["vocab_size"], seed=st["seed"],
+          overrides={"keep_checkpoints": 2})
+      pipeline.train(cfg, curve_runs[label])
+  by_step = {label: {r["step"]: r["bits_per_byte"] for r in pipeline.read_metrics(path, "eval")}
+             for label, path in curve_runs.items()}
+  common = sorted(set(by_step["RETRO"]) & set(by_step["baseline"]))
+  if not common:
+    raise ExperimentError(f"the curve runs {curve_runs['RETRO']} and {curve_runs['baseline']} "
+                          "have no common evaluated step yet: run without --report_only")
+  rows = [[s, s * tokens_per_step, by_step["RETRO"][s], by_step["baseline"][s],
+           by_step["RETRO"][s] / by_step["baseline"][s]] for s in common]
+  finished = common[-1] >= steps
+  table = pipeline.format_table(
+      ["step", "training tokens", "RETRO bpb", "baseline bpb", "RETRO / baseline"], rows)
+  table += (f"\nperiodic held-out estimate on the first {_CURVE_BATCHES.value} held-out "
+            f"batches (approximate bytes per token); {'finished' if finished else 'PARTIAL'}: "
+            f"{common[-1]} of {steps} steps")
+  final = None
+  if finished:
+    final = _evaluate(work, data, [_K.value], os.path.join(work, f"eval_{name}.json"),
+                      retro_run=curve_runs["RETRO"], baseline_run=curve_runs["baseline"])
+    table += "\n\nfull held-out evaluation at the last step:\n" + pipeline.comparison_table(
+        final)[0]
+  plt = pipeline.pyplot()
+  if plt is not None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label in curve_runs:
+      ax.plot([r[1] for r in rows], [by_step[label][r[0]] for r in rows], marker=".",
+              label=label)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("held-out bits per byte (periodic estimate)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    pipeline.save_figure(fig, os.path.join(_OUT.value, name + ".png"))
+  _write(name, {"workdir": work, "steps": steps, "reached": common[-1], "finished": finished,
+                "tokens_per_step": tokens_per_step, "curves": by_step,
+                "final": final and pipeline.comparison_table(final)[1]}, table)
+
+
+def _fail(msg: str) -> None:
+  sys.exit(f"run_experiments: {msg}")
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  work = os.path.abspath(_WORKDIR.value)
+    _fail(f"unexpected arguments {argv[1:]}")
   name = _NAME.value or _EXPERIMENT.value
-  os.makedirs(_OUT.value, exist_ok=True)
-  missing = [f for f in ("evaluation.json", "tokenizer", "db", "eval_chunks")
-             if not os.path.exists(os.path.join(work, f))]
-  if missing:
-    raise app.UsageError(f"{work} is not a finished quickstart work directory (no "
-                         f"{', '.join(missing)}): run `python -m retro_jax.quickstart "
-                         f"--workdir={work}` first")
   try:
-    {"gain": gain, "neighbors_k": neighbors_k, "db_size": db_size,
-     "retrofit": retrofit}[_EXPERIMENT.value](work, name)
-  except (pipeline.PipelineError, FileNotFoundError) as e:
-    raise app.UsageError(str(e)) from None
+    if _EXPERIMENT.value == "overlap":
+      corpora = parse_corpora(_CORPORA.value)
+      os.makedirs(_OUT.value, exist_ok=True)
+      return overlap(corpora, name)
+    if not _WORKDIR.value:
+      raise ExperimentError(f"--experiment={_EXPERIMENT.value} needs --workdir (a finished "
+                            "quickstart work directory)")
+    work = os.path.abspath(_WORKDIR.value)
+    if not os.path.isdir(work):
+      raise ExperimentError(f"--workdir {work} does not exist: run `python -m "
+                            f"retro_jax.quickstart --workdir={work}` first")
+    missing = [f for f in ("evaluation.json", "tokenizer", "db", "eval_chunks")
+               if not os.path.exists(os.path.join(work, f))]
+    if missing:
+      raise ExperimentError(f"{work} is not a finished quickstart work directory (no "
+                            f"{', '.join(missing)}): rerun `python -m retro_jax.quickstart "
+                            f"--workdir={work}` to finish it")
+    os.makedirs(_OUT.value, exist_ok=True)
+    {"gain": gain, "neighbors_k": neighbors_k, "db_size": db_size, "retrofit": retrofit,
+     "baselines": baselines, "curves": curves}[_EXPERIMENT.value](work, name)
+  except (ExperimentError, pipeline.PipelineError, FileNotFoundError) as e:
+    _fail(str(e))
 
 
 if __name__ == "__main__":
