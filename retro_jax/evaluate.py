@@ -79,7 +79,7 @@ def main(argv):
   except eval_lib.USER_ERRORS as e:
     logging.error("%s: %s", type(e).__name__, e)
     sys.exit(f"error: {type(e).__name__}: {e}")
-  print(eval_lib.format_table(report))
+  print(eval_lib.report_table(report))
   for w in report["warnings"]:
     print(f"warning: {w}")
   if _OUTPUT.value:

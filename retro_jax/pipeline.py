@@ -13,14 +13,16 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import hashlib
+import io
 import json
 import os
 import sysconfig
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from absl import logging
 
-from retro_jax.retrieval import manifest as manifest_lib
+from retro_jax import fileio
+from retro_jax.tables import format_table  # experiments import it from here
 
 EXCLUDED_DIRS = ("site-packages", "dist-packages", "__pycache__", "idlelib/Icons")
 
@@ -153,13 +155,13 @@ def split_corpus(root: str, out_dir: str, *, suffixes: Sequence[str] = (".py",),
   for split, items in rows.items():
     path = os.path.join(out_dir, f"{split}.jsonl")
     data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in items).encode("utf-8")
-    manifest_lib.atomic_write_bytes(path, data)
+    fileio.atomic_write_bytes(path, data)
     paths[split] = path
   result = Split(train_jsonl=paths["train"], eval_jsonl=paths["eval"],
                  num_train=len(rows["train"]), num_eval=len(rows["eval"]),
                  train_bytes=used["train"], eval_bytes=used["eval"])
-  manifest_lib.atomic_write_json(meta_path, {"settings": settings,
-                                             "split": dataclasses.asdict(result)})
+  fileio.atomic_write_json(meta_path, {"settings": settings,
+                                       "split": dataclasses.asdict(result)})
   return result
 
 
@@ -198,7 +200,7 @@ def build_data(split: Split, work: str, *, vocab_size: int, chunk_size: int,
 
   tok_path = train_tokenizer(split.train_jsonl, os.path.join(work, "tokenizer"), vocab_size)
   db_dir = os.path.join(work, "db")
-  if not os.path.exists(os.path.join(db_dir, manifest_lib.MANIFEST)):
+  if not os.path.exists(os.path.join(db_dir, fileio.MANIFEST)):
     build_db_lib.build_database(split.train_jsonl, tok_path, db_dir, chunk_size=chunk_size,
                                 bert=bert, embed_batch_size=embed_batch_size)
   eval_chunks = os.path.join(work, "eval_chunks")
@@ -206,10 +208,10 @@ def build_data(split: Split, work: str, *, vocab_size: int, chunk_size: int,
                                     tokenizer_lib.load_tokenizer(tok_path), eval_chunks,
                                     chunk_size)
   train_nb = os.path.join(work, "neighbors", "train")
-  if not os.path.exists(os.path.join(train_nb, manifest_lib.MANIFEST)):
+  if not os.path.exists(os.path.join(train_nb, fileio.MANIFEST)):
     pn.precompute_neighbors(db_dir, train_nb, k=num_neighbors)
   eval_nb = os.path.join(work, "neighbors", "eval")
-  if not os.path.exists(os.path.join(eval_nb, manifest_lib.MANIFEST)):
+  if not os.path.exists(os.path.join(eval_nb, fileio.MANIFEST)):
     pn.precompute_neighbors(db_dir, eval_nb, k=eval_neighbors, query_store=eval_chunks,
                             exclude_same_document=False)
   return Data(db_dir=db_dir, tokenizer=tok_path, eval_chunks=eval_chunks,
@@ -265,15 +267,6 @@ def read_metrics(run_dir: str, kind: str = "eval") -> list[dict]:
   return [r for r in rows if r.get("kind", r.get("split")) == kind]
 
 
-def format_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
-  """A plain fixed-width table for the terminal and for Markdown-ish READMEs."""
-  rows = [[f"{v:.4f}" if isinstance(v, float) else str(v) for v in r] for r in rows]
-  widths = [max(len(str(h)), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-  line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
-  sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-  return "\n".join([line(header), sep] + [line(r) for r in rows])
-
-
 def evaluate_pair(data: Data, retro_run: str, baseline_run: str, *, ks: Sequence[int],
                   output: str, seq_len: int | None = None, progress: bool = True) -> dict:
   """The evaluation CLI's library call: RETRO (off and each k) and the baseline, with
@@ -302,10 +295,10 @@ def save_figure(fig, path: str) -> str:
   """Writes a figure as PNG atomically and closes it."""
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig.tight_layout()
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=120)
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=120)
   plt.close(fig)
-  os.replace(tmp, path)
+  fileio.atomic_write_bytes(path, buf.getvalue())
   return path
 
 
@@ -362,14 +355,14 @@ def check_workdir_data(workdir: str, settings: dict) -> None:
   when present, so different data settings would silently mix old and new data."""
   path = os.path.join(workdir, "data_settings.json")
   if os.path.exists(path):
-    old = manifest_lib.read_json(path)
+    old = fileio.read_json(path)
     changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
     if changed:
       what = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in changed)
       raise PipelineError(f"{workdir} was built with other data settings ({what}): use "
                           "another --workdir, or delete this one")
     return
-  manifest_lib.atomic_write_json(path, settings)
+  fileio.atomic_write_json(path, settings)
 
 
 def run_quickstart(*, workdir: str, scale: float, corpus_root: str, steps: int,

@@ -257,7 +257,7 @@ def test_end_to_end_report(world, tmp_path):
   assert gain[leaked[0]] > 1.0 and gain[leaked[0]] == max(gain)
   per_bucket = runs[("n-gram copy over base", "copy2")]["bpb_buckets"]
   assert sum(b["fraction_of_bytes"] for b in per_bucket.values()) == pytest.approx(1.0)
-  table = eval_lib.format_table(report)
+  table = eval_lib.report_table(report)
   assert "bpb(0.125)" in table and "base@1" in table and "retro@1" in table
 
 

@@ -120,7 +120,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     _m("search_excluding keeps the excluded group", "retro_jax/retrieval/index.py", [
         ("keep = (ids >= 0) & (groups != exclude_groups[rows][:, None])", "keep = ids >= 0"),
     ], "tests/test_index.py"),
-    _m("tokenizer identity check skipped", "retro_jax/retrieval/manifest.py", [
+    _m("tokenizer identity check skipped", "retro_jax/fileio.py", [
         ("  check_equal(what, exp, act, expected_source, actual_source)", "  del exp, act"),
     ], "tests/test_evaluate.py::test_tokenizer_mismatch_is_refused_naming_both",
        "tests/test_precompute.py::test_manifest_mismatches_are_refused"),

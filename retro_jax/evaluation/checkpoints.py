@@ -2,10 +2,12 @@
 
 A training workdir (retro_jax/train.py) holds WORKDIR/checkpoints/<step>/{state, data,
 config}; `config` is {"train": the training ConfigDict as JSON, "model": RetroConfig as a
-dict}.  The checkpoint does not copy the LM tokenizer: what the model was trained on is
-known through the training database it names (`train.data.db_dir`, whose manifest records
-the tokenizer identity and chunk size).  `load_model` reads only the `params` subtree of
-the train state (no optimizer state is materialised) onto one device.
+dict, "provenance": the training data's tokenizer identity and chunk size}.  What the model
+was trained on is read from the training database it names (`train.data.db_dir`, whose
+manifest records the tokenizer identity and chunk size); when that is gone, from the
+checkpoint's own provenance, with `source` the run directory, which holds the copy of the
+tokenizer that training made (WORKDIR/tokenizer/<file_name>).  `load_model` reads only the
+`params` subtree of the train state (no optimizer state is materialised) onto one device.
 
 `check_against_database` refuses a database (for retrieval or tokenisation) whose chunk
 size or tokenizer differs from the checkpoint's, naming both values: the model would read
@@ -23,9 +25,10 @@ import flax.linen as nn
 import jax
 
 from retro_jax import config as model_config_lib
+from retro_jax import fileio
 from retro_jax import model as model_lib
 from retro_jax.retrieval import chunk_store as chunk_store_lib
-from retro_jax.retrieval import manifest as manifest_lib
+from retro_jax.training import checkpoint as checkpoint_lib
 
 
 class CheckpointError(ValueError):
@@ -58,11 +61,11 @@ def _training_db_manifest(train_cfg: Mapping[str, Any]) -> tuple[dict | None, st
   if data.get("db_dir"):
     candidates += [os.path.join(data["db_dir"], "chunks"), data["db_dir"]]
   for path in candidates:
-    mpath = os.path.join(path, manifest_lib.MANIFEST)
+    mpath = os.path.join(path, fileio.MANIFEST)
     if os.path.exists(mpath):
       try:
-        man = manifest_lib.read_json(mpath)
-      except manifest_lib.ManifestError:
+        man = fileio.read_json(mpath)
+      except fileio.ManifestError:
         continue
       if "tokenizer" in man and "chunk_size" in man:
         return man, path
@@ -77,7 +80,6 @@ def load_model(workdir: str, step: int | None = None) -> LoadedModel:
     step: which checkpoint; None = the latest.
   """
   # Imported here: orbax is heavy and only needed when a checkpoint is read.
-  from retro_jax.training import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   if not workdir or not os.path.isdir(workdir):
     raise CheckpointError(f"checkpoint workdir not found: {workdir!r}")
   ckdir = checkpoint_lib.checkpoint_dir(workdir)
@@ -107,6 +109,11 @@ def load_model(workdir: str, step: int | None = None) -> LoadedModel:
   if man is not None:
     provenance = {"tokenizer": man["tokenizer"], "chunk_size": int(man["chunk_size"]),
                   "source": path}
+  elif isinstance(saved.get("provenance"), Mapping) and saved["provenance"].get("tokenizer"):
+    # The run's own record (retro_jax.train writes it); its tokenizer copy is WORKDIR/tokenizer/.
+    provenance = {"tokenizer": saved["provenance"]["tokenizer"],
+                  "chunk_size": int(saved["provenance"]["chunk_size"]),
+                  "source": os.path.dirname(ckdir)}
   else:
     logging.warning("The training data of %s (train.data.db_dir = %r) is not readable: the "
                     "tokenizer identity cannot be checked, only chunk size and vocabulary.",
@@ -135,7 +142,7 @@ def check_against_database(model: LoadedModel, db_manifest: Mapping[str, Any],
         model.data_provenance["tokenizer"], tok,
         f"{what} (trained on {model.data_provenance['source']})", db_source)
   if tok and tok.get("vocab_size") is not None and int(tok["vocab_size"]) > model.config.vocab_size:
-    raise manifest_lib.ManifestMismatchError(
+    raise fileio.ManifestMismatchError(
         f"vocabulary size mismatch: {what} has vocab_size {model.config.vocab_size} but "
         f"{db_source} uses a tokenizer with vocab_size {tok['vocab_size']}")
 

@@ -31,20 +31,23 @@ from typing import Any, Sequence
 
 from absl import logging
 import numpy as np
+import tqdm
 
+from retro_jax import fileio
+from retro_jax import tables
 from retro_jax.evaluation import checkpoints as ckpt_lib
 from retro_jax.evaluation import copy_model as copy_model_lib
 from retro_jax.evaluation import leakage as leakage_lib
 from retro_jax.evaluation import scoring
 from retro_jax.evaluation import sources
 from retro_jax.retrieval import align as align_lib
-from retro_jax.retrieval import manifest as manifest_lib
+from retro_jax.retrieval import retriever as retriever_lib
+from retro_jax.retrieval import service as service_lib
 
 DEFAULT_KS = (1, 2, 5, 10)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-  from retro_jax.retrieval import service as service_lib  # pylint: disable=g-import-not-at-top
   return (ValueError, OSError, service_lib.RetrievalServiceError)
 
 
@@ -113,7 +116,6 @@ def score_documents(contender: Contender, docs: sources.EvalDocs, seq_len: int, 
              for w in scoring.plan_windows(len(t), seq_len, stride, m, d)]
   batches = range(0, len(windows), batch_size)
   if progress:
-    import tqdm  # pylint: disable=g-import-not-at-top
     batches = tqdm.tqdm(batches, desc=desc or contender.name, unit="batch")
   for lo in batches:
     batch = windows[lo:lo + batch_size]
@@ -232,8 +234,8 @@ def _copy_model_run(baseline: Contender, token_nll, docs, shown, ratios, setting
   return run
 
 
-def format_table(report: dict[str, Any]) -> str:
-  """The runs as a fixed-width text table (totals; bpb(alpha) when computed)."""
+def report_table(report: dict[str, Any]) -> str:
+  """The runs as a text table (totals; bpb(alpha) when computed)."""
   runs = report["runs"]
   alphas = list(runs[0].get("bpb_alpha", {})) if runs else []
   head = ["model", "k", "tokens", "bytes", "ppl", "bpb"] + [f"bpb({a})" for a in alphas]
@@ -246,15 +248,9 @@ def format_table(report: dict[str, Any]) -> str:
       row.append("-" if v is None else f"{v:.4f}")
     rows.append(row)
   if alphas and runs:
-    share = ["share of bytes", "", "", "", "", ""] + [
-        f"{runs[0]['bpb_alpha'][a]['fraction_of_bytes']:.1%}" for a in alphas]
-    rows.append(share)
-  widths = [max(len(x[i]) for x in [head] + rows) for i in range(len(head))]
-  def fmt(row):
-    return "  ".join(x.ljust(w) if i == 0 else x.rjust(w)
-                     for i, (x, w) in enumerate(zip(row, widths)))
-  lines = [fmt(head), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows]
-  return "\n".join(lines)
+    rows.append(["share of bytes", "", "", "", "", ""] + [
+        f"{runs[0]['bpb_alpha'][a]['fraction_of_bytes']:.1%}" for a in alphas])
+  return tables.format_table(head, rows)
 
 
 def run_evaluation(workdir: str, *, eval_chunks: str | None = None,
@@ -290,7 +286,6 @@ def run_evaluation(workdir: str, *, eval_chunks: str | None = None,
                                             retrieval_url, service_timeout)
     db_manifest, db_name = retriever.manifest, sources.retriever_name(retriever)
   elif db_dir:
-    from retro_jax.retrieval import retriever as retriever_lib  # pylint: disable=g-import-not-at-top
     db = retriever_lib.Database.open(db_dir)
     db_manifest, db_name = db.manifest, f"database {db.path}"
   if db_manifest is not None:
@@ -390,7 +385,7 @@ def run_evaluation(workdir: str, *, eval_chunks: str | None = None,
       "runs": runs,
   }
   if output:
-    manifest_lib.atomic_write_json(output, report)
+    fileio.atomic_write_json(output, report)
   return report
 
 

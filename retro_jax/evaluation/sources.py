@@ -20,9 +20,14 @@ from typing import Any, Mapping, Sequence
 
 from absl import logging
 import numpy as np
+import tqdm
 
 from retro_jax.retrieval import chunk_store as chunk_store_lib
 from retro_jax.retrieval import corpus as corpus_lib
+from retro_jax.retrieval import neighbors as neighbors_lib
+from retro_jax.retrieval import retriever as retriever_lib
+from retro_jax.retrieval import service as service_lib
+from retro_jax.retrieval import tokenizer as tokenizer_lib
 
 
 class SourceError(ValueError):
@@ -101,9 +106,7 @@ def open_live_retriever(db_dir: str | None = None, url: str | None = None,
   if bool(db_dir) == bool(url):
     raise SourceError("give exactly one of a database directory or a retrieval service URL")
   if db_dir:
-    from retro_jax.retrieval import retriever as retriever_lib  # pylint: disable=g-import-not-at-top
     return retriever_lib.Retriever.open(db_dir)
-  from retro_jax.retrieval import service as service_lib  # pylint: disable=g-import-not-at-top
   remote = service_lib.RemoteRetriever(url, timeout=timeout)
   remote.health()  # raises ServiceUnavailableError at once when the service is down.
   return remote
@@ -127,7 +130,6 @@ def resolve_tokenizer(path: str | None, retriever=None, model=None):
 
   Whatever is found must have the identity the database manifest records.
   """
-  from retro_jax.retrieval import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   tok = None
   if path:
     tok = tokenizer_lib.load_tokenizer(path)
@@ -171,7 +173,6 @@ def retrieve_table(retriever, docs: EvalDocs, k: int,
   ids, toks = [], []
   rng = range(0, docs.num_chunks, batch_size)
   if progress:
-    import tqdm  # pylint: disable=g-import-not-at-top
     rng = tqdm.tqdm(rng, desc=f"retrieving k={k}", unit="batch")
   for lo in rng:
     hi = min(lo + batch_size, docs.num_chunks)
@@ -185,18 +186,16 @@ def retrieve_table(retriever, docs: EvalDocs, k: int,
 def precomputed_table(neighbors_dir: str, db_dir: str, docs: EvalDocs, k: int,
                       exclude_doc_ids: np.ndarray | None = None) -> NeighborTable:
   """Neighbors from `precompute_neighbors --query_store=<the evaluation store>`."""
-  from retro_jax.retrieval import precompute_neighbors as pn_lib  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval import retriever as retriever_lib  # pylint: disable=g-import-not-at-top
   if docs.store_path is None:
     raise SourceError("precomputed neighbors belong to a chunk store: pass the evaluation "
                       "data as that chunk store (--eval_chunks=DIR), not as a corpus")
   db = retriever_lib.Database.open(db_dir)
-  nb = pn_lib.load_neighbors(neighbors_dir, expected_db_manifest=db.manifest,
+  nb = neighbors_lib.load_neighbors(neighbors_dir, expected_db_manifest=db.manifest,
                              expected_query_manifest=docs.manifest)
   if nb.k < k:
     logging.warning("%s holds %d neighbors per chunk; using those instead of %d",
                     neighbors_dir, nb.k, k)
-  ids = np.asarray(nb.neighbors[:, :k], np.int64)
+  ids = np.asarray(nb.ids[:, :k], np.int64)
   if exclude_doc_ids is not None:
     db_docs = np.asarray(db.store.doc_ids)[np.maximum(ids, 0)]
     ids = np.where((ids >= 0) & (db_docs == np.asarray(exclude_doc_ids)[:, None]), -1, ids)

@@ -39,8 +39,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from retro_jax.config import RetroConfig
+from retro_jax.evaluation import checkpoints as ckpt_lib
+from retro_jax.evaluation import sources
 from retro_jax.model import Retro
 from retro_jax.retrieval import align as align_lib
+from retro_jax.retrieval import retriever as retriever_lib
 
 
 class GenerationError(ValueError):
@@ -297,8 +300,6 @@ def run_generation(workdir: str, prompts: Sequence[str], *, db_dir: str | None =
                    sampling: SamplingParams = SamplingParams(), step: int | None = None,
                    service_timeout: float = 30.0) -> list[Generation]:
   """The `python -m retro_jax.generate` job: load, check, open retrieval, sample."""
-  from retro_jax.evaluation import checkpoints as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from retro_jax.evaluation import sources  # pylint: disable=g-import-not-at-top
   if isinstance(prompts, str):
     prompts = [prompts]
   if not prompts or any(not p or not p.strip() for p in prompts):
@@ -316,7 +317,6 @@ def run_generation(workdir: str, prompts: Sequence[str], *, db_dir: str | None =
     ckpt_lib.check_against_database(model, retriever.manifest,
                                     sources.retriever_name(retriever))
   elif db_dir:  # no retrieval, but the database's tokenizer copy is welcome
-    from retro_jax.retrieval import retriever as retriever_lib  # pylint: disable=g-import-not-at-top
     tok_source = retriever_lib.Database.open(db_dir)
     ckpt_lib.check_against_database(model, tok_source.manifest,
                                     sources.retriever_name(tok_source), chunk_size=False)

@@ -35,10 +35,12 @@ from absl import logging
 import numpy as np
 import tqdm
 
+from retro_jax import fileio
 from retro_jax.retrieval import chunk_store as chunk_store_lib
+from retro_jax.retrieval import corpus as corpus_lib
 from retro_jax.retrieval import index as index_lib
-from retro_jax.retrieval import manifest as manifest_lib
 from retro_jax.retrieval import retriever as retriever_lib
+from retro_jax.retrieval import tokenizer as tokenizer_lib
 
 
 class BuildError(ValueError):
@@ -86,7 +88,7 @@ def embed_store(store, tokenizer, embedder, out_path: str, *, normalize: bool = 
   if shard_size < 1 or batch_size < 1:
     raise BuildError(f"shard_size and batch_size must be >= 1, got {shard_size}, {batch_size}")
   settings = {
-      "chunk_store_manifest_hash": manifest_lib.manifest_hash(store.manifest),
+      "chunk_store_manifest_hash": fileio.manifest_hash(store.manifest),
       "num_chunks": int(store.num_chunks),
       "embedder": embedder.identity(),
       "normalized": bool(normalize),
@@ -94,23 +96,15 @@ def embed_store(store, tokenizer, embedder, out_path: str, *, normalize: bool = 
   }
   side = os.path.splitext(out_path)[0] + ".json"
   if os.path.exists(out_path) and os.path.exists(side):
-    done = manifest_lib.read_json(side)
-    if all(done.get(key) == manifest_lib.to_jsonable(v) for key, v in settings.items()):
+    done = fileio.read_json(side)
+    if all(done.get(key) == fileio.to_jsonable(v) for key, v in settings.items()):
       logging.info("embeddings %s already complete; reusing them", out_path)
       return done
     logging.warning("embeddings %s were made with other settings; recomputing", out_path)
   parts = os.path.splitext(out_path)[0] + ".parts"
   os.makedirs(parts, exist_ok=True)
   job = dict(settings, shard_size=int(shard_size))
-  job_path = os.path.join(parts, "job.json")
-  if os.path.exists(job_path):
-    pinned = manifest_lib.read_json(job_path)
-    for key in sorted(set(pinned) | set(job)):
-      manifest_lib.check_equal(f"embedding setting '{key}'", pinned.get(key),
-                               manifest_lib.to_jsonable(job.get(key)),
-                               f"unfinished embedding job in {parts}", "this run")
-  else:
-    manifest_lib.atomic_write_json(job_path, job)
+  fileio.pin_settings(os.path.join(parts, "job.json"), job, "embedding")
 
   num = store.num_chunks
   num_shards = max(1, -(-num // shard_size))
@@ -129,7 +123,7 @@ def embed_store(store, tokenizer, embedder, out_path: str, *, normalize: bool = 
         x = np.asarray(embedder.embed_chunks(tokens, tokenizer), np.float32)
         out.append(index_lib.normalize(x) if normalize else x)
         bar.update(tokens.shape[0])
-      manifest_lib.atomic_save_npy(shard_path(s), np.concatenate(out).astype(dtype))
+      fileio.atomic_save_npy(shard_path(s), np.concatenate(out).astype(dtype))
       done_chunks += stop - start
       if after_shard is not None:
         after_shard(s)
@@ -151,11 +145,11 @@ def embed_store(store, tokenizer, embedder, out_path: str, *, normalize: bool = 
     arr[start:start + part.shape[0]] = part
   arr.flush()
   del arr
-  os.replace(tmp, out_path)
-  man = dict(settings, dim=dim, sha256=manifest_lib.file_sha256(out_path),
+  fileio.commit_file(tmp, out_path)
+  man = dict(settings, dim=dim, sha256=fileio.file_sha256(out_path),
              timings={"last_run_seconds": round(elapsed, 3),
                       "chunks_per_second": round(done_chunks / max(elapsed, 1e-9), 2)})
-  manifest_lib.atomic_write_json(side, man)
+  fileio.atomic_write_json(side, man)
   shutil.rmtree(parts, ignore_errors=True)
   return man
 
@@ -191,8 +185,6 @@ def build_database(corpus: Any, tokenizer: str, output: str, *, chunk_size: int 
     max_documents: only the first N documents (for quick or size-limited builds).
     after_shard: test hook called after each embedding shard.
   """
-  from retro_jax.retrieval import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   if distance not in index_lib.DISTANCES:
     raise BuildError(f"distance must be one of {index_lib.DISTANCES}, got {distance!r}")
   if index_mode not in index_lib.MODES:
@@ -237,10 +229,10 @@ def build_database(corpus: Any, tokenizer: str, output: str, *, chunk_size: int 
       store.num_chunks, distance, index_mode, num_leaves, leaves_to_search, reorder,
       dims_per_block, spherical=spherical, soar=soar)
   index_man = None
-  if os.path.exists(os.path.join(index_dir, manifest_lib.MANIFEST)):
-    existing = manifest_lib.read_manifest(index_dir)
+  if os.path.exists(os.path.join(index_dir, fileio.MANIFEST)):
+    existing = fileio.read_manifest(index_dir)
     if (existing.get("embeddings_sha256") == emb_man["sha256"] and
-        existing.get("settings") == manifest_lib.to_jsonable(wanted.__dict__)):
+        existing.get("settings") == fileio.to_jsonable(wanted.__dict__)):
       logging.info("index %s already built for these embeddings; reusing it", index_dir)
       index_man = existing
   if index_man is None:
@@ -259,11 +251,9 @@ def build_database(corpus: Any, tokenizer: str, output: str, *, chunk_size: int 
   # 4. Tokenizer copy.
   tok_dir = os.path.join(output, "tokenizer")
   tok_copy = os.path.join(tok_dir, os.path.basename(tok.path))
-  if not os.path.exists(tok_copy) or manifest_lib.file_sha256(tok_copy) != tok.identity().get(
+  if not os.path.exists(tok_copy) or fileio.file_sha256(tok_copy) != tok.identity().get(
       "sha256"):
-    os.makedirs(tok_dir, exist_ok=True)
-    with open(tok.path, "rb") as f:
-      manifest_lib.atomic_write_bytes(tok_copy, f.read())
+    fileio.atomic_copy(tok.path, tok_copy)
 
   # 5. Manifest (last).
   sizes = {"tokens": _dir_bytes(os.path.join(output, "chunks", "tokens.npy")),
@@ -277,7 +267,7 @@ def build_database(corpus: Any, tokenizer: str, output: str, *, chunk_size: int 
       "num_chunks": store.num_chunks,
       "num_documents": store.num_documents,
       "tokenizer": store.manifest["tokenizer"],
-      "chunk_store": {"manifest_hash": manifest_lib.manifest_hash(store.manifest),
+      "chunk_store": {"manifest_hash": fileio.manifest_hash(store.manifest),
                       "sha256": store.manifest.get("sha256"),
                       "skipped_documents": store.manifest.get("skipped_documents"),
                       "source": store.manifest.get("source")},
@@ -291,12 +281,12 @@ def build_database(corpus: Any, tokenizer: str, output: str, *, chunk_size: int 
       "bytes_per_chunk": {key: round(v / n, 1) for key, v in sizes.items()},
       "timings": timings,
   }
-  if os.path.exists(os.path.join(output, manifest_lib.MANIFEST)):
-    old = manifest_lib.read_manifest(output)
-    if manifest_lib.manifest_hash(old) != manifest_lib.manifest_hash(man):
+  if os.path.exists(os.path.join(output, fileio.MANIFEST)):
+    old = fileio.read_manifest(output)
+    if fileio.manifest_hash(old) != fileio.manifest_hash(man):
       logging.warning("database %s changed: neighbors files built against the old manifest "
                       "will be refused", output)
-  manifest_lib.atomic_write_json(os.path.join(output, manifest_lib.MANIFEST), man)
+  fileio.atomic_write_json(os.path.join(output, fileio.MANIFEST), man)
   logging.info("database %s: %d chunks, %.0f bytes/chunk on disk, timings %s", output,
                store.num_chunks, sum(sizes[k] for k in ("tokens", "embeddings", "index")) / n,
                timings)
@@ -380,8 +370,6 @@ def subset_database(source_db: str, output: str, fraction: float, *, seed: int =
   copied from the source.  The index is built over the subset with `index_kwargs` (same
   meaning as in `build_database`).  For the database-size experiment (paper §4.1).
   """
-  from retro_jax.retrieval import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   if not 0.0 < fraction <= 1.0:
     raise BuildError(f"fraction must be in (0, 1], got {fraction}")
   src = retriever_lib.Database.open(source_db)
@@ -391,7 +379,7 @@ def subset_database(source_db: str, output: str, fraction: float, *, seed: int =
     raise BuildError(f"database {source_db} records no corpus paths; pass corpus=")
   text_field = store.manifest.get("source", {}).get("text_field", "text")
   docs = _Subset(corpus_lib.Corpus(source, text_field=text_field), store, fraction, seed,
-                 manifest_lib.manifest_hash(src.manifest))
+                 fileio.manifest_hash(src.manifest))
   tok_dir = os.path.join(src.path, "tokenizer")
   tok_files = sorted(os.listdir(tok_dir)) if os.path.isdir(tok_dir) else []
   if not tok_files:
@@ -413,15 +401,15 @@ def subset_database(source_db: str, output: str, fraction: float, *, seed: int =
       np.asarray(store.tokens[rows]), np.asarray(sub.tokens)):
     raise BuildError("the subset's chunks differ from the source database's: was the source "
                      "corpus or tokenizer changed since it was built?")
-  emb_meta = manifest_lib.read_json(os.path.join(src.path, "embeddings.json"))
+  emb_meta = fileio.read_json(os.path.join(src.path, "embeddings.json"))
   emb_path = os.path.join(output, "embeddings.npy")
-  manifest_lib.atomic_save_npy(emb_path, np.asarray(src.embeddings[rows]))
-  man = {"chunk_store_manifest_hash": manifest_lib.manifest_hash(sub.manifest),
+  fileio.atomic_save_npy(emb_path, np.asarray(src.embeddings[rows]))
+  man = {"chunk_store_manifest_hash": fileio.manifest_hash(sub.manifest),
          "num_chunks": int(sub.num_chunks), "embedder": emb_meta["embedder"],
          "normalized": emb_meta["normalized"], "dtype": emb_meta["dtype"],
-         "dim": int(src.embeddings.shape[1]), "sha256": manifest_lib.file_sha256(emb_path),
+         "dim": int(src.embeddings.shape[1]), "sha256": fileio.file_sha256(emb_path),
          "subset_of": {"database": src.path, "fraction": fraction, "seed": seed}}
-  manifest_lib.atomic_write_json(os.path.join(output, "embeddings.json"), man)
+  fileio.atomic_write_json(os.path.join(output, "embeddings.json"), man)
   distance = index_kwargs.pop("distance", src.manifest["index"]["settings"]["distance"])
   logging.info("subset %.3g of %s: %d of %d documents, %d chunks", fraction, src.path,
                len(docs.kept_docs), store.num_documents, sub.num_chunks)

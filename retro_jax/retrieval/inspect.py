@@ -20,7 +20,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from retro_jax.retrieval import precompute_neighbors as precompute_lib
+from retro_jax.retrieval import neighbors as neighbors_lib
 from retro_jax.retrieval import retriever as retriever_lib
 
 _DB = flags.DEFINE_string("db", None, "Database directory.", required=True)
@@ -62,9 +62,9 @@ def inspect(db_dir: str, chunk_id: int | None = None, text: str | None = None, k
     out.append(f"QUERY chunk {chunk_id} (document {doc}: {keys[doc]})")
     out.append(_show(tok.decode(np.asarray(store.tokens[chunk_id]))))
     if neighbors_dir:
-      nb = precompute_lib.load_neighbors(neighbors_dir, expected_db_manifest=db.manifest,
+      nb = neighbors_lib.load_neighbors(neighbors_dir, expected_db_manifest=db.manifest,
                                          expected_query_manifest=store.manifest)
-      ids = np.asarray(nb.neighbors[chunk_id:chunk_id + 1, :k])
+      ids = np.asarray(nb.ids[chunk_id:chunk_id + 1, :k])
       dist = np.asarray(nb.distances[chunk_id:chunk_id + 1, :k])
       source = f"precomputed neighbors {neighbors_dir}"
     else:

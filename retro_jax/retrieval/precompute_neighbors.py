@@ -42,103 +42,31 @@ or tokenizer, naming both values.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import shutil
 import time
-from typing import Any, Callable, Mapping
+from typing import Callable
 
 from absl import logging
 import numpy as np
 import tqdm
 
+from retro_jax import fileio
+from retro_jax.retrieval import chunk_store as chunk_store_lib
 from retro_jax.retrieval import index as index_lib
-from retro_jax.retrieval import manifest as manifest_lib
+from retro_jax.retrieval import neighbors as neighbors_lib
+from retro_jax.retrieval import retriever as retriever_lib
 
-NEIGHBORS_FORMAT = "retro_jax.neighbors.v1"
-BUILD_COMMAND = ("python -m retro_jax.retrieval.precompute_neighbors --db=DB_DIR "
-                 "--output=NEIGHBORS_DIR [--query_store=CHUNK_STORE_DIR] --k=K")
+# The file format and its reader live in neighbors.py; these names stay importable here.
+NEIGHBORS_FORMAT = neighbors_lib.NEIGHBORS_FORMAT
+BUILD_COMMAND = neighbors_lib.BUILD_COMMAND
+Neighbors = neighbors_lib.Neighbors
+load_neighbors = neighbors_lib.load_neighbors
 
 
 class PrecomputeError(ValueError):
   """Bad precompute arguments or inputs; the message names the problem."""
-
-
-@dataclasses.dataclass
-class Neighbors:
-  """A loaded neighbors file: ids [Q, k] int64 (-1 pad), distances [Q, k], manifest."""
-  neighbors: np.ndarray
-  distances: np.ndarray
-  manifest: dict
-
-  @property
-  def k(self) -> int:
-    return int(self.neighbors.shape[1])
-
-
-def _as_manifest(obj: Any, what: str) -> tuple[dict, str]:
-  """A manifest given as a dict or as a directory holding manifest.json."""
-  if obj is None:
-    return None, ""
-  if isinstance(obj, Mapping):
-    return dict(obj), f"the expected {what}"
-  path = os.fspath(obj)
-  return manifest_lib.read_manifest(path, f"{what} manifest"), f"{what} {path}"
-
-
-def load_neighbors(directory: str, expected_db_manifest: Any = None,
-                   expected_query_manifest: Any = None, k: int | None = None,
-                   mmap: bool = True) -> Neighbors:
-  """Opens a neighbors directory and checks it belongs to the given database and queries.
-
-  Args:
-    directory: output of `precompute_neighbors`.
-    expected_db_manifest: the database manifest (dict) or database directory the consumer
-      uses; the file must have been built against it (hash, chunk count, tokenizer).
-    expected_query_manifest: the query chunk store manifest (dict) or directory whose rows
-      the consumer reads; the file's rows must belong to it.
-    k: if given, the file must hold at least k neighbors per row (the first k are used).
-  Raises:
-    ManifestError: the file is missing or unfinished (message says which command builds it).
-    ManifestMismatchError: it was built for something else (message names both values).
-  """
-  man = manifest_lib.read_manifest(directory, "neighbors manifest", BUILD_COMMAND)
-  if man.get("format") != NEIGHBORS_FORMAT:
-    raise manifest_lib.ManifestMismatchError(
-        f"neighbors format mismatch: expected {NEIGHBORS_FORMAT} but {directory} has "
-        f"{man.get('format')!r}")
-  src = f"neighbors file {directory}"
-  db_man, db_src = _as_manifest(expected_db_manifest, "database")
-  if db_man is not None:
-    manifest_lib.check_identity("tokenizer", db_man.get("tokenizer"), man.get("tokenizer"),
-                                db_src, src)
-    manifest_lib.check_equal("database chunk count", db_man.get("num_chunks"),
-                             man.get("database", {}).get("num_chunks"), db_src, src)
-    manifest_lib.check_equal("database manifest hash", manifest_lib.manifest_hash(db_man),
-                             man.get("database", {}).get("manifest_hash"), db_src, src)
-  q_man, q_src = _as_manifest(expected_query_manifest, "query chunk store")
-  if q_man is not None:
-    manifest_lib.check_equal("query chunk store manifest hash",
-                             manifest_lib.manifest_hash(q_man),
-                             man.get("query", {}).get("manifest_hash"), q_src, src)
-  mode = "r" if mmap else None
-  paths = [os.path.join(directory, n) for n in ("neighbors.npy", "distances.npy")]
-  for p in paths:
-    if not os.path.exists(p):
-      raise manifest_lib.ManifestError(f"{p} is missing (manifest present): rebuild with "
-                                       f"{BUILD_COMMAND}")
-  neighbors = np.load(paths[0], mmap_mode=mode)
-  distances = np.load(paths[1], mmap_mode=mode)
-  if neighbors.shape != (man["num_queries"], man["k"]) or distances.shape != neighbors.shape:
-    raise manifest_lib.ManifestMismatchError(
-        f"neighbors shape mismatch: manifest says {[man['num_queries'], man['k']]} but "
-        f"{paths[0]} is {list(neighbors.shape)} and distances {list(distances.shape)}")
-  if k is not None and k > neighbors.shape[1]:
-    raise manifest_lib.ManifestMismatchError(
-        f"number of neighbors mismatch: the consumer wants k={k} but {src} has "
-        f"k={neighbors.shape[1]}")
-  return Neighbors(neighbors, distances, man)
 
 
 # ------------------------------------------------------------------------------------------
@@ -157,11 +85,9 @@ def _read_part(path: str) -> tuple[np.ndarray, np.ndarray, dict]:
 
 
 def _write_part(path: str, neighbors, distances, stats) -> None:
-  import io  # pylint: disable=g-import-not-at-top
-  buf = io.BytesIO()
-  np.savez(buf, neighbors=neighbors, distances=distances,
-           requeried=np.int64(stats["requeried_rows"]), padded=np.int64(stats["padded_rows"]))
-  manifest_lib.atomic_write_bytes(path, buf.getvalue())
+  fileio.atomic_save_npz(path, neighbors=neighbors, distances=distances,
+                         requeried=np.int64(stats["requeried_rows"]),
+                         padded=np.int64(stats["padded_rows"]))
 
 
 class _Job:
@@ -169,23 +95,20 @@ class _Job:
 
   def __init__(self, db_dir, query_store_dir, k, exclude_same_document, extra_candidates,
                max_candidates, leaves_to_search, embedder, query_batch):
-    # Imported here so `load_neighbors` works without the chunk store / embedder modules.
-    from retro_jax.retrieval import retriever as database  # pylint: disable=g-import-not-at-top
-
-    self.db = database.Database.open(db_dir)
+    self.db = retriever_lib.Database.open(db_dir)
     db_store_dir = os.path.join(db_dir, "chunks")
     self.query_is_db = (query_store_dir is None or
                         os.path.realpath(query_store_dir) == os.path.realpath(db_store_dir))
     if self.query_is_db:
       self.query_store = self.db.store
     else:
-      self.query_store = database.open_chunk_store(query_store_dir)
-      manifest_lib.check_equal("chunk size", self.db.chunk_size,
-                               self.query_store.chunk_size, f"database {db_dir}",
-                               f"query chunk store {query_store_dir}")
-      manifest_lib.check_identity("tokenizer", self.db.manifest.get("tokenizer"),
-                                  self.query_store.manifest.get("tokenizer"),
-                                  f"database {db_dir}", f"query chunk store {query_store_dir}")
+      self.query_store = chunk_store_lib.ChunkStore.open(query_store_dir)
+      fileio.check_equal("chunk size", self.db.chunk_size,
+                         self.query_store.chunk_size, f"database {db_dir}",
+                         f"query chunk store {query_store_dir}")
+      fileio.check_identity("tokenizer", self.db.manifest.get("tokenizer"),
+                            self.query_store.manifest.get("tokenizer"),
+                            f"database {db_dir}", f"query chunk store {query_store_dir}")
     if exclude_same_document is None:
       exclude_same_document = self.query_is_db
     self.exclude = bool(exclude_same_document)
@@ -215,9 +138,8 @@ class _Job:
       elif self.query_is_db:
         groups = q_doc
       else:  # Match documents across stores by key (file path / jsonl line id).
-        from retro_jax.retrieval import retriever as database  # pylint: disable=g-import-not-at-top
-        db_keys = {key: i for i, key in enumerate(database.doc_keys(self.db.store))}
-        q_keys = database.doc_keys(self.query_store)
+        db_keys = {key: i for i, key in enumerate(self.db.store.doc_keys)}
+        q_keys = self.query_store.doc_keys
         per_doc = np.array([db_keys.get(key, -1) for key in q_keys], np.int64)
         groups = per_doc[q_doc] if per_doc.size else np.full(q_doc.shape, -1, np.int64)
       self._query_doc_groups = groups
@@ -261,9 +183,9 @@ class _Job:
         "k": self.k,
         "part_size": int(part_size),
         "num_queries": self.num_queries,
-        "database": {"manifest_hash": manifest_lib.manifest_hash(self.db.manifest),
+        "database": {"manifest_hash": fileio.manifest_hash(self.db.manifest),
                      "num_chunks": int(self.db.num_chunks)},
-        "query": {"manifest_hash": manifest_lib.manifest_hash(self.query_store.manifest),
+        "query": {"manifest_hash": fileio.manifest_hash(self.query_store.manifest),
                   "num_chunks": self.num_queries, "is_database": self.query_is_db},
         "tokenizer": self.db.manifest.get("tokenizer"),
         "embedder": self.db.manifest.get("embedder"),
@@ -328,27 +250,19 @@ def precompute_neighbors(db_dir: str, output_dir: str, k: int = 2,
              leaves_to_search, embedder, query_batch)
   settings = job.settings(part_size)
   parts_dir = os.path.join(output_dir, "parts")
-  final_manifest = os.path.join(output_dir, manifest_lib.MANIFEST)
+  final_manifest = os.path.join(output_dir, fileio.MANIFEST)
   if os.path.exists(final_manifest):
-    existing = manifest_lib.read_json(final_manifest)
-    if manifest_lib.stable_hash(existing.get("job", {})) == manifest_lib.stable_hash(settings):
+    existing = fileio.read_json(final_manifest)
+    if fileio.stable_hash(existing.get("job", {})) == fileio.stable_hash(settings):
       logging.info("neighbors in %s are complete for these settings; nothing to do",
                    output_dir)
       return existing
-    raise manifest_lib.ManifestMismatchError(
+    raise fileio.ManifestMismatchError(
         f"{output_dir} already holds neighbors built with other settings "
-        f"(job {manifest_lib.stable_hash(existing.get('job', {}))[:12]} vs requested "
-        f"{manifest_lib.stable_hash(settings)[:12]}); use another --output or delete it")
+        f"(job {fileio.stable_hash(existing.get('job', {}))[:12]} vs requested "
+        f"{fileio.stable_hash(settings)[:12]}); use another --output or delete it")
   os.makedirs(parts_dir, exist_ok=True)
-  job_path = os.path.join(parts_dir, "job.json")
-  if os.path.exists(job_path):
-    pinned = manifest_lib.read_json(job_path)
-    for key in sorted(set(pinned) | set(settings)):
-      manifest_lib.check_equal(f"precompute setting '{key}'", pinned.get(key),
-                               settings.get(key), f"unfinished job in {parts_dir}",
-                               "this run")
-  else:
-    manifest_lib.atomic_write_json(job_path, settings)
+  fileio.pin_settings(os.path.join(parts_dir, "job.json"), settings, "precompute")
 
   num_q = job.num_queries
   num_parts = max(1, math.ceil(num_q / part_size))
@@ -399,8 +313,8 @@ def _merge(output_dir, parts_dir, num_parts, settings, num_q) -> dict:
     padded += stats["padded"]
   if row != num_q:
     raise PrecomputeError(f"parts hold {row} rows but the query store has {num_q} chunks")
-  manifest_lib.atomic_save_npy(os.path.join(output_dir, "neighbors.npy"), neighbors)
-  manifest_lib.atomic_save_npy(os.path.join(output_dir, "distances.npy"), distances)
+  fileio.atomic_save_npy(os.path.join(output_dir, "neighbors.npy"), neighbors)
+  fileio.atomic_save_npy(os.path.join(output_dir, "distances.npy"), distances)
   man = {key: settings[key] for key in ("format", "k", "database", "query", "tokenizer",
                                         "embedder", "index_id", "distance",
                                         "exclude_same_document")}
@@ -411,7 +325,7 @@ def _merge(output_dir, parts_dir, num_parts, settings, num_q) -> dict:
       "padded_entries": int(np.sum(neighbors < 0)),
       "requeried_rows": int(requeried),
   })  # No timings: a resumed job writes the same bytes as an uninterrupted one.
-  manifest_lib.atomic_write_json(os.path.join(output_dir, manifest_lib.MANIFEST), man)
+  fileio.atomic_write_json(os.path.join(output_dir, fileio.MANIFEST), man)
   shutil.rmtree(parts_dir, ignore_errors=True)
   logging.info("precompute: wrote %s (%d x %d, %d padded entries)", output_dir, num_q, k,
                man["padded_entries"])

@@ -25,13 +25,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any, Mapping, Sequence
+import zlib
 
 import numpy as np
 
+from retro_jax import fileio
 from retro_jax.retrieval import chunk_store as chunk_store_lib
+from retro_jax.retrieval import embedder as embedder_lib
 from retro_jax.retrieval import index as index_lib
-from retro_jax.retrieval import manifest as manifest_lib
+from retro_jax.retrieval import tokenizer as tokenizer_lib
 
 DATABASE_FORMAT = "retro_jax.database.v1"
 BUILD_COMMAND = ("python -m retro_jax.retrieval.build_db --corpus=... --tokenizer=... "
@@ -48,15 +52,6 @@ class RetrievalResult:
   ids: np.ndarray
   distances: np.ndarray
   tokens: np.ndarray
-
-
-def open_chunk_store(path: str) -> chunk_store_lib.ChunkStore:
-  return chunk_store_lib.ChunkStore.open(path)
-
-
-def doc_keys(store) -> list[str]:
-  """The document keys of a chunk store (one per document)."""
-  return list(store.doc_keys)
 
 
 class HashingEmbedder:
@@ -77,8 +72,6 @@ class HashingEmbedder:
     return {"kind": "hashing", "dim": self.dim, "version": 1}
 
   def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
-    import re  # pylint: disable=g-import-not-at-top
-    import zlib  # pylint: disable=g-import-not-at-top
     out = np.zeros((len(texts), self.dim), np.float32)
     for i, text in enumerate(texts):
       words = re.findall(r"\w+", text.lower())
@@ -99,7 +92,6 @@ def load_embedder(source: str | None = None, **kwargs):
       raise ValueError(f"embedder {source!r}: the hashing embedder is 'hashing:D' with D an "
                        "integer >= 2 dimensions, e.g. hashing:4096")
     return HashingEmbedder(int(dim) if dim else 256)
-  from retro_jax.retrieval import embedder as embedder_lib  # pylint: disable=g-import-not-at-top
   return embedder_lib.Embedder.from_pretrained(source, **kwargs)
 
 
@@ -114,8 +106,8 @@ def check_database(db_manifest: Mapping[str, Any], chunk_size: int | None = None
     tokenizer: the tokenizer identity the model uses.
   """
   if chunk_size is not None:
-    manifest_lib.check_equal("chunk size", int(chunk_size), db_manifest.get("chunk_size"),
-                             "the model", source)
+    fileio.check_equal("chunk size", int(chunk_size), db_manifest.get("chunk_size"),
+                       "the model", source)
   if tokenizer is not None:
     chunk_store_lib.check_tokenizer(tokenizer, db_manifest.get("tokenizer", {}),
                                     "the model", source)
@@ -127,15 +119,15 @@ class Database:
   def __init__(self, path: str, manifest: dict):
     self.path = path
     self.manifest = manifest
-    self.store = open_chunk_store(os.path.join(path, "chunks"))
-    manifest_lib.check_equal(
+    self.store = chunk_store_lib.ChunkStore.open(os.path.join(path, "chunks"))
+    fileio.check_equal(
         "chunk store manifest hash", manifest.get("chunk_store", {}).get("manifest_hash"),
-        manifest_lib.manifest_hash(self.store.manifest), f"database manifest {path}",
+        fileio.manifest_hash(self.store.manifest), f"database manifest {path}",
         f"chunk store {self.store.path}")
     self.embeddings = np.load(os.path.join(path, "embeddings.npy"), mmap_mode="r")
     expect = (self.store.num_chunks, manifest.get("embedding", {}).get("dim"))
     if self.embeddings.shape != expect:
-      raise manifest_lib.ManifestMismatchError(
+      raise fileio.ManifestMismatchError(
           f"embeddings shape mismatch: database manifest {path} says {list(expect)} but "
           f"embeddings.npy is {list(self.embeddings.shape)}")
     self._index = None
@@ -144,9 +136,9 @@ class Database:
   @classmethod
   def open(cls, path: str) -> "Database":
     path = os.path.abspath(os.fspath(path))
-    man = manifest_lib.read_manifest(path, "database manifest", BUILD_COMMAND)
+    man = fileio.read_manifest(path, "database manifest", BUILD_COMMAND)
     if man.get("format") != DATABASE_FORMAT:
-      raise manifest_lib.ManifestMismatchError(
+      raise fileio.ManifestMismatchError(
           f"database format mismatch: expected {DATABASE_FORMAT} but {path} has "
           f"{man.get('format')!r}")
     return cls(path, man)
@@ -168,16 +160,15 @@ class Database:
     if self._index is None:
       index = index_lib.ScannIndex.load(os.path.join(self.path, "index"),
                                         expected_embedder=self.manifest.get("embedder"))
-      manifest_lib.check_equal("index id", self.manifest.get("index", {}).get("index_id"),
-                               index.index_id, f"database manifest {self.path}",
-                               f"index {self.path}/index")
+      fileio.check_equal("index id", self.manifest.get("index", {}).get("index_id"),
+                         index.index_id, f"database manifest {self.path}",
+                         f"index {self.path}/index")
       self._index = index
     return self._index
 
   @property
   def tokenizer(self):
     if self._tokenizer is None:
-      from retro_jax.retrieval import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
       tok_dir = os.path.join(self.path, "tokenizer")
       name = self.manifest.get("tokenizer", {}).get("file_name")
       tok = tokenizer_lib.load_tokenizer(os.path.join(tok_dir, name) if name else tok_dir)
@@ -194,9 +185,9 @@ class Database:
 
   def check_embedder(self, embedder) -> None:
     """Refuses an embedder whose identity differs from the one the index was built with."""
-    manifest_lib.check_identity("embedder", self.manifest.get("embedder"),
-                                embedder.identity(), f"database {self.path}",
-                                "the query embedder")
+    fileio.check_identity("embedder", self.manifest.get("embedder"),
+                          embedder.identity(), f"database {self.path}",
+                          "the query embedder")
 
   def prepare_queries(self, x: np.ndarray) -> np.ndarray:
     """Query embeddings in the database's convention (unit-normalised if it is)."""

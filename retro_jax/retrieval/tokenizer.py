@@ -18,15 +18,15 @@ count the real bytes and code keeps its indentation and newlines.  Pass
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import os
 import tempfile
 from typing import Iterable, Iterator, Sequence
 
 from absl import logging
 import numpy as np
+
+from retro_jax import fileio
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
@@ -39,14 +39,6 @@ class TokenizerError(ValueError):
   """A tokenizer file cannot be used (unknown type, missing file, no EOS token...)."""
 
 
-def _file_sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
 class LMTokenizer:
   """Text <-> LM token ids.  Subclasses wrap one library; use `load_tokenizer`."""
 
@@ -54,7 +46,7 @@ class LMTokenizer:
 
   def __init__(self, path: str):
     self.path = os.path.abspath(path)
-    self._sha256 = _file_sha256(self.path)
+    self._sha256 = fileio.file_sha256(self.path)
 
   # --- implemented by subclasses ------------------------------------------------------
   vocab_size: int
@@ -309,11 +301,7 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int
   vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i)}\n"
                   for i in range(sp.get_piece_size()))
   for suffix, data in ((".vocab", vocab.encode("utf-8")), (".model", proto)):
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=os.path.basename(model_prefix),
-                               suffix=suffix + ".tmp")
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.replace(tmp, model_prefix + suffix)
+    fileio.atomic_write_bytes(model_prefix + suffix, data)
   if sp.get_piece_size() < vocab_size:
     logging.warning("The corpus only supports %d pieces (asked for %d); the model has %d.",
                     sp.get_piece_size(), vocab_size, sp.get_piece_size())

@@ -1,0 +1,237 @@
+"""The project's file layer: atomic writes, hashes, manifests and the checks that compare them.
+
+Every artefact (chunk store, embeddings, index, database, neighbors file, checkpoint
+report) carries a `manifest.json`.  Consumers never trust a file by its name: they compare
+the manifest fields that tie it to its inputs (database hash, tokenizer identity, embedder
+identity, chunk size) and refuse a mismatch with a `ManifestMismatchError` whose message
+names both disagreeing values and where each came from.
+
+Long jobs write through `atomic_*`: the content goes to a temporary file in the same
+directory, is fsynced and renamed into place, so a file that exists is complete (a kill
+leaves at most a stray `.tmp` file, which the next run overwrites).  Directories are built
+under a temporary sibling and swapped in by `replace_directory`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+
+MANIFEST = "manifest.json"
+
+# Fields that describe how or when an artefact was made, not what it contains; they are left
+# out of content hashes so that rebuilding the same thing gives the same hash.
+VOLATILE_FIELDS = ("created", "timings", "build_seconds", "hostname", "command")
+
+# Identity fields that say where a file lies, not what it is (a copied checkpoint is the same).
+LOCATION_FIELDS = ("file_name", "path", "source", "directory")
+
+
+class ManifestError(ValueError):
+  """A manifest is missing or unreadable; the message says which file and how to build it."""
+
+
+class ManifestMismatchError(ValueError):
+  """Two artefacts that must agree do not; the message names both values."""
+
+
+# --- Atomic writes ------------------------------------------------------------------------
+
+def _atomic_write(path: str, write: Callable[[Any], None]) -> None:
+  """Calls `write(f)` on a temporary file next to `path`, fsyncs it and renames it there."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      write(f)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+  """Writes `data` to `path` via a temporary file and a rename (never a partial file)."""
+  _atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_copy(src: str, path: str) -> None:
+  """Copies the file `src` to `path` atomically."""
+  with open(src, "rb") as source:
+    _atomic_write(path, lambda f: shutil.copyfileobj(source, f))
+
+
+def to_jsonable(obj: Any) -> Any:
+  """Converts numpy scalars/arrays and tuples so `json.dumps` accepts them."""
+  if isinstance(obj, Mapping):
+    return {str(k): to_jsonable(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [to_jsonable(v) for v in obj]
+  if isinstance(obj, np.ndarray):
+    return to_jsonable(obj.tolist())
+  if isinstance(obj, np.generic):
+    return obj.item()
+  return obj
+
+
+def atomic_write_json(path: str, obj: Mapping[str, Any]) -> None:
+  """Writes a JSON document atomically (sorted keys, so equal content gives equal bytes)."""
+  text = json.dumps(to_jsonable(obj), indent=2, sort_keys=True) + "\n"
+  atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_save_npy(path: str, array: np.ndarray) -> None:
+  """Saves one array as .npy atomically."""
+  _atomic_write(path, lambda f: np.save(f, np.asarray(array), allow_pickle=False))
+
+
+def atomic_save_npz(path: str, **arrays: np.ndarray) -> None:
+  """Saves named arrays as one .npz atomically."""
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  atomic_write_bytes(path, buf.getvalue())
+
+
+def commit_file(tmp: str, path: str) -> None:
+  """Renames a finished temporary file (e.g. a flushed memmap) to `path`, fsynced first."""
+  with open(tmp, "rb+") as f:
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def replace_directory(tmp: str, path: str) -> None:
+  """Moves the finished directory `tmp` to `path`; an existing `path` goes only afterwards."""
+  if os.path.exists(path):
+    old = tempfile.mkdtemp(prefix=os.path.basename(path) + ".old-",
+                           dir=os.path.dirname(os.path.abspath(path)))
+    os.replace(path, os.path.join(old, "previous"))
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+  else:
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str) -> Iterator[str]:
+  """Yields a temporary sibling directory that is renamed to `path` on success.
+
+  An existing `path` is replaced only after the new content is complete.
+  """
+  parent = os.path.dirname(os.path.abspath(path))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=parent, prefix=os.path.basename(path) + ".", suffix=".tmp")
+  try:
+    yield tmp
+    replace_directory(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+# --- Reading ------------------------------------------------------------------------------
+
+def read_json(path: str, what: str = "manifest", how_to_build: str | None = None) -> dict:
+  """Reads a JSON file; a missing file raises ManifestError saying what builds it."""
+  if not os.path.exists(path):
+    hint = f" Build it with: {how_to_build}" if how_to_build else ""
+    raise ManifestError(f"{what} not found: {path}.{hint}")
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ManifestError(f"{what} at {path} is unreadable: {e}") from e
+
+
+def read_manifest(directory: str, what: str = "manifest",
+                  how_to_build: str | None = None) -> dict:
+  """Reads `directory/manifest.json`."""
+  return read_json(os.path.join(directory, MANIFEST), what, how_to_build)
+
+
+def write_manifest(directory: str, manifest: Mapping[str, Any]) -> None:
+  """Writes `directory/manifest.json` atomically (write it last: it marks completion)."""
+  atomic_write_json(os.path.join(directory, MANIFEST), manifest)
+
+
+def pin_settings(path: str, settings: Mapping[str, Any], job: str) -> None:
+  """Records the settings of a resumable `job` at `path`, or refuses a restart with others
+  (a resumed job must not mix parts made with different settings)."""
+  if not os.path.exists(path):
+    atomic_write_json(path, settings)
+    return
+  pinned = read_json(path)
+  for key in sorted(set(pinned) | set(settings)):
+    check_equal(f"{job} setting '{key}'", pinned.get(key), to_jsonable(settings.get(key)),
+                f"unfinished {job} job in {os.path.dirname(path)}", "this run")
+
+
+# --- Hashes -------------------------------------------------------------------------------
+
+def stable_hash(obj: Any, ignore: tuple[str, ...] = VOLATILE_FIELDS) -> str:
+  """sha256 of the canonical JSON of `obj`, top-level `ignore` keys left out."""
+  if isinstance(obj, Mapping):
+    obj = {k: v for k, v in obj.items() if k not in ignore}
+  text = json.dumps(to_jsonable(obj), sort_keys=True, separators=(",", ":"))
+  return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def manifest_hash(manifest: Mapping[str, Any]) -> str:
+  """The content hash of a manifest: what consumers record to tie themselves to it."""
+  return stable_hash(manifest)
+
+
+def file_sha256(path: str, block: int = 1 << 22) -> str:
+  """sha256 of a file's bytes, read in blocks (files larger than RAM are fine)."""
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for data in iter(lambda: f.read(block), b""):
+      h.update(data)
+  return h.hexdigest()
+
+
+# --- Comparisons --------------------------------------------------------------------------
+
+def _short(value: Any) -> str:
+  text = json.dumps(to_jsonable(value), sort_keys=True) if not isinstance(value, str) else value
+  return text if len(text) <= 300 else text[:300] + "..."
+
+
+def check_equal(what: str, expected: Any, actual: Any, expected_source: str,
+                actual_source: str) -> None:
+  """Raises ManifestMismatchError naming both values when `expected != actual`."""
+  if to_jsonable(expected) != to_jsonable(actual):
+    raise ManifestMismatchError(
+        f"{what} mismatch: {expected_source} has {_short(expected)} but "
+        f"{actual_source} has {_short(actual)}")
+
+
+def check_identity(what: str, expected: Mapping[str, Any] | None,
+                   actual: Mapping[str, Any] | None, expected_source: str,
+                   actual_source: str, ignore: tuple[str, ...] = LOCATION_FIELDS) -> None:
+  """Compares two identity dicts (tokenizer, embedder) on the keys both define.
+
+  Identity dicts may grow fields over time; comparing the shared keys keeps old manifests
+  readable while any disagreement on a shared key (name, sha256, dims...) is refused.
+  Location fields (`ignore`) are skipped: the same file at another path is the same thing.
+  """
+  if expected is None or actual is None:
+    return
+  keys = sorted((set(expected) & set(actual)) - set(ignore))
+  if not keys:
+    check_equal(what, expected, actual, expected_source, actual_source)
+    return
+  exp = {k: expected[k] for k in keys}
+  act = {k: actual[k] for k in keys}
+  check_equal(what, exp, act, expected_source, actual_source)

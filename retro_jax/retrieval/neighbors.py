@@ -1,0 +1,107 @@
+"""The neighbors file: its format and the one reader every consumer uses.
+
+A neighbors directory (written by `retro_jax.retrieval.precompute_neighbors`):
+  neighbors.npy  int64 [Q, k]    database chunk ids, nearest first, -1 padded.
+  distances.npy  float32 [Q, k]  distances (index convention: smaller is nearer), +inf pad.
+  manifest.json  k, database manifest hash and chunk count, query chunk store manifest hash,
+                 tokenizer and embedder identities, index id, same-document exclusion.
+Row q belongs to chunk q of the query store.  `load_neighbors` refuses a file made for
+another database, query store or tokenizer, naming both values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+from retro_jax import fileio
+
+NEIGHBORS_FORMAT = "retro_jax.neighbors.v1"
+BUILD_COMMAND = ("python -m retro_jax.retrieval.precompute_neighbors --db=DB_DIR "
+                 "--output=NEIGHBORS_DIR [--query_store=CHUNK_STORE_DIR] --k=K")
+
+
+@dataclasses.dataclass
+class Neighbors:
+  """A neighbors file, opened: ids [Q, k] int64 into the database chunk store (-1 pad),
+  distances [Q, k] float32 (+inf pad), its manifest and directory."""
+  ids: np.ndarray
+  manifest: dict
+  directory: str
+  distances: np.ndarray | None = None
+
+  @property
+  def neighbors(self) -> np.ndarray:
+    """The ids, under the name the file (neighbors.npy) gives them."""
+    return self.ids
+
+  @property
+  def k(self) -> int:
+    return int(self.ids.shape[1])
+
+
+def _as_manifest(obj: Any, what: str) -> tuple[dict, str]:
+  """A manifest given as a dict or as a directory holding manifest.json."""
+  if obj is None:
+    return None, ""
+  if isinstance(obj, Mapping):
+    return dict(obj), f"the expected {what}"
+  path = os.fspath(obj)
+  return fileio.read_manifest(path, f"{what} manifest"), f"{what} {path}"
+
+
+def load_neighbors(directory: str, expected_db_manifest: Any = None,
+                   expected_query_manifest: Any = None, k: int | None = None,
+                   mmap: bool = True) -> Neighbors:
+  """Opens a neighbors directory and checks it belongs to the given database and queries.
+
+  Args:
+    directory: output of `precompute_neighbors`.
+    expected_db_manifest: the database manifest (dict) or database directory the consumer
+      uses; the file must have been built against it (hash, chunk count, tokenizer).
+    expected_query_manifest: the query chunk store manifest (dict) or directory whose rows
+      the consumer reads; the file's rows must belong to it.
+    k: if given, the file must hold at least k neighbors per row (the first k are used).
+  Raises:
+    ManifestError: the file is missing or unfinished (message says which command builds it).
+    ManifestMismatchError: it was built for something else (message names both values).
+  """
+  man = fileio.read_manifest(directory, "neighbors manifest", BUILD_COMMAND)
+  if man.get("format") != NEIGHBORS_FORMAT:
+    raise fileio.ManifestMismatchError(
+        f"neighbors format mismatch: expected {NEIGHBORS_FORMAT} but {directory} has "
+        f"{man.get('format')!r}")
+  src = f"neighbors file {directory}"
+  db_man, db_src = _as_manifest(expected_db_manifest, "database")
+  if db_man is not None:
+    fileio.check_identity("tokenizer", db_man.get("tokenizer"), man.get("tokenizer"),
+                          db_src, src)
+    fileio.check_equal("database chunk count", db_man.get("num_chunks"),
+                       man.get("database", {}).get("num_chunks"), db_src, src)
+    fileio.check_equal("database manifest hash", fileio.manifest_hash(db_man),
+                       man.get("database", {}).get("manifest_hash"), db_src, src)
+  q_man, q_src = _as_manifest(expected_query_manifest, "query chunk store")
+  if q_man is not None:
+    fileio.check_equal("query chunk store manifest hash",
+                       fileio.manifest_hash(q_man),
+                       man.get("query", {}).get("manifest_hash"), q_src, src)
+  mode = "r" if mmap else None
+  paths = [os.path.join(directory, n) for n in ("neighbors.npy", "distances.npy")]
+  for p in paths:
+    if not os.path.exists(p):
+      raise fileio.ManifestError(f"{p} is missing (manifest present): rebuild with "
+                                 f"{BUILD_COMMAND}")
+  neighbors = np.load(paths[0], mmap_mode=mode)
+  distances = np.load(paths[1], mmap_mode=mode)
+  if neighbors.shape != (man["num_queries"], man["k"]) or distances.shape != neighbors.shape:
+    raise fileio.ManifestMismatchError(
+        f"neighbors shape mismatch: manifest says {[man['num_queries'], man['k']]} but "
+        f"{paths[0]} is {list(neighbors.shape)} and distances {list(distances.shape)}")
+  if k is not None and k > neighbors.shape[1]:
+    raise fileio.ManifestMismatchError(
+        f"number of neighbors mismatch: the consumer wants k={k} but {src} has "
+        f"k={neighbors.shape[1]}")
+  return Neighbors(ids=neighbors, manifest=man, directory=directory, distances=distances)
