@@ -19,6 +19,7 @@ INSTALL_REQUIRES = [
     "tensorboardX",
     "matplotlib",  # the quickstart's and experiments' plots
     "grain",
+    "h11",  # HTTP/1.1 parsing of the retrieval service (retrieval/service.py)
 ]
 
 EXTRAS = {

@@ -20,10 +20,16 @@ Choices, and why:
   the metric all-MiniLM-L6-v2 was trained for.
 * A chunk that detokenises to nothing (e.g. a chunk holding only the document's eos) gets
   the zero vector: it has no content to match, and it scores 0 against every query.
-* Length bucketing: texts are sorted by BERT length, batched, and each batch is padded to
-  the next bucket length (powers of two from 16 and their midpoints, capped by `max_length`) and to a fixed
-  batch size, so jit compiles at most one program per bucket.  Padding is masked out, so
-  bucketing changes results only by float rounding (tested).
+* Length bucketing: texts are sorted by BERT length, grouped `batch_size` at a time, and
+  each group is padded to the bucket length of its longest text (powers of two from 16 and
+  their midpoints, capped by `max_length`; `pad_lengths`).  Padding is masked out, so
+  bucketing changes results only by float rounding (tested).  Rows of one padded length go
+  to BERT together, at most `batch_size` a call, and a call's row count is padded only to
+  the next power of two (1, 2, 4, ... `batch_size`): one query costs one row, not
+  `batch_size`, and jit compiles at most ~log2(batch_size) + 1 programs per bucket length.
+  `embed_token_ids(ids, pad_lengths=...)` takes the padded lengths from the caller: the
+  retrieval service embeds many requests in one call, each with the lengths it would have
+  had alone, so its answers do not depend on what it was batched with.
 * dtype "bfloat16" runs the matmuls in bfloat16 with float32 accumulation (parameters stay
   float32; softmax and pooling in float32); outputs are always float32.
 * On CPU, in float32, the BERT is compiled without XLA's YNNPACK library fusions
@@ -242,25 +248,64 @@ class Embedder:
   def _bucket(self, n: int) -> int:
     return next(b for b in self.buckets if b >= n)
 
-  def _batches(self, ids: list[list[int]]):
-    """Yields (row indices, ids [B, L], mask [B, L]) with B = batch_size, L a bucket."""
+  def pad_lengths(self, ids: list[list[int]]) -> np.ndarray:
+    """[N] the length each row is padded to when `ids` are embedded in one call.
+
+    Rows are sorted by length (stably) and taken `batch_size` at a time; each group is
+    padded to the bucket of its longest row (at least 2: [CLS] [SEP]).
+    """
+    out = np.zeros(len(ids), np.int64)
     order = np.argsort([len(x) for x in ids], kind="stable")
-    pad = self.config.pad_token_id
     for start in range(0, len(order), self.batch_size):
       rows = order[start:start + self.batch_size]
-      length = self._bucket(max(2, max(len(ids[r]) for r in rows)))
-      batch = np.full((self.batch_size, length), pad, np.int32)
-      mask = np.zeros((self.batch_size, length), np.int32)
+      out[rows] = self._bucket(max(2, max(len(ids[r]) for r in rows)))
+    return out
+
+  def _row_bucket(self, n: int) -> int:
+    """Rows of a jitted call: the next power of two >= n, at most batch_size."""
+    return min(self.batch_size, 1 << max(0, n - 1).bit_length())
+
+  def _batches(self, ids: list[list[int]], pad_lengths: np.ndarray):
+    """Yields (row indices, ids [B, L], mask [B, L]): up to batch_size rows of one padded
+    length L, B = _row_bucket(rows)."""
+    lengths = np.asarray(pad_lengths, np.int64)
+    if lengths.shape != (len(ids),):
+      raise ValueError(f"pad_lengths must have shape [{len(ids)}], got {lengths.shape}")
+    order = np.lexsort((np.asarray([len(x) for x in ids], np.int64), lengths))
+    pad = self.config.pad_token_id
+    start = 0
+    while start < len(order):
+      length = int(lengths[order[start]])
+      stop = start + 1
+      while (stop < len(order) and stop - start < self.batch_size
+             and lengths[order[stop]] == length):
+        stop += 1
+      rows = order[start:stop]
+      start = stop
+      if any(len(ids[r]) > length for r in rows):
+        raise ValueError(f"pad length {length} is shorter than a row of "
+                         f"{max(len(ids[r]) for r in rows)} ids")
+      size = self._row_bucket(len(rows))
+      batch = np.full((size, length), pad, np.int32)
+      mask = np.zeros((size, length), np.int32)
       for i, r in enumerate(rows):
         batch[i, :len(ids[r])] = ids[r]
         mask[i, :len(ids[r])] = 1
       yield rows, batch, mask
 
-  def embed_token_ids(self, ids: list[list[int]]) -> np.ndarray:
-    """BERT id lists -> [N, D] float32 (an empty list gives the zero vector)."""
+  def embed_token_ids(self, ids: list[list[int]],
+                      pad_lengths: np.ndarray | None = None) -> np.ndarray:
+    """BERT id lists -> [N, D] float32 (an empty list gives the zero vector).
+
+    pad_lengths: [N] the length each row is padded to (default `pad_lengths(ids)`, i.e.
+      as one call); concatenating the `pad_lengths` of several calls embeds them in one
+      call with each row's result unchanged.
+    """
+    if pad_lengths is None:
+      pad_lengths = self.pad_lengths(ids)
     out = np.zeros((len(ids), self.dim), np.float32)
     pending = None
-    for rows, batch, mask in self._batches(ids):
+    for rows, batch, mask in self._batches(ids, pad_lengths):
       result = self._pooled(self.params, batch, mask)  # dispatched asynchronously
       if pending is not None:
         out[pending[0]] = np.asarray(pending[1])[:len(pending[0])]

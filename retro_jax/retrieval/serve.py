@@ -1,7 +1,8 @@
-r"""Runs the retrieval service (see service.py for the endpoints).
+r"""Runs the retrieval service (see service.py for the endpoints, limits and timeouts).
 
     python -m retro_jax.retrieval.serve --db=DB_DIR [--host=127.0.0.1] [--port=8765] \
-        [--bert=PATH_OR_NAME] [--max_batch=256] [--max_k=100]
+        [--bert=PATH_OR_NAME] [--max_batch=256] [--max_k=100] [--max_body_bytes=16777216] \
+        [--max_connections=512] [--idle_timeout=10] [--request_timeout=30] [--workers=4]
 
 Loads the database, index, tokenizer and embedder once, then answers POST /retrieve,
 GET /health and GET /manifest until interrupted.  Binds 127.0.0.1 unless told otherwise:
@@ -15,23 +16,43 @@ from absl import logging
 from retro_jax.retrieval import retriever as retriever_lib
 from retro_jax.retrieval import service as service_lib
 
+_DEFAULTS = service_lib.ServiceConfig()
 _DB = flags.DEFINE_string("db", None, "Database directory (build_db output).", required=True)
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to bind.")
-_PORT = flags.DEFINE_integer("port", 8765, "Port (0 = any free port).")
+_PORT = flags.DEFINE_integer("port", 8765, "Port (0 = any free port).", lower_bound=0,
+                             upper_bound=65535)
 _BERT = flags.DEFINE_string("bert", None, "Embedder override (default: the one recorded in "
                             "the database manifest; must have the index's identity).")
-_MAX_BATCH = flags.DEFINE_integer("max_batch", 256, "Most queries per request.")
-_MAX_K = flags.DEFINE_integer("max_k", 100, "Largest k a request may ask for.")
+_MAX_BATCH = flags.DEFINE_integer("max_batch", _DEFAULTS.max_batch,
+                                  "Most queries per request.", lower_bound=1)
+_MAX_K = flags.DEFINE_integer("max_k", _DEFAULTS.max_k, "Largest k a request may ask for.",
+                              lower_bound=1)
+_MAX_BODY = flags.DEFINE_integer("max_body_bytes", _DEFAULTS.max_body_bytes,
+                                 "Largest request body (413 beyond).", lower_bound=1)
+_MAX_CONN = flags.DEFINE_integer("max_connections", _DEFAULTS.max_connections,
+                                 "Open connections at once (503 beyond).", lower_bound=1)
+_IDLE = flags.DEFINE_float("idle_timeout", _DEFAULTS.idle_timeout,
+                           "Seconds a connection may wait to send a request's headers.",
+                           lower_bound=0.001)
+_REQUEST = flags.DEFINE_float("request_timeout", _DEFAULTS.request_timeout,
+                              "Seconds for a request's body to arrive.", lower_bound=0.001)
+_WORKERS = flags.DEFINE_integer("workers", _DEFAULTS.workers,
+                                "Threads that parse, validate and tokenise requests.",
+                                lower_bound=1)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = service_lib.ServiceConfig(
+      max_batch=_MAX_BATCH.value, max_k=_MAX_K.value, max_body_bytes=_MAX_BODY.value,
+      max_buffered_bytes=max(_DEFAULTS.max_buffered_bytes, 4 * _MAX_BODY.value),
+      max_connections=_MAX_CONN.value, idle_timeout=_IDLE.value,
+      request_timeout=_REQUEST.value, workers=_WORKERS.value)
   try:
     embedder = retriever_lib.load_embedder(_BERT.value) if _BERT.value else None
     retriever = retriever_lib.Retriever.open(_DB.value, embedder=embedder)
-    server = service_lib.RetrievalServer(retriever, _HOST.value, _PORT.value,
-                                         _MAX_BATCH.value, _MAX_K.value)
+    server = service_lib.RetrievalServer(retriever, _HOST.value, _PORT.value, config=config)
   except (ValueError, OSError) as e:
     raise SystemExit(f"serve: error: {e}") from None
   print(f"retrieval service on {server.url} ({retriever.store.num_chunks} chunks)", flush=True)
