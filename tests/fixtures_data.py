@@ -136,11 +136,16 @@ def write_neighbors(out_dir: str, query_dir: str, db_dir: str, k: int,
 
 
 def build_dataset(root: str, chunk_size: int = 8, k: int = 2, num_docs: int = 24,
-                  max_bytes: int = 1200, eval_docs: int = 4) -> dict[str, str]:
-  """db_dir (chunks/ + manifest), neighbors, and a held-out store with its neighbors."""
+                  max_bytes: int = 1200, eval_docs: int = 4,
+                  tokenizer: dict | None = None) -> dict[str, str]:
+  """db_dir (chunks/ + manifest), neighbors, and a held-out store with its neighbors.
+
+  `tokenizer`: the identity the manifests record (default: the byte-level TOKENIZER); the
+  tokens stay byte-level either way.
+  """
   db_dir = os.path.join(root, "db")
   store_manifest = write_chunk_store(os.path.join(db_dir, "chunks"),
-                                     stdlib_texts(num_docs, max_bytes), chunk_size)
+                                     stdlib_texts(num_docs, max_bytes), chunk_size, tokenizer)
   manifest_lib.atomic_write_json(os.path.join(db_dir, "manifest.json"), {
       "format": "retro_jax.database (test fixture)", "num_chunks": store_manifest["num_chunks"],
       "chunk_size": chunk_size, "tokenizer": store_manifest["tokenizer"],
@@ -149,7 +154,7 @@ def build_dataset(root: str, chunk_size: int = 8, k: int = 2, num_docs: int = 24
                   exclude_same_doc=True)
   eval_dir = os.path.join(root, "eval_chunks")
   write_chunk_store(eval_dir, stdlib_texts(eval_docs, max_bytes, skip=num_docs + 5),
-                    chunk_size)
+                    chunk_size, tokenizer)
   write_neighbors(os.path.join(root, "eval_neighbors"), eval_dir, db_dir, k,
                   exclude_same_doc=False)
   return dict(db_dir=db_dir, neighbors_dir=os.path.join(root, "neighbors"),

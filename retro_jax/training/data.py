@@ -65,6 +65,19 @@ def open_chunk_store(directory: str):
   return chunk_store.ChunkStore.open(directory)
 
 
+def check_npy(path: str, fix: str) -> None:
+  """Refuses a .npy file that does not open (truncated, overwritten), naming it and the fix.
+
+  Opening memory-maps the file, so this reads its header only.
+  """
+  try:
+    np.load(path, mmap_mode="r")
+  except (ValueError, OSError, EOFError) as e:
+    why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise DataError(f"{path} is unreadable (truncated or not a .npy file: {why}); {fix}"
+                    ) from None
+
+
 @dataclasses.dataclass
 class Neighbors:
   """A neighbors directory: ids [Q, k] into the database store, -1 padded."""
@@ -80,9 +93,10 @@ class Neighbors:
 def open_neighbors(directory: str, query_store=None, db_dir: str | None = None) -> Neighbors:
   """Memory-maps a neighbors directory and checks it was built for these stores.
 
-  A missing file says which command builds it; a file built for another database (manifest
-  hash, chunk count, tokenizer) or another query store is refused naming both values
-  (`precompute_neighbors.load_neighbors` does those checks).
+  A missing file says which command builds it, a truncated one names itself and the same
+  command; a file built for another database (manifest hash, chunk count, tokenizer) or
+  another query store is refused naming both values (`precompute_neighbors.load_neighbors`
+  does those checks).
   """
   from retro_jax.retrieval import precompute_neighbors  # pylint: disable=g-import-not-at-top
   path = os.path.join(directory, "neighbors.npy")
@@ -91,6 +105,9 @@ def open_neighbors(directory: str, query_store=None, db_dir: str | None = None) 
         f"neighbors file not found: {path}. Build it with: "
         f"{precompute_neighbors.BUILD_COMMAND} (for training, the query store is the "
         f"database's own chunks/, the default)")
+  for name in ("neighbors.npy", "distances.npy"):
+    check_npy(os.path.join(directory, name),
+              f"delete {directory} and rebuild it with {precompute_neighbors.BUILD_COMMAND}")
   db_manifest = None
   if db_dir and os.path.exists(os.path.join(db_dir, "manifest.json")):
     db_manifest = db_dir

@@ -3,6 +3,14 @@
 Only process 0 writes files.  TensorFlow is never imported: tensorboardX writes the event
 files TensorBoard reads.
 
+A resumed run continues from its restored step S, so rows the interrupted run logged after S
+would repeat: the writer first rewrites metrics.jsonl keeping the rows of steps <= S (and
+drops a half-written last line), then opens a new event file that starts with TensorBoard's
+purge marker for step S + 1 (`SummaryWriter(purge_step=S + 1)`: TensorBoard discards the
+events of steps > S read from earlier files, the way it does for TensorFlow's own
+resumed runs).  The event files themselves are left as written; each file name carries the
+step it starts after, so two runs started in the same second do not share a file.
+
 MFU (model-FLOPs utilisation) = model FLOPs per second / (devices x peak FLOP/s per device).
 Model FLOPs per decoder token follow PaLM's convention (6 per parameter per token for the
 forward and backward matmuls, plus 12 x layers x attention width x attended length for the
@@ -32,6 +40,8 @@ from typing import Any, Mapping
 from absl import logging
 import jax
 import numpy as np
+
+from retro_jax.retrieval import manifest as manifest_lib
 
 # Peak dense FLOP/s per device for MFU when the config gives none (bf16 for accelerators).
 PEAK_FLOPS = (
@@ -139,19 +149,51 @@ def matmul_flops(closed_jaxpr) -> float:
 
   return walk(getattr(closed_jaxpr, "jaxpr", closed_jaxpr), 1)
 
-class MetricWriter:
-  """Writes scalars to the log, TensorBoard and `metrics.jsonl` in the workdir."""
+def truncate_jsonl(path: str, last_step: int) -> int:
+  """Keeps the rows of `path` with step <= last_step (atomically); returns rows dropped."""
+  if not os.path.exists(path):
+    return 0
+  with open(path, encoding="utf-8") as f:
+    lines = f.read().splitlines()
+  kept = []
+  for line in lines:
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      continue  # a line cut by a kill mid-write
+    if isinstance(row, dict) and int(row.get("step", 0)) <= last_step:
+      kept.append(line)
+  if len(kept) != len(lines):
+    manifest_lib.atomic_write_bytes(path, "".join(l + "\n" for l in kept).encode("utf-8"))
+  return len(lines) - len(kept)
 
-  def __init__(self, workdir: str, enabled: bool = True):
+
+class MetricWriter:
+  """Writes scalars to the log, TensorBoard and `metrics.jsonl` in the workdir.
+
+  `first_step`: the step the run starts from (the restored checkpoint's, 0 for a fresh
+  run); earlier files are cut back to it (see the module docstring).
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True, first_step: int = 0):
     self.enabled = enabled and jax.process_index() == 0
     self._tb = None
     self._jsonl = None
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+      path = os.path.join(workdir, "metrics.jsonl")
+      dropped = truncate_jsonl(path, first_step)
+      if dropped:
+        logging.info("metrics: dropped %d rows of %s logged after step %d (the run resumes "
+                     "from there)", dropped, path, first_step)
+      self._jsonl = open(path, "a", encoding="utf-8")
+      tb_dir = os.path.join(workdir, "tensorboard")
+      resumed = os.path.isdir(tb_dir) and bool(os.listdir(tb_dir))
       try:
         import tensorboardX  # pylint: disable=g-import-not-at-top
-        self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._tb = tensorboardX.SummaryWriter(
+            tb_dir, purge_step=first_step + 1 if resumed else None,
+            filename_suffix=f".from-step-{first_step:09d}")
       except ImportError:
         logging.warning("tensorboardX is not installed: no TensorBoard event files")
 

@@ -7,8 +7,11 @@
 2. Mesh ('data', 'fsdp', 'tensor') from config.mesh; parameters and optimizer state are
    created directly in their shards: `jax.eval_shape(init)` -> logical partition specs ->
    `nn.logical_to_mesh_sharding(LOGICAL_RULES)` -> `jax.jit(init, out_shardings=...)`.
-3. Resume: the latest checkpoint in WORKDIR/checkpoints restores state and data position;
-   otherwise a RETRO-fitting run loads the baseline's parameters into a fresh state.
+3. Resume: the newest checkpoint in WORKDIR/checkpoints that restores (damaged ones are
+   skipped, see checkpoint.py) restores state and data position, after its saved config is
+   checked against this one (resume.py); otherwise a RETRO-fitting run loads the baseline's
+   parameters into a fresh state.  Every checkpoint records the data's provenance, and the
+   database's tokenizer is copied into the workdir (resume.py).
 4. Loop: the step is dispatched before the previous step's metrics are pulled to the host
    (so the host never idles the devices); every loss is checked, and a NaN/inf stops the run
    without writing a checkpoint, leaving the last good one as the latest.  SIGTERM sets a
@@ -47,6 +50,7 @@ from retro_jax.training import checkpoint as checkpoint_lib
 from retro_jax.training import data as data_lib
 from retro_jax.training import metrics as metrics_lib
 from retro_jax.training import optim
+from retro_jax.training import resume as resume_lib
 from retro_jax.training import train_config
 
 BATCH_KEYS = ("inputs", "targets", "weights", "neighbors")
@@ -160,6 +164,18 @@ def make_init(model_cfg, tx, mesh, rules=sharding_lib.LOGICAL_RULES):
       return nn.unbox(init_boxed(rng))
 
   return jax.jit(init, out_shardings=shardings), abstract, shardings
+
+
+def state_layout(cfg, model_cfg) -> dict[str, tuple]:
+  """Shapes and dtypes of the TrainState a (training config, model config) pair describes;
+  compared with a checkpoint's before it is restored (resume.check_resumable)."""
+  trainable = retrofit_labels(model_cfg, cfg.retrofit.unfreeze_decoder) if (
+      cfg.retrofit.checkpoint) else None
+  tx = optim.optimizer(cfg, trainable)
+  params = nn.unbox(model_lib.abstract_params(model_cfg))
+  return resume_lib.layout(jax.eval_shape(
+      lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
+      params))
 
 
 def _loss_sums(model, params, batch):
@@ -332,10 +348,6 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._old)
 
 
-def _saved_config(cfg, model_cfg) -> dict[str, Any]:
-  return {"train": train_config.to_jsonable(cfg), "model": model_cfg.to_dict()}
-
-
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
                        stop_after: int | None = None,
                        on_step: Callable[[int, dict], None] | None = None,
@@ -372,13 +384,20 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                      cfg.checkpoint_every, cfg.keep_checkpoints,
                                      cfg.async_checkpointing)
-  saved_config = _saved_config(cfg, model_cfg)
-  latest = ckpt.latest_step()
+  store_manifest = data.train.dataset.store.manifest
+  provenance = resume_lib.provenance(cfg, store_manifest, None)
+  ours = state_layout(cfg, model_cfg)
+  restored = ckpt.restore_newest(abstract_state, lambda step, saved: resume_lib.check_resumable(
+      ckpt.directory, step, saved, cfg, model_cfg, ours, state_layout, provenance))
+  # Copied only once the checkpoints are known to fit this data (never over a run's copy).
+  provenance["tokenizer_file"] = resume_lib.copy_tokenizer(
+      cfg.data.db_dir, store_manifest.get("tokenizer") or {}, workdir)
+  saved_config = resume_lib.saved_config(cfg, model_cfg, provenance)
   baseline = None
-  if latest is None and cfg.retrofit.checkpoint:
+  if restored is None and cfg.retrofit.checkpoint:
     baseline = baseline_checkpoint(cfg, model_cfg)
-  if latest is not None:
-    state, data_state, _ = ckpt.restore(latest, abstract_state)
+  if restored is not None:
+    latest, state, data_state, _ = restored
     data.train.set_state(data_state)
     logging.info("resumed from %s step %d (data epoch %d, position %d)", ckpt.directory,
                  latest, data.train.epoch, data.train.position)
@@ -399,11 +418,10 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   train_step = make_train_step(model, tx, schedule, trainable, cfg.grad_accum_steps, mesh,
                                state_shardings, example)
   eval_step = make_eval_step(model, mesh, state_shardings.params) if data.eval else None
-  writer = metrics_lib.MetricWriter(workdir)
-  preemption = _Preemption()
-
   step = int(jax.device_get(state.step))
   first_step = step
+  writer = metrics_lib.MetricWriter(workdir, first_step=first_step)
+  preemption = _Preemption()
   last = min(cfg.num_steps, step + stop_after) if stop_after is not None else cfg.num_steps
   losses: dict[int, float] = {}
   pending = None  # (step, metrics still on device): pulled after the next step is dispatched
@@ -480,7 +498,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
 
 
 USER_ERRORS = (model_config_lib.ConfigError, data_lib.DataError, manifest_lib.ManifestError,
-               manifest_lib.ManifestMismatchError, TrainingDiverged, FileNotFoundError)
+               manifest_lib.ManifestMismatchError, TrainingDiverged, FileNotFoundError,
+               checkpoint_lib.CheckpointError)
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str, coordinator_address: str | None = None,
