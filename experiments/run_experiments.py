@@ -161,12 +161,14 @@ def neighbors_k(work: str, name: str) -> None:
   report = _evaluate(work, _data(work), ks, os.path.join(work, f"eval_{name}.json"))
   rows = [_row(r) for r in report["runs"]]
   base_bpb, base_alpha = _baseline_bpb(report)
+  label = lambda k: {"-": "baseline", "off": "retrieval off"}.get(  # pylint: disable=unnecessary-lambda-assignment
+      str(k), f"baseline + n-gram copy, k={str(k)[4:]}" if str(k).startswith("copy") else
+      f"k={k}")
   table = pipeline.format_table(
       ["RETRO evaluated with", "bits/byte", "RETRO / baseline", "bits/byte, r(C)<=0.125"],
-      [[("k=" + str(r["k"])) if r["k"] not in ("-", "off") else (
-          "baseline" if r["k"] == "-" else "retrieval off"), r["bpb"], r["bpb"] / base_bpb,
+      [[label(r["k"]), r["bpb"], r["bpb"] / base_bpb,
         r["bpb_alpha_0125"] if r["bpb_alpha_0125"] is not None else "-"] for r in rows])
-  retro = {int(r["k"]): r["bpb"] for r in rows if r["k"] not in ("-", "off")}
+  retro = {int(r["k"]): r["bpb"] for r in rows if str(r["k"]).isdigit()}
   _plot(sorted(retro), {"RETRO": [retro[k] for k in sorted(retro)]},
         os.path.join(_OUT.value, name + ".png"), "neighbors k at evaluation",
         hline=("baseline", base_bpb))
@@ -216,6 +218,9 @@ def _extended_database(work: str, frac: float) -> str:
 def db_size(work: str, name: str) -> None:
   from retro_jax.retrieval import build_db  # pylint: disable=g-import-not-at-top
   from retro_jax.retrieval import precompute_neighbors as pn  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval import retriever as retriever_lib  # pylint: disable=g-import-not-at-top
+  embedder = retriever_lib.load_embedder(
+      manifest_lib.read_manifest(os.path.join(work, "db"))["embedder_source"])
   rows = []
   for frac in sorted(float(f) for f in _FRACTIONS.value):
     if frac > 1.0:
@@ -228,8 +233,10 @@ def db_size(work: str, name: str) -> None:
         build_db.subset_database(os.path.join(work, "db"), db_dir, frac)
     nb = os.path.join(work, "neighbors", "eval" if frac == 1.0 else f"eval_db{frac:g}")
     if not os.path.exists(os.path.join(nb, manifest_lib.MANIFEST)):
+      # The held-out chunks are embedded as the full database's were (a subset database
+      # copies its source's vectors and records no embedder of its own).
       pn.precompute_neighbors(db_dir, nb, k=10, query_store=os.path.join(work, "eval_chunks"),
-                              exclude_same_document=False)
+                              exclude_same_document=False, embedder=embedder)
     data = _data(work, db_dir=db_dir, eval_nb=nb)
     # The baseline is scored with every database too: the leakage filter r(C) <= alpha
     # depends on the database, so each row's filtered subset is its own.

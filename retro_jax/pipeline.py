@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import hashlib
-import io
 import json
 import os
 import sysconfig
@@ -21,14 +20,32 @@ from typing import Sequence
 
 from absl import logging
 
+from retro_jax import config as config_lib
 from retro_jax import fileio
-from retro_jax.tables import format_table  # experiments import it from here
+from retro_jax import quickstart_config
+from retro_jax import reporting
+from retro_jax.evaluation import evaluate as evaluate_lib
+from retro_jax.retrieval import align as align_lib
+from retro_jax.retrieval import build_db as build_db_lib
+from retro_jax.retrieval import chunk_store as chunk_store_lib
+from retro_jax.retrieval import corpus as corpus_lib
+from retro_jax.retrieval import precompute_neighbors as pn
+from retro_jax.retrieval import tokenizer as tokenizer_lib
+from retro_jax.training import train_config as tc
+from retro_jax.training import trainer
+
+# The plots and tables moved to reporting.py, the settings to quickstart_config.py; these
+# names stay importable here (experiments/*.py use them).
+comparison_table = reporting.comparison_table
+format_table = reporting.format_table
+plot_curves = reporting.plot_curves
+pyplot = reporting.pyplot
+read_metrics = reporting.read_metrics
+save_figure = reporting.save_figure
+PipelineError = quickstart_config.PipelineError
+QuickstartConfig = quickstart_config.QuickstartConfig
 
 EXCLUDED_DIRS = ("site-packages", "dist-packages", "__pycache__", "idlelib/Icons")
-
-
-class PipelineError(ValueError):
-  """A problem with the pipeline's inputs, named for the user."""
 
 
 def stdlib_root() -> str:
@@ -43,12 +60,13 @@ def transformers_models_root() -> str:
   generated from `modular_*.py` files that import from other models, and "Copied from"
   blocks remain, so a held-out model's code is largely present in other models' files.
   """
-  import transformers  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top  (seconds to import; only this corpus needs it)
   return os.path.join(os.path.dirname(transformers.__file__), "models")
 
 
 CORPORA = {"transformers": (transformers_models_root, ("modeling_*.py",), "directory"),
            "stdlib": (stdlib_root, (".py",), "file")}
+assert set(CORPORA) == set(quickstart_config.CORPUS_NAMES)
 
 
 def _split_key(rel: str, seed: int) -> int:
@@ -91,30 +109,43 @@ class Split:
   eval_bytes: int
 
 
-def split_corpus(root: str, out_dir: str, *, suffixes: Sequence[str] = (".py",),
-                 eval_percent: float = 5.0, max_train_bytes: int | None = None,
-                 max_eval_bytes: int | None = None, seed: int = 0,
-                 split_by: str = "file", twin_eval: bool = False) -> Split:
+@dataclasses.dataclass(frozen=True)
+class SplitSettings:
+  """How `split_corpus` splits (all of it is recorded: a change re-splits)."""
+  suffixes: tuple[str, ...] = (".py",)  # file name endings or globs taken from the tree
+  eval_percent: float = 5.0             # share of files (or directories) held out
+  max_train_bytes: int | None = None    # byte budgets of the two splits (None: no limit)
+  max_eval_bytes: int | None = None
+  seed: int = 0
+  split_by: str = "file"                # held-out unit: "file" or "directory"
+  twin_eval: bool = False               # also put each held-out document into training
+
+  def __post_init__(self):
+    if self.split_by not in ("file", "directory"):
+      raise PipelineError(f"split_by must be 'file' or 'directory', got {self.split_by!r}")
+    object.__setattr__(self, "suffixes", tuple(self.suffixes))
+
+
+def split_corpus(root: str, out_dir: str, **settings) -> Split:
   """Splits the files under `root` into train and held-out JSON Lines, deterministically.
 
-  split_by="file": a file goes to the held-out split when a hash of its path falls below
-  `eval_percent`; "directory": the hash is of its top-level directory, so all files of one
-  directory (one model of `transformers`) land on the same side and a held-out document's
-  siblings are never in the database.
+  `settings` are SplitSettings' fields.  split_by="file": a file goes to the held-out split
+  when a hash of its path falls below `eval_percent`; "directory": the hash is of its
+  top-level directory, so all files of one directory (one model of `transformers`) land on
+  the same side and a held-out document's siblings are never in the database.
 
   twin_eval=True also writes every held-out document into the training split under the key
   "twin/<key>" (the pipeline copy check: each held-out chunk's exact copy is in the
   database, so a model that reads its neighbors can copy it).
-  within each split files are taken in hash order (a deterministic random subset) until the
+  Within each split files are taken in hash order (a deterministic random subset) until the
   byte budget is reached.  Files that are not UTF-8 or are empty are left out here (the
   corpus readers would skip them too).  Written atomically; reused when present and made
   with the same settings.
   """
-  if split_by not in ("file", "directory"):
-    raise PipelineError(f"split_by must be 'file' or 'directory', got {split_by!r}")
-  settings = dict(root=os.path.abspath(root), suffixes=list(suffixes), eval_percent=eval_percent,
-                  max_train_bytes=max_train_bytes, max_eval_bytes=max_eval_bytes, seed=seed,
-                  split_by=split_by, twin_eval=twin_eval)
+  opts = SplitSettings(**settings)
+  suffixes, seed, split_by = opts.suffixes, opts.seed, opts.split_by
+  settings = dict(dataclasses.asdict(opts), root=os.path.abspath(root),
+                  suffixes=list(suffixes))
   os.makedirs(out_dir, exist_ok=True)
   meta_path = os.path.join(out_dir, "split.json")
   if os.path.exists(meta_path):
@@ -124,8 +155,8 @@ def split_corpus(root: str, out_dir: str, *, suffixes: Sequence[str] = (".py",),
     logging.info("corpus split settings changed; re-splitting %s", out_dir)
   files = list_files(root, suffixes)
   order = sorted(files, key=lambda rel: _split_key(rel, seed))
-  cut = eval_percent / 100.0 * 16 ** 8
-  budgets = {"train": max_train_bytes, "eval": max_eval_bytes}
+  cut = opts.eval_percent / 100.0 * 16 ** 8
+  budgets = {"train": opts.max_train_bytes, "eval": opts.max_eval_bytes}
   rows = {"train": [], "eval": []}
   used = {"train": 0, "eval": 0}
   for rel in order:
@@ -148,7 +179,7 @@ def split_corpus(root: str, out_dir: str, *, suffixes: Sequence[str] = (".py",),
     raise PipelineError(f"the split of {root} left an empty train or eval set "
                         f"({len(rows['train'])} / {len(rows['eval'])} files): raise the byte "
                         "budgets or eval_percent")
-  if twin_eval:
+  if opts.twin_eval:
     rows["train"] += [{"id": "twin/" + r["id"], "text": r["text"]} for r in rows["eval"]]
     used["train"] += used["eval"]
   paths = {}
@@ -167,8 +198,6 @@ def split_corpus(root: str, out_dir: str, *, suffixes: Sequence[str] = (".py",),
 
 def train_tokenizer(train_jsonl: str, out_dir: str, vocab_size: int) -> str:
   """SentencePiece on the training split (reused when already trained with this vocab)."""
-  from retro_jax.retrieval import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   prefix = os.path.join(out_dir, f"spm{vocab_size}")
   model = prefix + ".model"
   if os.path.exists(model):
@@ -192,11 +221,6 @@ def build_data(split: Split, work: str, *, vocab_size: int, chunk_size: int,
                num_neighbors: int, eval_neighbors: int, bert: str | None = None,
                embed_batch_size: int = 64) -> Data:
   """Tokenizer, database, held-out chunk store and both neighbor files (all resumable)."""
-  from retro_jax.retrieval import build_db as build_db_lib  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval import chunk_store as chunk_store_lib  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval import precompute_neighbors as pn  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
 
   tok_path = train_tokenizer(split.train_jsonl, os.path.join(work, "tokenizer"), vocab_size)
   db_dir = os.path.join(work, "db")
@@ -218,12 +242,28 @@ def build_data(split: Split, work: str, *, vocab_size: int, chunk_size: int,
               train_neighbors=train_nb, eval_neighbors=eval_nb)
 
 
-def train_config(data: Data, *, preset: str, retrieval: bool, steps: int, seq_len: int,
-                 batch_size: int, learning_rate: float, warmup_steps: int, eval_every: int,
-                 eval_batches: int, vocab_size: int, seed: int = 0,
-                 overrides: dict | None = None):
-  """A training ConfigDict over the pipeline's data."""
-  from retro_jax.training import train_config as tc  # pylint: disable=g-import-not-at-top
+@dataclasses.dataclass(frozen=True)
+class TrainRun:
+  """The settings of one pipeline training run (the rest is train_config's defaults)."""
+  preset: str
+  steps: int
+  seq_len: int
+  batch_size: int
+  learning_rate: float
+  warmup_steps: int
+  eval_every: int
+  eval_batches: int
+  vocab_size: int
+  seed: int = 0
+
+
+def train_config(data: Data, *, retrieval: bool, overrides: dict | None = None, **run):
+  """A training ConfigDict over the pipeline's data; `run` are TrainRun's fields, and
+  `overrides` maps dotted config keys ("model.copy_head") to values."""
+  r = TrainRun(**run)
+  preset, steps, seq_len, batch_size = r.preset, r.steps, r.seq_len, r.batch_size
+  learning_rate, warmup_steps, eval_every = r.learning_rate, r.warmup_steps, r.eval_every
+  eval_batches, vocab_size, seed = r.eval_batches, r.vocab_size, r.seed
   c = tc.default_config()
   c.model.preset = preset
   c.model.vocab_size = vocab_size
@@ -254,100 +294,18 @@ def train_config(data: Data, *, preset: str, retrieval: bool, steps: int, seq_le
 
 def train(cfg, run_dir: str) -> dict:
   """Trains (or resumes, or skips when finished) one run; returns the trainer's summary."""
-  from retro_jax.training import trainer  # pylint: disable=g-import-not-at-top
   return trainer.train_and_evaluate(cfg, run_dir)
-
-
-def read_metrics(run_dir: str, kind: str = "eval") -> list[dict]:
-  """Rows of a run's metrics.jsonl of one kind ("train" or "eval")."""
-  path = os.path.join(run_dir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  rows = [json.loads(line) for line in open(path) if line.strip()]
-  return [r for r in rows if r.get("kind", r.get("split")) == kind]
 
 
 def evaluate_pair(data: Data, retro_run: str, baseline_run: str, *, ks: Sequence[int],
                   output: str, seq_len: int | None = None, progress: bool = True) -> dict:
   """The evaluation CLI's library call: RETRO (off and each k) and the baseline, with
   leakage-filtered bpb, on the held-out chunk store with its precomputed neighbors."""
-  from retro_jax.evaluation import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
   settings = evaluate_lib.EvalSettings(ks=tuple(ks), seq_len=seq_len, progress=progress)
   return evaluate_lib.run_evaluation(
       retro_run, eval_chunks=data.eval_chunks, db_dir=data.db_dir,
       neighbors_dir=data.eval_neighbors, baseline_workdir=baseline_run, settings=settings,
       output=output)
-
-
-def pyplot():
-  """matplotlib.pyplot on the Agg backend, or None (with a warning) when it is missing."""
-  try:
-    import matplotlib  # pylint: disable=g-import-not-at-top
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    logging.warning("matplotlib is not installed: no plot (pip install 'retro_jax[plot]')")
-    return None
-  return plt
-
-
-def save_figure(fig, path: str) -> str:
-  """Writes a figure as PNG atomically and closes it."""
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig.tight_layout()
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=120)
-  plt.close(fig)
-  fileio.atomic_write_bytes(path, buf.getvalue())
-  return path
-
-
-def plot_curves(runs: dict[str, str], path: str, metric: str = "bits_per_byte") -> str | None:
-  """Held-out `metric` over training steps for each run, as a PNG (None without matplotlib)."""
-  plt = pyplot()
-  if plt is None:
-    return None
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for label, run_dir in runs.items():
-    rows = [r for r in read_metrics(run_dir, "eval") if metric in r]
-    if rows:
-      ax.plot([r["step"] for r in rows], [r[metric] for r in rows], marker="o", label=label)
-  ax.set_xlabel("training step")
-  ax.set_ylabel(f"held-out {metric.replace('_', ' ')}")
-  ax.grid(alpha=0.3)
-  ax.legend()
-  return save_figure(fig, path)
-
-
-QUICKSTART_ALPHA = "0.125"
-
-
-def comparison_table(report: dict) -> tuple[str, dict]:
-  """Side-by-side rows (baseline, RETRO without and with retrieval) from an evaluation report:
-  perplexity, bits/byte, and bits/byte in each r(C) bucket (where the gain comes from)."""
-  rows, results = [], {}
-  first = report["runs"][0] if report["runs"] else {}
-  buckets = list(first.get("bpb_buckets", {}))
-  for run in report["runs"]:
-    k = str(run["k"])
-    name = ("baseline" if k == "-" else "RETRO, retrieval off" if k == "off" else
-            f"baseline + n-gram copy, k={k[4:]}" if k.startswith("copy") else f"RETRO, k={k}")
-    by_bucket = {b: run.get("bpb_buckets", {}).get(b, {}).get("bpb") for b in buckets}
-    rows.append([name, run["ppl"], run["bpb"]] +
-                [v if v is not None else "-" for v in by_bucket.values()])
-    alpha = run.get("bpb_alpha", {}).get(QUICKSTART_ALPHA, {})
-    results[name] = dict(ppl=run["ppl"], bpb=run["bpb"], bpb_alpha_0125=alpha.get("bpb"),
-                         bpb_buckets=by_bucket)
-  table = format_table(["model", "perplexity", "bits/byte"] +
-                       [f"r(C) {b}" for b in buckets], rows)
-  d = report["data"]
-  notes = [f"held-out: {d['documents']} documents, {d['tokens']} tokens, {d['bytes']} bytes"]
-  if buckets:
-    shares = ", ".join(f"{b}: {first['bpb_buckets'][b]['fraction_of_bytes']:.1%}"
-                       for b in buckets)
-    notes.append("r(C) = longest token run a chunk shares with its 10 nearest database "
-                 f"neighbors / chunk size (paper §2.6); share of the bytes per bucket: {shares}")
-  return table + "\n" + "\n".join(notes), results
 
 
 def check_workdir_data(workdir: str, settings: dict) -> None:
@@ -365,41 +323,50 @@ def check_workdir_data(workdir: str, settings: dict) -> None:
   fileio.atomic_write_json(path, settings)
 
 
-def run_quickstart(*, workdir: str, scale: float, corpus_root: str, steps: int,
-                   train_bytes: int, eval_bytes: int, preset: str, vocab_size: int,
-                   seq_len: int, batch_size: int, learning_rate: float, eval_k: Sequence[int],
-                   seed: int = 0, suffixes: Sequence[str] = (".py",), split_by: str = "file",
-                   bert: str | None = None, twin_eval: bool = False,
-                   model_overrides: dict | None = None, eval_percent: float = 5.0) -> dict:
-  """Everything the quickstart does; see retro_jax/quickstart.py.
+def run_quickstart(**settings) -> dict:
+  """`quickstart(QuickstartConfig(**settings))`."""
+  return quickstart(QuickstartConfig(**settings))
 
-  model_overrides: RetroConfig fields changed from the preset (both models).
-  """
-  from retro_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval import align as align_lib  # pylint: disable=g-import-not-at-top
-  if scale <= 0:
-    raise PipelineError(f"--scale must be positive, got {scale}")
-  model_overrides = dict(model_overrides or {})
+
+def corpus_source(config: QuickstartConfig) -> tuple[str, tuple[str, ...], str]:
+  """(root, file suffixes, split unit) of the quickstart's corpus."""
+  if config.corpus_root:
+    root, suffixes, split_by = config.corpus_root, (".py",), "file"
+  else:
+    root_fn, suffixes, split_by = CORPORA[config.corpus]
+    root = root_fn()
+  return root, tuple(config.suffixes or suffixes), config.split_by or split_by
+
+
+def quickstart(config: QuickstartConfig) -> dict:
+  """Everything the quickstart does (see retro_jax/quickstart.py); returns the table, the
+  results per model and the artefacts' paths."""
+  workdir, scale, seed, bert = config.workdir, config.scale, config.seed, config.bert or None
+  corpus_root, suffixes, split_by = corpus_source(config)
+  model_overrides = dict(config.model_overrides or {})
   try:
-    model = config_lib.get_preset(preset, vocab_size=vocab_size, **model_overrides)
+    model = config_lib.get_preset(config.preset, vocab_size=config.vocab_size,
+                                  **model_overrides)
   except config_lib.ConfigError as e:
     raise PipelineError(str(e)) from None
   if not model.uses_retrieval:
-    raise PipelineError(f"preset {preset!r} has no retrieval; pick a RETRO preset")
+    raise PipelineError(f"preset {config.preset!r} has no retrieval; pick a RETRO preset")
   os.makedirs(workdir, exist_ok=True)
   check_workdir_data(workdir, dict(
       corpus_root=os.path.abspath(corpus_root), suffixes=list(suffixes), split_by=split_by,
-      twin_eval=bool(twin_eval), eval_percent=eval_percent, scale=scale,
-      train_bytes=train_bytes, eval_bytes=eval_bytes, seed=seed, vocab_size=vocab_size,
+      twin_eval=bool(config.twin_eval), eval_percent=config.eval_percent, scale=scale,
+      train_bytes=config.train_bytes, eval_bytes=config.eval_bytes, seed=seed,
+      vocab_size=config.vocab_size,
       chunk_size=model.chunk_size, bert=bert))
-  steps = max(1, int(round(steps * scale)))
+  steps = max(1, int(round(config.steps * scale)))
   stage = lambda name: logging.info("=== quickstart: %s ===", name)
 
   stage(f"1/5 split the corpus by {split_by}")
   split = split_corpus(corpus_root, os.path.join(workdir, "corpus"), suffixes=suffixes,
-                       max_train_bytes=int(train_bytes * scale),
-                       max_eval_bytes=int(eval_bytes * max(1.0, scale ** 0.5)), seed=seed,
-                       split_by=split_by, twin_eval=twin_eval, eval_percent=eval_percent)
+                       max_train_bytes=int(config.train_bytes * scale),
+                       max_eval_bytes=int(config.eval_bytes * max(1.0, scale ** 0.5)),
+                       seed=seed, split_by=split_by, twin_eval=config.twin_eval,
+                       eval_percent=config.eval_percent)
   logging.info("train: %d files, %d bytes; held-out: %d files, %d bytes", split.num_train,
                split.train_bytes, split.num_eval, split.eval_bytes)
 
@@ -408,21 +375,23 @@ def run_quickstart(*, workdir: str, scale: float, corpus_root: str, steps: int,
   train_k = model.num_neighbors
   if model.neighbor_min_match:
     train_k = max(train_k, align_lib.CANDIDATES)
-  data = build_data(split, workdir, vocab_size=vocab_size, chunk_size=model.chunk_size,
-                    num_neighbors=train_k, eval_neighbors=max(10, *eval_k), bert=bert)
+  data = build_data(split, workdir, vocab_size=config.vocab_size,
+                    chunk_size=model.chunk_size, num_neighbors=train_k,
+                    eval_neighbors=max(10, *config.eval_k), bert=bert)
 
   runs = {"RETRO": os.path.join(workdir, "runs", "retro"),
           "baseline": os.path.join(workdir, "runs", "baseline")}
-  common = dict(preset=preset, steps=steps, seq_len=seq_len, batch_size=batch_size,
-                learning_rate=learning_rate, warmup_steps=max(1, steps // 10),
-                eval_every=max(1, steps // 6), eval_batches=4, vocab_size=vocab_size,
+  common = dict(preset=config.preset, steps=steps, seq_len=config.seq_len,
+                batch_size=config.batch_size, learning_rate=config.learning_rate,
+                warmup_steps=max(1, steps // 10), eval_every=max(1, steps // 6),
+                eval_batches=4, vocab_size=config.vocab_size,
                 seed=seed, overrides={f"model.{k}": v for k, v in model_overrides.items()})
   for i, (name, retrieval) in enumerate((("RETRO", True), ("baseline", False))):
     stage(f"{3 + i}/5 train {name} for {steps} steps")
     train(train_config(data, retrieval=retrieval, **common), runs[name])
 
   stage("5/5 evaluate both on the held-out documents")
-  report = evaluate_pair(data, runs["RETRO"], runs["baseline"], ks=eval_k,
+  report = evaluate_pair(data, runs["RETRO"], runs["baseline"], ks=config.eval_k,
                          output=os.path.join(workdir, "evaluation.json"))
   table, results = comparison_table(report)
   plot = plot_curves(runs, os.path.join(workdir, "bpb_curves.png"))

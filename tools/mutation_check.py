@@ -117,7 +117,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("      elif self.query_is_db:\n        groups = q_doc",
          "      elif self.query_is_db:\n        groups = np.full(q_doc.shape, -1, np.int64)"),
     ], "tests/test_precompute.py"),
-    _m("search_excluding keeps the excluded group", "retro_jax/retrieval/index.py", [
+    _m("search_excluding keeps the excluded group", "retro_jax/retrieval/exact_search.py", [
         ("keep = (ids >= 0) & (groups != exclude_groups[rows][:, None])", "keep = ids >= 0"),
     ], "tests/test_index.py"),
     _m("tokenizer identity check skipped", "retro_jax/fileio.py", [

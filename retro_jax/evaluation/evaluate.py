@@ -37,6 +37,7 @@ from retro_jax import fileio
 from retro_jax import tables
 from retro_jax.evaluation import checkpoints as ckpt_lib
 from retro_jax.evaluation import copy_model as copy_model_lib
+from retro_jax.evaluation import eval_config as eval_config_lib
 from retro_jax.evaluation import leakage as leakage_lib
 from retro_jax.evaluation import scoring
 from retro_jax.evaluation import sources
@@ -44,32 +45,13 @@ from retro_jax.retrieval import align as align_lib
 from retro_jax.retrieval import retriever as retriever_lib
 from retro_jax.retrieval import service as service_lib
 
-DEFAULT_KS = (1, 2, 5, 10)
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-  return (ValueError, OSError, service_lib.RetrievalServiceError)
-
+# The job's configuration lives in eval_config.py; these names stay importable here.
+DEFAULT_KS = eval_config_lib.DEFAULT_KS
+EvalConfig = eval_config_lib.EvalConfig
+EvalSettings = eval_config_lib.EvalSettings
 
 # Bad input, unreachable services, missing files: what a CLI reports in one line.
-USER_ERRORS = _user_errors()
-
-
-@dataclasses.dataclass
-class EvalSettings:
-  """How to evaluate; None means "from the checkpoint" (training seq_len) or paper default."""
-  seq_len: int | None = None        # n: window length (default: the training seq_len)
-  stride: int | None = None         # s: default n/2 (a multiple of m)
-  ks: Sequence[int] = DEFAULT_KS    # neighbor counts evaluated with retrieval on
-  retrieval_off: bool = True        # also evaluate RETRO without retrieval
-  retrieval_on: bool = True         # evaluate RETRO with retrieval for each k
-  leakage: bool = True              # compute r(C) and bpb(alpha)
-  alphas: Sequence[float] = leakage_lib.ALPHAS
-  batch_size: int = 8               # windows per model call
-  exclude_same_document: bool = False  # drop neighbors from the evaluation doc's DB twin
-  pad_id: int = 0
-  progress: bool = True
-  copy_model: bool = True           # also score the n-gram copy model mixed with the baseline
+USER_ERRORS = (ValueError, OSError, service_lib.RetrievalServiceError)
 
 
 @dataclasses.dataclass
@@ -253,28 +235,19 @@ def report_table(report: dict[str, Any]) -> str:
   return tables.format_table(head, rows)
 
 
-def run_evaluation(workdir: str, *, eval_chunks: str | None = None,
-                   corpus: Sequence[str] | str | None = None, text_field: str = "text",
-                   max_documents: int | None = None, db_dir: str | None = None,
-                   retrieval_url: str | None = None, neighbors_dir: str | None = None,
-                   baseline_workdir: str | None = None, tokenizer: str | None = None,
-                   step: int | None = None, baseline_step: int | None = None,
-                   settings: EvalSettings | None = None, output: str | None = None,
-                   service_timeout: float = 30.0) -> dict[str, Any]:
-  """The whole evaluation job; returns the report (also written to `output` as JSON)."""
-  settings = settings or EvalSettings()
-  if bool(eval_chunks) == bool(corpus):
-    raise sources.SourceError("give the evaluation data as exactly one of a chunk store "
-                              "(--eval_chunks) or a corpus (--corpus)")
-  if neighbors_dir and not db_dir:
-    raise sources.SourceError("precomputed neighbors (--neighbors_dir) need the database "
-                              "they point into (--db_dir)")
-  if neighbors_dir and retrieval_url:
-    raise sources.SourceError("give either precomputed neighbors or a retrieval service")
-  if any(k < 1 for k in settings.ks):
-    raise ValueError(f"neighbor counts must be positive, got {list(settings.ks)}")
+def run_evaluation(workdir: str, *, settings: EvalSettings | None = None,
+                   **options) -> dict[str, Any]:
+  """`evaluate(EvalConfig(workdir, settings=settings, **options))`; `db_dir` names `db`."""
+  if "db_dir" in options:
+    options["db"] = options.pop("db_dir")
+  return evaluate(EvalConfig(workdir=workdir, settings=settings or EvalSettings(), **options))
 
-  model = ckpt_lib.load_model(workdir, step)
+
+def evaluate(config: EvalConfig) -> dict[str, Any]:
+  """The whole evaluation job; returns the report (also written to `config.output` as JSON)."""
+  settings, db_dir, neighbors_dir = config.settings, config.db, config.neighbors_dir
+  retrieval_url, step = config.retrieval_url, config.step
+  model = ckpt_lib.load_model(config.workdir, step)
   cfg = model.config
   m = cfg.chunk_size
 
@@ -283,7 +256,7 @@ def run_evaluation(workdir: str, *, eval_chunks: str | None = None,
   db_manifest, db_name = None, None
   if retrieval_url or (db_dir and not neighbors_dir):
     retriever = sources.open_live_retriever(db_dir if not retrieval_url else None,
-                                            retrieval_url, service_timeout)
+                                            retrieval_url, config.service_timeout)
     db_manifest, db_name = retriever.manifest, sources.retriever_name(retriever)
   elif db_dir:
     db = retriever_lib.Database.open(db_dir)
@@ -292,20 +265,21 @@ def run_evaluation(workdir: str, *, eval_chunks: str | None = None,
     ckpt_lib.check_against_database(model, db_manifest, db_name)
 
   baseline = None
-  if baseline_workdir:
-    baseline = ckpt_lib.load_model(baseline_workdir, baseline_step)
+  if config.baseline_workdir:
+    baseline = ckpt_lib.load_model(config.baseline_workdir, config.baseline_step)
     ckpt_lib.check_same_data(model, baseline)
     if db_manifest is not None and baseline.data_provenance:
       ckpt_lib.check_against_database(baseline, db_manifest, db_name,
                                       chunk_size=baseline.config.uses_retrieval)
 
   # Evaluation documents.
-  if eval_chunks:
-    docs = sources.EvalDocs.from_store(eval_chunks)
+  if config.eval_chunks:
+    docs = sources.EvalDocs.from_store(config.eval_chunks)
     eos_id = docs.manifest.get("eos_id")
   else:
-    tok = sources.resolve_tokenizer(tokenizer, retriever or db, model)
-    docs = sources.EvalDocs.from_corpus(corpus, tok, m, text_field, max_documents)
+    tok = sources.resolve_tokenizer(config.tokenizer, retriever or db, model)
+    docs = sources.EvalDocs.from_corpus(config.source, tok, m, config.text_field,
+                                        config.max_documents)
     eos_id = tok.eos_id
   if eos_id is None:
     raise sources.SourceError("the evaluation data records no eos id")
@@ -384,8 +358,8 @@ def run_evaluation(workdir: str, *, eval_chunks: str | None = None,
       "warnings": warnings,
       "runs": runs,
   }
-  if output:
-    fileio.atomic_write_json(output, report)
+  if config.output:
+    fileio.atomic_write_json(config.output, report)
   return report
 
 

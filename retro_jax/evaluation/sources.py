@@ -22,6 +22,7 @@ from absl import logging
 import numpy as np
 import tqdm
 
+from retro_jax.evaluation import eval_config
 from retro_jax.retrieval import chunk_store as chunk_store_lib
 from retro_jax.retrieval import corpus as corpus_lib
 from retro_jax.retrieval import neighbors as neighbors_lib
@@ -30,8 +31,7 @@ from retro_jax.retrieval import service as service_lib
 from retro_jax.retrieval import tokenizer as tokenizer_lib
 
 
-class SourceError(ValueError):
-  """Unusable evaluation/generation input (empty corpus, missing tokenizer, ...)."""
+SourceError = eval_config.SourceError  # defined with the configs it validates
 
 
 # --- Evaluation documents -----------------------------------------------------------------

@@ -41,33 +41,16 @@ import numpy as np
 from retro_jax.config import RetroConfig
 from retro_jax.evaluation import checkpoints as ckpt_lib
 from retro_jax.evaluation import sources
+from retro_jax.generation import generate_config
 from retro_jax.model import Retro
 from retro_jax.retrieval import align as align_lib
 from retro_jax.retrieval import retriever as retriever_lib
 
 
-class GenerationError(ValueError):
-  """Bad generation input (empty prompt, bad sampling settings); names the problem."""
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-  max_new_tokens: int = 64
-  temperature: float = 1.0   # 0: greedy
-  top_k: int = 0             # 0: off
-  top_p: float = 1.0         # 1.0: off
-  seed: int = 0
-  stop_at_eos: bool = True
-
-  def validate(self) -> None:
-    if self.max_new_tokens < 1:
-      raise GenerationError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-    if self.temperature < 0:
-      raise GenerationError(f"temperature must be >= 0, got {self.temperature}")
-    if self.top_k < 0:
-      raise GenerationError(f"top_k must be >= 0, got {self.top_k}")
-    if not 0 < self.top_p <= 1:
-      raise GenerationError(f"top_p must lie in (0, 1], got {self.top_p}")
+# The job's configuration lives in generate_config.py; these names stay importable here.
+GenerateConfig = generate_config.GenerateConfig
+GenerationError = generate_config.GenerationError
+SamplingParams = generate_config.SamplingParams
 
 
 @dataclasses.dataclass
@@ -294,34 +277,40 @@ __all__ = ["Generator", "Generation", "SamplingParams", "GenerationError", "filt
            "sample_tokens", "fed_tokens"]
 
 
-def run_generation(workdir: str, prompts: Sequence[str], *, db_dir: str | None = None,
-                   retrieval_url: str | None = None, retrieval: bool = True,
-                   tokenizer: str | None = None, num_neighbors: int | None = None,
-                   sampling: SamplingParams = SamplingParams(), step: int | None = None,
-                   service_timeout: float = 30.0) -> list[Generation]:
+def run_generation(workdir: str, prompts: Sequence[str], *,
+                   sampling: SamplingParams = SamplingParams(), **options) -> list[Generation]:
+  """`generate(GenerateConfig(workdir, prompt=prompts, sampling=sampling, **options))`;
+  `db_dir` names `db`, and `retrieval` is a bool."""
+  if "db_dir" in options:
+    options["db"] = options.pop("db_dir")
+  prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+  return generate(GenerateConfig(workdir=workdir, prompt=tuple(prompts), sampling=sampling,
+                                 **options))
+
+
+def generate(config: GenerateConfig) -> list[Generation]:
   """The `python -m retro_jax.generate` job: load, check, open retrieval, sample."""
-  if isinstance(prompts, str):
-    prompts = [prompts]
+  prompts = config.prompts()
   if not prompts or any(not p or not p.strip() for p in prompts):
     raise GenerationError("empty prompt: give non-empty --prompt text (or lines in "
                           "--prompts_file)")
-  sampling.validate()
-  model = ckpt_lib.load_model(workdir, step)
+  db_dir, retrieval_url = config.db, config.retrieval_url
+  model = ckpt_lib.load_model(config.workdir, config.step)
   retriever = tok_source = None
-  if retrieval and model.config.uses_retrieval:
+  if config.retrieval and model.config.uses_retrieval:
     if not db_dir and not retrieval_url:
-      raise GenerationError("a RETRO model retrieves every chunk: pass --db_dir or "
+      raise GenerationError("a RETRO model retrieves every chunk: pass --db or "
                             "--retrieval_url (or --retrieval=off)")
     retriever = tok_source = sources.open_live_retriever(
-        db_dir if not retrieval_url else None, retrieval_url, service_timeout)
+        db_dir if not retrieval_url else None, retrieval_url, config.service_timeout)
     ckpt_lib.check_against_database(model, retriever.manifest,
                                     sources.retriever_name(retriever))
   elif db_dir:  # no retrieval, but the database's tokenizer copy is welcome
     tok_source = retriever_lib.Database.open(db_dir)
     ckpt_lib.check_against_database(model, tok_source.manifest,
                                     sources.retriever_name(tok_source), chunk_size=False)
-  tok = sources.resolve_tokenizer(tokenizer, tok_source, model)
+  tok = sources.resolve_tokenizer(config.tokenizer, tok_source, model)
   ckpt_lib.check_against_database(model, {"tokenizer": tok.identity()},
                                   f"tokenizer {tok.path}", chunk_size=False)
-  gen = Generator(model.params, model.config, tok, retriever, num_neighbors)
-  return gen.generate(list(prompts), sampling)
+  gen = Generator(model.params, model.config, tok, retriever, config.num_neighbors)
+  return gen.generate(prompts, config.sampling)

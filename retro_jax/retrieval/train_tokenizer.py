@@ -9,10 +9,10 @@ fallback; see retro_jax.retrieval.tokenizer).  `--corpus` takes what
 directories, .jsonl[.gz] files, a `datasets` directory).
 """
 
-from absl import app
 from absl import flags
 from absl import logging
 
+from retro_jax import _cli
 from retro_jax.retrieval import corpus as corpus_lib
 from retro_jax.retrieval import tokenizer as tokenizer_lib
 
@@ -35,22 +35,18 @@ _VIA_FILE = flags.DEFINE_bool("via_file", False,
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  try:
-    docs = corpus_lib.iter_documents(_CORPUS.value, _TEXT_FIELD.value)
-    texts = corpus_lib.texts(docs)
-    if _MAX_DOCUMENTS.value:
-      texts = (t for _, t in zip(range(_MAX_DOCUMENTS.value), texts))
-    path = tokenizer_lib.train_sentencepiece(
-        texts, _OUTPUT.value, _VOCAB_SIZE.value, model_type=_MODEL_TYPE.value,
-        input_sentence_size=_INPUT_SENTENCE_SIZE.value,
-        normalization_rule_name=_NORMALIZATION.value, via_file=_VIA_FILE.value)
-  except (corpus_lib.CorpusError, tokenizer_lib.TokenizerError) as e:
-    raise app.UsageError(str(e)) from e
+  del argv
+  docs = corpus_lib.iter_documents(_CORPUS.value, _TEXT_FIELD.value)
+  texts = corpus_lib.texts(docs)
+  if _MAX_DOCUMENTS.value:
+    texts = (t for _, t in zip(range(_MAX_DOCUMENTS.value), texts))
+  path = tokenizer_lib.train_sentencepiece(
+      texts, _OUTPUT.value, _VOCAB_SIZE.value, model_type=_MODEL_TYPE.value,
+      input_sentence_size=_INPUT_SENTENCE_SIZE.value,
+      normalization_rule_name=_NORMALIZATION.value, via_file=_VIA_FILE.value)
   logging.info("Wrote %s", path)
   print(path)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _cli.run(main, "train_tokenizer")

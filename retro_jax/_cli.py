@@ -1,0 +1,187 @@
+"""What every command-line entry point shares.
+
+- `run(main, prog)`: the `__main__` of a job.  It restarts the process once with the malloc
+  settings (host_malloc) before anything heavy is imported, parses the flags and calls
+  `main(argv)`.  A user error (bad flag value, missing file, mismatched inputs: ValueError,
+  OSError and the job's own `errors`) ends the command with one line on stderr,
+  `<prog>: error: <message>`, and exit status 1; no traceback, no usage dump.
+- `define_flags(ConfigClass)`: one absl flag per field of a job's config dataclass (see
+  retro_jax/options.py), and a function that builds the config from the parsed flags.
+  Shared settings carry one name in every job (`--db`, `--workdir`, `--output`, ...);
+  `aliases` keeps an older name working (`--db_dir` for `--db`).
+
+Heavy modules (JAX, the job's library) are imported by `main`, after the restart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import types
+import typing
+from typing import Any, Callable, Mapping, Sequence
+
+from absl import app
+from absl import flags
+
+from retro_jax import host_malloc
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+
+
+def fail(prog: str, error: BaseException | str) -> typing.NoReturn:
+  """Ends the command with the one exit format: `<prog>: error: <message>` (status 1)."""
+  message = " ".join(str(error).split()) if not isinstance(error, str) else error
+  sys.exit(f"{prog}: error: {message}")
+
+
+def _loaded(names: Sequence[str]) -> tuple[type[BaseException], ...]:
+  """The error classes named "module.Class" whose module is imported (if it is not, none
+  of its errors can have been raised, and nothing heavy is imported to find out)."""
+  out = []
+  for name in names:
+    module, _, cls = name.rpartition(".")
+    if module in sys.modules:
+      out.append(getattr(sys.modules[module], cls))
+  return tuple(out)
+
+
+def run(main: Callable[[list[str]], Any], prog: str, errors: Sequence[str] = ()) -> None:
+  """Restarts with the malloc settings, parses flags, runs `main`, reports user errors.
+
+  `errors`: the job's own user-facing error classes beyond ValueError and OSError, as
+  "module.Class" names (e.g. the retrieval service's).
+  """
+  try:
+    host_malloc.tuned_environ(os.environ)  # a misspelt RETRO_JAX_MALLOC, in this format
+  except ValueError as e:
+    fail(prog, e)
+  host_malloc.reexec_with_tuned_malloc()
+
+  def parse(argv: list[str]) -> list[str]:
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as e:
+      fail(prog, e)
+
+  def guarded(argv: list[str]) -> Any:
+    if len(argv) > 1:
+      fail(prog, f"unexpected arguments: {argv[1:]}")
+    try:
+      return main(argv)
+    except USER_ERRORS + (app.UsageError,) as e:
+      fail(prog, e)
+    except Exception as e:  # pylint: disable=broad-except
+      if isinstance(e, _loaded(errors)):
+        fail(prog, e)
+      raise
+
+  app.run(guarded, flags_parser=parse)
+
+
+# --- Flags from a config dataclass ----------------------------------------------------------
+
+def _plain(tp: Any) -> Any:
+  """`int | None` -> int; other types unchanged."""
+  if typing.get_origin(tp) in (typing.Union, types.UnionType):
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if len(args) == 1:
+      return args[0]
+  return tp
+
+
+def _fields(cls) -> list[tuple[tuple[str, ...], dataclasses.Field, Any]]:
+  """(path, field, plain type) of every flag-bearing leaf field; nested configs flattened."""
+  hints = typing.get_type_hints(cls)
+  out = []
+  for f in dataclasses.fields(cls):
+    tp = _plain(hints[f.name])
+    if dataclasses.is_dataclass(tp):
+      out += [((f.name,) + path, g, t) for path, g, t in _fields(tp)]
+    elif f.metadata.get("cli", False):
+      out.append(((f.name,), f, tp))
+  return out
+
+
+def _flag_name(f: dataclasses.Field) -> str:
+  return f.metadata.get("flag") or f.name
+
+
+def _define(f: dataclasses.Field, tp: Any, flag_values) -> None:
+  meta = f.metadata
+  name, help_text = _flag_name(f), meta["help"]
+  default = f.default if f.default is not dataclasses.MISSING else None
+  choices = meta.get("choices")
+  if choices is not None:
+    if isinstance(choices, Mapping):
+      default = next((k for k, v in choices.items() if v == default), None)
+    flags.DEFINE_enum(name, default, list(choices), help_text, flag_values=flag_values)
+  elif tp is bool:
+    flags.DEFINE_bool(name, (not default) if meta.get("negate") else default, help_text,
+                      flag_values=flag_values)
+  elif tp is int:
+    flags.DEFINE_integer(name, default, help_text, flag_values=flag_values)
+  elif tp is float:
+    flags.DEFINE_float(name, default, help_text, flag_values=flag_values)
+  elif tp is str:
+    flags.DEFINE_string(name, default, help_text, flag_values=flag_values)
+  elif typing.get_origin(tp) is tuple:
+    item = typing.get_args(tp)[0]
+    default = None if default is None else [str(v) for v in default]
+    if item is str and not meta.get("comma"):  # repeatable: --corpus=a --corpus=b
+      flags.DEFINE_multi_string(name, default, help_text, flag_values=flag_values)
+    else:  # comma list: --ks=1,2,5
+      flags.DEFINE_list(name, default, help_text, flag_values=flag_values)
+  else:
+    raise TypeError(f"no flag type for field {f.name}: {tp}")
+  if meta.get("required"):
+    flags.mark_flag_as_required(name, flag_values=flag_values)
+
+
+def _value(f: dataclasses.Field, tp: Any, raw: Any) -> Any:
+  meta = f.metadata
+  choices = meta.get("choices")
+  if choices is not None and isinstance(choices, Mapping):
+    return choices[raw] if raw is not None else f.default
+  if tp is bool and meta.get("negate"):
+    return not raw
+  if typing.get_origin(tp) is tuple and raw is not None:
+    item = typing.get_args(tp)[0]
+    try:
+      return tuple(item(v) for v in raw)
+    except ValueError:
+      raise ValueError(f"--{_flag_name(f)} takes {item.__name__} values, got "
+                       f"{','.join(raw)}") from None
+  return raw
+
+
+def _build(cls, values: Mapping[tuple[str, ...], Any]):
+  kwargs = {}
+  for f in dataclasses.fields(cls):
+    tp = _plain(typing.get_type_hints(cls)[f.name])
+    if dataclasses.is_dataclass(tp):
+      sub = {p[1:]: v for p, v in values.items() if p[0] == f.name}
+      kwargs[f.name] = _build(tp, sub)
+    elif (f.name,) in values:
+      kwargs[f.name] = values[(f.name,)]
+  return cls(**kwargs)
+
+
+def define_flags(config_cls, *, aliases: Mapping[str, str] | None = None,
+                 flag_values=flags.FLAGS) -> Callable[[], Any]:
+  """Defines the flags of `config_cls`; returns `() -> config` from the parsed flags.
+
+  `aliases` maps an old flag name to the current one (`{"db_dir": "db"}`).
+  """
+  leaves = _fields(config_cls)
+  for _, f, tp in leaves:
+    _define(f, tp, flag_values)
+  for old, new in (aliases or {}).items():
+    flags.DEFINE_alias(old, new, flag_values=flag_values)
+
+  def config():
+    values = {path: _value(f, tp, flag_values[_flag_name(f)].value) for path, f, tp in leaves}
+    return _build(config_cls, values)
+
+  return config

@@ -1,0 +1,29 @@
+r"""Build a retrieval database: corpus -> chunk store -> embeddings -> ScaNN index.
+
+  python -m retro_jax.build_db --corpus=PATH_OR_GLOB --tokenizer=TOK --output=DB_DIR \
+      [--chunk_size=64] [--bert=PATH_OR_NAME] [--index_mode=auto|brute_force|tree_ah] \
+      [--distance=dot_product] [--num_leaves=N] [--leaves_to_search=N] [--reorder=N] \
+      [--embeddings_dtype=float32] [--embed_batch_size=128] [--shard_size=4096] \
+      [--max_documents=N] [--recall_queries=1000]
+
+(`python -m retro_jax.retrieval.build_db` is the same command.)  Every step resumes; see
+retro_jax/retrieval/build_db.py for the steps and build_config.py for the settings.
+"""
+
+from retro_jax import _cli
+from retro_jax.retrieval import build_config
+
+_CONFIG = _cli.define_flags(build_config.BuildConfig)
+
+
+def main(argv):
+  del argv
+  config = _CONFIG()
+  from retro_jax.retrieval import build_db  # pylint: disable=g-import-not-at-top  (after the malloc restart)
+  man = build_db.build(config)
+  print(f"wrote {config.output}: {man['num_chunks']} chunks of {man['chunk_size']} tokens, "
+        f"index {man['index']['settings']['mode']}, recall {man['index'].get('recall')}")
+
+
+if __name__ == "__main__":
+  _cli.run(main, "build_db")

@@ -1,0 +1,32 @@
+r"""Precompute the neighbors of every chunk of a query store (training or evaluation split).
+
+  python -m retro_jax.precompute_neighbors --db=DB_DIR --output=NEIGHBORS_DIR [--k=2] \
+      [--query_store=CHUNK_STORE_DIR] [--exclude_same_document=auto|true|false] \
+      [--extra_candidates=8] [--max_candidates=4096] [--part_size=8192] \
+      [--num_shards=1 --shard_index=I] [--leaves_to_search=N] [--bert=EMBEDDER]
+
+(`python -m retro_jax.retrieval.precompute_neighbors` is the same command.)  Resumable and
+shardable over machines; see retro_jax/retrieval/precompute_neighbors.py for the output
+format and precompute_config.py for the settings.
+"""
+
+from retro_jax import _cli
+from retro_jax.retrieval import precompute_config
+
+_CONFIG = _cli.define_flags(precompute_config.PrecomputeConfig)
+
+
+def main(argv):
+  del argv
+  config = _CONFIG()
+  from retro_jax.retrieval import precompute_neighbors  # pylint: disable=g-import-not-at-top  (after the malloc restart)
+  man = precompute_neighbors.precompute(config)
+  if man is None:
+    print(f"shard {config.shard_index} of {config.num_shards} done; other parts still missing")
+  else:
+    print(f"wrote {config.output}: {man['num_queries']} x {man['k']} neighbors, "
+          f"{man['padded_entries']} padded entries")
+
+
+if __name__ == "__main__":
+  _cli.run(main, "precompute_neighbors")

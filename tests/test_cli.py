@@ -1,0 +1,51 @@
+"""Every job's command line ends a bad flag value the same way: exit status 1 and one line,
+`<prog>: error: <message>`, before any work (and before JAX is imported)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (module, prog, arguments with one bad value, text the message must name)
+CASES = [
+    ("retro_jax.build_db", "build_db",
+     ["--corpus=c", "--tokenizer=t", "--output=o", "--chunk_size=abc"], "--chunk_size"),
+    ("retro_jax.retrieval.build_db", "build_db",
+     ["--corpus=c", "--tokenizer=t", "--output=o", "--index_mode=fast"], "--index_mode"),
+    ("retro_jax.precompute_neighbors", "precompute_neighbors",
+     ["--db=d", "--output=o", "--k=0"], "k must be >= 1"),
+    ("retro_jax.retrieval.precompute_neighbors", "precompute_neighbors",
+     ["--db=d", "--output=o", "--exclude_same_document=maybe"], "--exclude_same_document"),
+    ("retro_jax.evaluate", "evaluate", ["--workdir=w", "--corpus=c", "--ks=1,two"], "--ks"),
+    ("retro_jax.generate", "generate", ["--workdir=w", "--prompt=p", "--top_p=2"], "top_p"),
+    ("retro_jax.quickstart", "quickstart", ["--scale=big"], "--scale"),
+    ("retro_jax.retrieval.train_tokenizer", "train_tokenizer",
+     ["--corpus=c", "--output=o", "--vocab_size=many"], "--vocab_size"),
+    ("retro_jax.retrieval.inspect", "inspect", ["--db=d", "--k=many"], "--k"),
+]
+
+
+def _run(module, args, **env):
+  return subprocess.run([sys.executable, "-m", module] + args, cwd=ROOT, capture_output=True,
+                        text=True, timeout=120, env=dict(os.environ, **env), check=False)
+
+
+@pytest.mark.parametrize("module, prog, args, names", CASES, ids=[c[0] for c in CASES])
+def test_a_bad_flag_value_is_one_line_and_status_1(module, prog, args, names):
+  proc = _run(module, args)
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 1, proc.stderr
+  assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), proc.stderr
+  assert names in lines[0]
+
+
+def test_a_misspelt_malloc_setting_gets_the_same_format():
+  proc = _run("retro_jax.build_db", ["--corpus=c", "--tokenizer=t", "--output=o"],
+              RETRO_JAX_MALLOC="sytem")
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines() == [
+      "build_db: error: RETRO_JAX_MALLOC='sytem': expected 'system' (glibc's malloc defaults) "
+      "or 'tuned' (the default)"]
