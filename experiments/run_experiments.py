@@ -61,6 +61,9 @@ _CURVE_EVERY = flags.DEFINE_integer("curve_every", 100, "curves: steps between h
                                     "evaluations.")
 _CURVE_BATCHES = flags.DEFINE_integer("curve_batches", 32, "curves: held-out batches per "
                                       "periodic evaluation.")
+_CURVE_MODELS = flags.DEFINE_list("curve_models", ["RETRO", "baseline"], "curves: the models "
+                                   "this process trains (two processes can train one each, "
+                                   "so that a partial report has both at every step).")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "curves: tabulate what the runs have "
                                  "logged so far (partial results, step counts stated) "
                                  "without training.")
@@ -517,8 +520,13 @@ def curves(work: str, name: str) -> None:
   tokens_per_step = st["batch_size"] * st["seq_len"]
   curve_runs = {"RETRO": os.path.join(work, "runs", f"curve{steps}_retro"),
                 "baseline": os.path.join(work, "runs", f"curve{steps}_baseline")}
+  unknown = [m for m in _CURVE_MODELS.value if m not in curve_runs]
+  if unknown:
+    raise ExperimentError(f"--curve_models: unknown {unknown}; known: RETRO, baseline")
   if not _REPORT_ONLY.value:
     for label, retrieval in (("RETRO", True), ("baseline", False)):
+      if label not in _CURVE_MODELS.value:
+        continue
       cfg = pipeline.train_config(
           data, preset=st["preset"], retrieval=retrieval, steps=steps, seq_len=st["seq_len"],
           batch_size=st["batch_size"], learning_rate=st["learning_rate"],
@@ -535,6 +543,8 @@ def curves(work: str, name: str) -> None:
   rows = [[s, s * tokens_per_step, by_step["RETRO"][s], by_step["baseline"][s],
            by_step["RETRO"][s] / by_step["baseline"][s]] for s in common]
   finished = common[-1] >= steps
+  if not finished and not _REPORT_ONLY.value and len(_CURVE_MODELS.value) < 2:
+    return  # the other model's process writes the report when both are done
   table = pipeline.format_table(
       ["step", "training tokens", "RETRO bpb", "baseline bpb", "RETRO / baseline"], rows)
   table += (f"\nperiodic held-out estimate on the first {_CURVE_BATCHES.value} held-out "
