@@ -97,6 +97,14 @@ SCRIPT = textwrap.dedent("""
       out["uneven_error"] = None
     except ValueError as e:
       out["uneven_error"] = str(e)
+    # The train state (params + optimizer state) goes through the same checked path.
+    import optax
+    from retro_jax.training import trainer
+    try:
+      trainer.make_init(cfg.replace(vocab_size=97), optax.adamw(1e-3), mesh)
+      out["uneven_state_error"] = None
+    except ValueError as e:
+      out["uneven_state_error"] = str(e)
     print("RESULT" + json.dumps(out))
 """)
 
@@ -121,3 +129,4 @@ def test_sharded_forward_equals_single_device():
   b, n, v = out["logits_shape"]
   assert out["logits_shard_shape"] == [b // 4, n, v // 2]
   assert "dimension 97 cannot be split 2 ways" in out["uneven_error"]
+  assert "dimension 97 cannot be split 2 ways" in out["uneven_state_error"]

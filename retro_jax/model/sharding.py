@@ -32,7 +32,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("mlp", "tensor"),
     ("norm", None),
     # activations
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp")),  # = BATCH_AXES
     ("length", None),
     ("act_embed", None),
     ("act_heads", "tensor"),
@@ -88,19 +88,56 @@ def check_divisible(abstract_tree, shardings, mesh: Mesh):
             f"(e.g. pad vocab_size to a multiple of 128) or change the mesh")
 
 
+def sharded_init(init_boxed, mesh: Mesh, rules=LOGICAL_RULES):
+  """The one sharded-initialisation path: no device ever holds a full copy of the tree.
+
+  `init_boxed(rng)` returns a pytree whose parameters carry logical-axis boxes (a params
+  tree, or a train state holding params and optimizer state).  Its shapes are computed
+  without allocating (`jax.eval_shape`), mapped by the rules table to mesh shardings and
+  checked for divisibility (a clear error naming the parameter, not XLA's); `init` is then
+  jitted with those out_shardings, so every leaf is created in its shards.
+
+  Returns (init(rng) -> the unboxed tree, the abstract tree with shardings, the shardings).
+  """
+  with nn.logical_axis_rules(rules):
+    abstract_boxed = jax.eval_shape(init_boxed, jax.random.PRNGKey(0))
+  shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_boxed), mesh, rules)
+  abstract = nn.unbox(abstract_boxed)
+  check_divisible(abstract, shardings, mesh)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+
+  def init(rng):
+    with nn.logical_axis_rules(rules):
+      return nn.unbox(init_boxed(rng))
+
+  return jax.jit(init, out_shardings=shardings), abstract, shardings
+
+
 def init_sharded_params(config: RetroConfig, rng, mesh: Mesh, rules=LOGICAL_RULES):
   """Parameters created directly in their shards: no device ever holds a full copy."""
-  abstract = params_lib.abstract_params(config)
-  shardings = nn.unbox(logical_to_sharding(abstract, mesh, rules))
-  check_divisible(nn.unbox(abstract), shardings, mesh)
-  init = jax.jit(lambda key: params_lib.init_params(config, key), out_shardings=shardings)
-  with nn.logical_axis_rules(rules):
-    return init(rng)
+  init, _, _ = sharded_init(lambda key: params_lib.init_params(config, key, boxed=True), mesh,
+                            rules)
+  return init(rng)
+
+
+# The mesh axes a batch is split over (data parallelism, plain and fully sharded).
+BATCH_AXES = ("data", "fsdp")
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   """Batch-major arrays: split the leading axis over data x fsdp."""
-  return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def microbatch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+  """[A, B/A, ...] microbatches of a batch: each microbatch split like the batch."""
+  return NamedSharding(mesh, P(None, BATCH_AXES, *([None] * (ndim - 2))))
+
+
+def num_batch_shards(mesh: Mesh) -> int:
+  """How many ways the batch is split (a batch size must be a multiple of it)."""
+  return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -117,7 +117,7 @@ def open_data(cfg, model_cfg, process_index: int = 0, process_count: int = 1) ->
 
 
 def device_batch(host_batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-  """This process's rows -> global arrays sharded over ('data', 'fsdp') on the batch axis."""
+  """This process's rows -> global arrays sharded over the mesh's batch axes."""
   out = {}
   for key in BATCH_KEYS:
     if key in host_batch:
@@ -147,23 +147,16 @@ def retrofit_labels(model_cfg, unfreeze_decoder: bool):
 
 
 def make_init(model_cfg, tx, mesh, rules=sharding_lib.LOGICAL_RULES):
-  """(jitted init(rng) -> TrainState placed in its shards, abstract state, shardings)."""
+  """(jitted init(rng) -> TrainState placed in its shards, abstract state, shardings).
+
+  Through `sharding.sharded_init`, which also refuses a mesh that cannot split a parameter.
+  """
 
   def init_boxed(rng):
     params = model_lib.init_params(model_cfg, rng, boxed=True)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
-  with nn.logical_axis_rules(rules):
-    abstract_boxed = jax.eval_shape(init_boxed, jax.random.PRNGKey(0))
-  shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_boxed), mesh, rules)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          nn.unbox(abstract_boxed), shardings)
-
-  def init(rng):
-    with nn.logical_axis_rules(rules):
-      return nn.unbox(init_boxed(rng))
-
-  return jax.jit(init, out_shardings=shardings), abstract, shardings
+  return sharding_lib.sharded_init(init_boxed, mesh, rules)
 
 
 def state_layout(cfg, model_cfg) -> dict[str, tuple]:
@@ -199,7 +192,6 @@ def make_train_step(model, tx, schedule, trainable, accum_steps: int, mesh, stat
                     batch_example: dict[str, Any], rules=sharding_lib.LOGICAL_RULES):
   """jit(step(state, batch) -> (state, metrics)) with in/out shardings and donated state."""
   grad_fn = jax.value_and_grad(lambda p, b: _loss_sums(model, p, b), has_aux=True)
-  micro_spec = jax.sharding.PartitionSpec(None, ("data", "fsdp"))
 
   def step(state, batch):
     with nn.logical_axis_rules(rules):
@@ -209,8 +201,8 @@ def make_train_step(model, tx, schedule, trainable, accum_steps: int, mesh, stat
         # Microbatch a = rows a, a + A, a + 2A, ...: each device keeps its own rows.
         def split(x):
           x = x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:]).swapaxes(0, 1)
-          spec = jax.sharding.PartitionSpec(*micro_spec, *([None] * (x.ndim - 2)))
-          return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
+          return jax.lax.with_sharding_constraint(
+              x, sharding_lib.microbatch_sharding(mesh, x.ndim))
         micro = jax.tree.map(split, batch)
 
         def body(carry, mb):
@@ -365,7 +357,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   data = open_data(cfg, model_cfg, jax.process_index(), jax.process_count())
 
   mesh = sharding_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices)
-  n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  n_batch_shards = sharding_lib.num_batch_shards(mesh)
   micro = cfg.batch_size // cfg.grad_accum_steps
   if micro % n_batch_shards:
     raise model_config_lib.ConfigError(
