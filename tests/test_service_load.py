@@ -86,13 +86,13 @@ def check_concurrent_equals_alone(retriever, count, clients):
 
 
 def test_concurrent_answers_equal_answers_alone_hashing(hashing_retriever):
-  batches = check_concurrent_equals_alone(hashing_retriever, count=96, clients=16)
-  assert batches < 96  # Requests were coalesced into shared calls.
+  # Nothing to share with this embedder: each worker embeds and searches on its own.
+  assert check_concurrent_equals_alone(hashing_retriever, count=96, clients=16) == 0
 
 
 def test_concurrent_answers_equal_answers_alone_bert(bert_retriever):
   batches = check_concurrent_equals_alone(bert_retriever, count=32, clients=8)
-  assert batches < 32
+  assert batches < 32  # Requests were coalesced into shared BERT calls.
 
 
 def test_embedding_requests_together_equals_embedding_them_apart(bert_retriever):

@@ -34,7 +34,9 @@ How it holds load (`ServiceConfig` has the numbers):
 * One batcher thread takes every prepared query waiting (up to `batch_rows` rows) and runs
   them in shared calls: one BERT call (rows of equal padded length together, padded to a
   power-of-two row count, not 64), then each request's index search (cheap next to BERT;
-  ScaNN's batched search can differ from a lone one in the last bit of a distance).
+  ScaNN's batched search can differ from a lone one in the last bit of a distance).  With
+  an embedder that has nothing to share (hashing), the worker searches itself, under the
+  batcher's lock: one thread hand-off less per request.
 * Answers do not depend on batching: each request's rows are padded to the lengths they
   would have had alone (`Embedder.embed_token_ids(ids, pad_lengths)`; a row's embedding does
   not depend on its batch mates, checked bit for bit on CPU), and each request is searched
@@ -340,6 +342,7 @@ class _Batcher:
     self._queued_rows = 0
     self._stopped = False
     self.batches = 0  # Shared calls run so far (tests and benchmarks read it).
+    self.lock = threading.Lock()  # Held while the index (and BERT) run.
     self._thread = threading.Thread(target=self._loop, name="retrieval-batcher", daemon=True)
     self._thread.start()
 
@@ -375,7 +378,8 @@ class _Batcher:
           return
         continue
       try:
-        results = self.handler.run([q for q, _ in batch])
+        with self.lock:
+          results = self.handler.run([q for q, _ in batch])
       except Exception as e:  # pylint: disable=broad-except  (answered as 500s)
         for _, future in batch:
           future.set_exception(e)
@@ -396,6 +400,15 @@ class _Batcher:
 
 class _Timeout(Exception):
   pass
+
+
+async def _within(awaitable, seconds: float):
+  """`await awaitable`, or asyncio.TimeoutError after `seconds`.  asyncio.timeout (Python
+  3.11+) costs a timer per call where wait_for costs a task: this runs on every read."""
+  if hasattr(asyncio, "timeout"):
+    async with asyncio.timeout(seconds):
+      return await awaitable
+  return await asyncio.wait_for(awaitable, seconds)
 
 
 def _error_body(message: str) -> bytes:
@@ -437,6 +450,7 @@ class RetrievalServer:
     self._thread = None
     self.open_connections = 0
     self._buffered = 0  # Body bytes being read or handled (the event loop's count).
+    self._tasks: set[asyncio.Task] = set()  # One per open connection.
 
   def _warm_up(self) -> None:
     """Sets the BERT tokenizer's truncation state once, before threads share it (a call
@@ -463,6 +477,9 @@ class RetrievalServer:
     async with server:
       await self._stopping.wait()
       server.close()
+      for task in self._tasks:  # Open connections end now (their handlers close them).
+        task.cancel()
+      await asyncio.gather(*self._tasks, return_exceptions=True)
 
   def _run(self) -> None:
     try:
@@ -499,6 +516,8 @@ class RetrievalServer:
       await self._close(writer)
       return
     self.open_connections += 1
+    task = asyncio.current_task()
+    self._tasks.add(task)
     conn = h11.Connection(h11.SERVER)
     try:
       while True:
@@ -520,17 +539,20 @@ class RetrievalServer:
         writer.write(_raw_response(status, f"malformed HTTP request: {e}"))
     except (ConnectionError, _Timeout, asyncio.TimeoutError):
       pass
+    except asyncio.CancelledError:
+      pass  # The server is stopping; ending normally keeps asyncio's streams quiet.
     except Exception:  # pylint: disable=broad-except
       logging.exception("retrieval service: connection error")
     finally:
       self.open_connections -= 1
+      self._tasks.discard(task)
       await self._close(writer)
 
   async def _close(self, writer: asyncio.StreamWriter) -> None:
     try:
-      await asyncio.wait_for(writer.drain(), 5)
+      await _within(writer.drain(), 5)
       writer.close()
-      await asyncio.wait_for(writer.wait_closed(), 5)
+      await _within(writer.wait_closed(), 5)
     except Exception:  # pylint: disable=broad-except  (the peer is gone already)
       writer.transport.abort()
 
@@ -544,7 +566,7 @@ class RetrievalServer:
       if remaining <= 0:
         raise _Timeout()
       try:
-        data = await asyncio.wait_for(reader.read(1 << 16), remaining)
+        data = await _within(reader.read(1 << 16), remaining)
       except asyncio.TimeoutError:
         raise _Timeout() from None
       conn.receive_data(data)  # b"" = the peer closed.
@@ -562,7 +584,7 @@ class RetrievalServer:
       data += conn.send(h11.Data(data=body))
     data += conn.send(h11.EndOfMessage())
     writer.write(data)
-    await asyncio.wait_for(writer.drain(), self.config.request_timeout)
+    await _within(writer.drain(), self.config.request_timeout)
 
   async def _exchange(self, conn: h11.Connection, reader: asyncio.StreamReader,
                       writer: asyncio.StreamWriter, request: h11.Request) -> bool:
@@ -624,9 +646,17 @@ class RetrievalServer:
     finally:
       self._buffered -= reserved
 
+  def _answer_alone(self, raw: bytes) -> bytes:
+    query = self.handler.prepare(self.handler.parse(raw))
+    with self._batcher.lock:
+      result = self.handler.run([query])[0]
+    return json.dumps(self.handler.answer(query, result)).encode("utf-8")
+
   async def _retrieve(self, raw: bytes) -> tuple[int, bytes]:
     handler, loop = self.handler, self._loop
     try:
+      if not handler.batched_embedder:  # Nothing to share: the worker does it all.
+        return 200, await loop.run_in_executor(self._pool, self._answer_alone, raw)
       query = await loop.run_in_executor(self._pool, lambda: handler.prepare(
           handler.parse(raw)))
       if query.n:
