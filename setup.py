@@ -18,7 +18,7 @@ INSTALL_REQUIRES = [
     "tqdm",
     "tensorboardX",
     "matplotlib",  # the quickstart's and experiments' plots
-    "grain",
+    "grain",  # the training data order: its random-access index shuffle (training/data.py)
     "h11",  # HTTP/1.1 parsing of the retrieval service (retrieval/service.py)
 ]
 

@@ -24,17 +24,24 @@ Document handling (the paper trains on 2048-token sequences cut from documents):
   same document as the training sequence").  Absent neighbors are all -1; the model masks
   them.
 
-Order: every epoch draws a random chunk offset in [0, l) and a random permutation of the
-windows from (seed, epoch), so epochs see different window boundaries.  Global batch g of an
-epoch is windows [g*B, (g+1)*B) of the permutation; process p of P takes rows
-[p*B/P, (p+1)*B/P) of it, so the global batch does not depend on the number of hosts.  The
-iterator state is just (epoch, examples consumed in the epoch): JSON, saved in checkpoints.
-The last incomplete batch of an epoch is dropped.
+Order: every epoch draws a random chunk offset in [0, l) and a shuffle seed from (seed,
+epoch), so epochs see different window boundaries; the epoch's order is grain's
+`MapDataset.range(W).shuffle(seed)`, a random-access index shuffle (a keyed bijection of
+[0, W), computed per index), so no permutation is stored: position j of the epoch is window
+offset + l * order[j].  Global batch g of an epoch is positions [g*B, (g+1)*B); process p of
+P computes only rows [p*B/P, (p+1)*B/P) of it, so the global batch (rows in order) does not
+depend on the number of hosts.  The iterator state is (epoch, examples consumed in the
+epoch): JSON, saved in checkpoints through orbax, and a resume reads the same positions,
+so it sees exactly the batches the interrupted run would have.  The last incomplete batch of
+an epoch is dropped.
 
-The loader is a small explicit iterator rather than grain: the whole pipeline is one
-vectorised gather per batch (numpy fancy indexing on memory-mapped arrays), the state is two
-integers, and the order is defined by a formula a test can check.  (At 1e8+ windows per epoch
-the permutation costs 8 bytes/window of host RAM; a Feistel index shuffle would remove that.)
+Why grain's shuffle but not its iterator (grain 0.2.18): `shuffle(...).batch(B,
+drop_remainder=True).repeat()` reseeds per W elements, not per epoch of batches, so the
+element an epoch drops opens the next one, and one fixed W cannot express epochs whose
+offset (hence length) differs; its iterator state counts batches, while ours counts
+examples and so survives a change of batch size; its per-epoch seed is seed + epoch (seed 1
+epoch 0 = seed 0 epoch 1), so each epoch gets its own seed drawn from (seed, epoch).  The
+gather itself stays one vectorised numpy fancy-index per batch on memory-mapped arrays.
 """
 
 from __future__ import annotations
@@ -43,12 +50,15 @@ import dataclasses
 import os
 from typing import Any, Iterator, Mapping
 
+from absl import logging
+import grain
 import numpy as np
 
 from retro_jax.retrieval import align as align_lib
 from retro_jax.retrieval import manifest as manifest_lib
 
 PRECOMPUTE_COMMAND = "python -m retro_jax.retrieval.precompute_neighbors"
+ORDER = "grain-index-shuffle"  # in the iterator state: which order its positions refer to
 BUILD_DB_COMMAND = "python -m retro_jax.retrieval.build_db"
 
 
@@ -227,10 +237,13 @@ class WindowDataset:
   def num_chunks(self) -> int:
     return int(self.store.num_chunks)
 
+  def num_windows(self, offset: int = 0) -> int:
+    """Complete windows when windows start at `offset` (mod l)."""
+    return max((self.num_chunks - offset) // self.l, 0)
+
   def window_starts(self, offset: int = 0) -> np.ndarray:
     """First chunk of every complete window when windows start at `offset` (mod l)."""
-    count = (self.num_chunks - offset) // self.l
-    return offset + self.l * np.arange(max(count, 0), dtype=np.int64)
+    return offset + self.l * np.arange(self.num_windows(offset), dtype=np.int64)
 
   def _check_tokens(self, tokens: np.ndarray, what: str) -> None:
     if tokens.size == 0:
@@ -282,6 +295,15 @@ class WindowDataset:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class _Epoch:
+  """One epoch's order: its window j starts at store chunk offset + l * order[j]."""
+  index: int
+  offset: int                     # chunk offset of the epoch's windows, in [0, l)
+  count: int                      # W: complete windows at that offset
+  order: grain.MapDataset | None  # a shuffle of [0, W) (random access); None: store order
+
+
 class BatchIterator:
   """Deterministic, process-sharded, checkpointable iterator over shuffled windows.
 
@@ -303,48 +325,54 @@ class BatchIterator:
     self.shuffle = shuffle
     self.epoch = 0
     self.position = 0
-    self._cache: tuple[int, np.ndarray] | None = None
-    if len(self._starts(0)) < global_batch_size:
-      raise DataError(f"the split has {len(self._starts(0))} windows of {dataset.l} chunks, "
+    self._cache: _Epoch | None = None
+    if self._epoch(0).count < global_batch_size:
+      raise DataError(f"the split has {self._epoch(0).count} windows of {dataset.l} chunks, "
                       f"fewer than one global batch of {global_batch_size}")
 
+  def _epoch(self, epoch: int) -> _Epoch:
+    if self._cache is None or self._cache.index != epoch:
+      offset, order = 0, None
+      if self.shuffle:
+        rng = np.random.default_rng([self.seed, epoch])
+        offset = int(rng.integers(self.dataset.l))
+        order = grain.MapDataset.range(self.dataset.num_windows(offset)).shuffle(
+            seed=int(rng.integers(2 ** 32)))
+      self._cache = _Epoch(epoch, offset, self.dataset.num_windows(offset), order)
+    return self._cache
+
+  def _take(self, epoch: int, lo: int, n: int) -> np.ndarray:
+    """Window starts at positions [lo, lo + n) of an epoch's order [n]."""
+    e = self._epoch(epoch)
+    j = np.arange(lo, lo + n, dtype=np.int64) if e.order is None else np.fromiter(
+        (e.order[i] for i in range(lo, lo + n)), np.int64, n)
+    return e.offset + self.dataset.l * j
+
   def _starts(self, epoch: int) -> np.ndarray:
-    """Window starts of an epoch, in the order they are served."""
-    if self._cache is not None and self._cache[0] == epoch:
-      return self._cache[1]
-    if self.shuffle:
-      rng = np.random.default_rng([self.seed, epoch])
-      offset = int(rng.integers(self.dataset.l))
-      starts = rng.permutation(self.dataset.window_starts(offset))
-    else:
-      starts = self.dataset.window_starts(0)
-    self._cache = (epoch, starts)
-    return starts
+    """All window starts of an epoch in serving order (materialised: for tests)."""
+    return self._take(epoch, 0, self._epoch(epoch).count)
 
   def global_starts(self) -> np.ndarray:
     """Window starts of the next global batch [B] (advances nothing)."""
-    starts = self._starts(self.epoch)
-    if self.position + self.global_batch_size > len(starts):
-      starts = self._starts(self.epoch + 1)
-      return starts[: self.global_batch_size]
-    return starts[self.position: self.position + self.global_batch_size]
+    if self.position + self.global_batch_size > self._epoch(self.epoch).count:
+      return self._take(self.epoch + 1, 0, self.global_batch_size)
+    return self._take(self.epoch, self.position, self.global_batch_size)
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    if self.position + self.global_batch_size > len(self._starts(self.epoch)):
+    if self.position + self.global_batch_size > self._epoch(self.epoch).count:
       self.epoch += 1
       self.position = 0
-    starts = self._starts(self.epoch)[self.position: self.position + self.global_batch_size]
     lo = self.process_index * self.local_batch_size
-    batch = self.dataset.batch(starts[lo: lo + self.local_batch_size])
+    batch = self.dataset.batch(self._take(self.epoch, self.position + lo, self.local_batch_size))
     self.position += self.global_batch_size
     return batch
 
   def get_state(self) -> dict[str, Any]:
     return dict(epoch=self.epoch, position=self.position, seed=self.seed,
-                num_chunks=self.dataset.num_chunks, seq_len=self.dataset.seq_len)
+                num_chunks=self.dataset.num_chunks, seq_len=self.dataset.seq_len, order=ORDER)
 
   def set_state(self, state: Mapping[str, Any]) -> None:
     for key, mine in (("seed", self.seed), ("num_chunks", self.dataset.num_chunks),
@@ -352,6 +380,10 @@ class BatchIterator:
       if key in state and int(state[key]) != mine:
         raise DataError(f"cannot resume the data iterator: the checkpoint has {key}="
                         f"{state[key]} but this run has {key}={mine}")
+    if state.get("order") != ORDER:
+      logging.warning("the checkpoint's data position was saved by the earlier loader (a numpy "
+                      "permutation per epoch): epoch %s continues in this loader's order, so "
+                      "some of its windows may repeat or be skipped", state["epoch"])
     self.epoch = int(state["epoch"])
     self.position = int(state["position"])
 
