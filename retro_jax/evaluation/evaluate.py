@@ -35,14 +35,14 @@ import tqdm
 
 from retro_jax import fileio
 from retro_jax import tables
-from retro_jax.evaluation import checkpoints as ckpt_lib
 from retro_jax.evaluation import copy_model as copy_model_lib
 from retro_jax.evaluation import eval_config as eval_config_lib
 from retro_jax.evaluation import leakage as leakage_lib
 from retro_jax.evaluation import scoring
 from retro_jax.evaluation import sources
+from retro_jax.inference import checkpoints as ckpt_lib
+from retro_jax.inference import session as session_lib
 from retro_jax.retrieval import align as align_lib
-from retro_jax.retrieval import retriever as retriever_lib
 from retro_jax.retrieval import service as service_lib
 
 # The job's configuration lives in eval_config.py; these names stay importable here.
@@ -245,24 +245,16 @@ def run_evaluation(workdir: str, *, settings: EvalSettings | None = None,
 
 def evaluate(config: EvalConfig) -> dict[str, Any]:
   """The whole evaluation job; returns the report (also written to `config.output` as JSON)."""
-  settings, db_dir, neighbors_dir = config.settings, config.db, config.neighbors_dir
-  retrieval_url, step = config.retrieval_url, config.step
-  model = ckpt_lib.load_model(config.workdir, step)
+  settings, neighbors_dir = config.settings, config.neighbors_dir
+  # The model, and the database opened once: live retrieval over it (or over the service),
+  # or the precomputed neighbors' database; checked against the checkpoint.
+  session = session_lib.open_session(
+      config.workdir, config.step, db=config.db, retrieval_url=config.retrieval_url,
+      live=not neighbors_dir, service_timeout=config.service_timeout)
+  model, db, retriever = session.model, session.database, session.retriever
+  db_manifest, db_name = session.manifest, session.source_name
   cfg = model.config
   m = cfg.chunk_size
-
-  # Retrieval source and the checks that tie it to the checkpoint.
-  retriever = db = None
-  db_manifest, db_name = None, None
-  if retrieval_url or (db_dir and not neighbors_dir):
-    retriever = sources.open_live_retriever(db_dir if not retrieval_url else None,
-                                            retrieval_url, config.service_timeout)
-    db_manifest, db_name = retriever.manifest, sources.retriever_name(retriever)
-  elif db_dir:
-    db = retriever_lib.Database.open(db_dir)
-    db_manifest, db_name = db.manifest, f"database {db.path}"
-  if db_manifest is not None:
-    ckpt_lib.check_against_database(model, db_manifest, db_name)
 
   baseline = None
   if config.baseline_workdir:
@@ -277,7 +269,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     docs = sources.EvalDocs.from_store(config.eval_chunks)
     eos_id = docs.manifest.get("eos_id")
   else:
-    tok = sources.resolve_tokenizer(config.tokenizer, retriever or db, model)
+    tok = session.tokenizer(config.tokenizer)
     docs = sources.EvalDocs.from_corpus(config.source, tok, m, config.text_field,
                                         config.max_documents)
     eos_id = tok.eos_id
@@ -294,7 +286,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
   scoring.check_window_settings(seq_len, stride, m)
 
   warnings = []
-  store = db.store if db is not None else sources.database_store(retriever)
+  store = session.store
   matches = []
   if store is not None:
     matches = sources.find_in_database(docs, store)
@@ -318,7 +310,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     table = sources.retrieve_table(retriever, docs, k_needed, exclude,
                                    progress=settings.progress)
   elif db is not None:
-    table = sources.precomputed_table(neighbors_dir, db_dir, docs, k_needed, exclude)
+    table = sources.precomputed_table(neighbors_dir, db, docs, k_needed, exclude)
   if table is not None and settings.leakage:
     kl = min(leakage_lib.NUM_LEAKAGE_NEIGHBORS, table.k)
     ratios = leakage_lib.leakage_ratio(docs.chunks, table.tokens[:, :kl])

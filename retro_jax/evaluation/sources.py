@@ -4,9 +4,8 @@
   (needed to use precomputed neighbors, whose rows are that store's chunks) or a corpus
   (files, .jsonl, HF dataset dir; same readers as the retrieval side) tokenised and chunked
   in memory with `chunk_store.chunk_text`, exactly as a chunk store build would.
-- `open_live_retriever`: an in-process `Retriever` over DB_DIR or a `RemoteRetriever` for a
-  running service (checked with /health at once, so a service that is down is a clear error
-  before any work, never a hang).
+- (`open_live_retriever`, `resolve_tokenizer`: moved to retro_jax/inference/session.py,
+  which evaluation and generation share.)
 - `NeighborTable`: ids and [N, F] tokens of the K nearest database chunks of every
   evaluation chunk, retrieved live with the chunk's own tokens, or read from a precomputed
   neighbors directory.
@@ -15,7 +14,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Mapping, Sequence
 
 from absl import logging
@@ -23,12 +21,11 @@ import numpy as np
 import tqdm
 
 from retro_jax.evaluation import eval_config
+from retro_jax.inference import session as session_lib
 from retro_jax.retrieval import chunk_store as chunk_store_lib
 from retro_jax.retrieval import corpus as corpus_lib
 from retro_jax.retrieval import neighbors as neighbors_lib
 from retro_jax.retrieval import retriever as retriever_lib
-from retro_jax.retrieval import service as service_lib
-from retro_jax.retrieval import tokenizer as tokenizer_lib
 
 
 SourceError = eval_config.SourceError  # defined with the configs it validates
@@ -98,58 +95,11 @@ class EvalDocs:
                np.asarray(nbytes, np.int64), keys, manifest)
 
 
-# --- Live retrieval -----------------------------------------------------------------------
+# --- Live retrieval: moved to inference/session.py, importable here --------------------
 
-def open_live_retriever(db_dir: str | None = None, url: str | None = None,
-                        timeout: float = 30.0):
-  """A Retriever (DB_DIR) or RemoteRetriever (URL, health-checked now)."""
-  if bool(db_dir) == bool(url):
-    raise SourceError("give exactly one of a database directory or a retrieval service URL")
-  if db_dir:
-    return retriever_lib.Retriever.open(db_dir)
-  remote = service_lib.RemoteRetriever(url, timeout=timeout)
-  remote.health()  # raises ServiceUnavailableError at once when the service is down.
-  return remote
-
-
-def retriever_name(retriever) -> str:
-  """"service URL" or "database DIR" for messages (a Retriever or a Database)."""
-  if getattr(retriever, "url", None):
-    return f"retrieval service {retriever.url}"
-  db = getattr(retriever, "db", retriever)
-  return f"database {db.path}"
-
-
-def database_store(retriever):
-  """The database chunk store of an in-process retriever (None for a remote one)."""
-  return getattr(retriever, "store", None) if hasattr(retriever, "db") else None
-
-
-def resolve_tokenizer(path: str | None, retriever=None, model=None):
-  """The LM tokenizer: an explicit file, else the database's copy, else the training data's.
-
-  Whatever is found must have the identity the database manifest records.
-  """
-  tok = None
-  if path:
-    tok = tokenizer_lib.load_tokenizer(path)
-  elif retriever is not None and not getattr(retriever, "url", None):
-    tok = retriever.tokenizer  # a local Retriever or Database: the database's copy
-  elif model is not None and model.data_provenance:
-    src = model.data_provenance["source"]
-    name = model.data_provenance["tokenizer"].get("file_name")
-    for base in (src, os.path.dirname(src.rstrip("/"))):
-      cand = os.path.join(base, "tokenizer", name or "")
-      if name and os.path.isfile(cand):
-        tok = tokenizer_lib.load_tokenizer(cand)
-        break
-  if tok is None:
-    raise SourceError("no LM tokenizer: pass --tokenizer=FILE (SentencePiece .model or "
-                      "tokenizer.json), or a database directory that holds one")
-  if retriever is not None:
-    chunk_store_lib.check_tokenizer(retriever.manifest.get("tokenizer", {}), tok.identity(),
-                                    retriever_name(retriever), f"tokenizer {tok.path}")
-  return tok
+open_live_retriever = session_lib.open_live_retriever
+resolve_tokenizer = session_lib.resolve_tokenizer
+retriever_name = session_lib.retriever_name
 
 
 # --- Neighbor tables ----------------------------------------------------------------------
@@ -183,13 +133,17 @@ def retrieve_table(retriever, docs: EvalDocs, k: int,
   return NeighborTable(np.concatenate(ids), np.concatenate(toks), retriever_name(retriever))
 
 
-def precomputed_table(neighbors_dir: str, db_dir: str, docs: EvalDocs, k: int,
+def precomputed_table(neighbors_dir: str, db, docs: EvalDocs, k: int,
                       exclude_doc_ids: np.ndarray | None = None) -> NeighborTable:
-  """Neighbors from `precompute_neighbors --query_store=<the evaluation store>`."""
+  """Neighbors from `precompute_neighbors --query_store=<the evaluation store>`.
+
+  `db`: the database they point into, opened (`retriever.Database`) or its directory.
+  """
   if docs.store_path is None:
     raise SourceError("precomputed neighbors belong to a chunk store: pass the evaluation "
                       "data as that chunk store (--eval_chunks=DIR), not as a corpus")
-  db = retriever_lib.Database.open(db_dir)
+  if not isinstance(db, retriever_lib.Database):
+    db = retriever_lib.Database.open(db)
   nb = neighbors_lib.load_neighbors(neighbors_dir, expected_db_manifest=db.manifest,
                              expected_query_manifest=docs.manifest)
   if nb.k < k:

@@ -39,12 +39,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from retro_jax.config import RetroConfig
-from retro_jax.evaluation import checkpoints as ckpt_lib
-from retro_jax.evaluation import sources
 from retro_jax.generation import generate_config
+from retro_jax.inference import checkpoints as ckpt_lib
+from retro_jax.inference import session as session_lib
 from retro_jax.model import Retro
 from retro_jax.retrieval import align as align_lib
-from retro_jax.retrieval import retriever as retriever_lib
 
 
 # The job's configuration lives in generate_config.py; these names stay importable here.
@@ -294,22 +293,16 @@ def generate(config: GenerateConfig) -> list[Generation]:
   if not prompts or any(not p or not p.strip() for p in prompts):
     raise GenerationError("empty prompt: give non-empty --prompt text (or lines in "
                           "--prompts_file)")
-  db_dir, retrieval_url = config.db, config.retrieval_url
   model = ckpt_lib.load_model(config.workdir, config.step)
-  retriever = tok_source = None
-  if config.retrieval and model.config.uses_retrieval:
-    if not db_dir and not retrieval_url:
-      raise GenerationError("a RETRO model retrieves every chunk: pass --db or "
-                            "--retrieval_url (or --retrieval=off)")
-    retriever = tok_source = sources.open_live_retriever(
-        db_dir if not retrieval_url else None, retrieval_url, config.service_timeout)
-    ckpt_lib.check_against_database(model, retriever.manifest,
-                                    sources.retriever_name(retriever))
-  elif db_dir:  # no retrieval, but the database's tokenizer copy is welcome
-    tok_source = retriever_lib.Database.open(db_dir)
-    ckpt_lib.check_against_database(model, tok_source.manifest,
-                                    sources.retriever_name(tok_source), chunk_size=False)
-  tok = sources.resolve_tokenizer(config.tokenizer, tok_source, model)
+  retrieves = config.retrieval and model.config.uses_retrieval
+  if retrieves and not config.db and not config.retrieval_url:
+    raise GenerationError("a RETRO model retrieves every chunk: pass --db or "
+                          "--retrieval_url (or --retrieval=off)")
+  session = session_lib.connect(model, db=config.db, retrieval_url=config.retrieval_url,
+                                live=retrieves, service_timeout=config.service_timeout,
+                                chunk_size=retrieves)
+  retriever = session.retriever
+  tok = session.tokenizer(config.tokenizer)
   ckpt_lib.check_against_database(model, {"tokenizer": tok.identity()},
                                   f"tokenizer {tok.path}", chunk_size=False)
   gen = Generator(model.params, model.config, tok, retriever, config.num_neighbors)

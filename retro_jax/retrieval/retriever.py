@@ -210,9 +210,10 @@ class Retriever:
     self.max_candidates = max_candidates
 
   @classmethod
-  def open(cls, db_dir: str, embedder=None, **kwargs) -> "Retriever":
-    """Opens DB_DIR; `embedder` defaults to the one recorded in the database manifest."""
-    db = Database.open(db_dir)
+  def open(cls, db_dir, embedder=None, **kwargs) -> "Retriever":
+    """Opens DB_DIR (or takes an opened `Database`) and loads what a query needs now;
+    `embedder` defaults to the one recorded in the database manifest."""
+    db = db_dir if isinstance(db_dir, Database) else Database.open(db_dir)
     _ = db.index  # Load (and check) now, not on the first query.
     _ = db.tokenizer
     r = cls(db, embedder, **kwargs)

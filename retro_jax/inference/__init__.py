@@ -1,0 +1,1 @@
+"""What evaluation and generation share: a trained model and the retrieval it reads."""
