@@ -21,9 +21,11 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Callable, Iterator, Mapping
+import time
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
+import tqdm
 
 MANIFEST = "manifest.json"
 
@@ -138,6 +140,32 @@ def atomic_directory(path: str) -> Iterator[str]:
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+# --- Resumable jobs: one file per part -----------------------------------------------------
+
+def missing_parts(parts: Iterable[int], path_of: Callable[[int], str]) -> list[int]:
+  """The parts whose file is not there yet (a part file exists only when complete)."""
+  return [p for p in parts if not os.path.exists(path_of(p))]
+
+
+def run_parts(todo: Sequence[int], num_rows: int, part_size: int,
+              write_part: Callable[[int, int, int], None], *, desc: str,
+              after_part: Callable[[int], None] | None = None) -> tuple[int, float]:
+  """Calls `write_part(p, start, stop)` for each part p of `todo`, rows [start, stop) of
+  `num_rows` cut into `part_size`, under a progress bar; `after_part(p)` after each (a test
+  hook).  Returns (rows done, seconds)."""
+  bounds = [(p, p * part_size, min((p + 1) * part_size, num_rows)) for p in todo]
+  t0, rows = time.time(), 0
+  with tqdm.tqdm(total=sum(stop - start for _, start, stop in bounds), unit="chunk",
+                 desc=desc, disable=None) as bar:
+    for p, start, stop in bounds:
+      write_part(p, start, stop)
+      rows += stop - start
+      bar.update(stop - start)
+      if after_part is not None:
+        after_part(p)
+  return rows, time.time() - t0
 
 
 # --- Reading ------------------------------------------------------------------------------

@@ -140,7 +140,8 @@ def test_uniform_model_gives_vocab_perplexity():
   docs = _docs([[1, 2, 3, 4, 5, eos], [2, eos], list(range(6)) * 3 + [eos]],
                doc_bytes=[11, 2, 40])
   c = eval_lib.Contender("uniform", _bigram_fn, jnp.zeros((v, v)), False)
-  nll = eval_lib.score_documents(c, docs, seq_len=8, stride=4, eos_id=eos, batch_size=3)
+  nll = eval_lib.score_documents(c, docs, eos, eval_lib.EvalSettings(
+      seq_len=8, stride=4, batch_size=3, progress=False))
   run = eval_lib.summarize("uniform", "-", nll, docs)
   tokens = 6 + 2 + 19
   assert run["tokens"] == tokens and run["bytes"] == 53
@@ -157,7 +158,8 @@ def test_bigram_model_equals_hand_computation(n, stride):
   toks = [list(rng.integers(0, 8, 13)) + [eos], [3, eos], list(rng.integers(0, 8, 4)) + [eos]]
   docs = _docs(toks, doc_bytes=[20, 3, 9])
   c = eval_lib.Contender("bigram", _bigram_fn, jnp.asarray(table), False)
-  nll = eval_lib.score_documents(c, docs, seq_len=n, stride=stride, eos_id=eos, batch_size=2)
+  nll = eval_lib.score_documents(c, docs, eos, eval_lib.EvalSettings(
+      seq_len=n, stride=stride, batch_size=2, progress=False))
   logp = table - np.log(np.exp(table).sum(-1, keepdims=True))
   total = 0.0
   for d, t in enumerate(toks):
@@ -193,7 +195,8 @@ def test_each_window_chunk_gets_its_own_neighbors():
   table = sources.NeighborTable(np.zeros((docs.num_chunks, 2), np.int64), nb_tokens, "id")
   c = eval_lib.Contender("probe", fn, jnp.zeros(()), True)
   for n, stride in [(8, 4), (12, 8), (4, 4)]:
-    nll = eval_lib.score_documents(c, docs, n, stride, eos, table, k=1, batch_size=2)
+    nll = eval_lib.score_documents(c, docs, eos, eval_lib.EvalSettings(
+        seq_len=n, stride=stride, batch_size=2, progress=False), table, k=1)
     # t_0 is scored without neighbors (the probe then sees -1 != token: skip it).
     for t in nll:
       np.testing.assert_allclose(t[1:], math.log(v), rtol=1e-5)

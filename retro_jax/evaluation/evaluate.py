@@ -66,11 +66,15 @@ class Contender:
   train_k: int = 0  # neighbors per chunk in training (the copy model reads that many)
 
 
-def score_documents(contender: Contender, docs: sources.EvalDocs, seq_len: int, stride: int,
-                    eos_id: int, table: sources.NeighborTable | None = None, k: int = 0,
-                    batch_size: int = 8, pad_id: int = 0, progress: bool = False,
-                    desc: str = "") -> list[np.ndarray]:
-  """Per-token NLL (nats) of every document: list of float64 [L_d], entry i for token t_i."""
+def score_documents(contender: Contender, docs: sources.EvalDocs, eos_id: int,
+                    settings: EvalSettings, table: sources.NeighborTable | None = None,
+                    k: int = 0, desc: str = "") -> list[np.ndarray]:
+  """Per-token NLL (nats) of every document: list of float64 [L_d], entry i for token t_i.
+
+  Windows of `settings.seq_len` tokens every `settings.stride` (both set), scored
+  `settings.batch_size` at a time; the first k neighbors of `table` when k > 0.
+  """
+  seq_len, stride, batch_size = settings.seq_len, settings.stride, settings.batch_size
   m = docs.chunk_size
   l = seq_len // m
   doc_tokens = [docs.tokens(d) for d in range(docs.num_documents)]
@@ -97,12 +101,12 @@ def score_documents(contender: Contender, docs: sources.EvalDocs, seq_len: int, 
   windows = [w for d, t in enumerate(doc_tokens)
              for w in scoring.plan_windows(len(t), seq_len, stride, m, d)]
   batches = range(0, len(windows), batch_size)
-  if progress:
+  if settings.progress:
     batches = tqdm.tqdm(batches, desc=desc or contender.name, unit="batch")
   for lo in batches:
     batch = windows[lo:lo + batch_size]
-    inputs, targets, weights = scoring.window_arrays(batch, doc_tokens, seq_len, pad_id,
-                                                     batch_size)
+    inputs, targets, weights = scoring.window_arrays(batch, doc_tokens, seq_len,
+                                                     settings.pad_id, batch_size)
     nb = None
     if use_nb:
       r = table.tokens.shape[-1]
@@ -161,11 +165,11 @@ def summarize(name: str, k, token_nll: list[np.ndarray], docs: sources.EvalDocs,
 
 
 def evaluate_contenders(contenders: Sequence[Contender], docs: sources.EvalDocs, eos_id: int,
-                        settings: EvalSettings, seq_len: int, stride: int,
-                        table: sources.NeighborTable | None = None,
+                        settings: EvalSettings, table: sources.NeighborTable | None = None,
                         ratios: np.ndarray | None = None, store=None) -> list[dict[str, Any]]:
   """All runs: each retrieval model off and with each k; each baseline once.
 
+  `settings.seq_len` and `settings.stride` must be set (resolved from the checkpoint).
   `store`: the database chunk store, needed for models that align or filter their
   neighbors (they read tokens around each retrieved chunk).
   """
@@ -192,8 +196,7 @@ def evaluate_contenders(contenders: Sequence[Contender], docs: sources.EvalDocs,
         shown = sources.NeighborTable(ids, toks, table.source)
       if shown_for_copy is None and kk and kk == (c.train_k or kk):
         shown_for_copy = (shown, kk)
-      t = score_documents(c, docs, seq_len, stride, eos_id, shown, kk, settings.batch_size,
-                          settings.pad_id, settings.progress, desc=f"{c.name} k={k}")
+      t = score_documents(c, docs, eos_id, settings, shown, kk, desc=f"{c.name} k={k}")
       run = summarize(c.name, k, t, docs, ratios, settings.alphas)
       logging.info("%s k=%s: ppl %.3f, bpb %.4f", c.name, k, run["ppl"], run["bpb"])
       runs.append(run)
@@ -327,8 +330,9 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
   if baseline is not None:
     contenders.append(Contender(baseline.name, scoring.retro_logits_fn(baseline.config),
                                 baseline.params, baseline.config.uses_retrieval))
-  runs = evaluate_contenders(contenders, docs, int(eos_id), settings, seq_len, stride, table,
-                             ratios, store=store)
+  windows = dataclasses.replace(settings, seq_len=seq_len, stride=stride)
+  runs = evaluate_contenders(contenders, docs, int(eos_id), windows, table, ratios,
+                             store=store)
   report = {
       "checkpoint": {"workdir": model.workdir, "step": model.step},
       "baseline": ({"workdir": baseline.workdir, "step": baseline.step}

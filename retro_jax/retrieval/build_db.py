@@ -32,7 +32,6 @@ from typing import Any
 
 from absl import logging
 import numpy as np
-import tqdm
 
 from retro_jax import fileio
 from retro_jax.retrieval import build_config as build_config_lib
@@ -107,25 +106,19 @@ def embed_store(store, tokenizer, embedder, out_path: str, config: BuildConfig,
   num = store.num_chunks
   num_shards = max(1, -(-num // shard_size))
   shard_path = lambda s: os.path.join(parts, f"shard-{s:05d}.npy")  # pylint: disable=unnecessary-lambda-assignment
-  todo = [s for s in range(num_shards) if not os.path.exists(shard_path(s))]
+  todo = fileio.missing_parts(range(num_shards), shard_path)
   logging.info("embedding %d chunks in %d shards (%d left)", num, num_shards, len(todo))
-  t0 = time.time()
-  done_chunks = 0
-  with tqdm.tqdm(total=sum(min(shard_size, num - s * shard_size) for s in todo),
-                 unit="chunk", desc="embedding", disable=None) as bar:
-    for s in todo:
-      start, stop = s * shard_size, min((s + 1) * shard_size, num)
-      out = []
-      for b in range(start, stop, batch_size):
-        tokens = np.asarray(store.tokens[b:min(b + batch_size, stop)])
-        x = np.asarray(embedder.embed_chunks(tokens, tokenizer), np.float32)
-        out.append(index_lib.normalize(x) if normalize else x)
-        bar.update(tokens.shape[0])
-      fileio.atomic_save_npy(shard_path(s), np.concatenate(out).astype(dtype))
-      done_chunks += stop - start
-      if after_shard is not None:
-        after_shard(s)
-  elapsed = time.time() - t0
+
+  def write_shard(s, start, stop):
+    out = []
+    for b in range(start, stop, batch_size):
+      tokens = np.asarray(store.tokens[b:min(b + batch_size, stop)])
+      x = np.asarray(embedder.embed_chunks(tokens, tokenizer), np.float32)
+      out.append(index_lib.normalize(x) if normalize else x)
+    fileio.atomic_save_npy(shard_path(s), np.concatenate(out).astype(dtype))
+
+  done_chunks, elapsed = fileio.run_parts(todo, num, shard_size, write_shard,
+                                          desc="embedding", after_part=after_shard)
   if done_chunks:
     logging.info("embedded %d chunks in %.1fs (%.1f chunks/s)", done_chunks, elapsed,
                  done_chunks / max(elapsed, 1e-9))

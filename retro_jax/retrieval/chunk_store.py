@@ -226,19 +226,18 @@ def _remove_stale_tmp_dirs(out_dir: str) -> None:
 
 def build_chunk_store(documents: Iterable[corpus_lib.Document],
                       tokenizer: tokenizer_lib.LMTokenizer, out_dir: str,
-                      chunk_size: int = 64, *, source: Any = None,
+                      chunk_size: int = 64, *,
                       overwrite: bool = False, batch_documents: int = 512,
                       batch_bytes: int = 8 << 20, progress: bool = False) -> "ChunkStore":
   """Tokenises `documents`, cuts them into chunks and writes a chunk store at `out_dir`.
 
   Args:
     documents: any iterable of `corpus.Document`; a `corpus.Corpus` also contributes its
-      source description and skipped-document counts to the manifest.
+      source description (`description`, manifest `source`) and skipped-document counts
+      to the manifest.
     tokenizer: the LM tokenizer (must have an eos token).
     out_dir: the store directory; written atomically (see the module docstring).
     chunk_size: m, tokens per chunk.
-    source: a JSON-able description of where the documents came from (manifest
-      `source`); defaults to `documents.description` when present.
     overwrite: rebuild even if a finished, compatible store already exists.
     batch_documents, batch_bytes: tokenisation batch limits (memory stays bounded by them).
     progress: show a tqdm progress bar.
@@ -250,9 +249,7 @@ def build_chunk_store(documents: Iterable[corpus_lib.Document],
     raise ValueError(f"chunk_size must be positive, got {chunk_size}")
   eos = _require_eos(tokenizer)
   out_dir = os.path.abspath(os.fspath(out_dir))
-  if source is None:
-    source = getattr(documents, "description", None)
-  source = json.loads(json.dumps(source, default=str))
+  source = json.loads(json.dumps(getattr(documents, "description", None), default=str))
   if os.path.exists(out_dir) and not overwrite:
     if not os.path.exists(os.path.join(out_dir, MANIFEST)):
       raise ManifestError(f"{out_dir} exists but is not a chunk store (no {MANIFEST}); "

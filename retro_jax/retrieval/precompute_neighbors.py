@@ -45,12 +45,10 @@ import math
 import os
 import runpy
 import shutil
-import time
 from typing import Callable
 
 from absl import logging
 import numpy as np
-import tqdm
 
 from retro_jax import fileio
 from retro_jax.retrieval import chunk_store as chunk_store_lib
@@ -248,22 +246,15 @@ def precompute(config: PrecomputeConfig, *, embedder=None, merge: bool = True,
   num_parts = max(1, math.ceil(num_q / part_size))
   mine = [p for p in range(num_parts)
           if shard_index is None or p % num_shards == shard_index]
-  todo = [p for p in mine if not os.path.exists(_part_path(parts_dir, p))]
+  todo = fileio.missing_parts(mine, lambda p: _part_path(parts_dir, p))
   logging.info("precompute: %d query chunks, %d parts (%d for this shard, %d left), k=%d, "
                "exclusion=%s", num_q, num_parts, len(mine), len(todo), job.k, job.exclude)
-  t0 = time.time()
-  done_rows = 0
-  with tqdm.tqdm(total=sum(min(part_size, num_q - p * part_size) for p in todo),
-                 unit="chunk", desc="neighbors", disable=None) as bar:
-    for p in todo:
-      start, stop = p * part_size, min((p + 1) * part_size, num_q)
-      ids, dist, stats = job.compute_part(start, stop)
-      _write_part(_part_path(parts_dir, p), ids, dist, stats)
-      done_rows += stop - start
-      bar.update(stop - start)
-      if after_part is not None:
-        after_part(p)
-  elapsed = time.time() - t0
+
+  def write_part(p, start, stop):
+    _write_part(_part_path(parts_dir, p), *job.compute_part(start, stop))
+
+  done_rows, elapsed = fileio.run_parts(todo, num_q, part_size, write_part, desc="neighbors",
+                                        after_part=after_part)
   if done_rows:
     logging.info("precompute: %d query chunks in %.1fs (%.1f chunks/s)", done_rows, elapsed,
                  done_rows / max(elapsed, 1e-9))

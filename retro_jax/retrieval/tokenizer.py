@@ -225,11 +225,13 @@ def _train(spm, kwargs) -> None:
     raise TokenizerError(f"SentencePiece training failed: {e}") from e
 
 
+# Training sentences are line groups of at most this many UTF-8 bytes.
+MAX_SENTENCE_BYTES = 4096
+
+
 def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int, *,
                         model_type: str = "unigram", input_sentence_size: int = 2_000_000,
-                        max_sentence_bytes: int = 4096, character_coverage: float = 0.9995,
-                        normalization_rule_name: str = "identity",
-                        via_file: bool = False, num_threads: int | None = None,
+                        normalization_rule_name: str = "identity", via_file: bool = False,
                         extra_options: dict | None = None) -> str:
   """Trains a SentencePiece model on `texts`; writes `model_prefix.model`/`.vocab` atomically.
 
@@ -239,10 +241,11 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int
     vocab_size: total pieces, including the 4 specials and (byte fallback) 256 byte pieces.
     model_type: "unigram" (the SentencePiece default) or "bpe".
     input_sentence_size: at most this many training sentences (line groups of at most
-      `max_sentence_bytes`) are sampled, which bounds memory and time on big corpora.
+      MAX_SENTENCE_BYTES) are sampled, which bounds memory and time on big corpora.
     via_file: write the sentences to a temporary file first instead of streaming them from
       the in-memory iterator (SentencePiece then reads the file itself).
-    extra_options: more `TrainerSpec` fields, passed through.
+    extra_options: more `TrainerSpec` fields, passed through; they win over the defaults
+      here (character_coverage 0.9995, num_threads = all cores, ...).
 
   Returns:
     The path of the `.model` file.
@@ -256,18 +259,18 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int
   options = dict(
       vocab_size=vocab_size, model_type=model_type,
       pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-      byte_fallback=True, character_coverage=character_coverage,
+      byte_fallback=True, character_coverage=0.9995,
       normalization_rule_name=normalization_rule_name,
       remove_extra_whitespaces=normalization_rule_name != "identity",
       allow_whitespace_only_pieces=True, split_digits=True,
-      max_sentence_length=max_sentence_bytes + 1,
+      max_sentence_length=MAX_SENTENCE_BYTES + 1,
       input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
       train_extremely_large_corpus=False,
-      num_threads=num_threads or os.cpu_count() or 1, minloglevel=2,
+      num_threads=os.cpu_count() or 1, minloglevel=2,
       # "\n" is a piece of its own so that newlines never fall back to bytes.
       user_defined_symbols=["\n"], hard_vocab_limit=False)
   options.update(extra_options or {})
-  sentences = _training_sentences(texts, max_sentence_bytes)
+  sentences = _training_sentences(texts, MAX_SENTENCE_BYTES)
   out_dir = os.path.dirname(os.path.abspath(model_prefix))
   os.makedirs(out_dir, exist_ok=True)
   model = io.BytesIO()
