@@ -26,6 +26,7 @@ from tensorboardX.proto import event_pb2
 import fixtures_data as fx
 from retro_jax.evaluation import checkpoints as eval_checkpoints
 from retro_jax.evaluation import sources
+from retro_jax.retrieval import manifest as manifest_lib
 from retro_jax.retrieval import tokenizer as tokenizer_lib
 from retro_jax.training import checkpoint as checkpoint_lib
 from retro_jax.training import data as data_lib
@@ -118,6 +119,21 @@ def test_resuming_with_changed_fields_of_the_same_shapes_is_allowed(paths, run, 
   assert res["first_step"] == 4 and res["step"] == 5
   assert any("model.remat: checkpoint False, config True" in r.getMessage()
              for r in caplog.records)
+
+
+def test_resuming_on_data_of_another_tokenizer_names_both(paths, run, tmp_path):
+  workdir = _copy(run, tmp_path)
+  for step in ("2", "4"):  # the checkpoints say their data was tokenised otherwise
+    path = os.path.join(workdir, "checkpoints", step, "config", "metadata")
+    with open(path, encoding="utf-8") as f:
+      saved = json.load(f)
+    saved["provenance"]["tokenizer"]["sha256"] = "f" * 64
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump(saved, f)
+  with pytest.raises(manifest_lib.ManifestMismatchError,
+                     match=r"tokenizer mismatch: .*checkpoint .*/checkpoints/4 .*ffffffff.*"
+                           r"chunk store .*/db/chunks"):
+    trainer.train_and_evaluate(_cfg(paths), workdir)
 
 
 def test_cli_shape_mismatch_is_one_line_without_a_traceback(paths, run, tmp_path):
@@ -245,3 +261,13 @@ def test_the_workdir_carries_its_tokenizer_and_absolute_provenance(tmp_path, mon
   assert tok.identity() == identity
   np.testing.assert_array_equal(tok.encode("def f(x): return x"),
                                 tokenizer_lib.load_tokenizer(spm).encode("def f(x): return x"))
+  # The CLIs, from the workdir alone.
+  with open("eval.txt", "w", encoding="utf-8") as f:
+    f.write(fx.stdlib_texts(1, 600, skip=40)[0][1])
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  for cli, *flags in (("generate", "--prompt=def main():", "--max_new_tokens=4"),
+                      ("evaluate", "--corpus=eval.txt")):
+    proc = subprocess.run([sys.executable, "-m", f"retro_jax.{cli}", "--workdir=run",
+                           "--retrieval=off", *flags], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, (cli, proc.stderr[-3000:])
