@@ -209,9 +209,10 @@ _SMALL = dict(vocab_size=4096, chunk_size=32, num_neighbors=2, emb_dim=256, num_
               enc_num_layers=2, enc_num_heads=4, enc_head_dim=64, enc_mlp_dim=1024)
 PRESETS["small"] = _SMALL
 PRESETS["small-baseline"] = dict(_SMALL, cca_layers=())
-# The quickstart's model: the `small` decoder with a narrower neighbor encoder, so that
-# RETRO costs ~1.3x its baseline per step on CPU instead of ~2.3x (the encoder reads
-# k*r/m = 4 neighbor tokens per decoder token).
+# The quickstart's model: the `small` decoder with a narrower neighbor encoder (the encoder
+# reads k*r/m = 4 neighbor tokens per decoder token, so its width sets RETRO's cost over
+# the baseline; measured in experiments/benchmarks/README.md, "Where the code's defaults
+# come from").
 # "quickstart-paper" reads its neighbors as the paper does; "quickstart" adds the options
 # that make reading learnable in a CPU-sized run (README "Learning to read neighbors"):
 # aligned neighbors, the min-match filter (m/4 tokens), the copy head and the CCA gate.
@@ -220,12 +221,7 @@ PRESETS["quickstart-paper"] = dict(_SMALL, enc_emb_dim=128, enc_num_heads=4, enc
 PRESETS["quickstart"] = dict(PRESETS["quickstart-paper"], align_neighbors=True,
                              neighbor_min_match=8, copy_head=True, cca_gate=True)
 PRESETS["quickstart-baseline"] = dict(PRESETS["quickstart-paper"], cca_layers=())
-# The peer-comparison shape (lucidrains' RETRO-pytorch benchmark in experiments/benchmarks).
-_PEER = dict(vocab_size=8192, chunk_size=64, num_neighbors=2, emb_dim=512, num_layers=6,
-             num_heads=8, head_dim=64, mlp_dim=2048, cca_layers=(3, 6), enc_emb_dim=512,
-             enc_num_layers=2, enc_num_heads=8, enc_head_dim=64, enc_mlp_dim=2048)
-PRESETS["peer-38m"] = _PEER
-PRESETS["peer-38m-baseline"] = dict(_PEER, cca_layers=())
+# (The benchmarks' peer-38m presets are registered by experiments/benchmarks/common.py.)
 
 
 def get_preset(name: str, **overrides: Any) -> RetroConfig:

@@ -1,19 +1,19 @@
 """glibc malloc settings that keep XLA:CPU's per-step buffers mapped between steps.
 
-Why: an XLA:CPU executable allocates its temporary buffer (one block, ~3 GB for the peer
-benchmark's train step) on every call, from an executor thread.  With glibc's defaults a
+Why: an XLA:CPU executable allocates its temporary buffer (one block, gigabytes for a
+mid-size train step) on every call, from an executor thread.  With glibc's defaults a
 block that large is always a fresh mmap (its mmap threshold tops out at 32 MiB, and a thread
 arena cannot hold blocks over 64 MiB), so every step the kernel faults in and zeroes every
-page again, inside the matmuls that first write them.  Measured on the 2-core CPU machine
-(experiments/benchmarks/README.md): ~500k page faults and ~3 s of system time per step, a
-third of the step.  PyTorch allocates tensor by tensor and is barely affected.
+page again, inside the matmuls that first write them: on the 2-core CPU machine a third of
+the step (figures: experiments/benchmarks/README.md, "Where the code's defaults come
+from").  PyTorch allocates tensor by tensor and is barely affected.
 
 The fix is the allocator configuration, not the model: one arena (so the executor threads
 allocate from the main heap), no mmap for large blocks, and no trimming of freed memory.
 The heap then grows to the job's peak once and is reused by every later step.  glibc reads
 these settings only at process start (GLIBC_TUNABLES), so the command-line entry points
 re-execute themselves once with them set, before JAX starts.  Cost: freed host memory is
-kept by the process (peak RSS of that benchmark: 4.2 -> 7.0 GB).
+kept by the process, so its peak RSS is higher (same section).
 
 Opt out with RETRO_JAX_MALLOC=system.  Settings you put in GLIBC_TUNABLES yourself come after
 ours and win.  Nothing happens on other C libraries or platforms.

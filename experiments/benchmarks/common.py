@@ -25,7 +25,18 @@ import sysconfig
 import time
 from typing import Any, Callable, Mapping, Sequence
 
+from retro_jax import config as config_lib  # no JAX: safe before pin_threads
+
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+# The peer-comparison shape (lucidrains' RETRO-pytorch at its benchmark's 38M configuration,
+# bench_peer.py): a benchmark preset, so it is registered here, not in the core config.
+# Every script that imports this module can name it (--preset=peer-38m).
+PEER_38M = dict(vocab_size=8192, chunk_size=64, num_neighbors=2, emb_dim=512, num_layers=6,
+                num_heads=8, head_dim=64, mlp_dim=2048, cca_layers=(3, 6), enc_emb_dim=512,
+                enc_num_layers=2, enc_num_heads=8, enc_head_dim=64, enc_mlp_dim=2048)
+config_lib.PRESETS.setdefault("peer-38m", PEER_38M)
+config_lib.PRESETS.setdefault("peer-38m-baseline", dict(PEER_38M, cca_layers=()))
 
 
 def pin_threads(n: int) -> None:

@@ -80,8 +80,8 @@ class Dense(nn.Module):
 
   In float32 this is nn.Dense.  In bfloat16 the product accumulates and adds its bias in
   float32 before rounding to bfloat16: as accurate as nn.Dense or more, and on CPUs with
-  bfloat16 matrix units XLA:CPU runs such dots ~4x faster than bfloat16-output ones
-  (measured on a Xeon with AMX: 423 vs 97 GFLOP/s).
+  bfloat16 matrix units XLA:CPU runs such dots several times faster than bfloat16-output
+  ones (experiments/benchmarks/README.md, "Where the code's defaults come from").
   """
   features: int
   dtype: Any = jnp.float32

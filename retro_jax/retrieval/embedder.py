@@ -33,9 +33,9 @@ Choices, and why:
 * dtype "bfloat16" runs the matmuls in bfloat16 with float32 accumulation (parameters stay
   float32; softmax and pooling in float32); outputs are always float32.
 * On CPU, in float32, the BERT is compiled without XLA's YNNPACK library fusions
-  (`CPU_COMPILER_OPTIONS`), so its dots run on XLA's own Eigen kernels: 1.17-1.23x the
-  chunks/s at batch 256 and 1.01-1.13x at batch 32 on a 2-core AVX-512 Xeon (section 3 of
-  experiments/benchmarks/README.md).  In bfloat16 XLA's defaults stay: there YNNPACK
+  (`CPU_COMPILER_OPTIONS`), so its dots run on XLA's own Eigen kernels, faster for this
+  model's narrow matmuls (figures: experiments/benchmarks/README.md, "Where the code's
+  defaults come from").  In bfloat16 XLA's defaults stay: there YNNPACK
   drives the CPU's bfloat16 matrix units.  Only these jitted functions are affected, not
   the rest of the process; `cpu_compiler_options={}` keeps XLA's defaults.
 
@@ -69,12 +69,11 @@ _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json",
 
 
 # Per-compilation XLA options for the BERT on the CPU backend, by compute dtype.  In float32,
-# YNNPACK's fusions of each dense layer with its bias, GELU or layer-norm reduction ran this
-# model's narrow matmuls (384 wide) at ~100-120 GFLOP/s on an AVX-512 Xeon where XLA's plain
-# dots reach ~170, so they are turned off.  In bfloat16 (float32 accumulation) YNNPACK is
-# what reaches the CPU's bfloat16 matrix units (AMX: ~420 GFLOP/s against ~150 for the plain
-# dots), so XLA's defaults stay.  Measured, not assumed: section 3 of
-# experiments/benchmarks/README.md.
+# YNNPACK's fusions of each dense layer with its bias, GELU or layer-norm reduction run this
+# model's narrow (384-wide) matmuls slower than XLA's plain dots, so they are turned off.  In
+# bfloat16 (float32 accumulation) YNNPACK is what reaches the CPU's bfloat16 matrix units, so
+# XLA's defaults stay.  The measurements: experiments/benchmarks/README.md, "Where the code's
+# defaults come from".
 CPU_COMPILER_OPTIONS = {"float32": {"xla_cpu_experimental_ynn_fusion_type": ""},
                         "bfloat16": {}}
 

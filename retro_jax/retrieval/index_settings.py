@@ -12,7 +12,7 @@ searcher is built with and its manifest records.  Index modes:
     (threshold 0.2) is used only with dot_product, where it is designed for inner-product
     loss; squared_l2 uses isotropic AH.
 The defaults were measured; the runs behind each are in experiments/benchmarks/README.md
-("Index defaults").  Pure Python: no JAX, no ScaNN.
+("Where the code's defaults come from").  Pure Python: no JAX, no ScaNN.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ LEAVES_PER_SQRT_N_SOAR = 3.0
 LEAVES_FRACTION_SOAR = 0.05
 LEAVES_FRACTION_PLAIN = 0.25
 MIN_LEAVES_TO_SEARCH = 8
-# Exact float reorder of this many AH candidates per query.
+# Exact float reorder of this many AH candidates per query.  The precompute job's candidate
+# lists start far below it (k + max(k, 8)); larger ones reorder all they ask for.
 DEFAULT_REORDER = 100
 
 

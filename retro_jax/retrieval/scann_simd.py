@@ -5,10 +5,10 @@ The problem.  ScaNN picks its x86 kernels at run time from globals in its extens
 load time from `port::TestCPUFeature`.  In the scann 1.4.2 wheel that function was built
 without its x86 branch: its machine code is `xor eax, eax; ret`, so it answers "no" for
 every feature and every x86 CPU runs the SSE4 / AVX1 fallbacks (centroid and reorder
-scoring without FMA, the asymmetric-hashing LUT16 scan at 128 bits).  On a 2-core Sapphire
-Rapids VM that made a tree-AH query 1.5-1.8x slower than with the AVX-512 kernels, recall
-unchanged (experiments/benchmarks/README.md, section 4e).  faiss-cpu, the alternative users
-compare with, dispatches to AVX-512 on the same machine.
+scoring without FMA, the asymmetric-hashing LUT16 scan at 128 bits): tree-AH queries are
+markedly slower than with the AVX-512 kernels, at the same recall (measured:
+experiments/benchmarks/README.md, section 4e).  faiss-cpu, the alternative users compare
+with, dispatches to AVX-512 on the same machine.
 
 What `enable` does.  Once ScaNN is imported and before a searcher is built or loaded, it
 sets those two flags to what the CPU supports, read from the `flags` line of
