@@ -17,7 +17,7 @@ INSTALL_REQUIRES = [
     "safetensors",
     "tqdm",
     "tensorboardX",
-    "matplotlib",  # the quickstart's and experiments' plots
+    "matplotlib",  # the quickstart's and experiments' plots (required: reporting.py)
     "grain",  # the training data order: its random-access index shuffle (training/data.py)
     "h11",  # HTTP/1.1 parsing of the retrieval service (retrieval/service.py)
 ]
@@ -28,7 +28,6 @@ EXTRAS = {
     "test": ["pytest", "pytest-xdist", "torch==2.13.0"],
     "datasets": ["datasets"],
     "beam": ["apache-beam"],
-    "plot": ["matplotlib"],
     # experiments/benchmarks: faiss is the alternative index the ScaNN benchmark compares with.
     "bench": ["faiss-cpu"],
 }

@@ -394,12 +394,10 @@ def quickstart(config: QuickstartConfig) -> dict:
   report = evaluate_pair(data, runs["RETRO"], runs["baseline"], ks=config.eval_k,
                          output=os.path.join(workdir, "evaluation.json"))
   table, results = comparison_table(report)
-  plot = plot_curves(runs, os.path.join(workdir, "bpb_curves.png"))
   artifacts = {"evaluation report": os.path.join(workdir, "evaluation.json"),
                "retrieval database": data.db_dir, "RETRO run": runs["RETRO"],
-               "baseline run": runs["baseline"]}
-  if plot:
-    artifacts["held-out bits/byte curves"] = plot
-  with open(os.path.join(workdir, "summary.txt"), "w") as f:
-    f.write(table + "\n")
+               "baseline run": runs["baseline"],
+               "held-out bits/byte curves": plot_curves(
+                   runs, os.path.join(workdir, "bpb_curves.png"))}
+  fileio.atomic_write_bytes(os.path.join(workdir, "summary.txt"), (table + "\n").encode())
   return dict(table=table, results=results, artifacts=artifacts)

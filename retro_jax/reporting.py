@@ -1,8 +1,8 @@
 """Plots and tables of finished runs: held-out curves, the side-by-side evaluation table.
 
-What the quickstart prints and draws, and what experiments/*.py reuse.  matplotlib is
-optional (`pip install 'retro_jax[plot]'`): without it `plot_curves` returns None with a
-warning and everything else works.
+What the quickstart prints and draws, and what experiments/*.py reuse.  matplotlib is a
+dependency (the quickstart's curves are part of what it promises); figures are drawn on the
+non-interactive Agg backend.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import io
 import json
 import os
 
-from absl import logging
+import matplotlib.pyplot as plt
 
 from retro_jax import fileio
 from retro_jax.tables import format_table
@@ -27,20 +27,13 @@ def read_metrics(run_dir: str, kind: str = "eval") -> list[dict]:
 
 
 def pyplot():
-  """matplotlib.pyplot on the Agg backend, or None (with a warning) when it is missing."""
-  try:
-    import matplotlib  # pylint: disable=g-import-not-at-top
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    logging.warning("matplotlib is not installed: no plot (pip install 'retro_jax[plot]')")
-    return None
+  """matplotlib.pyplot on the Agg backend (files only, no display)."""
+  plt.switch_backend("Agg")
   return plt
 
 
 def save_figure(fig, path: str) -> str:
   """Writes a figure as PNG atomically and closes it."""
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig.tight_layout()
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=120)
@@ -49,12 +42,9 @@ def save_figure(fig, path: str) -> str:
   return path
 
 
-def plot_curves(runs: dict[str, str], path: str, metric: str = "bits_per_byte") -> str | None:
-  """Held-out `metric` over training steps for each run, as a PNG (None without matplotlib)."""
-  plt = pyplot()
-  if plt is None:
-    return None
-  fig, ax = plt.subplots(figsize=(6, 4))
+def plot_curves(runs: dict[str, str], path: str, metric: str = "bits_per_byte") -> str:
+  """Held-out `metric` over training steps for each run, as a PNG; returns its path."""
+  fig, ax = pyplot().subplots(figsize=(6, 4))
   for label, run_dir in runs.items():
     rows = [r for r in read_metrics(run_dir, "eval") if metric in r]
     if rows:
