@@ -21,8 +21,9 @@ def main(argv):
   config = _CONFIG()
   from retro_jax.retrieval import build_db  # pylint: disable=g-import-not-at-top  (after the malloc restart)
   man = build_db.build(config)
+  recall = {k: v for k, v in (man["index"].get("recall") or {}).items() if "@" in k}
   print(f"wrote {config.output}: {man['num_chunks']} chunks of {man['chunk_size']} tokens, "
-        f"index {man['index']['settings']['mode']}, recall {man['index'].get('recall')}")
+        f"index {man['index']['settings']['mode']}, recall {recall}")
 
 
 if __name__ == "__main__":

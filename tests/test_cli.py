@@ -49,3 +49,57 @@ def test_a_misspelt_malloc_setting_gets_the_same_format():
   assert proc.stderr.strip().splitlines() == [
       "build_db: error: RETRO_JAX_MALLOC='sytem': expected 'system' (glibc's malloc defaults) "
       "or 'tuned' (the default)"]
+
+
+# --- Flags derived from the configs -------------------------------------------------------
+
+def _configs():
+  # Imported here: the subprocess tests above must not pay for these imports.
+  from retro_jax import quickstart_config  # pylint: disable=g-import-not-at-top
+  from retro_jax.evaluation import eval_config  # pylint: disable=g-import-not-at-top
+  from retro_jax.generation import generate_config  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval import build_config  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval import precompute_config  # pylint: disable=g-import-not-at-top
+  return [
+      (build_config.BuildConfig, dict(corpus=("c",), tokenizer="t", output="o")),
+      (precompute_config.PrecomputeConfig, dict(db="d", output="o")),
+      (eval_config.EvalConfig, dict(workdir="w", corpus=("c",))),
+      (generate_config.GenerateConfig, dict(workdir="w")),
+      (quickstart_config.QuickstartConfig, {}),
+  ]
+
+
+def _parse(cls, argv, aliases=None):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from retro_jax import _cli  # pylint: disable=g-import-not-at-top
+  values = flags.FlagValues()
+  build = _cli.define_flags(cls, aliases=aliases, flag_values=values)
+  values(["prog"] + argv)
+  return build()
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_flag_defaults_are_the_config_defaults(index):
+  """Every default is stated once: no flags but the required ones give the config's own
+  defaults."""
+  cls, required = _configs()[index]
+  argv = []
+  for name, value in required.items():
+    for v in (value if isinstance(value, tuple) else (value,)):
+      argv.append(f"--{name}={v}")
+  assert _parse(cls, argv) == cls(**required)
+
+
+def test_flags_reach_nested_fields_and_the_old_name_is_an_alias():
+  from retro_jax.evaluation import eval_config  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval import build_config  # pylint: disable=g-import-not-at-top
+  ev = _parse(eval_config.EvalConfig, ["--workdir=w", "--corpus=a", "--corpus=b",
+                                       "--db_dir=D", "--ks=1,3", "--retrieval=off",
+                                       "--noprogress"], aliases={"db_dir": "db"})
+  assert ev.db == "D" and ev.corpus == ("a", "b") and ev.source == ["a", "b"]
+  assert ev.settings.ks == (1, 3) and not ev.settings.retrieval_on
+  assert ev.settings.retrieval_off and not ev.settings.progress
+  b = _parse(build_config.BuildConfig, ["--corpus=c", "--tokenizer=t", "--output=o",
+                                        "--index_mode=tree_ah", "--nospherical_tree",
+                                        "--reorder=50"])
+  assert (b.index.mode, b.index.spherical, b.index.reorder) == ("tree_ah", False, 50)
