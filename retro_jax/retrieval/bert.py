@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import load_file
 
 _ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -236,7 +237,6 @@ def check_param_shapes(params: Mapping, cfg: BertConfig) -> None:
 
 def load_checkpoint(model_dir: str) -> tuple[BertConfig, dict]:
   """Reads `model_dir/config.json` and `model_dir/model.safetensors` -> (config, params)."""
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   config_path = os.path.join(model_dir, "config.json")
   weights_path = os.path.join(model_dir, "model.safetensors")
   for p in (config_path, weights_path):

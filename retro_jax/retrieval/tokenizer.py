@@ -25,6 +25,8 @@ from typing import Iterable, Iterator, Sequence
 
 from absl import logging
 import numpy as np
+import sentencepiece as spm
+import tokenizers
 
 from retro_jax import fileio
 
@@ -96,7 +98,6 @@ class SentencePieceTokenizer(LMTokenizer):
 
   def __init__(self, path: str):
     super().__init__(path)
-    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
     try:
       self._sp = spm.SentencePieceProcessor(model_file=self.path)
     except (RuntimeError, OSError) as e:
@@ -130,7 +131,6 @@ class HFTokenizer(LMTokenizer):
 
   def __init__(self, path: str, eos_token: str | None = None, pad_token: str | None = None):
     super().__init__(path)
-    import tokenizers  # pylint: disable=g-import-not-at-top
     try:
       self._tok = tokenizers.Tokenizer.from_file(self.path)
     except Exception as e:  # tokenizers raises a bare Exception on parse errors.
@@ -250,7 +250,6 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int
   Returns:
     The path of the `.model` file.
   """
-  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
   if model_type not in ("unigram", "bpe"):
     raise TokenizerError(f"model_type must be 'unigram' or 'bpe', got {model_type!r}.")
   if vocab_size < 4 + 256 + 1:
