@@ -108,31 +108,29 @@ def _flag_name(f: dataclasses.Field) -> str:
   return f.metadata.get("flag") or f.name
 
 
-def _define(f: dataclasses.Field, tp: Any, flag_values) -> None:
+def _define(f: dataclasses.Field, tp: Any, flag_values, module_name: str) -> None:
   meta = f.metadata
   name, help_text = _flag_name(f), meta["help"]
+  where = dict(flag_values=flag_values, module_name=module_name)
   default = f.default if f.default is not dataclasses.MISSING else None
   choices = meta.get("choices")
   if choices is not None:
     if isinstance(choices, Mapping):
       default = next((k for k, v in choices.items() if v == default), None)
-    flags.DEFINE_enum(name, default, list(choices), help_text, flag_values=flag_values)
+    flags.DEFINE_enum(name, default, list(choices), help_text, **where)
   elif tp is bool:
     flags.DEFINE_bool(name, (not default) if meta.get("negate") else default, help_text,
-                      flag_values=flag_values)
-  elif tp is int:
-    flags.DEFINE_integer(name, default, help_text, flag_values=flag_values)
-  elif tp is float:
-    flags.DEFINE_float(name, default, help_text, flag_values=flag_values)
-  elif tp is str:
-    flags.DEFINE_string(name, default, help_text, flag_values=flag_values)
+                      **where)
+  elif tp in (int, float, str):
+    define = {int: flags.DEFINE_integer, float: flags.DEFINE_float, str: flags.DEFINE_string}
+    define[tp](name, default, help_text, **where)
   elif typing.get_origin(tp) is tuple:
     item = typing.get_args(tp)[0]
     default = None if default is None else [str(v) for v in default]
     if item is str and not meta.get("comma"):  # repeatable: --corpus=a --corpus=b
-      flags.DEFINE_multi_string(name, default, help_text, flag_values=flag_values)
+      flags.DEFINE_multi_string(name, default, help_text, **where)
     else:  # comma list: --ks=1,2,5
-      flags.DEFINE_list(name, default, help_text, flag_values=flag_values)
+      flags.DEFINE_list(name, default, help_text, **where)
   else:
     raise TypeError(f"no flag type for field {f.name}: {tp}")
   if meta.get("required"):
@@ -174,11 +172,14 @@ def define_flags(config_cls, *, aliases: Mapping[str, str] | None = None,
 
   `aliases` maps an old flag name to the current one (`{"db_dir": "db"}`).
   """
+  # The flags belong to the CLI module that asks for them, so its --helpshort lists them.
+  caller = sys._getframe(1).f_globals.get("__name__")  # pylint: disable=protected-access
+  module_name = sys.argv[0] if caller == "__main__" else caller
   leaves = _fields(config_cls)
   for _, f, tp in leaves:
-    _define(f, tp, flag_values)
+    _define(f, tp, flag_values, module_name)
   for old, new in (aliases or {}).items():
-    flags.DEFINE_alias(old, new, flag_values=flag_values)
+    flags.DEFINE_alias(old, new, flag_values=flag_values, module_name=module_name)
 
   def config():
     values = {path: _value(f, tp, flag_values[_flag_name(f)].value) for path, f, tp in leaves}
