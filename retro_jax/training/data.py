@@ -54,8 +54,8 @@ from absl import logging
 import grain
 import numpy as np
 
+from retro_jax import fileio as manifest_lib
 from retro_jax.retrieval import align as align_lib
-from retro_jax.retrieval import manifest as manifest_lib
 
 PRECOMPUTE_COMMAND = "python -m retro_jax.retrieval.precompute_neighbors"
 ORDER = "grain-index-shuffle"  # in the iterator state: which order its positions refer to

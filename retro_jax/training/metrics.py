@@ -41,7 +41,7 @@ from absl import logging
 import jax
 import numpy as np
 
-from retro_jax.retrieval import manifest as manifest_lib
+from retro_jax import fileio as manifest_lib
 
 # Peak dense FLOP/s per device for MFU when the config gives none (bf16 for accelerators).
 PEAK_FLOPS = (

@@ -29,7 +29,7 @@ import jax
 import ml_collections
 
 from retro_jax import config as model_config_lib
-from retro_jax.retrieval import manifest as manifest_lib
+from retro_jax import fileio as manifest_lib
 from retro_jax.training import checkpoint as checkpoint_lib
 from retro_jax.training import train_config
 

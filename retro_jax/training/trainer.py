@@ -42,10 +42,10 @@ import numpy as np
 import optax
 
 from retro_jax import config as model_config_lib
+from retro_jax import fileio as manifest_lib
 from retro_jax import model as model_lib
 from retro_jax.model import sharding as sharding_lib
 from retro_jax.retrieval import align as align_lib
-from retro_jax.retrieval import manifest as manifest_lib
 from retro_jax.training import checkpoint as checkpoint_lib
 from retro_jax.training import data as data_lib
 from retro_jax.training import metrics as metrics_lib
