@@ -2,7 +2,8 @@ r"""Runs the retrieval service (see service.py for the endpoints, limits and tim
 
     python -m retro_jax.retrieval.serve --db=DB_DIR [--host=127.0.0.1] [--port=8765] \
         [--bert=PATH_OR_NAME] [--max_batch=256] [--max_k=100] [--max_body_bytes=16777216] \
-        [--max_connections=512] [--idle_timeout=10] [--request_timeout=30] [--workers=4]
+        [--max_connections=512] [--idle_timeout=10] [--request_timeout=30] [--workers=4] \
+        [--nowarm_up]
 
 Loads the database, index, tokenizer and embedder once, then answers POST /retrieve,
 GET /health and GET /manifest until interrupted.  Binds 127.0.0.1 unless told otherwise:
@@ -36,6 +37,8 @@ _IDLE = flags.DEFINE_float("idle_timeout", _DEFAULTS.idle_timeout,
                            lower_bound=0.001)
 _REQUEST = flags.DEFINE_float("request_timeout", _DEFAULTS.request_timeout,
                               "Seconds for a request's body to arrive.", lower_bound=0.001)
+_WARM_UP = flags.DEFINE_bool("warm_up", True, "Compile BERT for one row at every bucket "
+                             "length before serving (no effect with a hashing embedder).")
 _WORKERS = flags.DEFINE_integer("workers", _DEFAULTS.workers,
                                 "Threads that parse, validate and tokenise requests.",
                                 lower_bound=1)
@@ -48,7 +51,7 @@ def main(argv):
       max_batch=_MAX_BATCH.value, max_k=_MAX_K.value, max_body_bytes=_MAX_BODY.value,
       max_buffered_bytes=max(_DEFAULTS.max_buffered_bytes, 4 * _MAX_BODY.value),
       max_connections=_MAX_CONN.value, idle_timeout=_IDLE.value,
-      request_timeout=_REQUEST.value, workers=_WORKERS.value)
+      request_timeout=_REQUEST.value, workers=_WORKERS.value, warm_up=_WARM_UP.value)
   try:
     embedder = retriever_lib.load_embedder(_BERT.value) if _BERT.value else None
     retriever = retriever_lib.Retriever.open(_DB.value, embedder=embedder)

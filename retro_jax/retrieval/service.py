@@ -59,6 +59,7 @@ import json
 import math
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 from typing import Any, Sequence
@@ -108,6 +109,7 @@ class ServiceConfig:
   workers: int = 4                # Threads that parse, validate, tokenise and serialise.
   batch_rows: int = 64            # Most query rows the batcher runs in one shared call.
   max_queued_rows: int = 4096     # Queries waiting for the batcher (503 beyond).
+  warm_up: bool = False           # Compile BERT for one row at every length before serving.
 
   def __post_init__(self):
     for name in ("max_batch", "max_k", "max_body_bytes", "max_buffered_bytes",
@@ -454,9 +456,19 @@ class RetrievalServer:
 
   def _warm_up(self) -> None:
     """Sets the BERT tokenizer's truncation state once, before threads share it (a call
-    with other settings would mutate it under a concurrent one)."""
-    if self.handler.batched_embedder:
-      self.handler.retriever.embedder.tokenize(["warm up"])
+    with other settings would mutate it under a concurrent one); with config.warm_up, also
+    compiles BERT for one row at every bucket length, so that a query's first long text
+    does not wait for a compile (~1 s each on CPU; other row counts compile on first use)."""
+    if not self.handler.batched_embedder:
+      return
+    emb = self.handler.retriever.embedder
+    emb.tokenize(["warm up"])
+    if self.config.warm_up:
+      t0 = time.perf_counter()
+      for length in emb.buckets:
+        emb.embed_token_ids([[0, 0]], pad_lengths=np.asarray([length]))
+      logging.info("retrieval service: BERT compiled for lengths %s in %.1f s",
+                   list(emb.buckets), time.perf_counter() - t0)
 
   @property
   def url(self) -> str:
