@@ -20,6 +20,10 @@ def every_third_from(start: int, num_layers: int, every: int = 3) -> tuple[int, 
 
 
 _DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLS = ("einsum", "sdpa_xla", "sdpa_cudnn", "auto")
+# jax.checkpoint_policies names offered for remat.
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                  "everything_saveable")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +83,20 @@ class RetroConfig:
   # Sinusoid wavelength base of the relative-position features.
   pos_max_wavelength: float = 10_000.0
 
+  # --- Accelerator speed (same model, same parameters; see model/attention.py) ---------------
+  # Attention core: "einsum" (reference), "sdpa_xla" / "sdpa_cudnn" (jax.nn.dot_product_attention
+  # with the relative-position term as its bias; cuDNN needs a GPU and bfloat16/float16), or
+  # "auto": sdpa_cudnn on a GPU in half precision, else einsum.
+  attention_impl: str = "einsum"
+  # In bfloat16/float16, the dots with float32 outputs (unembedding, einsum attention logits)
+  # take their cotangent in the compute dtype, so their backward matmuls run in it too.
+  low_precision_grads: bool = True
+  # Decoder layers as nn.scan over groups of identical blocks (model/retro.py): one compiled
+  # body per group.  Parameters are then stacked per group (model/params.py converts).
+  scan_layers: bool = False
+  # What remat (or scanned layers with remat) saves: a jax.checkpoint_policies name.
+  remat_policy: str = "nothing_saveable"
+
   def __post_init__(self):
     def positive(name):
       value = getattr(self, name)
@@ -126,6 +144,22 @@ class RetroConfig:
                  "share_embeddings", "remat"):
       if not isinstance(getattr(self, name), bool):
         raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ConfigError(f"attention_impl must be one of {ATTENTION_IMPLS}, got "
+                        f"{self.attention_impl!r}")
+    if self.attention_impl == "sdpa_cudnn" and self.dtype == "float32":
+      raise ConfigError("attention_impl='sdpa_cudnn' needs dtype bfloat16 or float16 "
+                        "(cuDNN attention has no float32 kernel); use 'sdpa_xla'")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ConfigError(f"remat_policy must be one of {REMAT_POLICIES}, got "
+                        f"{self.remat_policy!r}")
+    for name in ("low_precision_grads", "scan_layers"):
+      if not isinstance(getattr(self, name), bool):
+        raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+    steps = {b - a for a, b in zip(self.cca_layers, self.cca_layers[1:])}
+    if self.scan_layers and len(steps) > 1:
+      raise ConfigError(f"scan_layers needs evenly spaced cca_layers (one scanned period), "
+                        f"got {self.cca_layers}")
     if self.positional not in ("xl",):
       raise ConfigError(f"positional must be 'xl', got {self.positional!r}")
     if self.dtype not in _DTYPES:

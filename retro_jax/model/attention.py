@@ -7,6 +7,17 @@ table R is computed once per call and shared by all layers; each layer projects 
 (W_r R) rather than once per query.  The same module serves decoder self-attention (causal),
 encoder self-attention (bidirectional), the encoder's cross-attention to the retrieving chunk,
 and chunked cross-attention (cca.py), which differ only in which distances they use.
+
+Two implementations of the attention core (config `attention_impl`):
+  einsum  logits, position logits (float32), masked softmax and weighted sum as einsums in
+          a heads-first layout; the reference.
+  sdpa_*  `jax.nn.dot_product_attention` ("xla" or "cudnn") with the position term as its
+          additive bias: the position logits are computed in the compute dtype, skewed and
+          scaled by 1/sqrt(dh), and masked keys are folded into the bias (NEG_INF); the
+          causal decoder instead zeroes the bias above the diagonal (the skew moves other
+          rows' values there; cuDNN may leave dbias unwritten in masked tiles) and passes
+          is_causal=True.  Rows with no valid key get a zero output, as in the einsum path.
+Both take the same parameters; tests/test_attention_impl.py checks that they agree.
 """
 
 from __future__ import annotations
@@ -19,6 +30,22 @@ from retro_jax.model import layers
 from retro_jax.model.layers import EMBED, HEADS, KV, NEG_INF
 
 
+def resolve_impl(config) -> str:
+  """config.attention_impl, with "auto" decided for the default backend: cuDNN SDPA on a GPU
+  in half precision, the einsum core elsewhere."""
+  if config.attention_impl != "auto":
+    return config.attention_impl
+  if jax.default_backend() == "gpu" and config.dtype != "float32":
+    return "sdpa_cudnn"
+  return "einsum"
+
+
+def impl_kwargs(config) -> dict:
+  """The attention-core fields of RelativeAttention / ChunkedCrossAttention for a config."""
+  return dict(impl=resolve_impl(config), low_precision_grad=layers.uses_low_precision_grads(
+      layers.dtype_of(config.dtype), config.low_precision_grads))
+
+
 class RelativeAttention(nn.Module):
   """Projections and attention core; the position geometry is chosen by the caller."""
   num_heads: int
@@ -28,6 +55,12 @@ class RelativeAttention(nn.Module):
   init_std: float = 0.02
   out_init_std: float = 0.02
   dtype: jnp.dtype = jnp.float32
+  impl: str = "einsum"              # "einsum" | "sdpa_xla" | "sdpa_cudnn" (resolved, no "auto")
+  low_precision_grad: bool = False  # float32-output logit dots take a compute-dtype cotangent
+
+  @property
+  def uses_sdpa(self) -> bool:
+    return self.impl != "einsum"
 
   def setup(self):
     h, dh = self.num_heads, self.head_dim
@@ -81,14 +114,19 @@ class RelativeAttention(nn.Module):
   def content_logits(self, q, k):
     """q [H, ..., nq, dh], k [H, ..., nk, dh] -> [H, ..., nq, nk] float32 (unscaled)."""
     qu = q + self._bias(self.content_bias, q)
+    if self.low_precision_grad:
+      return layers.einsum_f32("...qd,...kd->...qk", qu, k, True)
     return jnp.einsum("...qd,...kd->...qk", qu, k, preferred_element_type=jnp.float32)
 
   def position_logits(self, q, table):
     """q [H, ..., nq, dh], table [H, R, dh] -> [H, ..., nq, R] float32 (unscaled)."""
     qv = q + self._bias(self.position_bias, q)
     h, dh = q.shape[0], q.shape[-1]
-    out = jnp.einsum("hnd,hrd->hnr", qv.reshape(h, -1, dh), table,
-                     preferred_element_type=jnp.float32)
+    if self.low_precision_grad:
+      out = layers.einsum_f32("hnd,hrd->hnr", qv.reshape(h, -1, dh), table, True)
+    else:
+      out = jnp.einsum("hnd,hrd->hnr", qv.reshape(h, -1, dh), table,
+                       preferred_element_type=jnp.float32)
     return out.reshape(q.shape[:-1] + table.shape[1:2])
 
   def attend(self, logits, mask, v):
@@ -114,6 +152,8 @@ class RelativeAttention(nn.Module):
     n = x.shape[-2]
     q = self.query(x)
     k, v = self.key_value(x)
+    if self.uses_sdpa:
+      return self._sdpa_self_attention(x, q, k, v, feats, causal, key_mask), k, v
     qh, kh, vh = heads_first(q), heads_first(k), heads_first(v)
     logits = self.content_logits(qh, kh)
     table = heads_first(self.position_table(feats))
@@ -137,6 +177,14 @@ class RelativeAttention(nn.Module):
     k, v = self.key_value(x)
     cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), pos, 1)
     cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), pos, 1)
+    if self.uses_sdpa:
+      q = heads_last(q)                                             # [B, 1, H, dh]
+      by_distance = self.bias_logits(q, table)                      # [B, H, 1, T]
+      rev = jnp.pad(by_distance[..., ::-1], [(0, 0)] * 3 + [(0, t_max)])
+      bias = jax.lax.dynamic_slice_in_dim(rev, t_max - 1 - pos, t_max, axis=3)
+      bias = jnp.where(jnp.arange(t_max) <= pos, bias, NEG_INF)
+      out = self.sdpa(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), bias)
+      return self.output(out), cache_k, cache_v
     logits = self.content_logits(q, heads_first(cache_k))           # [H, B, 1, T]
     by_distance = self.position_logits(q, heads_first(table))       # [H, B, 1, T]
     # Key j has distance pos - j: reverse the table and slide it by pos.
@@ -145,6 +193,47 @@ class RelativeAttention(nn.Module):
     mask = (jnp.arange(t_max) <= pos)[None, None, :]
     out = self.attend(logits, mask, heads_first(cache_v))           # [H, B, 1, dh]
     return self.output(heads_last(out)), cache_k, cache_v
+
+
+  # --- the SDPA core (token-major [..., n, H, dh], bias [..., H, nq, nk]) ----------------
+  def bias_logits(self, q, table):
+    """Position logits as an SDPA bias: q [..., nq, H, dh], table [R, H, dh] ->
+    (q + v) . table / sqrt(dh) [..., H, nq, R] in the compute dtype."""
+    qv = q + self.position_bias.astype(q.dtype)
+    nq, h, dh = q.shape[-3:]
+    out = jnp.einsum("bqhd,rhd->bhqr", qv.reshape((-1, nq, h, dh)), table.astype(q.dtype))
+    out = out * jnp.asarray(self.head_dim ** -0.5, out.dtype)
+    return out.reshape(q.shape[:-3] + (h, nq, table.shape[0]))
+
+  def sdpa(self, q, k, v, bias, *, causal: bool = False, has_key=None):
+    """jax.nn.dot_product_attention of q [..., nq, H, dh] (before the content bias) against
+    k, v [..., nk, H, dh], with bias [..., H, nq, nk] (scaled; NEG_INF at masked keys).
+    has_key [..., nq] (broadcastable; None = every row has a key): rows without one return
+    zeros.  Returns [..., nq, H, dh]."""
+    qu = q + self.content_bias.astype(q.dtype)
+    lead = q.shape[:-3]
+    flat = lambda t: t.reshape((-1,) + t.shape[-3:])
+    bias = jnp.broadcast_to(bias, lead + bias.shape[-3:]).astype(q.dtype)
+    out = jax.nn.dot_product_attention(
+        flat(qu), flat(k), flat(v), bias=flat(bias), scale=self.head_dim ** -0.5,
+        is_causal=causal, implementation=self.impl.removeprefix("sdpa_"))
+    out = out.reshape(q.shape)
+    if has_key is not None:
+      out = jnp.where(has_key[..., None, None], out, jnp.zeros((), out.dtype))
+    return out
+
+  def _sdpa_self_attention(self, x, q, k, v, feats, causal, key_mask):
+    n = x.shape[-2]
+    bias = layers.skew(self.bias_logits(q, self.position_table(feats)), n)  # [..., H, n, n]
+    has_key = None
+    if causal:
+      bias = jnp.where(jnp.tril(jnp.ones((n, n), bool)), bias, jnp.zeros((), bias.dtype))
+    if key_mask is not None:
+      bias = jnp.where(key_mask[..., None, None, :], bias, NEG_INF)
+      has_key = jnp.any(key_mask, axis=-1)[..., None]
+      if causal:  # row i sees keys <= i only
+        has_key = jnp.cumsum(key_mask, axis=-1) > 0
+    return self.output(self.sdpa(q, k, v, bias, causal=causal, has_key=has_key))
 
 
 def heads_first(t):

@@ -76,12 +76,14 @@ class ChunkedCrossAttention(nn.Module):
   out_init_std: float = 0.02
   dtype: jnp.dtype = jnp.float32
   num_ranks: int = 0  # > 0: a learned per-head logit for each of this many neighbor ranks.
+  impl: str = "einsum"              # attention core (attention.py)
+  low_precision_grad: bool = False
 
   def setup(self):
     self.attn = RelativeAttention(
         num_heads=self.num_heads, head_dim=self.head_dim, q_dim=self.emb_dim,
         kv_dim=self.enc_emb_dim, init_std=self.init_std, out_init_std=self.out_init_std,
-        dtype=self.dtype)
+        dtype=self.dtype, impl=self.impl, low_precision_grad=self.low_precision_grad)
     if self.num_ranks:
       zeros = nn.with_logical_partitioning(nn.initializers.zeros, (layers.HEADS, None))
       self.rank_bias = self.param("rank_bias", zeros, (self.num_heads, self.num_ranks),
@@ -98,6 +100,27 @@ class ChunkedCrossAttention(nn.Module):
     bias = bias.reshape((h,) + (1,) * (shaped.ndim - 3) + (k, 1))
     return (shaped + bias).reshape(logits.shape)
 
+  def _sdpa_bias(self, pos, mask, k: int):
+    """SDPA bias [..., H, q, k*r] from scaled position logits pos [..., H, q, r] (the same
+    for all k neighbors), the rank bias, and the key mask [..., k*r] (broadcast over H, q)."""
+    r = pos.shape[-1]
+    bias = jnp.broadcast_to(pos[..., None, :], pos.shape[:-1] + (k, r))
+    if self.num_ranks:
+      rank = rank_logits(self.rank_bias, k).astype(bias.dtype)           # [H, k]
+      bias = bias + rank.reshape((1,) * (bias.ndim - 4) + (self.num_heads, 1, k, 1))
+    bias = bias.reshape(pos.shape[:-1] + (k * r,))
+    return jnp.where(mask[..., None, None, :], bias, layers.NEG_INF)
+
+  def _sdpa_call(self, windows, enc, enc_mask, feats):
+    _, l, k, r, _ = enc.shape
+    q = self.attn.query(windows)                                    # [B, l, m, H, dh]
+    keys, values = self.neighbor_kv(enc)                            # [B, l, k*r, H, dh]
+    pos = layers.skew(self.attn.bias_logits(q, self.attn.position_table(feats)), r)
+    mask = enc_mask.reshape(enc_mask.shape[:2] + (k * r,))          # [B, l, k*r]
+    bias = self._sdpa_bias(pos, mask, k)                            # [B, l, H, m, k*r]
+    has_key = jnp.any(mask, axis=-1)[..., None]                     # [B, l, 1]
+    return self.attn.output(self.attn.sdpa(q, keys, values, bias, has_key=has_key))
+
   def neighbor_kv(self, enc):
     """enc [..., k, r, d'] -> keys and values [..., k*r, H, dh]."""
     k, v = self.attn.key_value(enc)
@@ -111,6 +134,8 @@ class ChunkedCrossAttention(nn.Module):
     _, l, k, r, _ = enc.shape
     windows = to_windows(h, self.chunk_size, l)                     # [B, l, m, d]
     windows = layers.constrain(windows, (layers.BATCH, None, layers.LENGTH, layers.ACT_EMBED))
+    if self.attn.uses_sdpa:
+      return from_windows(self._sdpa_call(windows, enc, enc_mask, feats), n)
     q = heads_first(self.attn.query(windows))                       # [H, B, l, m, dh]
     keys, values = map(heads_first, self.neighbor_kv(enc))          # [H, B, l, k*r, dh]
     logits = self.attn.content_logits(q, keys)                      # [H, B, l, m, k*r]
@@ -131,6 +156,15 @@ class ChunkedCrossAttention(nn.Module):
     m = self.chunk_size
     r = 2 * m
     i = jnp.mod(pos - (m - 1), m)                                   # offset in the window
+    if self.attn.uses_sdpa:
+      q = self.attn.query(h)                                        # [B, 1, H, dh]
+      by_distance = self.attn.bias_logits(q, table)                 # [B, H, 1, m+r-1]
+      pos_bias = jax.lax.dynamic_slice_in_dim(by_distance, m - 1 - i, r, axis=3)
+      k = cache_k.shape[1] // r
+      bias = self._sdpa_bias(pos_bias, cache_mask, k)               # [B, H, 1, k*r]
+      has_key = jnp.any(cache_mask, axis=-1)[:, None]               # [B, 1]
+      return self.attn.output(self.attn.sdpa(q, cache_k.astype(q.dtype),
+                                             cache_v.astype(q.dtype), bias, has_key=has_key))
     q = heads_first(self.attn.query(h))                             # [H, B, 1, dh]
     logits = self.attn.content_logits(q, heads_first(cache_k))      # [H, B, 1, k*r]
     by_distance = self.attn.position_logits(q, heads_first(table))  # [H, B, 1, m+r-1]

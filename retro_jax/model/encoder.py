@@ -16,6 +16,7 @@ import flax.linen as nn
 
 from retro_jax.config import RetroConfig
 from retro_jax.model import layers
+from retro_jax.model import attention
 from retro_jax.model.attention import RelativeAttention, heads_first, heads_last
 
 
@@ -28,15 +29,16 @@ class EncoderLayer(nn.Module):
     dtype = layers.dtype_of(c.dtype)
     out_std = layers.scaled_init_std(c.init_std, c.enc_num_layers)
     self.self_norm = layers.RMSNorm(c.norm_eps, dtype)
+    impl = attention.impl_kwargs(c)
     self.self_attn = RelativeAttention(
         c.enc_num_heads, c.enc_head_dim, q_dim=c.enc_emb_dim, kv_dim=c.enc_emb_dim,
-        init_std=c.init_std, out_init_std=out_std, dtype=dtype)
+        init_std=c.init_std, out_init_std=out_std, dtype=dtype, **impl)
     if self.cross_attends:
       self.cross_norm = layers.RMSNorm(c.norm_eps, dtype)
       self.context_norm = layers.RMSNorm(c.norm_eps, dtype)
       self.cross_attn = RelativeAttention(
           c.enc_num_heads, c.enc_head_dim, q_dim=c.enc_emb_dim, kv_dim=c.emb_dim,
-          init_std=c.init_std, out_init_std=out_std, dtype=dtype)
+          init_std=c.init_std, out_init_std=out_std, dtype=dtype, **impl)
     self.ffw_norm = layers.RMSNorm(c.norm_eps, dtype)
     self.ffw = layers.FeedForward(c.enc_mlp_dim, c.init_std, dtype)
 
@@ -51,6 +53,9 @@ class EncoderLayer(nn.Module):
       b, l, k, r, d = x.shape
       m = context.shape[2]
       attn = self.cross_attn
+      if attn.uses_sdpa:
+        x = x + self._sdpa_cross(x, context, context_mask, cross_feats)
+        return x + self.ffw(self.ffw_norm(x))
       q = heads_first(attn.query(self.cross_norm(x).reshape(b, l, k * r, d)))  # [H,B,l,k*r,dh]
       ck, cv = map(heads_first, attn.key_value(self.context_norm(context)))  # [H,B,l,m,dh]
       logits = attn.content_logits(q, ck)                          # [H, B, l, k*r, m]
@@ -63,6 +68,21 @@ class EncoderLayer(nn.Module):
       y = attn.output(heads_last(attn.attend(logits, cmask, cv)))  # [B, l, k*r, d']
       x = x + y.reshape(x.shape)
     return x + self.ffw(self.ffw_norm(x))
+
+  def _sdpa_cross(self, x, context, context_mask, cross_feats):
+    """The cross-attention above through the SDPA core (attention.py)."""
+    b, l, k, r, d = x.shape
+    m = context.shape[2]
+    attn = self.cross_attn
+    q = attn.query(self.cross_norm(x).reshape(b, l, k * r, d))    # [B, l, k*r, H, dh]
+    ck, cv = attn.key_value(self.context_norm(context))           # [B, l, m, H, dh]
+    pos = attn.bias_logits(q, attn.position_table(cross_feats))   # [B, l, H, k*r, R]
+    pos = layers.skew(pos.reshape(pos.shape[:-2] + (k, r, pos.shape[-1])), m)
+    bias = pos.reshape(pos.shape[:-3] + (k * r, m))               # [B, l, H, k*r, m]
+    bias = jnp.where(context_mask[:, :, None, None, :], bias, layers.NEG_INF)
+    has_key = jnp.any(context_mask, axis=-1)[..., None]           # [B, l, 1]
+    y = attn.output(attn.sdpa(q, ck, cv, bias, has_key=has_key))  # [B, l, k*r, d']
+    return y.reshape(x.shape)
 
 
 class NeighborEncoder(nn.Module):

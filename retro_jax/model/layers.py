@@ -7,6 +7,7 @@ softmax and normalisation statistics in float32.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -49,6 +50,64 @@ def dense(x, kernel, contract: int = 1, **kwargs):
   k2 = kernel.reshape(math.prod(inner), math.prod(out))
   y = jnp.dot(x.reshape(math.prod(lead), k2.shape[0]), k2, **kwargs)
   return y.reshape(*lead, *out)
+
+
+def _float32_out_low_precision_grad(op):
+  """Wraps op(a, b, out_dtype), a dot with a float32 output, so that its cotangent is cast
+  to the operands' dtype before the backward dots.
+
+  The forward is op(a, b, float32) itself (bit-identical).  Plain autodiff of a
+  bfloat16 x bfloat16 -> float32 dot gives a float32 cotangent, and both backward matmuls
+  then run with float32 operands (TF32 or float32 units on accelerators); here they run on
+  bfloat16 operands with float32 accumulation, as the forward does.  Gradients move by
+  about one bfloat16 rounding of the cotangent (~4e-3 relative).
+  """
+  @jax.custom_vjp
+  def f(a, b):
+    return op(a, b, jnp.float32)
+
+  def fwd(a, b):
+    return op(a, b, jnp.float32), (a, b)
+
+  def bwd(res, g):
+    a, b = res
+    _, vjp = jax.vjp(lambda a_, b_: op(a_, b_, a.dtype), a, b)
+    return vjp(g.astype(a.dtype))
+
+  f.defvjp(fwd, bwd)
+  return f
+
+
+@functools.lru_cache(maxsize=None)
+def _einsum_low_precision_grad(spec: str):
+  return _float32_out_low_precision_grad(
+      lambda a, b, dt: jnp.einsum(spec, a, b, preferred_element_type=dt))
+
+
+_dot_low_precision_grad = _float32_out_low_precision_grad(
+    lambda a, b, dt: jnp.dot(a, b, preferred_element_type=dt))
+
+
+def uses_low_precision_grads(dtype, enabled: bool) -> bool:
+  """Whether float32-output dots of this compute dtype take the cast cotangent."""
+  return enabled and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def einsum_f32(spec: str, a, b, low_precision_grad: bool = False):
+  """jnp.einsum(spec, a, b, preferred_element_type=float32); with low_precision_grad (and
+  half-precision operands) its backward dots run in the operands' dtype (see above)."""
+  if low_precision_grad and a.dtype == b.dtype and a.dtype != jnp.float32:
+    return _einsum_low_precision_grad(spec)(a, b)
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def dense_f32(x, kernel, low_precision_grad: bool = False):
+  """dense(x, kernel, preferred_element_type=float32), optionally with the cast cotangent."""
+  if not (low_precision_grad and x.dtype == kernel.dtype and x.dtype != jnp.float32):
+    return dense(x, kernel, preferred_element_type=jnp.float32)
+  lead, d = x.shape[:-1], x.shape[-1]
+  y = _dot_low_precision_grad(x.reshape(math.prod(lead), d), kernel.reshape(d, -1))
+  return y.reshape(*lead, *kernel.shape[1:])
 
 
 def constrain(x, names):

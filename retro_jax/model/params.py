@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from retro_jax.config import RetroConfig
-from retro_jax.model.retro import Retro
+from retro_jax.model.retro import Retro, scan_groups
 
 # Top-level parameter collections that hold token embeddings or the output projection.
 EMBEDDING_PATHS = (("embed",), ("encoder", "embed"), ("unembed",))
@@ -54,3 +54,43 @@ def count_params(config: RetroConfig, embeddings: bool = False) -> int:
     if embeddings or not is_embedding_path(keys):
       total += int(np.prod(leaf.shape))
   return total
+
+
+# --- scanned <-> per-layer parameter layouts --------------------------------------------
+# With config.scan_layers, each scanned group of model/retro.py:scan_groups stores its
+# repetitions stacked: params["scan_<i>"]["block_<t>"][...] has a leading axis of length
+# reps, entry j being layer indices[t] + j * period (per-layer name "layer_<index - 1>").
+# Unscanned groups (the first CCA layer) keep their per-layer name.  Everything else
+# (embeddings, encoder, copy head, final norm, unembedding) is the same in both layouts.
+# Convert a checkpoint's params (and, leaf for leaf, AdamW moments) with these.
+
+def _layer_paths(config: RetroConfig):
+  """(group name, block name, rep, per-layer name) for every scanned decoder layer."""
+  for group in scan_groups(config):
+    if not group.scanned:
+      continue
+    for rep in range(group.reps):
+      for t, index in enumerate(group.layer_indices(rep)):
+        yield group.name, f"block_{t}", rep, f"layer_{index - 1}"
+
+
+def scan_params(params, config: RetroConfig):
+  """Per-layer parameters (scan_layers=False) -> the scan_layers=True layout of config."""
+  out = dict(params)
+  stacks: dict[tuple[str, str], list] = {}
+  for group, block, _, layer in _layer_paths(config):
+    stacks.setdefault((group, block), []).append(out.pop(layer))
+  for (group, block), trees in stacks.items():
+    out.setdefault(group, {})[block] = jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+  return out
+
+
+def unscan_params(params, config: RetroConfig):
+  """The scan_layers=True layout of config -> per-layer parameters (scan_layers=False)."""
+  out = dict(params)
+  for group, block, rep, layer in _layer_paths(config):
+    out[layer] = jax.tree.map(lambda x, r=rep: x[r], params[group][block])
+  for group in scan_groups(config):
+    if group.scanned:
+      out.pop(group.name, None)
+  return out

@@ -14,11 +14,16 @@ Incremental decoding reuses these modules (one definition): `init_cache` precomp
 per-layer position tables, `prefill` runs the full forward pass over a prompt and fills the
 cache, and `decode_step` feeds one token, encoding fresh neighbors when that token completes
 a chunk.  tests/test_decoding.py checks it against the full forward pass.
+
+With config.scan_layers the decoder runs as the groups of `scan_groups` (nn.scan over
+repetitions of identical layers, parameters stacked on a leading "layers" axis): the same
+function, compiled once per group instead of once per layer (tests/test_scan.py).  The
+decoding methods need the per-layer layout (params.unscan_params converts).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -27,6 +32,7 @@ import numpy as np
 
 from retro_jax.config import RetroConfig
 from retro_jax.model import layers
+from retro_jax.model import attention
 from retro_jax.model.attention import RelativeAttention
 from retro_jax.model.cca import ChunkedCrossAttention, cca_distances
 from retro_jax.model.copy import (COPY_DIM, MATCH_ORDERS, SCALAR_SCALE, NeighborCopy,
@@ -34,6 +40,55 @@ from retro_jax.model.copy import (COPY_DIM, MATCH_ORDERS, SCALAR_SCALE, Neighbor
 from retro_jax.model.encoder import NeighborEncoder
 
 Cache = dict[str, Any]
+
+
+class ScanGroup(NamedTuple):
+  """Consecutive decoder layers run as `reps` repetitions of one period of layers.
+
+  indices: the 1-based layers of the first repetition (repetition j runs indices + j * p,
+  p = len(indices)); scanned: whether the group is an nn.scan (the first CCA layer, which
+  calls the encoder in its middle, is not).
+  """
+  indices: tuple[int, ...]
+  reps: int
+  scanned: bool
+
+  def layer_indices(self, rep: int) -> tuple[int, ...]:
+    return tuple(i + rep * len(self.indices) for i in self.indices)
+
+  @property
+  def name(self) -> str:
+    return f"scan_{self.indices[0] - 1}" if self.scanned else f"layer_{self.indices[0] - 1}"
+
+
+def scan_groups(config: RetroConfig) -> list[ScanGroup]:
+  """How `scan_layers` groups the decoder: the plain layers before the first CCA layer (one
+  scan), the first CCA layer alone, then periods ending in each later CCA layer (one scan;
+  they must be evenly spaced, as in every paper preset), then any plain layers after the
+  last (one scan).  A baseline is one scan over all its layers.  E.g. retro-172m (CCA at 6,
+  9, 12): scan 5 x [1], layer 6, scan 2 x [7, 8, 9]."""
+  c = config
+  groups: list[ScanGroup] = []
+
+  def plain(start, stop):  # 1-based layers start .. stop - 1, all plain
+    if stop > start:
+      groups.append(ScanGroup((start,), stop - start, True))
+
+  if not c.cca_layers:
+    plain(1, c.num_layers + 1)
+    return groups
+  first, rest = c.cca_layers[0], c.cca_layers[1:]
+  plain(1, first)
+  groups.append(ScanGroup((first,), 1, False))
+  if rest:
+    period = rest[0] - first
+    steps = np.diff((first,) + rest)
+    if np.any(steps != period):
+      raise ValueError(f"scan_layers needs evenly spaced cca_layers after the first, got "
+                       f"{c.cca_layers}")
+    groups.append(ScanGroup(tuple(range(first + 1, first + period + 1)), len(rest), True))
+  plain((rest[-1] if rest else first) + 1, c.num_layers + 1)
+  return groups
 
 
 class DecoderLayer(nn.Module):
@@ -49,14 +104,15 @@ class DecoderLayer(nn.Module):
     dtype = layers.dtype_of(c.dtype)
     out_std = layers.scaled_init_std(c.init_std, c.num_layers)
     self.attn_norm = layers.RMSNorm(c.norm_eps, dtype)
+    impl = attention.impl_kwargs(c)
     self.attn = RelativeAttention(c.num_heads, c.head_dim, q_dim=c.emb_dim, kv_dim=c.emb_dim,
-                                  init_std=c.init_std, out_init_std=out_std, dtype=dtype)
+                                  init_std=c.init_std, out_init_std=out_std, dtype=dtype, **impl)
     if self.has_cca:
       self.cca_norm = layers.RMSNorm(c.norm_eps, dtype)
       self.cca = ChunkedCrossAttention(
           c.num_heads, c.head_dim, c.emb_dim, c.enc_emb_dim, c.chunk_size,
           init_std=c.init_std, out_init_std=out_std, dtype=dtype,
-          num_ranks=c.num_neighbors if c.cca_rank_bias else 0)
+          num_ranks=c.num_neighbors if c.cca_rank_bias else 0, **impl)
       if c.cca_gate:
         # Flamingo's zero-initialised tanh gate, stored / 10 (copy.SCALAR_SCALE) so that it
         # can open within a few hundred steps.
@@ -107,6 +163,46 @@ class DecoderLayer(nn.Module):
     return x + self.ffw(self.ffw_norm(x))
 
 
+class DecoderPeriod(nn.Module):
+  """One repetition of a scanned group: its layers in order (block_t = indices[t])."""
+  config: RetroConfig
+  indices: tuple[int, ...]
+
+  def setup(self):
+    self.blocks = [DecoderLayer(self.config, i, name=f"block_{t}")
+                   for t, i in enumerate(self.indices)]
+
+  def __call__(self, x, enc, enc_mask, self_feats, cca_feats):
+    """x [B, n, d] -> (x, [(keys, values) per block])."""
+    kvs = []
+    for block in self.blocks:
+      x, k, v = block.attention_block(x, self_feats)
+      kvs.append((k, v))
+      x = block.retrieval_ffw_block(x, enc, enc_mask, cca_feats)
+    return x, kvs
+
+
+def _remat_policy(config: RetroConfig):
+  """The jax.checkpoint policy of config.remat_policy (None: save nothing, remat's default)."""
+  if config.remat_policy == "nothing_saveable":
+    return None
+  return getattr(jax.checkpoint_policies, config.remat_policy)
+
+
+def _scanned(config: RetroConfig, group: ScanGroup):
+  cls = DecoderPeriod
+  if config.remat:
+    cls = nn.remat(cls, policy=_remat_policy(config), prevent_cse=False)
+  return nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                 in_axes=(nn.broadcast,) * 4, length=group.reps,
+                 metadata_params={nn.PARTITION_NAME: LAYERS})(
+                     config, group.indices, name=group.name)
+
+
+# Logical name of the stacked axis of scanned parameters (sharding.LOGICAL_RULES).
+LAYERS = "layers"
+
+
 class Retro(nn.Module):
   """RETRO language model: `apply(params, tokens[B, n], neighbors[B, l, k, r]) -> logits`."""
   config: RetroConfig
@@ -117,8 +213,14 @@ class Retro(nn.Module):
     self.embed = layers.Embed(c.vocab_size, c.emb_dim, c.init_std, dtype)
     layer_cls = DecoderLayer
     if c.remat:
-      layer_cls = nn.remat(DecoderLayer, methods=["attention_block", "retrieval_ffw_block"])
-    self.layers = [layer_cls(c, i + 1, name=f"layer_{i}") for i in range(c.num_layers)]
+      layer_cls = nn.remat(DecoderLayer, methods=["attention_block", "retrieval_ffw_block"],
+                           policy=_remat_policy(c))
+    if c.scan_layers:
+      self.groups = [_scanned(c, g) if g.scanned else layer_cls(c, g.indices[0], name=g.name)
+                     for g in scan_groups(c)]
+      self.layers = None
+    else:
+      self.layers = [layer_cls(c, i + 1, name=f"layer_{i}") for i in range(c.num_layers)]
     if c.uses_retrieval:
       self.encoder = NeighborEncoder(
           c, shared_embedding=self.embed if c.share_embeddings else None)
@@ -139,7 +241,11 @@ class Retro(nn.Module):
     states and logits) turns them into the mixture's log-probabilities, and the decoder's
     own logits go to aux["lm_logits"]."""
     x = self.final_norm(x)
-    logits = layers.dense(x, self.unembed.astype(x.dtype), preferred_element_type=jnp.float32)
+    c = self.config
+    if layers.uses_low_precision_grads(x.dtype, c.low_precision_grads):
+      logits = layers.dense_f32(x, self.unembed.astype(x.dtype), low_precision_grad=True)
+    else:
+      logits = layers.dense(x, self.unembed.astype(x.dtype), preferred_element_type=jnp.float32)
     logits = layers.constrain(logits, (layers.BATCH, layers.LENGTH, layers.ACT_VOCAB))
     if copy_fn is not None:
       if aux is not None:
@@ -208,6 +314,8 @@ class Retro(nn.Module):
     use_retrieval = c.uses_retrieval and neighbors is not None
     enc = enc_mask = h_first = None
     kvs = []
+    if c.scan_layers:
+      return self._forward_scanned(x, tokens, neighbors, self_feats, cca_feats)
     for layer in self.layers:
       x, k, v = layer.attention_block(x, self_feats)
       kvs.append((k, v))
@@ -221,6 +329,38 @@ class Retro(nn.Module):
     if use_retrieval and self._has_copy:
       copy = lambda h, logits: self.copy(h, logits, enc, enc_mask, neighbors, tokens)
     return self._logits(x, copy, aux), aux
+
+  def _forward_scanned(self, x, tokens, neighbors, self_feats, cca_feats):
+    """forward() with scan_layers: the groups of scan_groups() in order.  aux["kvs"] holds
+    each group's stacked keys/values ([reps, B, n, H, dh] per block)."""
+    c = self.config
+    n = tokens.shape[1]
+    use_retrieval = c.uses_retrieval and neighbors is not None
+    enc = enc_mask = h_first = None
+    kvs = []
+    for group, module in zip(scan_groups(c), self.groups):
+      if group.scanned:
+        x, group_kvs = module(x, enc, enc_mask, self_feats, cca_feats)
+        kvs.append(group_kvs)
+        continue
+      x, k, v = module.attention_block(x, self_feats)   # the first CCA layer
+      kvs.append((k, v))
+      if use_retrieval:
+        h_first = x
+        context, context_mask = self._chunk_context(x, n)
+        enc, enc_mask = self.encoder(neighbors, context, context_mask)
+      x = module.retrieval_ffw_block(x, enc, enc_mask, cca_feats)
+    aux = dict(kvs=kvs, h_first=h_first, enc=enc, enc_mask=enc_mask)
+    copy = None
+    if use_retrieval and self._has_copy:
+      copy = lambda h, logits: self.copy(h, logits, enc, enc_mask, neighbors, tokens)
+    return self._logits(x, copy, aux), aux
+
+  def _check_unscanned(self, what: str):
+    if self.config.scan_layers:
+      raise ValueError(f"{what} needs the per-layer layout: convert the parameters with "
+                       f"retro_jax.model.params.unscan_params and use "
+                       f"config.replace(scan_layers=False)")
 
   def train_outputs(self, tokens, neighbors=None):
     """(logits [B, n, V], lm_logits [B, n, V] or None): what training scores.
@@ -242,6 +382,7 @@ class Retro(nn.Module):
     and the first CCA layer's activations [B, T, d], from which chunks are re-read to
     condition the encoder when they complete.
     """
+    self._check_unscanned("init_cache")
     c = self.config
     k = num_neighbors or c.num_neighbors
     dtype = layers.dtype_of(c.dtype)
@@ -274,6 +415,7 @@ class Retro(nn.Module):
     neighbors [B, ceil(p/m), k, r] as in __call__ (None for a baseline).  Returns
     (logits [B, p, V], cache); the next token goes to decode_step at pos = p.
     """
+    self._check_unscanned("prefill")
     c = self.config
     p = tokens.shape[1]
     logits, aux = self.forward(tokens, neighbors)
@@ -319,6 +461,7 @@ class Retro(nn.Module):
     encoded once, conditioned on the chunk's activations, and kept in the cache for the
     next m tokens.  Otherwise pass None.
     """
+    self._check_unscanned("decode_step")
     c = self.config
     m = c.chunk_size
     if isinstance(pos, int) and neighbors is not None and (pos + 1) % m:

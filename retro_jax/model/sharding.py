@@ -31,6 +31,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("kv", None),
     ("mlp", "tensor"),
     ("norm", None),
+    ("layers", None),  # the stacked axis of scanned layers (config.scan_layers)
     # activations
     ("batch", ("data", "fsdp")),  # = BATCH_AXES
     ("length", None),
