@@ -10,10 +10,10 @@ GET /health and GET /manifest until interrupted.  Binds 127.0.0.1 unless told ot
 there is no authentication.
 """
 
-from absl import app
 from absl import flags
 from absl import logging
 
+from retro_jax import _cli
 from retro_jax.retrieval import retriever as retriever_lib
 from retro_jax.retrieval import service as service_lib
 
@@ -45,19 +45,15 @@ _WORKERS = flags.DEFINE_integer("workers", _DEFAULTS.workers,
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv
   config = service_lib.ServiceConfig(
       max_batch=_MAX_BATCH.value, max_k=_MAX_K.value, max_body_bytes=_MAX_BODY.value,
       max_buffered_bytes=max(_DEFAULTS.max_buffered_bytes, 4 * _MAX_BODY.value),
       max_connections=_MAX_CONN.value, idle_timeout=_IDLE.value,
       request_timeout=_REQUEST.value, workers=_WORKERS.value, warm_up=_WARM_UP.value)
-  try:
-    embedder = retriever_lib.load_embedder(_BERT.value) if _BERT.value else None
-    retriever = retriever_lib.Retriever.open(_DB.value, embedder=embedder)
-    server = service_lib.RetrievalServer(retriever, _HOST.value, _PORT.value, config=config)
-  except (ValueError, OSError) as e:
-    raise SystemExit(f"serve: error: {e}") from None
+  embedder = retriever_lib.load_embedder(_BERT.value) if _BERT.value else None
+  retriever = retriever_lib.Retriever.open(_DB.value, embedder=embedder)
+  server = service_lib.RetrievalServer(retriever, _HOST.value, _PORT.value, config=config)
   print(f"retrieval service on {server.url} ({retriever.store.num_chunks} chunks)", flush=True)
   try:
     server.serve_forever()
@@ -66,4 +62,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _cli.run(main, "serve")
