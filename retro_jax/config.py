@@ -196,6 +196,11 @@ class RetroConfig:
 
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
+    # Fields added after checkpoints existed are written only when set, so that a saved
+    # config from before them still equals today's default (resume compares the dicts).
+    for name, default in _LATER_FIELDS.items():
+      if d[name] == default:
+        del d[name]
     d["cca_layers"] = list(self.cca_layers)
     d["enc_cross_attention_layers"] = list(self.enc_cross_attention_layers)
     return d
@@ -207,6 +212,10 @@ class RetroConfig:
     if unknown:
       raise ConfigError(f"unknown RetroConfig fields: {unknown}")
     return cls(**dict(d))
+
+
+_LATER_FIELDS = dict(attention_impl="einsum", low_precision_grads=True, scan_layers=False,
+                     remat_policy="nothing_saveable")
 
 
 # --- Presets ------------------------------------------------------------------------------

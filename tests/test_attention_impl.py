@@ -196,3 +196,14 @@ def test_bf16_cotangent_keeps_the_forward_bit_identical():
   err_off = _max_rel(_grads(cfg.replace(low_precision_grads=False), PARAMS, tokens, neighbors),
                      g32)
   assert err_on < max(2 * err_off, 0.1)
+
+
+def test_saved_configs_from_before_the_new_fields_still_compare_equal():
+  """Resume compares saved and current config dicts: the speed fields at their defaults are
+  not written, so a checkpoint saved before they existed resumes; set ones round-trip."""
+  d = TINY.to_dict()
+  for name in ("attention_impl", "low_precision_grads", "scan_layers", "remat_policy"):
+    assert name not in d
+  assert config_lib.RetroConfig.from_dict(d) == TINY
+  fast = TINY.replace(attention_impl="sdpa_xla", scan_layers=True, remat_policy="dots_saveable")
+  assert config_lib.RetroConfig.from_dict(fast.to_dict()) == fast
