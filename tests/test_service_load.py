@@ -192,3 +192,25 @@ def test_serve_cli_refuses_a_bad_port_in_one_line(hashing_retriever):
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0 and "Traceback" not in proc.stderr
   assert "--port" in proc.stderr and "65535" in proc.stderr
+
+
+def test_bodies_over_the_buffer_budget_get_503(hashing_retriever):
+  config = service_lib.ServiceConfig(max_body_bytes=1000, max_buffered_bytes=1000,
+                                     request_timeout=5.0)
+  server = service_lib.RetrievalServer(hashing_retriever, config=config).start()
+  host, port = server.url.replace("http://", "").split(":")
+  head = b"POST /retrieve HTTP/1.1\r\nHost: x\r\nContent-Length: 900\r\n\r\n"
+  try:
+    first = socket.create_connection((host, int(port)), timeout=10)
+    first.sendall(head + b" " * 600)  # 600 bytes held while the rest is awaited
+    time.sleep(0.3)
+    with socket.create_connection((host, int(port)), timeout=10) as second:
+      second.sendall(head + b" " * 600)
+      answer = second.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 503 ") and b"retry later" in answer
+    first.close()
+    time.sleep(0.3)  # the first connection's bytes are released when it ends
+    remote = service_lib.RemoteRetriever(server.url)
+    assert remote.retrieve_texts(["alpha"], 1).ids.shape == (1, 1)
+  finally:
+    server.stop()
