@@ -198,6 +198,8 @@ def test_subset_database_copies_rows_and_nests(tmp_path):
       np.testing.assert_array_equal(sub.store.tokens[a:b], src.store.tokens[c:c + b - a])
       np.testing.assert_array_equal(sub.embeddings[a:b], src.embeddings[c:c + b - a])
     assert man["embedder"] == src.manifest["embedder"]
+    # The subset embeds new queries as its source did (it records the source's embedder).
+    assert sub.load_embedder().identity() == src.load_embedder().identity()
     subsets[frac] = set(keys)
   assert subsets[0.3] < subsets[0.6]  # nested: a smaller database lies inside a larger one.
   # Rerunning reuses everything (and still agrees).

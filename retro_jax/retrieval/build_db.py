@@ -377,8 +377,12 @@ def subset_database(source_db: str, output: str, fraction: float, *, seed: int =
   distance = index_kwargs.pop("distance", src.manifest["index"]["settings"]["distance"])
   logging.info("subset %.3g of %s: %d of %d documents, %d chunks", fraction, src.path,
                len(docs.kept_docs), store.num_documents, sub.num_chunks)
+  # Record the source's embedder, so that queries against the subset (precompute_neighbors
+  # with a query store, the service) are embedded as its vectors were.
   config = build_config_lib.build_config(docs, tok_path, output, chunk_size=store.chunk_size,
-                                        distance=distance, **index_kwargs)
+                                        distance=distance,
+                                        bert=src.manifest.get("embedder_source"),
+                                        **index_kwargs)
   return build(config, embedder=_FrozenEmbedder(emb_meta["embedder"]))
 
 
