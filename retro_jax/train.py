@@ -9,14 +9,14 @@ retro_jax/training/train_config.py for the list).  Re-running the same command w
 --workdir resumes from the latest checkpoint, data position included.  Multi-host:
 --config.distributed=True calls jax.distributed.initialize() (arguments auto-detected on
 TPU/SLURM/..., or given with --coordinator_address/--num_processes/--process_id).
+A bad flag, config value or input ends in one line, `train: error: ...` (see _cli.run).
 """
 
-import sys
-
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from retro_jax import _cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
                                           lock_config=True)
@@ -27,23 +27,19 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes (multi-h
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
 flags.mark_flags_as_required(["config", "workdir"])
 
+# trainer.USER_ERRORS beyond ValueError and OSError, which _cli.run reports anyway.
+_ERRORS = ["retro_jax.training.trainer.TrainingDiverged",
+           "retro_jax.training.checkpoint.CheckpointError"]
+
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from retro_jax.training import trainer  # pylint: disable=g-import-not-at-top
-  try:
-    summary = trainer.run(_CONFIG.value, _WORKDIR.value, coordinator_address=_COORDINATOR.value,
-                          num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
-  except trainer.USER_ERRORS as e:
-    # Bad input or a diverged run: one clear line and exit status 1, no traceback.
-    logging.error("%s: %s", type(e).__name__, e)
-    sys.exit(f"error: {type(e).__name__}: {e}")
+  del argv
+  from retro_jax.training import trainer  # pylint: disable=g-import-not-at-top  (after the malloc restart)
+  summary = trainer.run(_CONFIG.value, _WORKDIR.value, coordinator_address=_COORDINATOR.value,
+                        num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   logging.info("finished at step %d%s", summary["step"],
                " (preempted: checkpoint saved)" if summary["preempted"] else "")
 
 
 if __name__ == "__main__":
-  from retro_jax import host_malloc  # pylint: disable=g-import-not-at-top
-  host_malloc.reexec_with_tuned_malloc()  # before JAX starts: see host_malloc
-  app.run(main)
+  _cli.run(main, "train", errors=_ERRORS)

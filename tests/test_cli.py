@@ -25,6 +25,8 @@ CASES = [
     ("retro_jax.retrieval.train_tokenizer", "train_tokenizer",
      ["--corpus=c", "--output=o", "--vocab_size=many"], "--vocab_size"),
     ("retro_jax.retrieval.inspect", "inspect", ["--db=d", "--k=many"], "--k"),
+    ("retro_jax.train", "train", ["--config=experiments/configs/tiny.py", "--workdir=w",
+                                  "--config.seq_len=abc"], "--config.seq_len"),
 ]
 
 
@@ -49,6 +51,18 @@ def test_a_misspelt_malloc_setting_gets_the_same_format():
   assert proc.stderr.strip().splitlines() == [
       "build_db: error: RETRO_JAX_MALLOC='sytem': expected 'system' (glibc's malloc defaults) "
       "or 'tuned' (the default)"]
+
+
+def test_train_reports_every_training_user_error():
+  """train's own errors beyond ValueError/OSError (named for _cli.run) cover trainer's."""
+  import ast  # pylint: disable=g-import-not-at-top
+  from retro_jax.training import trainer  # pylint: disable=g-import-not-at-top
+  tree = ast.parse(open(os.path.join(ROOT, "retro_jax", "train.py"), encoding="utf-8").read())
+  names = next(ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
+               and ast.unparse(n.targets[0]) == "_ERRORS")
+  for cls in trainer.USER_ERRORS:
+    assert issubclass(cls, (ValueError, OSError)) or (
+        f"{cls.__module__}.{cls.__name__}" in names), cls
 
 
 # --- Flags derived from the configs -------------------------------------------------------

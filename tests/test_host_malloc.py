@@ -48,7 +48,7 @@ def test_cli_exits_with_one_line_on_an_unknown_value():
                        env=env, capture_output=True, text=True, timeout=120)
   assert out.returncode == 1
   assert out.stderr.strip().splitlines() == [
-      "error: RETRO_JAX_MALLOC='sytem': expected 'system' (glibc's malloc defaults) or "
+      "train: error: RETRO_JAX_MALLOC='sytem': expected 'system' (glibc's malloc defaults) or "
       "'tuned' (the default)"]
 
 

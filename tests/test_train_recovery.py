@@ -146,7 +146,7 @@ def test_cli_shape_mismatch_is_one_line_without_a_traceback(paths, run, tmp_path
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 1
   assert "Traceback" not in proc.stderr and "asyncio" not in proc.stderr, proc.stderr[-3000:]
-  errors = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("train: error: ")]
   assert len(errors) == 1 and "model.emb_dim: checkpoint 32, config 64" in errors[0]
 
 
