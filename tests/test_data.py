@@ -110,8 +110,8 @@ def test_neighbors_from_any_document_of_the_window_are_dropped(paths, tmp_path):
   assert dropped >= len(crossing) > 10
   assert kept > dropped
   # A held-out split (database != query store) drops nothing by window.
-  held_out = data_lib.WindowDataset(store, ds.seq_len, ds.vocab_size, k, ds.neighbors,
-                                    database=store, same_store=False)
+  held_out = data_lib.WindowDataset(store, ds.seq_len, ds.vocab_size, data_lib.Retrieval(
+      ds.neighbors, k, database=store, same_store=False))
   np.testing.assert_array_equal(held_out.batch(crossing)["neighbor_ids"],
                                 table[crossing[:, None] + np.arange(l)][:, :, :k])
 

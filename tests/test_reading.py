@@ -340,16 +340,17 @@ def test_the_training_loader_shows_neighbors_as_the_config_says(tmp_path):
   import fixtures_data as fx  # pylint: disable=import-outside-toplevel
   from retro_jax.training import data as data_lib  # pylint: disable=import-outside-toplevel
   paths = fx.build_dataset(str(tmp_path / "data"), k=4)
-  store = data_lib.open_chunk_store(paths["db_dir"] + "/chunks")
+  store = chunk_store.ChunkStore.open(paths["db_dir"] + "/chunks")
   nb = data_lib.open_neighbors(paths["neighbors_dir"], query_store=store)
   shown = align.Presentation(align=True, min_match=3)
-  ds = data_lib.WindowDataset(store, 4 * store.chunk_size, fx.VOCAB, 2, nb, database=store,
-                              presentation=shown)
-  plain = data_lib.WindowDataset(store, 4 * store.chunk_size, fx.VOCAB, 2, nb, database=store)
+  n = 4 * store.chunk_size
+  ds = data_lib.WindowDataset(store, n, fx.VOCAB, data_lib.Retrieval(nb, 2, store,
+                                                                     presentation=shown))
+  plain = data_lib.WindowDataset(store, n, fx.VOCAB, data_lib.Retrieval(nb, 2, store))
   starts = ds.window_starts()[:6]
   got, ref = ds.batch(starts), plain.batch(starts)
   # What the loader gives is align.present over the window-filtered candidates (all 4).
-  wide = data_lib.WindowDataset(store, 4 * store.chunk_size, fx.VOCAB, 4, nb, database=store)
+  wide = data_lib.WindowDataset(store, n, fx.VOCAB, data_lib.Retrieval(nb, 4, store))
   cand = wide.batch(starts)["neighbor_ids"]
   queries = np.asarray(store.tokens)[got["chunk_ids"]]          # [B, l, m]
   want_ids, want = align.present(store, cand, queries, shown, 2)

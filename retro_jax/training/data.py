@@ -56,23 +56,14 @@ import numpy as np
 
 from retro_jax import fileio as manifest_lib
 from retro_jax.retrieval import align as align_lib
+from retro_jax.retrieval import neighbors as neighbors_lib
 
 PRECOMPUTE_COMMAND = "python -m retro_jax.retrieval.precompute_neighbors"
 ORDER = "grain-index-shuffle"  # in the iterator state: which order its positions refer to
-BUILD_DB_COMMAND = "python -m retro_jax.retrieval.build_db"
 
 
 class DataError(ValueError):
   """Training data that cannot be used as configured; the message names the problem."""
-
-
-def open_chunk_store(directory: str):
-  """Opens a chunk store directory (retro_jax.retrieval.chunk_store format)."""
-  from retro_jax.retrieval import chunk_store  # pylint: disable=g-import-not-at-top
-  if not os.path.exists(os.path.join(directory, "tokens.npy")):
-    raise DataError(f"no chunk store at {directory} (tokens.npy missing); build the database "
-                    f"with: {BUILD_DB_COMMAND} ...")
-  return chunk_store.ChunkStore.open(directory)
 
 
 def check_npy(path: str, fix: str) -> None:
@@ -88,43 +79,30 @@ def check_npy(path: str, fix: str) -> None:
                     ) from None
 
 
-@dataclasses.dataclass
-class Neighbors:
-  """A neighbors directory: ids [Q, k] into the database store, -1 padded."""
-  ids: np.ndarray
-  manifest: dict[str, Any]
-  directory: str
-
-  @property
-  def k(self) -> int:
-    return int(self.ids.shape[1])
-
-
-def open_neighbors(directory: str, query_store=None, db_dir: str | None = None) -> Neighbors:
+def open_neighbors(directory: str, query_store=None,
+                   db_dir: str | None = None) -> neighbors_lib.Neighbors:
   """Memory-maps a neighbors directory and checks it was built for these stores.
 
   A missing file says which command builds it, a truncated one names itself and the same
   command; a file built for another database (manifest hash, chunk count, tokenizer) or
-  another query store is refused naming both values (`precompute_neighbors.load_neighbors`
-  does those checks).
+  another query store is refused naming both values (`neighbors.load_neighbors` does those
+  checks).
   """
-  from retro_jax.retrieval import precompute_neighbors  # pylint: disable=g-import-not-at-top
   path = os.path.join(directory, "neighbors.npy")
   if not os.path.exists(path) or not os.path.exists(os.path.join(directory, "manifest.json")):
     raise DataError(
         f"neighbors file not found: {path}. Build it with: "
-        f"{precompute_neighbors.BUILD_COMMAND} (for training, the query store is the "
+        f"{neighbors_lib.BUILD_COMMAND} (for training, the query store is the "
         f"database's own chunks/, the default)")
   for name in ("neighbors.npy", "distances.npy"):
     check_npy(os.path.join(directory, name),
-              f"delete {directory} and rebuild it with {precompute_neighbors.BUILD_COMMAND}")
+              f"delete {directory} and rebuild it with {neighbors_lib.BUILD_COMMAND}")
   db_manifest = None
   if db_dir and os.path.exists(os.path.join(db_dir, "manifest.json")):
     db_manifest = db_dir
-  loaded = precompute_neighbors.load_neighbors(
+  return neighbors_lib.load_neighbors(
       directory, expected_db_manifest=db_manifest,
       expected_query_manifest=None if query_store is None else dict(query_store.manifest))
-  return Neighbors(ids=loaded.neighbors, manifest=loaded.manifest, directory=directory)
 
 
 def _tokenizer_vocab(store_manifest: Mapping[str, Any]) -> int | None:
@@ -134,29 +112,21 @@ def _tokenizer_vocab(store_manifest: Mapping[str, Any]) -> int | None:
   return None
 
 
-def _manifest_k(manifest: Mapping[str, Any]) -> int | None:
-  for key in ("k", "num_neighbors"):
-    if manifest.get(key) is not None:
-      return int(manifest[key])
-  return None
-
-
-def check_compatible(model_cfg, seq_len: int, store, store_dir: str,
-                     neighbors: Neighbors | None = None, database=None,
+def check_fits_model(model_cfg, store, store_dir: str,
+                     neighbors: neighbors_lib.Neighbors | None = None, database=None,
                      database_dir: str | None = None) -> None:
-  """Refuses data that disagrees with the model config, before any training step.
+  """Refuses data the model config cannot train on, before any training step.
 
   Checks chunk size, vocabulary and k against the manifests (messages name both values and
   where each came from), and that the neighbors file belongs to this query store and
-  database (row count, database chunk count and manifest hash where recorded).
+  database (row count, database chunk count, ids in range).  What the two files record of
+  each other (manifest hashes, tokenizer) `neighbors.load_neighbors` has checked already;
+  seq_len against the chunk size, `WindowDataset`.
   """
   cfg_src = "the training config (model.*)"
   store_src = f"chunk store {store_dir}/manifest.json"
   manifest_lib.check_equal("chunk size", model_cfg.chunk_size, int(store.chunk_size),
                            cfg_src, store_src)
-  if seq_len % model_cfg.chunk_size:
-    raise DataError(f"seq_len {seq_len} must be a multiple of the chunk size "
-                    f"{model_cfg.chunk_size}")
   vocab = _tokenizer_vocab(store.manifest)
   if vocab is not None and vocab > model_cfg.vocab_size:
     raise manifest_lib.ManifestMismatchError(
@@ -165,21 +135,14 @@ def check_compatible(model_cfg, seq_len: int, store, store_dir: str,
   if neighbors is None:
     return
   nb_src = f"neighbors {neighbors.directory}/manifest.json"
-  k = _manifest_k(neighbors.manifest)
-  if k is None:
-    k = neighbors.k
-  elif k != neighbors.k:
-    raise DataError(f"{nb_src} says k={k} but neighbors.npy has {neighbors.k} columns")
-  if k < model_cfg.num_neighbors:
+  if neighbors.k < model_cfg.num_neighbors:
     raise manifest_lib.ManifestMismatchError(
         f"neighbor count mismatch: {cfg_src} has num_neighbors {model_cfg.num_neighbors} "
-        f"but {nb_src} has k {k} (rebuild with {PRECOMPUTE_COMMAND} --k="
+        f"but {nb_src} has k {neighbors.k} (rebuild with {PRECOMPUTE_COMMAND} --k="
         f"{model_cfg.num_neighbors} or lower model.num_neighbors)")
-  if neighbors.ids.shape[0] != store.num_chunks:
-    raise manifest_lib.ManifestMismatchError(
-        f"neighbors row count mismatch: {store_src} has {store.num_chunks} chunks but "
-        f"{neighbors.directory}/neighbors.npy has {neighbors.ids.shape[0]} rows (one per "
-        f"query chunk): the neighbors were computed for another store")
+  manifest_lib.check_equal("neighbors row count (one row per query chunk)", store.num_chunks,
+                           int(neighbors.ids.shape[0]), store_src,
+                           f"{neighbors.directory}/neighbors.npy")
   if database is not None:
     db_src = f"database chunk store {database_dir}/manifest.json"
     manifest_lib.check_equal("chunk size", model_cfg.chunk_size, int(database.chunk_size),
@@ -195,6 +158,28 @@ def check_compatible(model_cfg, seq_len: int, store, store_dir: str,
                         f"database {database_dir} has only {database.num_chunks} chunks")
 
 
+@dataclasses.dataclass(frozen=True)
+class Retrieval:
+  """What the windows of a split retrieve (absent for a baseline, which reads no neighbors).
+
+  neighbors: ids into `database` for every chunk of the query store.
+  k: neighbors the model uses (the first k of the file's columns, nearest first).
+  database: the chunk store the neighbor ids point into (default: the query store).
+  same_store: the database is the query store itself (training): neighbors from any
+    document of the window are dropped.
+  presentation: how neighbors are shown (align.Presentation; default the paper's).
+  """
+  neighbors: neighbors_lib.Neighbors
+  k: int
+  database: Any = None
+  same_store: bool = True
+  presentation: align_lib.Presentation | None = None
+
+  def __post_init__(self):
+    if self.k and self.neighbors is None:
+      raise DataError("num_neighbors > 0 needs a neighbors file")
+
+
 class WindowDataset:
   """Random access to windows of l chunks of one split, with their neighbor tokens.
 
@@ -202,18 +187,13 @@ class WindowDataset:
     store: the query chunk store (training split, or a held-out evaluation split).
     seq_len: n, a multiple of the chunk size m.
     vocab_size: token ids must lie in [0, vocab_size); checked on every batch.
-    num_neighbors: k used by the model (the first k of the file's columns, nearest first);
-      0 for a baseline, which then reads no neighbors.
-    neighbors: ids into `database` for every chunk of `store`.
-    database: the chunk store the neighbor ids point into.
-    same_store: the database is the query store itself (training): neighbors from any
-      document of the window are dropped.
+    retrieval: the neighbors of the store's chunks and how they are shown; None for a
+      baseline, which then reads no neighbors.
     pad_id: the id that replaces -1 padding in the inputs.
   """
 
-  def __init__(self, store, seq_len: int, vocab_size: int, num_neighbors: int = 0,
-               neighbors: Neighbors | None = None, database=None, same_store: bool = True,
-               pad_id: int = 0, presentation: align_lib.Presentation | None = None):
+  def __init__(self, store, seq_len: int, vocab_size: int, retrieval: Retrieval | None = None,
+               pad_id: int = 0):
     self.store = store
     self.m = int(store.chunk_size)
     if seq_len % self.m:
@@ -221,14 +201,13 @@ class WindowDataset:
     self.seq_len = seq_len
     self.l = seq_len // self.m
     self.vocab_size = vocab_size
-    self.k = num_neighbors
-    self.neighbors = neighbors
-    self.database = database if database is not None else store
-    self.same_store = same_store
+    self.retrieval = retrieval or Retrieval(neighbors=None, k=0)
+    self.k = self.retrieval.k
+    self.neighbors = self.retrieval.neighbors
+    self.database = self.retrieval.database if self.retrieval.database is not None else store
+    self.same_store = self.retrieval.same_store
     self.pad_id = pad_id
-    self.presentation = presentation or align_lib.Presentation()
-    if self.k and neighbors is None:
-      raise DataError("num_neighbors > 0 needs a neighbors file")
+    self.presentation = self.retrieval.presentation or align_lib.Presentation()
     if self.store.num_chunks < self.l:
       raise DataError(f"the chunk store has {self.store.num_chunks} chunks, fewer than the "
                       f"{self.l} chunks of one sequence")

@@ -46,6 +46,7 @@ from retro_jax import fileio as manifest_lib
 from retro_jax import model as model_lib
 from retro_jax.model import sharding as sharding_lib
 from retro_jax.retrieval import align as align_lib
+from retro_jax.retrieval import chunk_store as chunk_store_lib
 from retro_jax.training import checkpoint as checkpoint_lib
 from retro_jax.training import data as data_lib
 from retro_jax.training import metrics as metrics_lib
@@ -82,23 +83,22 @@ def open_data(cfg, model_cfg, process_index: int = 0, process_count: int = 1) ->
   """Opens and cross-checks the training (and held-out) data named by the config."""
   d = cfg.data
   train_dir = d.train_chunks_dir or os.path.join(d.db_dir, "chunks")
-  store = data_lib.open_chunk_store(train_dir)
+  store = chunk_store_lib.ChunkStore.open(train_dir)
   k = model_cfg.num_neighbors if model_cfg.uses_retrieval else 0
-  neighbors = None
+  shown = align_lib.Presentation.of(model_cfg)
+  neighbors = retrieval = None
   if k:
     neighbors = data_lib.open_neighbors(d.neighbors_dir, query_store=store, db_dir=d.db_dir)
-  data_lib.check_compatible(model_cfg, cfg.seq_len, store, train_dir, neighbors, store,
-                            train_dir)
-  shown = align_lib.Presentation.of(model_cfg)
-  train = data_lib.WindowDataset(store, cfg.seq_len, model_cfg.vocab_size, k, neighbors,
-                                 database=store, same_store=True, pad_id=d.pad_id,
-                                 presentation=shown)
+    retrieval = data_lib.Retrieval(neighbors, k, store, same_store=True, presentation=shown)
+  data_lib.check_fits_model(model_cfg, store, train_dir, neighbors, store, train_dir)
+  train = data_lib.WindowDataset(store, cfg.seq_len, model_cfg.vocab_size, retrieval,
+                                 pad_id=d.pad_id)
   iterator = data_lib.BatchIterator(train, cfg.batch_size, cfg.seed, process_index,
                                     process_count, shuffle=True)
   eval_ds = bpt = None
   if d.eval_chunks_dir:
-    eval_store = data_lib.open_chunk_store(d.eval_chunks_dir)
-    eval_nb = None
+    eval_store = chunk_store_lib.ChunkStore.open(d.eval_chunks_dir)
+    eval_nb = eval_retrieval = None
     if k:
       if not d.eval_neighbors_dir:
         raise data_lib.DataError(
@@ -107,11 +107,12 @@ def open_data(cfg, model_cfg, process_index: int = 0, process_count: int = 1) ->
             f"{d.eval_chunks_dir} ...")
       eval_nb = data_lib.open_neighbors(d.eval_neighbors_dir, query_store=eval_store,
                                         db_dir=d.db_dir)
-    data_lib.check_compatible(model_cfg, cfg.seq_len, eval_store, d.eval_chunks_dir, eval_nb,
-                              store, train_dir)
-    eval_ds = data_lib.WindowDataset(eval_store, cfg.seq_len, model_cfg.vocab_size, k, eval_nb,
-                                     database=store, same_store=False, pad_id=d.pad_id,
-                                     presentation=shown)
+      eval_retrieval = data_lib.Retrieval(eval_nb, k, store, same_store=False,
+                                          presentation=shown)
+    data_lib.check_fits_model(model_cfg, eval_store, d.eval_chunks_dir, eval_nb, store,
+                              train_dir)
+    eval_ds = data_lib.WindowDataset(eval_store, cfg.seq_len, model_cfg.vocab_size,
+                                     eval_retrieval, pad_id=d.pad_id)
     bpt = data_lib.bytes_per_token(eval_store)
   return Data(train=iterator, eval=eval_ds, eval_bytes_per_token=bpt)
 
