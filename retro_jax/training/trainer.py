@@ -190,8 +190,13 @@ def _loss_sums(model, params, batch):
 
 
 def make_train_step(model, tx, schedule, trainable, accum_steps: int, mesh, state_shardings,
-                    batch_example: dict[str, Any], rules=sharding_lib.LOGICAL_RULES):
-  """jit(step(state, batch) -> (state, metrics)) with in/out shardings and donated state."""
+                    batch_example: dict[str, Any]):
+  """jit(step(state, batch) -> (state, metrics)) with in/out shardings and donated state.
+
+  The layers' logical axes map to the mesh through the one rules table,
+  sharding.LOGICAL_RULES (the same as make_init's default).
+  """
+  rules = sharding_lib.LOGICAL_RULES
   grad_fn = jax.value_and_grad(lambda p, b: _loss_sums(model, p, b), has_aux=True)
 
   def step(state, batch):
@@ -233,7 +238,10 @@ def make_train_step(model, tx, schedule, trainable, accum_steps: int, mesh, stat
                  donate_argnums=(0,))
 
 
-def make_eval_step(model, mesh, param_shardings, rules=sharding_lib.LOGICAL_RULES):
+def make_eval_step(model, mesh, param_shardings):
+  """jit(step(params, batch) -> (NLL sum, scored positions)); rules as make_train_step's."""
+  rules = sharding_lib.LOGICAL_RULES
+
   def step(params, batch):
     with nn.logical_axis_rules(rules):
       return _loss_sums(model, params, batch)[1]  # (NLL sum, count)
