@@ -75,9 +75,7 @@ def test_bucketing_and_batching_do_not_change_embeddings(emb):
   texts = SENTENCES * 3  # 18 texts: several batches, several buckets, a partial batch
   base = emb.embed_texts(texts)
   assert len({emb._bucket(len(x)) for x in emb.tokenize(texts)}) >= 3
-  plain = embedder_lib.Embedder(emb.config, emb.params, emb.tokenizer, name=emb.name,
-                                model_dir=emb.model_dir, max_length=emb.max_length,
-                                batch_size=7, bucketing=False)
+  plain = emb.with_settings(batch_size=7, bucketing=False)
   assert plain.buckets == (emb.max_length,)
   np.testing.assert_allclose(plain.embed_texts(texts), base, atol=2e-6)
   np.testing.assert_allclose(emb.embed_texts(texts[::-1])[::-1], base, atol=2e-6)
@@ -106,9 +104,7 @@ def test_embed_chunks_is_embed_texts_of_detokenised_chunks(emb, tmp_path):
 
 
 def test_bfloat16_is_close(emb):
-  bf = embedder_lib.Embedder(emb.config, emb.params, emb.tokenizer, name=emb.name,
-                             model_dir=emb.model_dir, dtype="bfloat16",
-                             max_length=emb.max_length, batch_size=4)
+  bf = emb.with_settings(dtype="bfloat16", batch_size=4)
   a, b = emb.embed_texts(SENTENCES), bf.embed_texts(SENTENCES)
   assert b.dtype == np.float32
   assert (np.sum(a * b, axis=1) > 0.99).all()
@@ -119,9 +115,7 @@ def test_cpu_compiler_options_change_the_program_not_the_embeddings(emb):
   import jax
   if jax.default_backend() != "cpu":
     pytest.skip("the options apply to the CPU backend only")
-  xla = embedder_lib.Embedder(emb.config, emb.params, emb.tokenizer, name=emb.name,
-                              model_dir=emb.model_dir, max_length=emb.max_length,
-                              batch_size=4, cpu_compiler_options={})
+  xla = emb.with_settings(batch_size=4, cpu_compiler_options={})
   assert emb.compiler_options == embedder_lib.CPU_COMPILER_OPTIONS["float32"] != {}
   assert xla.compiler_options == {}
   ids = np.full((4, 16), emb.config.pad_token_id, np.int32)
@@ -140,9 +134,7 @@ def test_bad_cpu_compiler_options_are_refused_up_front(emb):
   if jax.default_backend() != "cpu":
     pytest.skip("the options apply to the CPU backend only")
   with pytest.raises(embedder_lib.EmbedderError, match="xla_cpu_no_such_option"):
-    embedder_lib.Embedder(emb.config, emb.params, emb.tokenizer, name=emb.name,
-                          model_dir=emb.model_dir, max_length=emb.max_length,
-                          cpu_compiler_options={"xla_cpu_no_such_option": ""})
+    emb.with_settings(cpu_compiler_options={"xla_cpu_no_such_option": ""})
 
 
 def test_bfloat16_dense_accumulates_in_float32():

@@ -46,6 +46,7 @@ normalisation, max_length, dtype, dimension.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import importlib.util
@@ -146,23 +147,35 @@ def _check_compiler_options(options) -> None:
                         f"{str(e).splitlines()[0]}") from e
 
 
+@dataclasses.dataclass(frozen=True)
+class EmbedderSettings:
+  """How an Embedder runs its BERT (what `Embedder.from_pretrained` takes as keywords)."""
+  dtype: str = "float32"       # "float32" or "bfloat16" compute.
+  max_length: int = 256        # BERT tokens per text incl. [CLS]/[SEP]; longer is truncated.
+  normalize: bool = True       # L2-normalise embeddings (the index scores by dot product).
+  batch_size: int = 64         # texts per jitted call.
+  bucketing: bool = True       # pad to bucket lengths (False: always pad to max_length).
+  # XLA options for compiling the BERT on the CPU backend: None = CPU_COMPILER_OPTIONS[dtype],
+  # {} = XLA's defaults.  Ignored on other backends.
+  cpu_compiler_options: Mapping[str, Any] | None = None
+
+
 class Embedder:
   """Frozen BERT + masked mean pooling; see the module docstring."""
 
   def __init__(self, config: bert_lib.BertConfig, params, tokenizer, *, name: str,
-               model_dir: str, dtype: str = "float32", max_length: int = 256,
-               normalize: bool = True, batch_size: int = 64, bucketing: bool = True,
-               cpu_compiler_options: Mapping[str, Any] | None = None):
+               model_dir: str, settings: EmbedderSettings = EmbedderSettings()):
+    dtype, max_length, normalize = settings.dtype, settings.max_length, settings.normalize
     if dtype not in ("float32", "bfloat16"):
       raise EmbedderError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
     if not 2 < max_length <= config.max_position_embeddings:
       raise EmbedderError(f"max_length {max_length} must be in (2, "
                           f"{config.max_position_embeddings}]")
     self.config, self.params, self.tokenizer = config, params, tokenizer
-    self.name, self.model_dir = name, model_dir
+    self.name, self.model_dir, self.settings = name, model_dir, settings
     self.dtype, self.max_length, self.normalize = dtype, max_length, normalize
-    self.batch_size, self.bucketing = batch_size, bucketing
-    self.buckets = bucket_lengths(max_length) if bucketing else (max_length,)
+    self.batch_size, self.bucketing = settings.batch_size, settings.bucketing
+    self.buckets = bucket_lengths(max_length) if self.bucketing else (max_length,)
     self._identity = None
     model = bert_lib.BertModel(config, dtype=jnp.bfloat16 if dtype == "bfloat16"
                                else jnp.float32)
@@ -176,6 +189,7 @@ class Embedder:
       return jnp.where(mask.any(1, keepdims=True), out, 0.0)
 
     on_cpu = jax.default_backend() == "cpu"
+    cpu_compiler_options = settings.cpu_compiler_options
     if cpu_compiler_options is None:
       cpu_compiler_options = CPU_COMPILER_OPTIONS[dtype]
     elif on_cpu and cpu_compiler_options:
@@ -185,6 +199,12 @@ class Embedder:
     jit = functools.partial(jax.jit, compiler_options=self.compiler_options or None)
     self._pooled = jit(pooled)
     self._hidden = jit(lambda p, ids, mask: model.apply({"params": p}, ids, mask))
+
+  def with_settings(self, **changes) -> "Embedder":
+    """The same BERT (weights shared, not copied) run with some settings changed."""
+    return Embedder(self.config, self.params, self.tokenizer, name=self.name,
+                    model_dir=self.model_dir, settings=dataclasses.replace(self.settings,
+                                                                           **changes))
 
   @property
   def dim(self) -> int:
@@ -232,9 +252,9 @@ class Embedder:
         with open(st_config, encoding="utf-8") as f:
           max_length = int(json.load(f).get("max_seq_length", max_length))
     params = jax.device_put(params)
-    return cls(config, params, tok, name=name, model_dir=model_dir, dtype=dtype,
-               max_length=max_length, normalize=normalize, batch_size=batch_size,
-               bucketing=bucketing, cpu_compiler_options=cpu_compiler_options)
+    return cls(config, params, tok, name=name, model_dir=model_dir, settings=EmbedderSettings(
+        dtype=dtype, max_length=max_length, normalize=normalize, batch_size=batch_size,
+        bucketing=bucketing, cpu_compiler_options=cpu_compiler_options))
 
   # --- Embedding -------------------------------------------------------------------------
 
