@@ -46,9 +46,7 @@ def main(argv):
   from retro_jax.retrieval import embedder as embedder_lib  # pylint: disable=g-import-not-at-top
 
   f32 = embedder_lib.Embedder.from_pretrained(None, batch_size=FLAGS.batch_size)
-  bf16 = embedder_lib.Embedder(f32.config, f32.params, f32.tokenizer, name=f32.name,
-                               model_dir=f32.model_dir, dtype="bfloat16",
-                               max_length=f32.max_length, batch_size=FLAGS.batch_size)
+  bf16 = f32.with_settings(dtype="bfloat16", batch_size=FLAGS.batch_size)
   total = FLAGS.keys + FLAGS.queries
   chunks, _ = common.real_bert_chunks(f32.tokenizer, total, FLAGS.chunk_tokens - 2)
   if len(chunks) < total:

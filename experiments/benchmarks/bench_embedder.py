@@ -84,13 +84,9 @@ def main(argv):
            for _ in range(3)]
   rows, per_bs = [], {}
   for bsz in batch_sizes:
-    emb = embedder_lib.Embedder(ours.config, ours.params, tok, name=ours.name,
-                                model_dir=ours.model_dir, dtype=FLAGS.dtype,
-                                max_length=ours.max_length, batch_size=bsz)
-    xla_default = embedder_lib.Embedder(ours.config, ours.params, tok, name=ours.name,
-                                        model_dir=ours.model_dir, dtype=FLAGS.dtype,
-                                        max_length=ours.max_length, batch_size=bsz,
-                                        cpu_compiler_options={})
+    emb = ours.with_settings(dtype=FLAGS.dtype, batch_size=bsz)
+    xla_default = ours.with_settings(dtype=FLAGS.dtype, batch_size=bsz,
+                                     cpu_compiler_options={})
     jids, jmask = jax.device_put(ids[:bsz]), jax.device_put(mask[:bsz])
 
     def ours_jit(emb=emb, bsz=bsz, jids=jids, jmask=jmask):
