@@ -324,11 +324,8 @@ class Retro(nn.Module):
         context, context_mask = self._chunk_context(x, n)
         enc, enc_mask = self.encoder(neighbors, context, context_mask)
       x = layer.retrieval_ffw_block(x, enc, enc_mask, cca_feats)
-    aux = dict(kvs=kvs, h_first=h_first, enc=enc, enc_mask=enc_mask)
-    copy = None
-    if use_retrieval and self._has_copy:
-      copy = lambda h, logits: self.copy(h, logits, enc, enc_mask, neighbors, tokens)
-    return self._logits(x, copy, aux), aux
+    return self._output(x, tokens, neighbors if use_retrieval else None,
+                        dict(kvs=kvs, h_first=h_first, enc=enc, enc_mask=enc_mask))
 
   def _forward_scanned(self, x, tokens, neighbors, self_feats, cca_feats):
     """forward() with scan_layers: the groups of scan_groups() in order.  aux["kvs"] holds
@@ -350,10 +347,15 @@ class Retro(nn.Module):
         context, context_mask = self._chunk_context(x, n)
         enc, enc_mask = self.encoder(neighbors, context, context_mask)
       x = module.retrieval_ffw_block(x, enc, enc_mask, cca_feats)
-    aux = dict(kvs=kvs, h_first=h_first, enc=enc, enc_mask=enc_mask)
+    return self._output(x, tokens, neighbors if use_retrieval else None,
+                        dict(kvs=kvs, h_first=h_first, enc=enc, enc_mask=enc_mask))
+
+  def _output(self, x, tokens, neighbors, aux):
+    """Logits (through the copy head when it is on and neighbors were read) and aux."""
     copy = None
-    if use_retrieval and self._has_copy:
-      copy = lambda h, logits: self.copy(h, logits, enc, enc_mask, neighbors, tokens)
+    if neighbors is not None and self._has_copy:
+      copy = lambda h, logits: self.copy(h, logits, aux["enc"], aux["enc_mask"], neighbors,
+                                         tokens)
     return self._logits(x, copy, aux), aux
 
   def _check_unscanned(self, what: str):
