@@ -181,7 +181,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("keep &= best >= presentation.min_match", "keep &= best >= 0"),
     ], "tests/test_reading.py"),
     _m("the loader ignores the neighbor presentation", "retro_jax/training/data.py", [
-        ("self.presentation = presentation or align_lib.Presentation()",
+        ("self.presentation = self.retrieval.presentation or align_lib.Presentation()",
          "self.presentation = align_lib.Presentation()"),
     ], "tests/test_reading.py::test_the_training_loader_shows_neighbors_as_the_config_says"),
     _m("copy head distance table off by one", "retro_jax/model/copy.py", [
