@@ -514,15 +514,15 @@ def baselines(work: str, name: str) -> None:
 def curves(work: str, name: str) -> None:
   """Held-out bits/byte against training tokens for RETRO and its baseline over
   --curve_steps steps (resumable: rerun to continue; --report_only tabulates a partial run)."""
+  unknown = [m for m in _CURVE_MODELS.value if m not in ("RETRO", "baseline")]
+  if unknown:
+    raise ExperimentError(f"--curve_models: unknown {unknown}; known: RETRO, baseline")
   runs, data = _runs(work), _data(work)
   st = _scratch_settings(runs)
   steps = _CURVE_STEPS.value
   tokens_per_step = st["batch_size"] * st["seq_len"]
   curve_runs = {"RETRO": os.path.join(work, "runs", f"curve{steps}_retro"),
                 "baseline": os.path.join(work, "runs", f"curve{steps}_baseline")}
-  unknown = [m for m in _CURVE_MODELS.value if m not in curve_runs]
-  if unknown:
-    raise ExperimentError(f"--curve_models: unknown {unknown}; known: RETRO, baseline")
   if not _REPORT_ONLY.value:
     for label, retrieval in (("RETRO", True), ("baseline", False)):
       if label not in _CURVE_MODELS.value:

@@ -49,7 +49,18 @@ def test_bad_input_is_one_line_naming_the_fix(tmp_path):
   unfinished = tmp_path / "half"
   (unfinished / "db").mkdir(parents=True)
   (unfinished / "tokenizer").mkdir()
+  untrained = tmp_path / "untrained"     # data stages done, no trained run
+  for d in ("db", "tokenizer", "eval_chunks"):
+    (untrained / d).mkdir(parents=True)
+  (untrained / "evaluation.json").write_text("{}")
+  (untrained / "tokenizer" / "spm64.model").write_bytes(b"")
   cases = [
+      (["--experiment=baselines", f"--workdir={untrained}", "--sizes=8x"],
+       ["--sizes: unknown ['8x']", "2x, 4x"]),
+      (["--experiment=curves", f"--workdir={untrained}", "--curve_models=GPT"],
+       ["--curve_models: unknown ['GPT']"]),
+      (["--experiment=neighbors_k", f"--workdir={untrained}"],
+       ["has no checkpoints", f"--workdir={untrained}"]),
       (["--experiment=overlap", "--corpora=wikipedia=/tmp"], ["unknown corpus 'wikipedia'"]),
       (["--experiment=overlap", "--corpora=docs"], ["is not NAME=WORKDIR"]),
       (["--experiment=overlap"], ["needs --corpora"]),
