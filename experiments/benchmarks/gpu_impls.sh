@@ -6,20 +6,9 @@
 # CPU (no GPU needed), as tests/test_gpu_impls.py runs it.
 # Uses the Python that has a CUDA jax ($PYTHON, default python3), as gpu_train_step.sh.
 set -euo pipefail
-PY=${PYTHON:-python3}
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
+source experiments/benchmarks/gpu_env.sh
 DRY=0
 for arg in "$@"; do [ "$arg" = "--dry_run" ] && DRY=1; done
-if ! "$PY" -c "import jax" 2>/dev/null; then
-  "$PY" -m pip install -q "jax[cuda12]==0.10.2"
-fi
-if ! "$PY" -c "import flax, optax, ml_collections, orbax.checkpoint, absl" 2>/dev/null; then
-  echo "installing the model's dependencies into $PY" >&2
-  "$PY" -m pip install -q flax optax orbax-checkpoint ml_collections absl-py tensorboardX \
-    || true  # offline: the import below names what is missing
-  "$PY" -c "import flax, optax, ml_collections, orbax.checkpoint, absl"
-fi
 if [ "$DRY" = 0 ] && ! "$PY" -c "import jax; assert jax.devices()[0].platform == 'gpu'" 2>/dev/null; then
   echo "error: the jax of $PY sees no GPU; set PYTHON to a Python with a CUDA jax" \
     "(or pass --dry_run)" >&2
