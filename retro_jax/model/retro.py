@@ -320,9 +320,7 @@ class Retro(nn.Module):
       x, k, v = layer.attention_block(x, self_feats)
       kvs.append((k, v))
       if use_retrieval and layer.index == self._first_cca:
-        h_first = x
-        context, context_mask = self._chunk_context(x, n)
-        enc, enc_mask = self.encoder(neighbors, context, context_mask)
+        h_first, (enc, enc_mask) = x, self._encode(x, n, neighbors)
       x = layer.retrieval_ffw_block(x, enc, enc_mask, cca_feats)
     return self._output(x, tokens, neighbors if use_retrieval else None,
                         dict(kvs=kvs, h_first=h_first, enc=enc, enc_mask=enc_mask))
@@ -343,12 +341,15 @@ class Retro(nn.Module):
       x, k, v = module.attention_block(x, self_feats)   # the first CCA layer
       kvs.append((k, v))
       if use_retrieval:
-        h_first = x
-        context, context_mask = self._chunk_context(x, n)
-        enc, enc_mask = self.encoder(neighbors, context, context_mask)
+        h_first, (enc, enc_mask) = x, self._encode(x, n, neighbors)
       x = module.retrieval_ffw_block(x, enc, enc_mask, cca_feats)
     return self._output(x, tokens, neighbors if use_retrieval else None,
                         dict(kvs=kvs, h_first=h_first, enc=enc, enc_mask=enc_mask))
+
+  def _encode(self, x, n, neighbors):
+    """The encoder over the neighbors, conditioned on the first CCA layer's chunk states x."""
+    context, context_mask = self._chunk_context(x, n)
+    return self.encoder(neighbors, context, context_mask)
 
   def _output(self, x, tokens, neighbors, aux):
     """Logits (through the copy head when it is on and neighbors were read) and aux."""
