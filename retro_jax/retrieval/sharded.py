@@ -40,6 +40,7 @@ import numpy as np
 
 from retro_jax import fileio
 from retro_jax.retrieval import chunk_store as chunk_store_lib
+from retro_jax.retrieval import exact_search
 from retro_jax.retrieval import retriever as retriever_lib
 
 FORMAT = "retro_jax.sharded_database"
@@ -184,8 +185,8 @@ class ShardedChunkStore(chunk_store_lib.ChunkStore):
 class ShardedIndex:
   """Every shard's index searched, their results in global ids merged into one top k.
 
-  Ties in distance go to the smaller global id, so the merge is deterministic.  Chunks of
-  dropped documents are never returned.
+  Ties in distance go to the earlier shard (`exact_search.merge_topk`, a stable sort), so
+  the merge is deterministic.  Chunks of dropped documents are never returned.
   """
 
   def __init__(self, indexes: Sequence[Any], chunk_offsets: Sequence[int],
@@ -205,7 +206,7 @@ class ShardedIndex:
     """Best k per query over all shards: global ids [Q, k] int64 (-1 pad), distances."""
     k = int(k)
     queries = np.asarray(queries, np.float32)
-    all_ids, all_dist = [], []
+    all_ids, all_dist, offsets = [], [], []
     for ix, offset, dropped in zip(self.shards, self.chunk_offsets, self.dropped):
       kk = min(k + len(dropped), ix.num_vectors)
       if kk < 1:
@@ -218,30 +219,12 @@ class ShardedIndex:
       ids, dist = ix.search(queries, kk, **kwargs)
       ids = np.asarray(ids, np.int64)
       dist = np.asarray(dist, np.float32)
-      gone = ids < 0
       if len(dropped):
-        gone |= np.isin(ids, dropped)
-      all_ids.append(np.where(gone, -1, ids + offset))
-      all_dist.append(np.where(gone, np.inf, dist).astype(np.float32))
-    return merge_top_k(all_ids, all_dist, k)
-
-
-def merge_top_k(ids: Sequence[np.ndarray], distances: Sequence[np.ndarray], k: int
-                ) -> tuple[np.ndarray, np.ndarray]:
-  """Per row, the k nearest of several [Q, k_i] result lists (ties: smaller id first;
-  -1 ids, at +inf, last), padded with -1 / +inf to k columns."""
-  ids = np.concatenate([np.asarray(i, np.int64) for i in ids], axis=1)
-  dist = np.concatenate([np.asarray(d, np.float32) for d in distances], axis=1)
-  dist = np.where(ids < 0, np.inf, dist)
-  tie = np.where(ids < 0, np.iinfo(np.int64).max, ids)
-  order = np.lexsort((tie, dist), axis=1)[:, :k]
-  ids = np.take_along_axis(ids, order, axis=1)
-  dist = np.take_along_axis(dist, order, axis=1)
-  if ids.shape[1] < k:
-    pad = k - ids.shape[1]
-    ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
-    dist = np.pad(dist, ((0, 0), (0, pad)), constant_values=np.inf)
-  return ids, dist
+        ids = np.where(np.isin(ids, dropped), -1, ids)
+      all_ids.append(ids)
+      all_dist.append(dist)
+      offsets.append(offset)
+    return exact_search.merge_topk(all_ids, all_dist, k, offsets=offsets)
 
 
 # ------------------------------------------------------------------------------------------
