@@ -9,7 +9,8 @@ Output directory (the "neighbors file" of the team contract):
   distances.npy  float32 [Q, k]  distances (index convention: smaller is nearer), +inf pad.
   manifest.json  k, database manifest hash and chunk count, query chunk store manifest hash,
                  tokenizer and embedder identities, index id, same-document exclusion,
-                 padding counts.  Written LAST: a directory without it is unfinished.
+                 padding counts, sha256 of both .npy files.  Written LAST: a directory
+                 without it is unfinished.
 Row q belongs to chunk q of the query store.  For training the query store is the
 database's own chunk store (the default), and candidates from the query chunk's own
 document are dropped (paper §2.4: otherwise the continuation leaks the future).  For a
@@ -325,6 +326,8 @@ def _merge(output_dir, parts_dir, num_parts, settings, num_q) -> dict:
     raise PrecomputeError(f"parts hold {row} rows but the query store has {num_q} chunks")
   fileio.atomic_save_npy(os.path.join(output_dir, "neighbors.npy"), neighbors)
   fileio.atomic_save_npy(os.path.join(output_dir, "distances.npy"), distances)
+  sha = {name: fileio.file_sha256(os.path.join(output_dir, f"{name}.npy"))
+         for name in ("neighbors", "distances")}  # what `python -m retro_jax.verify` checks
   man = {key: settings[key] for key in ("format", "k", "database", "query", "tokenizer",
                                         "embedder", "index_id", "distance",
                                         "exclude_same_document")}
@@ -334,6 +337,7 @@ def _merge(output_dir, parts_dir, num_parts, settings, num_q) -> dict:
       "padded_rows": int(padded),
       "padded_entries": int(np.sum(neighbors < 0)),
       "requeried_rows": int(requeried),
+      "sha256": sha,
   })  # No timings: a resumed job writes the same bytes as an uninterrupted one.
   fileio.atomic_write_json(os.path.join(output_dir, fileio.MANIFEST), man)
   shutil.rmtree(parts_dir, ignore_errors=True)
