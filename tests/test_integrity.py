@@ -82,6 +82,20 @@ def out_of_vocab(db: str) -> str:
   return path
 
 
+def out_of_vocab_rehashed(db: str) -> str:
+  """Out-of-vocabulary ids with every hash and manifest tie rewritten to match (a store
+  built with another tokenizer than it records): only the id check can tell."""
+  path = out_of_vocab(db)
+  store_man = os.path.join(db, "chunks", "manifest.json")
+  with open(store_man, encoding="utf-8") as f:
+    man = json.load(f)
+  man["sha256"]["tokens"] = hashlib.sha256(np.load(path).tobytes()).hexdigest()
+  fileio.atomic_write_json(store_man, man)
+  edit_manifest(db, **{"chunk_store.manifest_hash": fileio.manifest_hash(man),
+                       "chunk_store.sha256": man["sha256"]})
+  return path
+
+
 def reverse_embeddings(db: str) -> str:
   path = os.path.join(db, "embeddings.npy")
   emb = np.load(path)
@@ -372,6 +386,7 @@ def test_verify_passes_clean_artefacts(clean, tmp_path):
 
 DAMAGES = {
     "out-of-vocab": (out_of_vocab, "chunks/tokens.npy"),
+    "out-of-vocab-rehashed": (out_of_vocab_rehashed, "chunks/tokens.npy"),
     "reversed-embeddings": (reverse_embeddings, "embeddings.npy"),
     "chunk-size": (lambda db: edit_manifest(db, chunk_size=2 * M), "manifest.json"),
     "tokenizer-hash": (lambda db: edit_manifest(db, **{"tokenizer.sha256": "f" * 64}),
