@@ -95,9 +95,13 @@ def embed_store(store, tokenizer, embedder, out_path: str, config: BuildConfig,
   if os.path.exists(out_path) and os.path.exists(side):
     done = fileio.read_json(side)
     if all(done.get(key) == fileio.to_jsonable(v) for key, v in settings.items()):
-      logging.info("embeddings %s already complete; reusing them", out_path)
-      return done
-    logging.warning("embeddings %s were made with other settings; recomputing", out_path)
+      if fileio.file_sha256(out_path) == done.get("sha256"):  # reused only if undamaged
+        logging.info("embeddings %s already complete; reusing them", out_path)
+        return done
+      logging.warning("embeddings %s do not match the sha256 recorded in %s (damaged); "
+                      "recomputing them", out_path, side)
+    else:
+      logging.warning("embeddings %s were made with other settings; recomputing", out_path)
   parts = os.path.splitext(out_path)[0] + ".parts"
   os.makedirs(parts, exist_ok=True)
   job = dict(settings, shard_size=int(shard_size))
@@ -200,8 +204,13 @@ def build(config: BuildConfig, *, embedder=None, after_shard=None) -> dict:
     existing = fileio.read_manifest(index_dir)
     if (existing.get("embeddings_sha256") == emb_man["sha256"] and
         existing.get("settings") == fileio.to_jsonable(wanted.__dict__)):
-      logging.info("index %s already built for these embeddings; reusing it", index_dir)
-      index_man = existing
+      try:  # reused only if its files hash as recorded and it loads
+        index_lib.ScannIndex.load(index_dir, verify=True)
+        logging.info("index %s already built for these embeddings; reusing it", index_dir)
+        index_man = existing
+      except fileio.ManifestError as e:
+        logging.warning("index %s is damaged (%s); rebuilding it", index_dir,
+                        fileio.first_line(e))
   if index_man is None:
     logging.info("building %s index over %d x %d embeddings", wanted.mode, *embeddings.shape)
     index = index_lib.ScannIndex.build(embeddings, options,

@@ -94,12 +94,9 @@ def load_neighbors(directory: str, expected_db_manifest: Any = None,
                        man.get("query", {}).get("manifest_hash"), q_src, src)
   mode = "r" if mmap else None
   paths = [os.path.join(directory, n) for n in ("neighbors.npy", "distances.npy")]
-  for p in paths:
-    if not os.path.exists(p):
-      raise fileio.ManifestError(f"{p} is missing (manifest present): rebuild with "
-                                 f"{BUILD_COMMAND}")
-  neighbors = np.load(paths[0], mmap_mode=mode)
-  distances = np.load(paths[1], mmap_mode=mode)
+  fix = f"delete {directory} and rebuild it with {BUILD_COMMAND}"
+  neighbors = fileio.load_npy(paths[0], fix, mmap_mode=mode)
+  distances = fileio.load_npy(paths[1], fix, mmap_mode=mode)
   if neighbors.shape != (man["num_queries"], man["k"]) or distances.shape != neighbors.shape:
     raise fileio.ManifestMismatchError(
         f"neighbors shape mismatch: manifest says {[man['num_queries'], man['k']]} but "

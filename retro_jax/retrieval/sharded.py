@@ -341,7 +341,8 @@ class ShardedDatabase(retriever_lib.Database):
     self._tokenizer = None
 
   @classmethod
-  def open(cls, path: str) -> "ShardedDatabase":
+  def open(cls, path: str, verify: bool = False) -> "ShardedDatabase":
+    """Opens DB (memory-maps every shard); `verify` as in `Database.open`, for every shard."""
     path = os.path.abspath(os.fspath(path))
     man = fileio.read_json(os.path.join(path, SHARDS_FILE), "sharded database manifest",
                            "sharded.write_shards_manifest(DB, shard_names)")
@@ -349,7 +350,14 @@ class ShardedDatabase(retriever_lib.Database):
       raise fileio.ManifestMismatchError(
           f"sharded database format mismatch: expected {FORMAT} v{FORMAT_VERSION} but "
           f"{path}/{SHARDS_FILE} has {man.get('format')!r} v{man.get('format_version')}")
-    return cls(path, man)
+    db = cls(path, man)
+    if verify:
+      db.verify()
+    return db
+
+  def verify(self) -> None:
+    for shard in self.shards:
+      shard.verify()
 
   def dropped_chunks(self) -> list[np.ndarray]:
     """Per shard, the local chunk ids of dropped documents."""
@@ -374,13 +382,23 @@ class ShardedDatabase(retriever_lib.Database):
     return self.shards[0].tokenizer
 
 
-def open_database(path) -> retriever_lib.Database:
-  """A database directory, whole or sharded (DB/shards.json), opened and checked."""
+def open_database(path, verify: bool = False) -> retriever_lib.Database:
+  """A database directory, whole or sharded (DB/shards.json), opened and checked; `verify`
+  recomputes every recorded hash (batch jobs that read it whole)."""
   if isinstance(path, retriever_lib.Database):
+    if verify:
+      path.verify()
     return path
   if is_sharded(path):
-    return ShardedDatabase.open(path)
-  return retriever_lib.Database.open(path)
+    return ShardedDatabase.open(path, verify=verify)
+  return retriever_lib.Database.open(path, verify=verify)
+
+
+def open_database_store(path: str) -> chunk_store_lib.ChunkStore:
+  """The chunk store of database DB, whole or sharded, checked against its manifest."""
+  if is_sharded(path):
+    return ShardedDatabase.open(path).store
+  return retriever_lib.open_database_chunks(path)[1]
 
 
 def open_chunk_store(path: str) -> chunk_store_lib.ChunkStore:
