@@ -9,6 +9,8 @@ file (ok, or BAD with the reason and the fix):
   doc_ids against doc_offsets, doc_keys.txt line count), embeddings.npy (shape, sha256),
   every index file (size, sha256), that the index loads and is the manifest's, and the
   tokenizer copy (sha256 of the identity recorded);
+- a sharded database (DB/shards.json): the list against its shards (offsets, manifest
+  hashes, agreement on chunk size, tokenizer and embedder), then every shard as a database;
 - a chunk store on its own (the same store checks);
 - a neighbors directory (precompute_neighbors output): manifest, both arrays (open, shape,
   dtype, recorded sha256), ids within the database's chunk count; with `db`, also that it
@@ -27,11 +29,20 @@ import dataclasses
 import os
 from typing import Callable, Iterable
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
 from retro_jax import fileio
+from retro_jax.retrieval import chunk_store as chunk_store_lib
+from retro_jax.retrieval import index as index_lib
+from retro_jax.retrieval import neighbors as neighbors_lib
+from retro_jax.retrieval import retriever as retriever_lib
+from retro_jax.retrieval import sharded
+from retro_jax.training import checkpoint as checkpoint_lib
 
 DATABASE, CHUNK_STORE, NEIGHBORS, WORKDIR = "database", "chunk store", "neighbors", "workdir"
+SHARDED_DATABASE = "sharded database"
 
 
 @dataclasses.dataclass
@@ -55,12 +66,11 @@ def _one(path: str, check: Callable[[], object]) -> Finding:
 
 def detect(path: str) -> str:
   """Which kind of directory `path` is (see the module docstring)."""
-  from retro_jax.retrieval import chunk_store as chunk_store_lib  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval import neighbors as neighbors_lib  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval import retriever as retriever_lib  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(path):
     raise fileio.ManifestError(f"{path} is not a directory (give a database, a neighbors "
                                "directory, a chunk store or a training work directory)")
+  if sharded.is_sharded(path):
+    return SHARDED_DATABASE
   mpath = os.path.join(path, fileio.MANIFEST)
   if os.path.exists(mpath):
     try:
@@ -91,6 +101,8 @@ def check(path: str, db: str | None = None) -> tuple[str, list[Finding]]:
   kind = detect(path)
   if kind == DATABASE:
     return kind, check_database(path)
+  if kind == SHARDED_DATABASE:
+    return kind, check_sharded_database(path)
   if kind == CHUNK_STORE:
     return kind, check_chunk_store(path)
   if kind == NEIGHBORS:
@@ -102,7 +114,6 @@ def check(path: str, db: str | None = None) -> tuple[str, list[Finding]]:
 
 def check_chunk_store(path: str, fix: str | None = None) -> list[Finding]:
   """Every file of a chunk store; `fix`: what repairs it (default: rebuild the store)."""
-  from retro_jax.retrieval import chunk_store as chunk_store_lib  # pylint: disable=g-import-not-at-top
   fix = fix or "rebuild the chunk store with the job that made it (build_db for a database)"
   mpath = os.path.join(path, fileio.MANIFEST)
   try:
@@ -142,9 +153,6 @@ def check_chunk_store(path: str, fix: str | None = None) -> list[Finding]:
 
 def check_database(path: str) -> list[Finding]:
   """Every file of a database directory (see the module docstring)."""
-  from retro_jax.retrieval import chunk_store as chunk_store_lib  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval import index as index_lib  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval import retriever as retriever_lib  # pylint: disable=g-import-not-at-top
   fix = retriever_lib.rebuild_hint(path)
   mpath = os.path.join(path, fileio.MANIFEST)
   out = []
@@ -215,9 +223,21 @@ def check_database(path: str) -> list[Finding]:
 
 # --- Neighbors ----------------------------------------------------------------------------
 
+def check_sharded_database(path: str) -> list[Finding]:
+  """shards.json against its shards (offsets, hashes, agreement), then every shard whole."""
+  where = os.path.join(path, sharded.SHARDS_FILE)
+  out = [_one(where, lambda: sharded.ShardedDatabase.open(path))]
+  try:
+    names = [s["name"] for s in fileio.read_json(where).get("shards") or []]
+  except (ValueError, OSError, KeyError, TypeError, AttributeError):
+    return out
+  for name in names:
+    out.extend(check_database(os.path.join(path, name)))
+  return out
+
+
 def check_neighbors(path: str, db: str | None = None) -> list[Finding]:
   """Every file of a neighbors directory; `db`: the database it must belong to."""
-  from retro_jax.retrieval import neighbors as neighbors_lib  # pylint: disable=g-import-not-at-top
   fix = f"delete {path} and rebuild it with {neighbors_lib.BUILD_COMMAND}"
   mpath = os.path.join(path, fileio.MANIFEST)
   try:
@@ -257,9 +277,6 @@ def check_neighbors(path: str, db: str | None = None) -> list[Finding]:
 
 def check_workdir(path: str) -> list[Finding]:
   """Every checkpoint step of a work directory restores; its tokenizer copy matches."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from retro_jax.training import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   ckdir = checkpoint_lib.checkpoint_dir(path)
   fix = (f"move the step aside (python -m retro_jax.train resumes from the newest step that "
          f"restores) or train again in a new --workdir")
