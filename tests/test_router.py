@@ -1,5 +1,6 @@
 """Sharded serving (a router over one service per shard) and editing a sharded database."""
 
+import base64
 import hashlib
 import json
 import os
@@ -97,6 +98,11 @@ def test_search_endpoint_answers_the_index_and_refuses_bad_input(dbs):
     assert (big_ids[:, -3:] == -1).all() and np.isinf(big_dist[:, -3:]).all()
     client = service_lib.RemoteRetriever(server.url)
     dim = r.db.dim
+    # The plain JSON form answers the same as the base64 float32 one RemoteIndex sends.
+    ans = client._request("/search", {"embeddings": x.tolist(), "k": 4})  # pylint: disable=protected-access
+    np.testing.assert_array_equal(ans["ids"], ids)
+    np.testing.assert_array_equal(np.asarray(ans["distances"], np.float32), dist)
+    f32 = lambda a: base64.b64encode(np.asarray(a, "<f4").tobytes()).decode()  # pylint: disable=unnecessary-lambda-assignment
     bad = [({"embeddings": [[0.0] * (dim - 1)], "k": 2}, 400, f"list of {dim} numbers"),
            ({"embeddings": [[True] * dim], "k": 2}, 400, "numbers only"),
            ({"embeddings": [["1"] * dim], "k": 2}, 400, "numbers only"),
@@ -107,6 +113,12 @@ def test_search_endpoint_answers_the_index_and_refuses_bad_input(dbs):
            ({"embeddings": [[0.0] * dim] * 9, "k": 2}, 413, "limit of 8"),
            ({"embeddings": [[0.0] * dim], "k": 2, "extra": 1}, 400, "unknown field"),
            ({"k": 2}, 400, "give 'embeddings'"),
+           ({"embeddings": [[0.0] * dim], "embeddings_f32": f32(x), "k": 2}, 400, "give"),
+           ({"embeddings_f32": "not base64!", "k": 2}, 400, "not valid base64"),
+           ({"embeddings_f32": f32(x)[:-8], "k": 2}, 400, "whole number"),
+           ({"embeddings_f32": f32(np.full((1, dim), np.inf)), "k": 2}, 400, "finite"),
+           ({"embeddings_f32": f32(np.zeros((9, dim))), "k": 2}, 413, "limit of 8"),
+           ({"embeddings_f32": 5, "k": 2}, 400, "base64 string"),
            ({"embeddings": "x", "k": 2}, 400, "list of vectors")]
     for body, status, text in bad:
       with pytest.raises(service_lib.RetrievalServiceError) as e:

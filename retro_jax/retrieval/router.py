@@ -35,6 +35,7 @@ tries again when a file changes.
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import http.client
 import json
@@ -203,7 +204,8 @@ class RemoteIndex:
       except ShardMismatchError as e:  # Came up serving the wrong index: treat as down.
         raise self._unavailable(str(e)) from None
     q = np.asarray(queries, np.float32)
-    body = {"embeddings": q.tolist(), "k": int(k)}
+    body = {"embeddings_f32": base64.b64encode(q.astype("<f4").tobytes()).decode("ascii"),
+            "k": int(k)}
     if leaves_to_search is not None:
       body["leaves_to_search"] = int(leaves_to_search)
     if pre_reorder is not None:

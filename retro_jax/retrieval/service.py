@@ -13,10 +13,12 @@ Endpoints:
          optional "return_tokens" (default true), "return_texts" (default false)
        -> {"ids": [[...]], "distances": [[...]] (null for a missing neighbor),
            "tokens": [[[2m ids]]], "texts": [[...]], "doc_keys": [[...]]}
-  POST /search    with {"embeddings": [[D floats], ...], "k": K}, optional
-         "leaves_to_search" and "pre_reorder" (tree_ah): the database index alone, for a
-         router that has embedded the queries already (router.py); the embeddings must be
-         in the index's convention (unit-normalised for dot_product), K <= max_search_k
+  POST /search    with {"embeddings": [[D floats], ...], "k": K} (or, exact and ~100x
+         cheaper to encode and parse, "embeddings_f32": base64 of the [Q, D] little-endian
+         float32 array, row-major), optional "leaves_to_search" and "pre_reorder"
+         (tree_ah): the database index alone, for a router that has embedded the queries
+         already (router.py); the embeddings must be in the index's convention
+         (unit-normalised for dot_product), K <= max_search_k
        -> {"ids": [[K ids of this database, -1 = none]], "distances": [[...]]}
 Errors are JSON {"error": message} with 400 (malformed HTTP or JSON, nesting too deep,
 invalid UTF-8 or lone surrogates, unknown or missing fields, wrong types, integers out of
@@ -57,6 +59,7 @@ hangs; an error answer raises `RetrievalServiceError` with the server's message.
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import concurrent.futures
 import contextlib
@@ -79,7 +82,8 @@ from retro_jax.retrieval import retriever as retriever_lib
 
 ALLOWED_FIELDS = frozenset({"texts", "chunks", "k", "exclude_doc_ids", "return_tokens",
                             "return_texts"})
-SEARCH_FIELDS = frozenset({"embeddings", "k", "leaves_to_search", "pre_reorder"})
+SEARCH_FIELDS = frozenset({"embeddings", "embeddings_f32", "k", "leaves_to_search",
+                           "pre_reorder"})
 ENDPOINTS = {"/health": "GET", "/manifest": "GET", "/retrieve": "POST", "/search": "POST"}
 _INT64_MAX = 2**63 - 1
 
@@ -360,8 +364,9 @@ class RetrievalHandler:
     unknown = sorted(set(body) - SEARCH_FIELDS)
     if unknown:
       raise _BadRequest(400, f"unknown field(s) {unknown}; allowed: {sorted(SEARCH_FIELDS)}")
-    if "embeddings" not in body or "k" not in body:
-      raise _BadRequest(400, "give 'embeddings' (a list of vectors) and 'k'")
+    if ("embeddings" in body) == ("embeddings_f32" in body) or "k" not in body:
+      raise _BadRequest(400, "give 'embeddings' (a list of vectors) or 'embeddings_f32' "
+                        "(base64 float32), and 'k'")
     k = body["k"]
     options = {}
     for name in ("k", "leaves_to_search", "pre_reorder"):
@@ -373,13 +378,15 @@ class RetrievalHandler:
     if k > self.max_search_k:
       raise _BadRequest(413, f"'k'={k} exceeds this service's search limit of "
                         f"{self.max_search_k}")
+    dim = int(self.retriever.db.dim)
+    if "embeddings_f32" in body:
+      return self._decode_f32(body["embeddings_f32"], dim), k, options
     rows = body["embeddings"]
     if not isinstance(rows, list):
       raise _BadRequest(400, "'embeddings' must be a list of vectors")
     if len(rows) > self.max_batch:
       raise _BadRequest(413, f"batch of {len(rows)} queries exceeds this service's limit "
                         f"of {self.max_batch}")
-    dim = int(self.retriever.db.dim)
     number = (int, float)
     for i, row in enumerate(rows):
       if not isinstance(row, list) or len(row) != dim:
@@ -396,6 +403,25 @@ class RetrievalHandler:
     if not np.isfinite(x).all():
       raise _BadRequest(400, "embeddings must be finite (within float32 range)")
     return x, k, options
+
+  def _decode_f32(self, text: Any, dim: int) -> np.ndarray:
+    if not isinstance(text, str):
+      raise _BadRequest(400, "'embeddings_f32' must be a base64 string")
+    try:
+      raw = base64.b64decode(text.encode("ascii"), validate=True)
+    except (ValueError, UnicodeEncodeError):
+      raise _BadRequest(400, "'embeddings_f32' is not valid base64") from None
+    if len(raw) % (4 * dim):
+      raise _BadRequest(400, f"'embeddings_f32' holds {len(raw)} bytes, not a whole number of "
+                        f"{dim}-dimensional float32 vectors ({4 * dim} bytes each)")
+    n = len(raw) // (4 * dim)
+    if n > self.max_batch:
+      raise _BadRequest(413, f"batch of {n} queries exceeds this service's limit of "
+                        f"{self.max_batch}")
+    x = np.frombuffer(raw, dtype="<f4").reshape(n, dim).astype(np.float32)
+    if not np.isfinite(x).all():
+      raise _BadRequest(400, "embeddings must be finite (within float32 range)")
+    return x
 
   def search(self, x: np.ndarray, k: int, options: dict) -> dict:
     """The index's k nearest of each embedding, in this database's ids."""
