@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -273,10 +274,18 @@ def test_add_then_drop_updates_the_retriever_and_a_running_router(dbs, tmp_path)
     assert "shard-00002" in remote.health()["reload_error"]
     assert remote.health()["num_chunks"] == old_chunks
     assert int(remote.retrieve_texts([NEW_TEXT], 3).ids[0, 0]) < offset
-    shards.servers.update(_Shards(db, names={"shard-00002"}).servers)
+    # Its address listed before its service is up: the router retries until it answers.
+    with socket.socket() as probe:
+      probe.bind(("127.0.0.1", 0))
+      port = probe.getsockname()[1]
     with open(addr_file, "w", encoding="utf-8") as f:
-      json.dump(shards.addresses, f)
+      json.dump(dict(shards.addresses, **{"shard-00002": f"http://127.0.0.1:{port}"}), f)
+    assert _wait(lambda: "shard-00002 at http://127.0.0.1:%d is not available" % port
+                 in (remote.health()["reload_error"] or ""))
+    shards.servers["shard-00002"] = service_lib.RetrievalServer(
+        retriever_lib.Retriever.open(os.path.join(db, "shard-00002")), port=port).start()
     assert _wait(lambda: remote.health()["num_chunks"] == man["num_chunks"])
+    assert remote.health()["reload_error"] is None
     got = remote.retrieve_texts([NEW_TEXT], 3)
     np.testing.assert_array_equal(got.ids, local.retrieve_texts([NEW_TEXT], 3).ids)
     assert int(got.ids[0, 0]) >= offset

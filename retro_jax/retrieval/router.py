@@ -30,7 +30,7 @@ Editing without a restart: the router re-reads DB/shards.json and the address fi
 by `edit_db add`, documents dropped by `edit_db drop`), checks the shard services again and
 swaps it in between requests.  A reload that fails (say, a new shard with no address yet)
 is logged and shown in /health as "reload_error"; the router keeps serving the old list and
-tries again when a file changes.
+tries again at every look until it succeeds.
 """
 
 from __future__ import annotations
@@ -475,9 +475,10 @@ class RouterServer(service_lib.RetrievalServer):
     try:
       new = self._open(old.embedder)
     except Exception as e:  # pylint: disable=broad-except  (kept serving; shown in /health)
-      self.reload_error = " ".join(str(e).split()) or type(e).__name__
-      logging.warning("router: reload failed, still serving the old shard list: %s",
-                      self.reload_error)
+      error = " ".join(str(e).split()) or type(e).__name__
+      if error != self.reload_error:  # Retried every interval; logged once per reason.
+        logging.warning("router: reload failed, still serving the old shard list: %s", error)
+      self.reload_error = error
       self._describe()
       return False
     self.handler.retriever = new  # Requests already running finish on the old one.
@@ -490,12 +491,15 @@ class RouterServer(service_lib.RetrievalServer):
     return True
 
   def check_for_changes(self) -> bool:
-    """Reloads if shards.json or the address file changed since the last look."""
+    """Reloads if shards.json or the address file changed since the last reload (and
+    again at every look while that reload fails: the new shard's service may be starting)."""
     files = self._files()
     if files == self._seen:
       return False
+    if not self.reload():
+      return False
     self._seen = files
-    return self.reload()
+    return True
 
   def _watch(self) -> None:
     while not self._watch_stop.wait(self.reload_interval):
