@@ -25,6 +25,13 @@ CASES = [
     ("retro_jax.retrieval.train_tokenizer", "train_tokenizer",
      ["--corpus=c", "--output=o", "--vocab_size=many"], "--vocab_size"),
     ("retro_jax.retrieval.inspect", "inspect", ["--db=d", "--k=many"], "--k"),
+    ("retro_jax.retrieval.serve", "serve", ["--db=d", "--port=70000"], "--port"),
+    ("retro_jax.retrieval.router", "router", ["--db=d", "--shards=a=http://h:1",
+                                             "--reload_interval=-1"], "--reload_interval"),
+    ("retro_jax.retrieval.router", "router", ["--db=d", "--shards=a"], "NAME=URL"),
+    ("retro_jax.edit_db", "edit_db", ["shard", "--db=d", "--output=o", "--how=hardlink"],
+     "--how"),
+    ("retro_jax.edit_db", "edit_db", ["add", "--db=d"], "--corpus"),
     ("retro_jax.train", "train", ["--config=experiments/configs/tiny.py", "--workdir=w",
                                   "--config.seq_len=abc"], "--config.seq_len"),
 ]

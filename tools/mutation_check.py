@@ -200,7 +200,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ], "tests/test_reading.py"),
     # --- retrieval: sharded databases ---------------------------------------------------------
     _m("sharded search returns shard-local ids", "retro_jax/retrieval/sharded.py", [
-        ("offsets.append(offset)", "offsets.append(0)"),
+        ("return (np.where(gone, -1, ids + offset),", "return (np.where(gone, -1, ids),"),
     ], "tests/test_sharded.py"),
     _m("sharded doc ids not offset per shard", "retro_jax/retrieval/sharded.py", [
         ('ConcatRows([s.doc_ids for s in self.stores], value_offsets=doc_offsets)',

@@ -6,9 +6,12 @@ r"""Runs the retrieval service (see service.py for the endpoints, limits and tim
         [--nowarm_up]
 
 Loads the database, index, tokenizer and embedder once, then answers POST /retrieve,
-GET /health and GET /manifest until interrupted.  The database is opened with the checks
-every consumer runs (manifests against chunks, shapes, index file sizes), but memory-mapped,
-not hashed whole: `python -m retro_jax.verify DB_DIR` is the complete check.  Binds 127.0.0.1 unless told otherwise:
+POST /search, GET /health and GET /manifest until interrupted.  One such service per shard
+of a sharded database, and `python -m retro_jax.retrieval.router` in front, serve it
+sharded (router.py).  The database is opened with the checks every consumer runs
+(manifests against chunks, shapes, index file sizes), but memory-mapped, not hashed whole:
+`python -m retro_jax.verify DB_DIR` is the complete check.  Binds 127.0.0.1 unless told
+otherwise:
 there is no authentication.
 """
 
@@ -47,13 +50,18 @@ _WORKERS = flags.DEFINE_integer("workers", _DEFAULTS.workers,
                                 lower_bound=1)
 
 
-def main(argv):
-  del argv
-  config = service_lib.ServiceConfig(
+def service_config() -> service_lib.ServiceConfig:
+  """The service limits from the flags (the router takes the same ones)."""
+  return service_lib.ServiceConfig(
       max_batch=_MAX_BATCH.value, max_k=_MAX_K.value, max_body_bytes=_MAX_BODY.value,
       max_buffered_bytes=max(_DEFAULTS.max_buffered_bytes, 4 * _MAX_BODY.value),
       max_connections=_MAX_CONN.value, idle_timeout=_IDLE.value,
       request_timeout=_REQUEST.value, workers=_WORKERS.value, warm_up=_WARM_UP.value)
+
+
+def main(argv):
+  del argv
+  config = service_config()
   embedder = retriever_lib.load_embedder(_BERT.value) if _BERT.value else None
   retriever = retriever_lib.Retriever.open(sharded.open_database(_DB.value), embedder=embedder)
   server = service_lib.RetrievalServer(retriever, _HOST.value, _PORT.value, config=config)

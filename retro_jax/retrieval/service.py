@@ -13,12 +13,20 @@ Endpoints:
          optional "return_tokens" (default true), "return_texts" (default false)
        -> {"ids": [[...]], "distances": [[...]] (null for a missing neighbor),
            "tokens": [[[2m ids]]], "texts": [[...]], "doc_keys": [[...]]}
+  POST /search    with {"embeddings": [[D floats], ...], "k": K} (or, exact and ~100x
+         cheaper to encode and parse, "embeddings_f32": base64 of the [Q, D] little-endian
+         float32 array, row-major), optional "leaves_to_search" and "pre_reorder"
+         (tree_ah): the database index alone, for a router that has embedded the queries
+         already (router.py); the embeddings must be in the index's convention
+         (unit-normalised for dot_product), K <= max_search_k
+       -> {"ids": [[K ids of this database, -1 = none]], "distances": [[...]]}
 Errors are JSON {"error": message} with 400 (malformed HTTP or JSON, nesting too deep,
 invalid UTF-8 or lone surrogates, unknown or missing fields, wrong types, integers out of
 range, wrong chunk length, k out of range), 404 (unknown path), 405 (method; with an Allow
 header), 408 (request not received within `request_timeout`), 411 (POST without a length),
 413 (body, batch or k over the limits), 503 (too many connections or queued queries; retry
-later), 500 (unexpected; logged).  A bad request never stops the server.
+later; a router's client gets `ServiceUnavailableAnswer`, also when a shard is down), 500
+(unexpected; logged).  A bad request never stops the server.
 
 How it holds load (`ServiceConfig` has the numbers):
 * Connections are served by one asyncio event loop (HTTP/1.1 parsing by h11): an idle
@@ -51,8 +59,10 @@ hangs; an error answer raises `RetrievalServiceError` with the server's message.
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import http
 import json
@@ -72,7 +82,9 @@ from retro_jax.retrieval import retriever as retriever_lib
 
 ALLOWED_FIELDS = frozenset({"texts", "chunks", "k", "exclude_doc_ids", "return_tokens",
                             "return_texts"})
-ENDPOINTS = {"/health": "GET", "/manifest": "GET", "/retrieve": "POST"}
+SEARCH_FIELDS = frozenset({"embeddings", "embeddings_f32", "k", "leaves_to_search",
+                           "pre_reorder"})
+ENDPOINTS = {"/health": "GET", "/manifest": "GET", "/retrieve": "POST", "/search": "POST"}
 _INT64_MAX = 2**63 - 1
 
 
@@ -87,6 +99,10 @@ class RetrievalServiceError(RuntimeError):
 
 class ServiceUnavailableError(ConnectionError):
   """The service could not be reached (refused, timed out, DNS)."""
+
+
+class ServiceUnavailableAnswer(RetrievalServiceError, ServiceUnavailableError):
+  """The service answered 503: overloaded, or (a router) a shard it needs is down."""
 
 
 class _BadRequest(Exception):
@@ -110,10 +126,12 @@ class ServiceConfig:
   batch_rows: int = 64            # Most query rows the batcher runs in one shared call.
   max_queued_rows: int = 4096     # Queries waiting for the batcher (503 beyond).
   warm_up: bool = False           # Compile BERT for one row at every length before serving.
+  max_search_k: int = 4096        # Largest k of a POST /search (a router's candidates).
 
   def __post_init__(self):
     for name in ("max_batch", "max_k", "max_body_bytes", "max_buffered_bytes",
-                 "max_connections", "workers", "batch_rows", "max_queued_rows"):
+                 "max_connections", "workers", "batch_rows", "max_queued_rows",
+                 "max_search_k"):
       if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
         raise ValueError(f"ServiceConfig.{name} must be a positive integer, got "
                          f"{getattr(self, name)!r}")
@@ -181,25 +199,33 @@ class _Query:
 class RetrievalHandler:
   """Validates a request body, prepares it, and answers it (no HTTP here, easy to test)."""
 
-  def __init__(self, retriever, max_batch: int = 256, max_k: int = 100):
+  # Whether searches must take the batcher's lock (a local ScaNN searcher: yes; a router's
+  # fan-out to shard services, which are their own locks: no).
+  search_lock_needed = True
+
+  def __init__(self, retriever, max_batch: int = 256, max_k: int = 100,
+               max_search_k: int = 4096):
     self.retriever = retriever
     self.max_batch = max_batch
     self.max_k = max_k
+    self.max_search_k = max_search_k
     emb = retriever.embedder
     # Embedders whose forward pass the batcher can share across requests (the BERT one).
     self.batched_embedder = all(hasattr(emb, a) for a in ("tokenize", "pad_lengths",
                                                           "embed_token_ids"))
 
   def parse(self, raw: bytes) -> _Query:
+    return self.validate(self.parse_json(raw))
+
+  def parse_json(self, raw: bytes) -> Any:
     try:
-      body = json.loads(raw.decode("utf-8"))
+      return json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
       raise _BadRequest(400, f"malformed JSON: the body is not UTF-8 ({e})") from None
     except RecursionError:
       raise _BadRequest(400, "malformed JSON: nested too deeply") from None
     except ValueError as e:  # JSONDecodeError, or an integer of over 4300 digits.
       raise _BadRequest(400, f"malformed JSON: {e}") from None
-    return self.validate(body)
 
   def validate(self, body: Any) -> _Query:
     if not isinstance(body, dict):
@@ -331,6 +357,77 @@ class RetrievalHandler:
     query = self.prepare(self.validate(body))
     return self.answer(query, self.run([query])[0])
 
+  def validate_search(self, body: Any) -> tuple[np.ndarray, int, dict]:
+    """A POST /search body -> (embeddings [Q, D] float32, k, index search options)."""
+    if not isinstance(body, dict):
+      raise _BadRequest(400, "request body must be a JSON object")
+    unknown = sorted(set(body) - SEARCH_FIELDS)
+    if unknown:
+      raise _BadRequest(400, f"unknown field(s) {unknown}; allowed: {sorted(SEARCH_FIELDS)}")
+    if ("embeddings" in body) == ("embeddings_f32" in body) or "k" not in body:
+      raise _BadRequest(400, "give 'embeddings' (a list of vectors) or 'embeddings_f32' "
+                        "(base64 float32), and 'k'")
+    k = body["k"]
+    options = {}
+    for name in ("k", "leaves_to_search", "pre_reorder"):
+      v = body.get(name)
+      if name in body and (type(v) is not int or v < 1):  # pylint: disable=unidiomatic-typecheck
+        raise _BadRequest(400, f"'{name}' must be a positive integer, got {v!r}"[:200])
+      if name != "k" and name in body:
+        options[name] = v
+    if k > self.max_search_k:
+      raise _BadRequest(413, f"'k'={k} exceeds this service's search limit of "
+                        f"{self.max_search_k}")
+    dim = int(self.retriever.db.dim)
+    if "embeddings_f32" in body:
+      return self._decode_f32(body["embeddings_f32"], dim), k, options
+    rows = body["embeddings"]
+    if not isinstance(rows, list):
+      raise _BadRequest(400, "'embeddings' must be a list of vectors")
+    if len(rows) > self.max_batch:
+      raise _BadRequest(413, f"batch of {len(rows)} queries exceeds this service's limit "
+                        f"of {self.max_batch}")
+    number = (int, float)
+    for i, row in enumerate(rows):
+      if not isinstance(row, list) or len(row) != dim:
+        got = len(row) if isinstance(row, list) else type(row).__name__
+        raise _BadRequest(400, f"embedding {i} must be a list of {dim} numbers (the index "
+                          f"dimension), got {got}")
+      if not all(type(v) in number for v in row):
+        raise _BadRequest(400, f"embedding {i} must hold numbers only")
+    try:
+      with np.errstate(over="ignore"):
+        x = np.asarray(rows, dtype=np.float32).reshape(len(rows), dim)
+    except OverflowError:
+      x = np.full((1, 1), np.inf, np.float32)
+    if not np.isfinite(x).all():
+      raise _BadRequest(400, "embeddings must be finite (within float32 range)")
+    return x, k, options
+
+  def _decode_f32(self, text: Any, dim: int) -> np.ndarray:
+    if not isinstance(text, str):
+      raise _BadRequest(400, "'embeddings_f32' must be a base64 string")
+    try:
+      raw = base64.b64decode(text.encode("ascii"), validate=True)
+    except (ValueError, UnicodeEncodeError):
+      raise _BadRequest(400, "'embeddings_f32' is not valid base64") from None
+    if len(raw) % (4 * dim):
+      raise _BadRequest(400, f"'embeddings_f32' holds {len(raw)} bytes, not a whole number of "
+                        f"{dim}-dimensional float32 vectors ({4 * dim} bytes each)")
+    n = len(raw) // (4 * dim)
+    if n > self.max_batch:
+      raise _BadRequest(413, f"batch of {n} queries exceeds this service's limit of "
+                        f"{self.max_batch}")
+    x = np.frombuffer(raw, dtype="<f4").reshape(n, dim).astype(np.float32)
+    if not np.isfinite(x).all():
+      raise _BadRequest(400, "embeddings must be finite (within float32 range)")
+    return x
+
+  def search(self, x: np.ndarray, k: int, options: dict) -> dict:
+    """The index's k nearest of each embedding, in this database's ids."""
+    ids, dist = self.retriever.db.index.search(x, k, **options)
+    return {"ids": np.asarray(ids).tolist(), "distances": _json_floats(np.asarray(dist))}
+
 
 class _Batcher:
   """One thread that runs the prepared queries waiting, together (`RetrievalHandler.run`)."""
@@ -428,6 +525,8 @@ def _raw_response(status: int, message: str) -> bytes:
 class RetrievalServer:
   """The HTTP service around a Retriever; `serve_forever()`, or `start()` in a thread."""
 
+  handler_class = RetrievalHandler  # A router answers with its own (router.py).
+
   def __init__(self, retriever, host: str = "127.0.0.1", port: int = 0,
                max_batch: int = 256, max_k: int = 100, max_body_bytes: int = 16 << 20,
                config: ServiceConfig | None = None):
@@ -436,7 +535,8 @@ class RetrievalServer:
     if not isinstance(port, int) or not 0 <= port <= 65535:
       raise ValueError(f"port must be in [0, 65535], got {port!r}")
     self.config = config
-    self.handler = RetrievalHandler(retriever, config.max_batch, config.max_k)
+    self.handler = self.handler_class(retriever, config.max_batch, config.max_k,
+                                      config.max_search_k)
     self._health = json.dumps({"status": "ok", "num_chunks": int(retriever.store.num_chunks),
                                "chunk_size": int(retriever.store.chunk_size)}).encode()
     self._manifest = json.dumps(retriever.manifest).encode("utf-8")
@@ -614,7 +714,7 @@ class RetrievalServer:
     allowed = ENDPOINTS.get(path)
     if allowed is None:
       return await error(404, f"unknown path {path[:200]}; endpoints: GET /health, GET "
-                         "/manifest, POST /retrieve")
+                         "/manifest, POST /retrieve, POST /search")
     if method.decode("latin-1") != allowed:
       return await error(405, f"use {allowed} for {path}", extra=[("Allow", allowed)])
     headers = dict(request.headers)
@@ -648,7 +748,10 @@ class RetrievalServer:
         await self._send(conn, writer, 200, self._health if path == "/health"
                          else self._manifest, method)
         return True
-      status, body = await self._retrieve(b"".join(parts))
+      if path == "/search":
+        status, body = await self._search(b"".join(parts))
+      else:
+        status, body = await self._retrieve(b"".join(parts))
       del parts
       await self._send(conn, writer, status, body, method)
       return True
@@ -658,11 +761,31 @@ class RetrievalServer:
     finally:
       self._buffered -= reserved
 
+  def _search_lock(self):
+    return self._batcher.lock if self.handler.search_lock_needed else contextlib.nullcontext()
+
   def _answer_alone(self, raw: bytes) -> bytes:
     query = self.handler.prepare(self.handler.parse(raw))
-    with self._batcher.lock:
+    with self._search_lock():
       result = self.handler.run([query])[0]
     return json.dumps(self.handler.answer(query, result)).encode("utf-8")
+
+  def _search_alone(self, raw: bytes) -> bytes:
+    x, k, options = self.handler.validate_search(self.handler.parse_json(raw))
+    with self._search_lock():
+      answer = self.handler.search(x, k, options)
+    return json.dumps(answer).encode("utf-8")
+
+  async def _search(self, raw: bytes) -> tuple[int, bytes]:
+    try:
+      return 200, await self._loop.run_in_executor(self._pool, self._search_alone, raw)
+    except _BadRequest as e:
+      return e.status, _error_body(str(e))
+    except ServiceUnavailableError as e:
+      return 503, _error_body(" ".join(str(e).split()))
+    except Exception as e:  # pylint: disable=broad-except
+      logging.exception("retrieval service: internal error")
+      return 500, _error_body(f"internal error: {type(e).__name__}: {e}")
 
   async def _retrieve(self, raw: bytes) -> tuple[int, bytes]:
     handler, loop = self.handler, self._loop
@@ -680,6 +803,8 @@ class RetrievalServer:
       return 200, body
     except _BadRequest as e:
       return e.status, _error_body(str(e))
+    except ServiceUnavailableError as e:  # A router's shard is down.
+      return 503, _error_body(" ".join(str(e).split()))
     except Exception as e:  # pylint: disable=broad-except
       logging.exception("retrieval service: internal error")
       return 500, _error_body(f"internal error: {type(e).__name__}: {e}")
@@ -705,6 +830,8 @@ class RemoteRetriever:
         message = json.loads(e.read().decode("utf-8")).get("error", "")
       except Exception:  # pylint: disable=broad-except
         message = e.reason
+      if e.code == 503:
+        raise ServiceUnavailableAnswer(e.code, message) from None
       raise RetrievalServiceError(e.code, message) from None
     except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as e:
       reason = getattr(e, "reason", e)
@@ -732,7 +859,10 @@ class RemoteRetriever:
                        for row in answer["distances"]], dtype=np.float32).reshape(-1, k)
     tokens = np.asarray(answer.get("tokens", np.full(ids.shape + (2 * m,), -1)),
                         dtype=np.int32).reshape(ids.shape + (2 * m,))
-    return retriever_lib.RetrievalResult(ids, dist, tokens)
+    result = retriever_lib.RetrievalResult(ids, dist, tokens)
+    if answer.get("partial"):  # A router answered without the shards that are down.
+      result.missing_shards = list(answer.get("missing_shards") or [])
+    return result
 
   def retrieve_chunks(self, tokens, k: int, exclude_doc_ids=None
                       ) -> retriever_lib.RetrievalResult:

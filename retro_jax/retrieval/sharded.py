@@ -206,25 +206,31 @@ class ShardedIndex:
     """Best k per query over all shards: global ids [Q, k] int64 (-1 pad), distances."""
     k = int(k)
     queries = np.asarray(queries, np.float32)
-    all_ids, all_dist, offsets = [], [], []
-    for ix, offset, dropped in zip(self.shards, self.chunk_offsets, self.dropped):
-      kk = min(k + len(dropped), ix.num_vectors)
-      if kk < 1:
-        continue
-      kwargs = {}
-      if leaves_to_search is not None:
-        kwargs["leaves_to_search"] = leaves_to_search
-      if pre_reorder is not None:
-        kwargs["pre_reorder"] = pre_reorder
-      ids, dist = ix.search(queries, kk, **kwargs)
-      ids = np.asarray(ids, np.int64)
-      dist = np.asarray(dist, np.float32)
-      if len(dropped):
-        ids = np.where(np.isin(ids, dropped), -1, ids)
-      all_ids.append(ids)
-      all_dist.append(dist)
-      offsets.append(offset)
-    return exact_search.merge_topk(all_ids, all_dist, k, offsets=offsets)
+    kwargs = {}
+    if leaves_to_search is not None:
+      kwargs["leaves_to_search"] = leaves_to_search
+    if pre_reorder is not None:
+      kwargs["pre_reorder"] = pre_reorder
+    found = [self.search_shard(s, queries, k, kwargs) for s in range(len(self.shards))]
+    found = [f for f in found if f is not None]
+    return exact_search.merge_topk([f[0] for f in found], [f[1] for f in found], k)
+
+  def search_shard(self, s: int, queries: np.ndarray, k: int, kwargs: Mapping[str, Any]
+                   ) -> tuple[np.ndarray, np.ndarray] | None:
+    """Shard s's candidates for a global top k: global ids (dropped ones -1), distances;
+    None for an empty shard."""
+    ix, offset, dropped = self.shards[s], self.chunk_offsets[s], self.dropped[s]
+    kk = min(k + len(dropped), ix.num_vectors)
+    if kk < 1:
+      return None
+    ids, dist = ix.search(queries, kk, **kwargs)
+    ids = np.asarray(ids, np.int64)
+    dist = np.asarray(dist, np.float32)
+    gone = ids < 0
+    if len(dropped):
+      gone |= np.isin(ids, dropped)
+    return (np.where(gone, -1, ids + offset),
+            np.where(gone, np.inf, dist).astype(np.float32))
 
 
 # ------------------------------------------------------------------------------------------
