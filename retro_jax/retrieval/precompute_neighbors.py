@@ -55,6 +55,7 @@ from retro_jax.retrieval import chunk_store as chunk_store_lib
 from retro_jax.retrieval import index as index_lib
 from retro_jax.retrieval import neighbors as neighbors_lib
 from retro_jax.retrieval import retriever as retriever_lib
+from retro_jax.retrieval import sharded
 from retro_jax.retrieval.precompute_config import PrecomputeConfig
 from retro_jax.retrieval.precompute_config import PrecomputeError  # pylint: disable=unused-import
 
@@ -91,7 +92,7 @@ class _Job:
 
   def __init__(self, config: PrecomputeConfig, embedder=None):
     db_dir, query_store_dir = config.db, config.query_store
-    self.db = retriever_lib.Database.open(db_dir)
+    self.db = sharded.open_database(db_dir)
     db_store_dir = os.path.join(db_dir, "chunks")
     self.query_is_db = (query_store_dir is None or
                         os.path.realpath(query_store_dir) == os.path.realpath(db_store_dir))
