@@ -26,6 +26,7 @@ from retro_jax.retrieval import chunk_store as chunk_store_lib
 from retro_jax.retrieval import corpus as corpus_lib
 from retro_jax.retrieval import neighbors as neighbors_lib
 from retro_jax.retrieval import retriever as retriever_lib
+from retro_jax.retrieval import sharded
 
 
 SourceError = eval_config.SourceError  # defined with the configs it validates
@@ -143,7 +144,7 @@ def precomputed_table(neighbors_dir: str, db, docs: EvalDocs, k: int,
     raise SourceError("precomputed neighbors belong to a chunk store: pass the evaluation "
                       "data as that chunk store (--eval_chunks=DIR), not as a corpus")
   if not isinstance(db, retriever_lib.Database):
-    db = retriever_lib.Database.open(db)
+    db = sharded.open_database(db)
   nb = neighbors_lib.load_neighbors(neighbors_dir, expected_db_manifest=db.manifest,
                              expected_query_manifest=docs.manifest)
   if nb.k < k:

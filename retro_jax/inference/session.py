@@ -19,6 +19,7 @@ from retro_jax.evaluation.eval_config import SourceError
 from retro_jax.inference import checkpoints as ckpt_lib
 from retro_jax.retrieval import chunk_store as chunk_store_lib
 from retro_jax.retrieval import retriever as retriever_lib
+from retro_jax.retrieval import sharded
 from retro_jax.retrieval import service as service_lib
 from retro_jax.retrieval import tokenizer as tokenizer_lib
 
@@ -73,7 +74,7 @@ def connect(model: ckpt_lib.LoadedModel, *, db: str | None = None,
     service_timeout: seconds to wait for the service.
     chunk_size: compare the chunk sizes too (False when the model does not retrieve).
   """
-  database = retriever_lib.Database.open(db) if db else None
+  database = sharded.open_database(db) if db else None
   retriever = None
   if live and (retrieval_url or database is not None):
     retriever = open_live_retriever(None if retrieval_url else database, retrieval_url,
@@ -91,7 +92,7 @@ def open_live_retriever(db=None, url: str | None = None, timeout: float = 30.0):
   if bool(db) == bool(url):
     raise SourceError("give exactly one of a database directory or a retrieval service URL")
   if db:
-    return retriever_lib.Retriever.open(db)
+    return retriever_lib.Retriever.open(sharded.open_database(db))
   remote = service_lib.RemoteRetriever(url, timeout=timeout)
   remote.health()  # raises ServiceUnavailableError at once when the service is down.
   return remote

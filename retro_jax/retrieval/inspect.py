@@ -22,6 +22,7 @@ import numpy as np
 from retro_jax import _cli
 from retro_jax.retrieval import neighbors as neighbors_lib
 from retro_jax.retrieval import retriever as retriever_lib
+from retro_jax.retrieval import sharded
 
 _DB = flags.DEFINE_string("db", None, "Database directory.", required=True)
 _CHUNK = flags.DEFINE_integer("chunk_id", None, "Database chunk to inspect.")
@@ -50,7 +51,7 @@ def inspect(db_dir: str, chunk_id: int | None = None, text: str | None = None, k
   """Returns the report as a string (the CLI prints it)."""
   if (chunk_id is None) == (text is None):
     raise ValueError("give exactly one of --chunk_id or --text")
-  db = retriever_lib.Database.open(db_dir)
+  db = sharded.open_database(db_dir)
   store, m = db.store, db.chunk_size
   tok = db.tokenizer
   keys = store.doc_keys

@@ -136,6 +136,9 @@ class Database:
   @classmethod
   def open(cls, path: str) -> "Database":
     path = os.path.abspath(os.fspath(path))
+    if os.path.isfile(os.path.join(path, "shards.json")):
+      raise fileio.ManifestError(f"{path} is a sharded database: open it with "
+                                 "retro_jax.retrieval.sharded.open_database")
     man = fileio.read_manifest(path, "database manifest", BUILD_COMMAND)
     if man.get("format") != DATABASE_FORMAT:
       raise fileio.ManifestMismatchError(

@@ -16,6 +16,7 @@ from absl import logging
 from retro_jax import _cli
 from retro_jax.retrieval import retriever as retriever_lib
 from retro_jax.retrieval import service as service_lib
+from retro_jax.retrieval import sharded
 
 _DEFAULTS = service_lib.ServiceConfig()
 _DB = flags.DEFINE_string("db", None, "Database directory (build_db output).", required=True)
@@ -52,7 +53,7 @@ def main(argv):
       max_connections=_MAX_CONN.value, idle_timeout=_IDLE.value,
       request_timeout=_REQUEST.value, workers=_WORKERS.value, warm_up=_WARM_UP.value)
   embedder = retriever_lib.load_embedder(_BERT.value) if _BERT.value else None
-  retriever = retriever_lib.Retriever.open(_DB.value, embedder=embedder)
+  retriever = retriever_lib.Retriever.open(sharded.open_database(_DB.value), embedder=embedder)
   server = service_lib.RetrievalServer(retriever, _HOST.value, _PORT.value, config=config)
   print(f"retrieval service on {server.url} ({retriever.store.num_chunks} chunks)", flush=True)
   try:

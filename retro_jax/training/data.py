@@ -100,7 +100,8 @@ def open_neighbors(directory: str, query_store=None,
     check_npy(array_file,
               f"delete {directory} and rebuild it with {neighbors_lib.BUILD_COMMAND}")
   db_manifest = None
-  if db_dir and os.path.exists(os.path.join(db_dir, "manifest.json")):
+  if db_dir and any(os.path.exists(os.path.join(db_dir, name))
+                    for name in ("manifest.json", neighbors_lib.SHARDED_DATABASE_FILE)):
     db_manifest = db_dir
   return neighbors_lib.load_neighbors(
       directory, expected_db_manifest=db_manifest,

@@ -47,6 +47,7 @@ from retro_jax import model as model_lib
 from retro_jax.model import sharding as sharding_lib
 from retro_jax.retrieval import align as align_lib
 from retro_jax.retrieval import chunk_store as chunk_store_lib
+from retro_jax.retrieval import sharded
 from retro_jax.training import checkpoint as checkpoint_lib
 from retro_jax.training import data as data_lib
 from retro_jax.training import metrics as metrics_lib
@@ -83,7 +84,7 @@ def open_data(cfg, model_cfg, process_index: int = 0, process_count: int = 1) ->
   """Opens and cross-checks the training (and held-out) data named by the config."""
   d = cfg.data
   train_dir = d.train_chunks_dir or os.path.join(d.db_dir, "chunks")
-  store = chunk_store_lib.ChunkStore.open(train_dir)
+  store = sharded.open_chunk_store(train_dir)
   k = model_cfg.num_neighbors if model_cfg.uses_retrieval else 0
   shown = align_lib.Presentation.of(model_cfg)
   neighbors = retrieval = None
