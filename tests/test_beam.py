@@ -104,24 +104,35 @@ def test_neighbors_equal_the_in_process_precompute(built, tmp_path):
   nb = neighbors_lib.load_neighbors(out, expected_db_manifest=built["beam"], k=3)
   assert isinstance(nb.ids, sharded.ConcatRows)  # memory-mapped shards, not one copy
   ref_nb = neighbors_lib.load_neighbors(ref_out)
-  for name in ("neighbors", "distances"):
-    a = np.asarray(getattr(nb, "ids" if name == "neighbors" else name))
-    b = np.load(os.path.join(ref_out, name + ".npy"))
-    assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), name
+  ids, dist = np.asarray(nb.ids), np.asarray(nb.distances)
+  # The in-process precompute on the same sharded database: byte-identical.
+  inproc = str(tmp_path / "inproc_sharded")
+  pn.precompute_neighbors(built["beam"], inproc, k=3, part_size=50)
+  for name, got in (("neighbors", ids), ("distances", dist)):
+    want = np.load(os.path.join(inproc, name + ".npy"))
+    assert got.dtype == want.dtype and got.tobytes() == want.tobytes(), name
+  # The in-process precompute on the unsharded database: the same distances byte for byte,
+  # the same ids except where two candidates tie exactly (ScaNN's order among them is its
+  # own; the shard merge takes the smaller global id).
+  want_d = np.load(os.path.join(ref_out, "distances.npy"))
+  assert dist.tobytes() == want_d.tobytes()
+  want = np.asarray(ref_nb.ids)
+  differ = ids != want
+  assert differ.sum() <= 0.02 * ids.size
+  emb = np.asarray(retriever_lib.Database.open(built["ref"]).embeddings, np.float32)
+  rows = np.nonzero(differ)[0]
+  np.testing.assert_allclose(1.0 - np.sum(emb[rows] * emb[want[differ]], axis=1),
+                             dist[differ], atol=1e-6)
+  assert (ids[differ] < want[differ]).all()  # a tie, taken by the smaller id
   assert man["padded_entries"] == ref_nb.manifest["padded_entries"]
   # Same-document exclusion by global document id.
   doc = np.asarray(retriever_lib.Database.open(built["ref"]).store.doc_ids)
-  ids = np.asarray(nb.ids)
   assert (doc[ids[ids >= 0]] != np.broadcast_to(doc[:, None], ids.shape)[ids >= 0]).all()
   # The trainer's loader takes the sharded layout unchanged, rows gathered across shards.
   store = sharded.open_database(built["beam"]).store
   loaded = data_lib.open_neighbors(out, store, db_dir=built["beam"])
   rows = np.array([0, len(ids) - 1, len(ids) // 2])
   np.testing.assert_array_equal(loaded.ids[rows, :2], ids[rows, :2])
-  # The in-process precompute on the sharded database agrees too.
-  inproc = str(tmp_path / "inproc_sharded")
-  pn.precompute_neighbors(built["beam"], inproc, k=3, part_size=50)
-  np.testing.assert_array_equal(np.load(os.path.join(inproc, "neighbors.npy")), ids)
 
 
 def test_killed_build_resumes_without_redoing_shards(built, tmp_path):
