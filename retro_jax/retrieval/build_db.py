@@ -16,8 +16,9 @@ Steps, each resumable (a rerun skips what is finished and complete):
   4. DB_DIR/tokenizer/: a copy of the LM tokenizer file (the DB is self-contained).
   5. DB_DIR/manifest.json: written last; its presence means the database is complete.
 One searcher holds the whole index in RAM (about 4*D + D/2 bytes per chunk for tree_ah);
-past that, build one database per corpus shard and merge per-shard top-k
-(`index.merge_topk`).
+past that, `--runner=DirectRunner|DataflowRunner|... --num_shards=S` builds a sharded
+database (beam_pipelines.py: these same steps per shard, `build_directory`) whose shards'
+top-k are merged at search time (sharded.py).
 """
 
 from __future__ import annotations
