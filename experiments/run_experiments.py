@@ -62,8 +62,10 @@ _CURVE_EVERY = flags.DEFINE_integer("curve_every", 100, "curves: steps between h
 _CURVE_BATCHES = flags.DEFINE_integer("curve_batches", 32, "curves: held-out batches per "
                                       "periodic evaluation.")
 _CURVE_MODELS = flags.DEFINE_list("curve_models", ["RETRO", "baseline"], "curves: the models "
-                                   "this process trains (two processes can train one each, "
-                                   "so that a partial report has both at every step).")
+                                   "this process trains: RETRO, baseline, baseline_2x, "
+                                   "baseline_4x (the larger ones on the same schedule; one "
+                                   "process per model, so a partial report has RETRO and "
+                                   "baseline at every step).")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "curves: tabulate what the runs have "
                                  "logged so far (partial results, step counts stated) "
                                  "without training.")
@@ -514,25 +516,34 @@ def baselines(work: str, name: str) -> None:
 def curves(work: str, name: str) -> None:
   """Held-out bits/byte against training tokens for RETRO and its baseline over
   --curve_steps steps (resumable: rerun to continue; --report_only tabulates a partial run)."""
-  unknown = [m for m in _CURVE_MODELS.value if m not in ("RETRO", "baseline")]
+  larger = [f"baseline_{size}" for size in BASELINE_SIZES]
+  known = ["RETRO", "baseline"] + larger
+  unknown = [m for m in _CURVE_MODELS.value if m not in known]
   if unknown:
-    raise ExperimentError(f"--curve_models: unknown {unknown}; known: RETRO, baseline")
+    raise ExperimentError(f"--curve_models: unknown {unknown}; known: {', '.join(known)}")
   runs, data = _runs(work), _data(work)
   st = _scratch_settings(runs)
   steps = _CURVE_STEPS.value
   tokens_per_step = st["batch_size"] * st["seq_len"]
   curve_runs = {"RETRO": os.path.join(work, "runs", f"curve{steps}_retro"),
                 "baseline": os.path.join(work, "runs", f"curve{steps}_baseline")}
+  # Larger baselines on the same schedule (the paper's "RETRO matches a bigger model"),
+  # reported where their runs exist.
+  for label in larger:
+    path = os.path.join(work, "runs", f"curve{steps}_{label}")
+    if label in _CURVE_MODELS.value or os.path.isdir(path):
+      curve_runs[label] = path
   if not _REPORT_ONLY.value:
-    for label, retrieval in (("RETRO", True), ("baseline", False)):
-      if label not in _CURVE_MODELS.value:
-        continue
+    for label in _CURVE_MODELS.value:
+      size = label[len("baseline_"):] if label in larger else None
       cfg = pipeline.train_config(
-          data, preset=st["preset"], retrieval=retrieval, steps=steps, seq_len=st["seq_len"],
-          batch_size=st["batch_size"], learning_rate=st["learning_rate"],
-          warmup_steps=max(1, steps // 20), eval_every=_CURVE_EVERY.value,
-          eval_batches=_CURVE_BATCHES.value, vocab_size=st["vocab_size"], seed=st["seed"],
-          overrides={"keep_checkpoints": 2})
+          data, preset=st["preset"], retrieval=label == "RETRO", steps=steps,
+          seq_len=st["seq_len"], batch_size=st["batch_size"],
+          learning_rate=st["learning_rate"], warmup_steps=max(1, steps // 20),
+          eval_every=_CURVE_EVERY.value, eval_batches=_CURVE_BATCHES.value,
+          vocab_size=st["vocab_size"], seed=st["seed"],
+          overrides={"keep_checkpoints": 2,
+                     **{f"model.{k}": v for k, v in BASELINE_SIZES.get(size, {}).items()}})
       pipeline.train(cfg, curve_runs[label])
   by_step = {label: {r["step"]: r["bits_per_byte"] for r in pipeline.read_metrics(path, "eval")}
              for label, path in curve_runs.items()}
@@ -540,13 +551,16 @@ def curves(work: str, name: str) -> None:
   if not common:
     raise ExperimentError(f"the curve runs {curve_runs['RETRO']} and {curve_runs['baseline']} "
                           "have no common evaluated step yet: run without --report_only")
+  extra = [label for label in curve_runs if label in larger]
   rows = [[s, s * tokens_per_step, by_step["RETRO"][s], by_step["baseline"][s],
-           by_step["RETRO"][s] / by_step["baseline"][s]] for s in common]
+           by_step["RETRO"][s] / by_step["baseline"][s]] +
+          [by_step[label].get(s, "") for label in extra] for s in common]
   finished = common[-1] >= steps
   if not finished and not _REPORT_ONLY.value and len(_CURVE_MODELS.value) < 2:
     return  # the other model's process writes the report when both are done
   table = pipeline.format_table(
-      ["step", "training tokens", "RETRO bpb", "baseline bpb", "RETRO / baseline"], rows)
+      ["step", "training tokens", "RETRO bpb", "baseline bpb", "RETRO / baseline"] +
+      [f"{label} bpb" for label in extra], rows)
   table += (f"\nperiodic held-out estimate on the first {_CURVE_BATCHES.value} held-out "
             f"batches (approximate bytes per token); {'finished' if finished else 'PARTIAL'}: "
             f"{common[-1]} of {steps} steps")
@@ -560,7 +574,8 @@ def curves(work: str, name: str) -> None:
   if plt is not None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for label in curve_runs:
-      ax.plot([r[1] for r in rows], [by_step[label][r[0]] for r in rows], marker=".",
+      have = [r for r in rows if r[0] in by_step[label]]
+      ax.plot([r[1] for r in have], [by_step[label][r[0]] for r in have], marker=".",
               label=label)
     ax.set_xlabel("training tokens")
     ax.set_ylabel("held-out bits per byte (periodic estimate)")

@@ -47,11 +47,13 @@ def _loaded(names: Sequence[str]) -> tuple[type[BaseException], ...]:
   return tuple(out)
 
 
-def run(main: Callable[[list[str]], Any], prog: str, errors: Sequence[str] = ()) -> None:
+def run(main: Callable[[list[str]], Any], prog: str, errors: Sequence[str] = (),
+        positional: bool = False) -> None:
   """Restarts with the malloc settings, parses flags, runs `main`, reports user errors.
 
   `errors`: the job's own user-facing error classes beyond ValueError and OSError, as
-  "module.Class" names (e.g. the retrieval service's).
+  "module.Class" names (e.g. the retrieval service's).  `positional`: `main` takes
+  positional arguments (argv[1:]); otherwise any is refused.
   """
   try:
     host_malloc.tuned_environ(os.environ)  # a misspelt RETRO_JAX_MALLOC, in this format
@@ -66,7 +68,7 @@ def run(main: Callable[[list[str]], Any], prog: str, errors: Sequence[str] = ())
       fail(prog, e)
 
   def guarded(argv: list[str]) -> Any:
-    if len(argv) > 1:
+    if len(argv) > 1 and not positional:
       fail(prog, f"unexpected arguments: {argv[1:]}")
     try:
       return main(argv)

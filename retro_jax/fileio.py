@@ -263,3 +263,77 @@ def check_identity(what: str, expected: Mapping[str, Any] | None,
   exp = {k: expected[k] for k in keys}
   act = {k: actual[k] for k in keys}
   check_equal(what, exp, act, expected_source, actual_source)
+
+
+# --- Integrity: files that open, hashes that match, ids that fit ----------------------------
+
+def first_line(error: BaseException) -> str:
+  """The first line of an exception's message (its type name when it has none)."""
+  text = str(error).strip()
+  return text.splitlines()[0] if text else type(error).__name__
+
+
+def load_npy(path: str, fix: str, mmap_mode: str | None = "r",
+             error: type[Exception] = ManifestError) -> np.ndarray:
+  """Opens a .npy file (memory-mapped by default: reads the header only), or raises `error`
+  naming the file and `fix` when it is missing, truncated or not a .npy file."""
+  if not os.path.exists(path):
+    raise error(f"{path} is missing; {fix}")
+  try:
+    return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+  except (ValueError, OSError, EOFError) as e:
+    raise error(f"{path} is unreadable (truncated or not a .npy file: {first_line(e)}); "
+                f"{fix}") from None
+
+
+def check_sha256(path: str, expected: str | None, fix: str,
+                 error: type[Exception] = ManifestError) -> None:
+  """Refuses a file whose bytes no longer hash to the recorded sha256 (reads it whole).
+  Nothing is checked when no hash was recorded."""
+  if not expected:
+    return
+  got = file_sha256(path)
+  if got != expected:
+    raise error(f"{path} is damaged: its sha256 {got[:16]}... does not match the recorded "
+                f"{str(expected)[:16]}...; {fix}")
+
+
+def check_token_ids(tokens: np.ndarray, vocab_size: int | None, where: str, fix: str,
+                    error: type[Exception] = ManifestError) -> None:
+  """Refuses token ids outside [0, vocab_size) (-1 is padding), naming where they came from."""
+  tokens = np.asarray(tokens)
+  if vocab_size is None or tokens.size == 0:
+    return
+  lo, hi = int(tokens.min()), int(tokens.max())
+  if lo < -1 or hi >= int(vocab_size):
+    bad = hi if hi >= int(vocab_size) else lo
+    raise error(f"{where} holds token id {bad} outside [0, vocab_size={int(vocab_size)}) (-1 is "
+                f"padding); {fix}")
+
+
+def file_digests(directory: str) -> dict[str, dict[str, Any]]:
+  """{relative path: {"bytes", "sha256"}} of every file under `directory` but its manifest."""
+  out = {}
+  for root, _, files in os.walk(directory):
+    for name in sorted(files):
+      path = os.path.join(root, name)
+      rel = os.path.relpath(path, directory)
+      if rel != MANIFEST:
+        out[rel] = {"bytes": os.path.getsize(path), "sha256": file_sha256(path)}
+  return dict(sorted(out.items()))
+
+
+def check_files(directory: str, recorded: Mapping[str, Mapping[str, Any]] | None, fix: str,
+                full: bool = False, error: type[Exception] = ManifestError) -> None:
+  """Checks the files `file_digests` recorded: present with their sizes (cheap, always) and,
+  when `full`, their sha256 (reads every byte).  Nothing is checked when none was recorded."""
+  for rel, want in sorted((recorded or {}).items()):
+    path = os.path.join(directory, rel)
+    if not os.path.exists(path):
+      raise error(f"{path} is missing; {fix}")
+    size = os.path.getsize(path)
+    if want.get("bytes") is not None and size != int(want["bytes"]):
+      raise error(f"{path} is damaged: {size} bytes but {int(want['bytes'])} were recorded "
+                  f"(truncated?); {fix}")
+    if full:
+      check_sha256(path, want.get("sha256"), fix, error)

@@ -112,8 +112,8 @@ def test_neighbors_equal_the_in_process_precompute(built, tmp_path):
     want = np.load(os.path.join(inproc, name + ".npy"))
     assert got.dtype == want.dtype and got.tobytes() == want.tobytes(), name
   # The in-process precompute on the unsharded database: the same distances byte for byte,
-  # the same ids except where two candidates tie exactly (ScaNN's order among them is its
-  # own; the shard merge takes the smaller global id).
+  # the same ids except where two candidates of different shards tie exactly (ScaNN's
+  # order among them is its own; the shard merge takes the earlier shard's).
   want_d = np.load(os.path.join(ref_out, "distances.npy"))
   assert dist.tobytes() == want_d.tobytes()
   want = np.asarray(ref_nb.ids)
@@ -123,7 +123,7 @@ def test_neighbors_equal_the_in_process_precompute(built, tmp_path):
   rows = np.nonzero(differ)[0]
   np.testing.assert_allclose(1.0 - np.sum(emb[rows] * emb[want[differ]], axis=1),
                              dist[differ], atol=1e-6)
-  assert (ids[differ] < want[differ]).all()  # a tie, taken by the smaller id
+  assert (ids[differ] < want[differ]).all()  # a tie, taken from the earlier shard
   assert man["padded_entries"] == ref_nb.manifest["padded_entries"]
   # Same-document exclusion by global document id.
   doc = np.asarray(retriever_lib.Database.open(built["ref"]).store.doc_ids)

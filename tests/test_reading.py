@@ -20,6 +20,8 @@ M = 8
 class _Store:
   """The parts of a ChunkStore that align.present reads, over in-memory arrays."""
   neighbor_tokens = chunk_store.ChunkStore.neighbor_tokens
+  check_tokens = chunk_store.ChunkStore.check_tokens  # what neighbor_tokens checks ids with
+  vocab_size = None  # no tokenizer recorded: nothing to check against
   path = "<test store>"
 
   def __init__(self, tokens, doc_ids, doc_offsets):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from retro_jax import fileio
+from retro_jax import integrity
 from retro_jax.retrieval import build_db
 from retro_jax.retrieval import precompute_neighbors as pn
 from retro_jax.retrieval import retriever as retriever_lib
@@ -184,3 +185,18 @@ def test_disagreeing_shards_and_stale_lists_are_refused(dbs, tmp_path):
   shutil.copytree(os.path.join(bad, "odd"), os.path.join(bad, "shard-00001"))
   with pytest.raises(fileio.ManifestMismatchError, match="shard manifest hash"):
     sharded.open_database(bad)
+
+
+def test_verify_checks_the_list_and_every_shard(dbs, tmp_path):
+  _, sharded_dir = dbs
+  kind, findings = integrity.check(sharded_dir)
+  assert kind == integrity.SHARDED_DATABASE
+  assert all(f.ok for f in findings) and len(findings) > 3 * 5
+  bad = str(tmp_path / "bad")
+  shutil.copytree(sharded_dir, bad)
+  emb = os.path.join(bad, "shard-00002", "embeddings.npy")
+  x = np.load(emb)
+  np.save(emb, x[::-1])  # same shape, wrong rows: only the recorded hash can tell
+  _, findings = integrity.check(bad)
+  wrong = [f for f in findings if not f.ok]
+  assert [f.path for f in wrong] == [emb] and "sha256" in wrong[0].reason

@@ -198,6 +198,18 @@ MUTATIONS: tuple[Mutation, ...] = (
     _m("CCA gate ignored", "retro_jax/model/retro.py", [
         ("    if not self.config.cca_gate:\n      return y", "    if True:\n      return y"),
     ], "tests/test_reading.py"),
+    # --- retrieval: sharded databases ---------------------------------------------------------
+    _m("sharded search returns shard-local ids", "retro_jax/retrieval/sharded.py", [
+        ("offsets.append(offset)", "offsets.append(0)"),
+    ], "tests/test_sharded.py"),
+    _m("sharded doc ids not offset per shard", "retro_jax/retrieval/sharded.py", [
+        ('ConcatRows([s.doc_ids for s in self.stores], value_offsets=doc_offsets)',
+         'ConcatRows([s.doc_ids for s in self.stores])'),
+    ], "tests/test_sharded.py"),
+    _m("sharded search asks each shard for k only (dropped chunks eat the top k)",
+       "retro_jax/retrieval/sharded.py", [
+        ("kk = min(k + len(dropped), ix.num_vectors)", "kk = min(k, ix.num_vectors)"),
+    ], "tests/test_sharded.py::test_dropped_documents_are_never_retrieved"),
 )
 
 

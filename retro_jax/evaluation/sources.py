@@ -20,6 +20,7 @@ from absl import logging
 import numpy as np
 import tqdm
 
+from retro_jax import fileio
 from retro_jax.evaluation import eval_config
 from retro_jax.inference import session as session_lib
 from retro_jax.retrieval import chunk_store as chunk_store_lib
@@ -65,7 +66,9 @@ class EvalDocs:
     store = chunk_store_lib.ChunkStore.open(path)
     if store.num_documents == 0:
       raise SourceError(f"evaluation chunk store {path} holds no documents")
-    return cls(np.asarray(store.tokens), np.asarray(store.doc_offsets, np.int64),
+    tokens = np.asarray(store.tokens)
+    store.check_tokens(tokens)  # read whole anyway: every id must fit the vocabulary
+    return cls(tokens, np.asarray(store.doc_offsets, np.int64),
                np.asarray(store.doc_bytes, np.int64), store.doc_keys, dict(store.manifest),
                store.path)
 
@@ -131,6 +134,14 @@ def retrieve_table(retriever, docs: EvalDocs, k: int,
     res = retriever.retrieve_chunks(np.asarray(docs.chunks[lo:hi]), k, exclude_doc_ids=excl)
     ids.append(np.asarray(res.ids, np.int64))
     toks.append(np.asarray(res.tokens, np.int32))
+    vocab = ((getattr(retriever, "manifest", None) or {}).get("tokenizer") or {}).get(
+        "vocab_size")
+    if vocab is not None and toks[-1].size and (toks[-1].min() < -1 or
+                                                toks[-1].max() >= int(vocab)):
+      fileio.check_token_ids(toks[-1], vocab,
+                             f"the neighbor tokens from {retriever_name(retriever)}",
+                             "its chunk store is damaged: rebuild the database with "
+                             "python -m retro_jax.build_db")
   return NeighborTable(np.concatenate(ids), np.concatenate(toks), retriever_name(retriever))
 
 

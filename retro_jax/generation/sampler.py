@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from retro_jax import fileio
 from retro_jax.config import RetroConfig
 from retro_jax.generation import generate_config
 from retro_jax.inference import checkpoints as ckpt_lib
@@ -171,7 +172,20 @@ class Generator:
 
   # --- internals ----------------------------------------------------------------------
   def _retrieve(self, chunks: np.ndarray):
-    """chunks [Q, m] -> ids [Q, k], tokens [Q, k, r]."""
+    """chunks [Q, m] -> ids [Q, k], tokens [Q, k, r]; neighbor ids outside the model's
+    vocabulary (a damaged database) are refused, naming where they came from."""
+    ids, toks = self._retrieve_unchecked(chunks)
+    if toks.size and (toks.min() < -1 or toks.max() >= self.config.vocab_size):
+      try:
+        source = session_lib.retriever_name(self.retriever)
+      except AttributeError:
+        source = type(self.retriever).__name__
+      fileio.check_token_ids(toks, self.config.vocab_size, f"the neighbor tokens from {source}",
+                             "its chunk store is damaged: rebuild the database with "
+                             "python -m retro_jax.build_db", GenerationError)
+    return ids, toks
+
+  def _retrieve_unchecked(self, chunks: np.ndarray):
     shown = align_lib.Presentation.of(self.config)
     if shown.is_paper:
       res = self.retriever.retrieve_chunks(np.asarray(chunks, np.int32), self.k)

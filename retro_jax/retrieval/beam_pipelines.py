@@ -35,8 +35,8 @@ Neighbors (`precompute_neighbors`), database (sharded or not) -> sharded neighbo
   pair is one element: the worker opens the job once in `setup()` (precompute_neighbors.
   _Job: database, query store, embedder), searches that shard with same-document exclusion
   by global document id (`index.search_excluding`, re-asking short rows), and the parts of
-  a query shard are merged per row by distance, ties to the smaller global id
-  (`sharded.merge_top_k`), -1 / +inf padded.  Output:
+  a query shard are merged per row by distance, ties to the earlier shard, as
+  `sharded.ShardedIndex` merges (`index.merge_topk`, a stable sort), -1 / +inf padded.  Output:
     OUTPUT/neighbors-QQQQQ.npy   int64 [n_q, k]    global database chunk ids
     OUTPUT/distances-QQQQQ.npy   float32 [n_q, k]
     OUTPUT/neighbors-QQQQQ.json  the shard's rows and padding counts; written last
@@ -449,7 +449,7 @@ class _MergeShard(beam.DoFn):
     out_ids, out_d = [], []
     for start in sorted(by_start):
       got = sorted(by_start[start], key=lambda r: r[0])
-      ids, dist = sharded.merge_top_k([r[1] for r in got], [r[2] for r in got], self._k)
+      ids, dist = index_lib.merge_topk([r[1] for r in got], [r[2] for r in got], self._k)
       out_ids.append(ids)
       out_d.append(dist)
     a, b = self._bounds[q]

@@ -98,10 +98,14 @@ class EmbeddingParts:
     """The embeddings manifest if `out_path` is finished with these settings, else None."""
     if os.path.exists(self.out_path) and os.path.exists(self.side):
       done = fileio.read_json(self.side)
-      if all(done.get(key) == fileio.to_jsonable(v) for key, v in self.settings.items()):
+      if not all(done.get(key) == fileio.to_jsonable(v) for key, v in self.settings.items()):
+        logging.warning("embeddings %s were made with other settings; recomputing",
+                        self.out_path)
+      elif fileio.file_sha256(self.out_path) == done.get("sha256"):  # reused only if undamaged
         return done
-      logging.warning("embeddings %s were made with other settings; recomputing",
-                      self.out_path)
+      else:
+        logging.warning("embeddings %s do not match the sha256 recorded in %s (damaged); "
+                        "recomputing them", self.out_path, self.side)
     return None
 
   def pin(self) -> None:
@@ -259,8 +263,13 @@ def build_directory(docs, output: str, config: BuildConfig, *, embedder=None,
     existing = fileio.read_manifest(index_dir)
     if (existing.get("embeddings_sha256") == emb_man["sha256"] and
         existing.get("settings") == fileio.to_jsonable(wanted.__dict__)):
-      logging.info("index %s already built for these embeddings; reusing it", index_dir)
-      index_man = existing
+      try:  # reused only if its files hash as recorded and it loads
+        index_lib.ScannIndex.load(index_dir, verify=True)
+        logging.info("index %s already built for these embeddings; reusing it", index_dir)
+        index_man = existing
+      except fileio.ManifestError as e:
+        logging.warning("index %s is damaged (%s); rebuilding it", index_dir,
+                        fileio.first_line(e))
   if index_man is None:
     logging.info("building %s index over %d x %d embeddings", wanted.mode, *embeddings.shape)
     index = index_lib.ScannIndex.build(embeddings, options,

@@ -254,7 +254,14 @@ def build_chunk_store(documents: Iterable[corpus_lib.Document],
     if not os.path.exists(os.path.join(out_dir, MANIFEST)):
       raise ManifestError(f"{out_dir} exists but is not a chunk store (no {MANIFEST}); "
                           "remove it or choose another output directory.")
-    existing = ChunkStore.open(out_dir)
+    try:  # a finished store is reused only if it is undamaged (hashes, token ids)
+      existing = ChunkStore.open(out_dir, verify=True)
+    except ManifestError as e:
+      logging.warning("Chunk store %s is damaged (%s); rebuilding it.", out_dir,
+                      " ".join(str(e).split()))
+      return build_chunk_store(documents, tokenizer, out_dir, chunk_size, overwrite=True,
+                               batch_documents=batch_documents, batch_bytes=batch_bytes,
+                               progress=progress)
     check_compatible(existing.manifest, {"chunk_size": chunk_size,
                                          "tokenizer": tokenizer.identity()},
                      (f"existing store {out_dir}", "this build"))
@@ -432,14 +439,32 @@ class ChunkStore:
       check_tokenizer(manifest["tokenizer"], ident, f"chunk store {path}", "the given tokenizer")
     return store
 
+  @property
+  def vocab_size(self) -> int | None:
+    """The vocabulary of the tokenizer the manifest records (None if it records none)."""
+    v = (self.manifest.get("tokenizer") or {}).get("vocab_size")
+    return None if v is None else int(v)
+
+  def check_tokens(self, tokens: np.ndarray) -> None:
+    """Refuses token ids read from tokens.npy that lie outside the tokenizer's vocabulary,
+    naming the file (a damaged store must not reach a model as NaN or blank text)."""
+    fileio.check_token_ids(tokens, self.vocab_size, f"{self.path}/tokens.npy",
+                           "the chunk store is damaged: rebuild its database with "
+                           "python -m retro_jax.build_db (or the store with the job that made "
+                           "it)", ManifestError)
+
   def verify(self) -> None:
-    """Recomputes content hashes and checks doc_ids against doc_offsets (reads everything)."""
+    """Recomputes content hashes, checks every token id against the vocabulary and doc_ids
+    against doc_offsets (reads everything)."""
     want = self.manifest.get("sha256", {})
     for name in ("tokens", "doc_ids"):
       got = _data_sha256(getattr(self, name))
       if want.get(name) != got:
         raise ManifestError(f"{self.path}/{name}.npy content sha256 {got[:16]}... does not "
-                            f"match the manifest's {str(want.get(name))[:16]}...")
+                            f"match the manifest's {str(want.get(name))[:16]}...; the store "
+                            "is damaged: rebuild it")
+    for i in range(0, self.num_chunks, 1 << 16):
+      self.check_tokens(self.tokens[i:i + (1 << 16)])
     counts = np.diff(np.asarray(self.doc_offsets))
     if (counts < 1).any():
       raise ManifestError(f"{self.path}: a document has no chunk in doc_offsets.")
@@ -505,6 +530,7 @@ class ChunkStore:
       if same_doc.any():
         cont[same_doc] = self.tokens[nxt[same_doc]]
       out[valid] = np.concatenate([rows, cont], axis=1)
+      self.check_tokens(out)
     return out.reshape(ids.shape + (2 * m,))
 
   def __repr__(self) -> str:

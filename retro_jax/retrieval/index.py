@@ -200,13 +200,22 @@ class ScannIndex:
       manifest.update(extra)
     with fileio.atomic_directory(directory) as tmp:
       self.searcher.serialize(tmp, relative_path=True)
+      # Size and sha256 of every searcher file: loading checks sizes, verify the hashes.
+      manifest["files"] = fileio.file_digests(tmp)
       fileio.atomic_write_json(os.path.join(tmp, fileio.MANIFEST), manifest)
     self.manifest = manifest
 
   @classmethod
-  def load(cls, directory: str,
-           expected_embedder: Mapping[str, Any] | None = None) -> "ScannIndex":
-    """Loads an index saved by `save`; refuses another embedder than `expected_embedder`."""
+  def load(cls, directory: str, expected_embedder: Mapping[str, Any] | None = None,
+           verify: bool = False, fix: str | None = None) -> "ScannIndex":
+    """Loads an index saved by `save`; refuses another embedder than `expected_embedder`.
+
+    The recorded file sizes are always checked; `verify` also recomputes their sha256
+    (reads every byte).  A damaged index is a ManifestError naming the directory and `fix`
+    (default: rebuild the database with build_db).
+    """
+    fix = fix or (f"rebuild it: rerun python -m retro_jax.build_db ... --output=DB_DIR for "
+                  f"the database holding {directory} (a rerun rebuilds a damaged index)")
     manifest = fileio.read_manifest(
         directory, "index manifest", "python -m retro_jax.retrieval.build_db ...")
     if manifest.get("format") != INDEX_FORMAT:
@@ -216,5 +225,11 @@ class ScannIndex:
     fileio.check_identity("embedder", expected_embedder, manifest.get("embedder"),
                           "the query embedder", f"index {directory}")
     settings = IndexSettings(**manifest["settings"])
-    searcher = _scann().load_searcher(directory)
+    fileio.check_files(directory, manifest.get("files"), f"index {directory}: {fix}",
+                       full=verify)
+    try:
+      searcher = _scann().load_searcher(directory)
+    except (RuntimeError, ValueError, OSError) as e:  # scann: "Error loading artifacts"
+      raise fileio.ManifestError(f"index {directory} does not load (scann: "
+                                 f"{fileio.first_line(e)}); {fix}") from None
     return cls(searcher, settings, manifest["num_vectors"], manifest["dim"], manifest)

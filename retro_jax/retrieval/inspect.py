@@ -9,7 +9,8 @@ excluded (as in training; --noexclude_same_document to see them); with --neighbo
 precomputed neighbors file is shown instead of a live search, so you read exactly what the
 model will read.  Each neighbor is shown as its chunk N, then its continuation F, with the
 distance (smaller is nearer) and the key of the document it comes from.  --url queries a
-running service instead of loading the database.
+running service instead of loading the database.  An interactive tool: the database is
+memory-mapped and its manifests checked, not hashed whole (`python -m retro_jax.verify`).
 """
 
 from __future__ import annotations

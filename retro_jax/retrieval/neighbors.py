@@ -109,16 +109,12 @@ def load_neighbors(directory: str, expected_db_manifest: Any = None,
                        man.get("query", {}).get("manifest_hash"), q_src, src)
   mode = "r" if mmap else None
   paths = array_files(directory, man)
-  for p in paths:
-    if not os.path.exists(p):
-      raise fileio.ManifestError(f"{p} is missing (manifest present): rebuild with "
-                                 f"{BUILD_COMMAND}")
+  fix = f"delete {directory} and rebuild it with {BUILD_COMMAND}"
+  arrays = [fileio.load_npy(p, fix, mmap_mode=mode) for p in paths]
   if "shards" in man:  # Beam output: one memory-mapped view over the shard files.
-    neighbors = sharded.ConcatRows([np.load(p, mmap_mode=mode) for p in paths[0::2]])
-    distances = sharded.ConcatRows([np.load(p, mmap_mode=mode) for p in paths[1::2]])
+    neighbors, distances = sharded.ConcatRows(arrays[0::2]), sharded.ConcatRows(arrays[1::2])
   else:
-    neighbors = np.load(paths[0], mmap_mode=mode)
-    distances = np.load(paths[1], mmap_mode=mode)
+    neighbors, distances = arrays
   if neighbors.shape != (man["num_queries"], man["k"]) or distances.shape != neighbors.shape:
     raise fileio.ManifestMismatchError(
         f"neighbors shape mismatch: manifest says {[man['num_queries'], man['k']]} but "

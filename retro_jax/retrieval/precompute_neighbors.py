@@ -9,7 +9,8 @@ Output directory (the "neighbors file" of the team contract):
   distances.npy  float32 [Q, k]  distances (index convention: smaller is nearer), +inf pad.
   manifest.json  k, database manifest hash and chunk count, query chunk store manifest hash,
                  tokenizer and embedder identities, index id, same-document exclusion,
-                 padding counts.  Written LAST: a directory without it is unfinished.
+                 padding counts, sha256 of both .npy files.  Written LAST: a directory
+                 without it is unfinished.
 Row q belongs to chunk q of the query store.  For training the query store is the
 database's own chunk store (the default), and candidates from the query chunk's own
 document are dropped (paper §2.4: otherwise the continuation leaks the future).  For a
@@ -21,7 +22,9 @@ part p belongs to shard p % num_shards.  Each part is written atomically to
 `OUTPUT/parts/part-PPPPP.npz` and skipped when it already exists, so a killed job resumes
 where it stopped and the result is byte-identical to an uninterrupted run.  Any shard that
 finds every part present merges them into the final files; several machines can each run
-one `--shard_index` over a shared filesystem.  The settings of the job are pinned in
+one `--shard_index` over a shared filesystem.  A part file that does not read back (truncated,
+corrupt: the zip's CRC-32 fails, or of the wrong shape) is logged in one line, deleted and
+computed again, so a rerun finishes with the output of an undamaged run.  The settings of the job are pinned in
 `OUTPUT/parts/job.json`: a restart with other settings is refused rather than mixed.
 
 Query embeddings: when the query store is the database's own store, the database's
@@ -80,6 +83,33 @@ def _read_part(path: str) -> tuple[np.ndarray, np.ndarray, dict]:
                                             "padded": int(z["padded"])}
 
 
+def _damaged_parts(parts_dir: str, parts, num_q: int, part_size: int, k: int) -> list[int]:
+  """Existing part files that do not read back as a part of their rows (truncated, corrupt:
+  the zip's CRC-32 is checked on read, wrong shape or dtype); each is logged in one line and
+  deleted, so that it is computed again."""
+  bad = []
+  for p in parts:
+    path = _part_path(parts_dir, p)
+    if not os.path.exists(path):
+      continue
+    rows = min((p + 1) * part_size, num_q) - p * part_size
+    why = None
+    try:
+      ids, dist, _ = _read_part(path)
+      if ids.shape != (rows, k) or dist.shape != (rows, k):
+        why = f"shape {list(ids.shape)}/{list(dist.shape)}, expected {[rows, k]}"
+      elif ids.dtype != np.int64 or dist.dtype != np.float32:
+        why = f"dtype {ids.dtype}/{dist.dtype}, expected int64/float32"
+    except Exception as e:  # pylint: disable=broad-except  (zipfile, numpy, OS errors)
+      why = f"unreadable: {type(e).__name__}: {fileio.first_line(e)}"
+    if why is not None:
+      logging.warning("precompute: part %s is damaged (%s); deleting it and computing it "
+                      "again", path, why)
+      os.remove(path)
+      bad.append(p)
+  return bad
+
+
 def _write_part(path: str, neighbors, distances, stats) -> None:
   fileio.atomic_save_npz(path, neighbors=neighbors, distances=distances,
                          requeried=np.int64(stats["requeried_rows"]),
@@ -91,14 +121,15 @@ class _Job:
 
   def __init__(self, config: PrecomputeConfig, embedder=None):
     db_dir, query_store_dir = config.db, config.query_store
-    self.db = sharded.open_database(db_dir)
+    # A batch job that reads the database whole: every recorded hash is checked first.
+    self.db = sharded.open_database(db_dir, verify=True)
     db_store_dir = os.path.join(db_dir, "chunks")
     self.query_is_db = (query_store_dir is None or
                         os.path.realpath(query_store_dir) == os.path.realpath(db_store_dir))
     if self.query_is_db:
       self.query_store = self.db.store
     else:
-      self.query_store = chunk_store_lib.ChunkStore.open(query_store_dir)
+      self.query_store = chunk_store_lib.ChunkStore.open(query_store_dir, verify=True)
       chunk_store_lib.check_compatible(
           self.db.manifest, self.query_store.manifest,
           (f"database {db_dir}", f"query chunk store {query_store_dir}"))
@@ -246,6 +277,7 @@ def precompute(config: PrecomputeConfig, *, embedder=None, merge: bool = True,
   num_parts = max(1, math.ceil(num_q / part_size))
   mine = [p for p in range(num_parts)
           if shard_index is None or p % num_shards == shard_index]
+  _damaged_parts(parts_dir, mine, num_q, part_size, job.k)
   todo = fileio.missing_parts(mine, lambda p: _part_path(parts_dir, p))
   logging.info("precompute: %d query chunks, %d parts (%d for this shard, %d left), k=%d, "
                "exclusion=%s", num_q, num_parts, len(mine), len(todo), job.k, job.exclude)
@@ -264,6 +296,14 @@ def precompute(config: PrecomputeConfig, *, embedder=None, merge: bool = True,
                  len(missing))
     return None
   if not merge:
+    return None
+  own = set(mine)
+  others = [p for p in range(num_parts) if p not in own]
+  damaged = _damaged_parts(parts_dir, others, num_q, part_size, job.k)
+  if damaged:
+    logging.warning("precompute: not merging: damaged parts %s of other shards were deleted; "
+                    "rerun their shards (--shard_index=%s)", damaged,
+                    sorted({p % num_shards for p in damaged}))
     return None
   return _merge(output_dir, parts_dir, num_parts, settings, num_q)
 
@@ -286,6 +326,8 @@ def _merge(output_dir, parts_dir, num_parts, settings, num_q) -> dict:
     raise PrecomputeError(f"parts hold {row} rows but the query store has {num_q} chunks")
   fileio.atomic_save_npy(os.path.join(output_dir, "neighbors.npy"), neighbors)
   fileio.atomic_save_npy(os.path.join(output_dir, "distances.npy"), distances)
+  sha = {name: fileio.file_sha256(os.path.join(output_dir, f"{name}.npy"))
+         for name in ("neighbors", "distances")}  # what `python -m retro_jax.verify` checks
   man = {key: settings[key] for key in ("format", "k", "database", "query", "tokenizer",
                                         "embedder", "index_id", "distance",
                                         "exclude_same_document")}
@@ -295,6 +337,7 @@ def _merge(output_dir, parts_dir, num_parts, settings, num_q) -> dict:
       "padded_rows": int(padded),
       "padded_entries": int(np.sum(neighbors < 0)),
       "requeried_rows": int(requeried),
+      "sha256": sha,
   })  # No timings: a resumed job writes the same bytes as an uninterrupted one.
   fileio.atomic_write_json(os.path.join(output_dir, fileio.MANIFEST), man)
   shutil.rmtree(parts_dir, ignore_errors=True)

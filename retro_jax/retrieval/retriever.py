@@ -15,7 +15,14 @@ A database directory (built by `python -m retro_jax.retrieval.build_db`):
     DB_DIR/tokenizer/FILE    a copy of the LM tokenizer file, so the DB is self-contained
     DB_DIR/manifest.json     ties them together (hashes, identities, embedder source)
 `Database.open` checks that those pieces belong together (chunk store hash, embeddings
-shape, index id and embedder identity) and refuses a mismatch naming both values.
+shape, index id and embedder identity) and refuses a mismatch naming both values.  What
+the manifest says of its chunks (chunk size, counts, tokenizer) is checked by
+`check_database_manifest`, the one check every consumer of a database goes through (train
+through `open_database_chunks`, serve, precompute, inspect, evaluate and generate through
+`Database.open`).  Opening memory-maps and checks sizes, not contents: services and
+interactive tools stop there; batch jobs that read files whole (precompute) open with
+`verify=True`, which also recomputes every recorded sha256 (chunk store, embeddings,
+index files, tokenizer copy) and checks every token id against the vocabulary.
 
 Queries are embedded with the same `Embedder.embed_chunks` that embedded the keys; a
 caller-supplied embedder must have the index's identity.
@@ -113,28 +120,81 @@ def check_database(db_manifest: Mapping[str, Any], chunk_size: int | None = None
                                     "the model", source)
 
 
+def rebuild_hint(path: str) -> str:
+  """The fix for a damaged or inconsistent database at `path`."""
+  return (f"rebuild it with {BUILD_COMMAND.replace('DB_DIR', path)} (a rerun recomputes what "
+          "is damaged)")
+
+
+def check_database_manifest(manifest: Mapping[str, Any], store, path: str) -> None:
+  """What every consumer checks of a database: its manifest against its chunk store.
+
+  Chunk size, chunk and document counts, tokenizer identity and (when recorded) the chunk
+  store's manifest hash must agree; a disagreement is refused naming both files and the fix.
+  """
+  src = f"database manifest {os.path.join(path, fileio.MANIFEST)}"
+  store_src = f"chunk store {os.path.join(store.path, fileio.MANIFEST)}"
+  for field in ("chunk_size", "num_chunks", "tokenizer"):
+    if field not in manifest:
+      raise fileio.ManifestError(f"{src} lacks the field {field!r}; {rebuild_hint(path)}")
+  try:
+    chunk_store_lib.check_chunk_size(manifest["chunk_size"], store.chunk_size, src, store_src)
+    fileio.check_equal("chunk count", manifest["num_chunks"], store.num_chunks, src,
+                       store_src)
+    if "num_documents" in manifest:
+      fileio.check_equal("document count", manifest["num_documents"], store.num_documents,
+                         src, store_src)
+    chunk_store_lib.check_tokenizer(manifest["tokenizer"], store.manifest["tokenizer"], src,
+                                    store_src)
+    recorded = (manifest.get("chunk_store") or {}).get("manifest_hash")
+    if recorded is not None:
+      fileio.check_equal("chunk store manifest hash", recorded,
+                         fileio.manifest_hash(store.manifest), src, store_src)
+  except fileio.ManifestMismatchError as e:
+    raise fileio.ManifestMismatchError(f"{e}; {rebuild_hint(path)}") from None
+
+
+def open_database_chunks(path: str) -> tuple[dict, chunk_store_lib.ChunkStore]:
+  """(manifest, chunk store) of a database directory, checked against each other
+  (`check_database_manifest`); a directory without manifest.json is refused."""
+  path = os.path.abspath(os.fspath(path))
+  man = fileio.read_manifest(path, "database manifest", BUILD_COMMAND)
+  store = chunk_store_lib.ChunkStore.open(os.path.join(path, "chunks"))
+  check_database_manifest(man, store, path)
+  return man, store
+
+
 class Database:
   """The pieces of a database directory, checked against each other; opened lazily."""
 
-  def __init__(self, path: str, manifest: dict):
+  def __init__(self, path: str, manifest: dict, store=None):
     self.path = path
     self.manifest = manifest
-    self.store = chunk_store_lib.ChunkStore.open(os.path.join(path, "chunks"))
+    if store is None:
+      store = chunk_store_lib.ChunkStore.open(os.path.join(path, "chunks"))
+      check_database_manifest(manifest, store, path)
+    self.store = store
     fileio.check_equal(
         "chunk store manifest hash", manifest.get("chunk_store", {}).get("manifest_hash"),
         fileio.manifest_hash(self.store.manifest), f"database manifest {path}",
         f"chunk store {self.store.path}")
-    self.embeddings = np.load(os.path.join(path, "embeddings.npy"), mmap_mode="r")
+    self.embeddings = fileio.load_npy(os.path.join(path, "embeddings.npy"),
+                                      rebuild_hint(path))
     expect = (self.store.num_chunks, manifest.get("embedding", {}).get("dim"))
     if self.embeddings.shape != expect:
       raise fileio.ManifestMismatchError(
           f"embeddings shape mismatch: database manifest {path} says {list(expect)} but "
-          f"embeddings.npy is {list(self.embeddings.shape)}")
+          f"embeddings.npy is {list(self.embeddings.shape)}; {rebuild_hint(path)}")
     self._index = None
     self._tokenizer = None
 
   @classmethod
-  def open(cls, path: str) -> "Database":
+  def open(cls, path: str, verify: bool = False) -> "Database":
+    """Opens DB_DIR (memory-maps; checks manifests, shapes and sizes).
+
+    verify: also recompute every recorded hash and check every token id (`verify`); batch
+      jobs that read the database whole pass it, services and interactive tools do not.
+    """
     path = os.path.abspath(os.fspath(path))
     if os.path.isfile(os.path.join(path, "shards.json")):
       raise fileio.ManifestError(f"{path} is a sharded database: open it with "
@@ -144,7 +204,20 @@ class Database:
       raise fileio.ManifestMismatchError(
           f"database format mismatch: expected {DATABASE_FORMAT} but {path} has "
           f"{man.get('format')!r}")
-    return cls(path, man)
+    db = cls(path, man)
+    if verify:
+      db.verify()
+    return db
+
+  def verify(self) -> None:
+    """Reads everything: the chunk store's hashes and token ids, the embeddings' sha256,
+    the index files' sha256 (and that the index loads), the tokenizer copy's identity."""
+    self.store.verify()
+    fileio.check_sha256(os.path.join(self.path, "embeddings.npy"),
+                        self.manifest.get("embedding", {}).get("sha256"),
+                        rebuild_hint(self.path))
+    self._load_index(verify=True)
+    _ = self.tokenizer
 
   @property
   def chunk_size(self) -> int:
@@ -161,13 +234,17 @@ class Database:
   @property
   def index(self) -> index_lib.ScannIndex:
     if self._index is None:
-      index = index_lib.ScannIndex.load(os.path.join(self.path, "index"),
-                                        expected_embedder=self.manifest.get("embedder"))
-      fileio.check_equal("index id", self.manifest.get("index", {}).get("index_id"),
-                         index.index_id, f"database manifest {self.path}",
-                         f"index {self.path}/index")
-      self._index = index
+      self._load_index(verify=False)
     return self._index
+
+  def _load_index(self, verify: bool) -> None:
+    index = index_lib.ScannIndex.load(os.path.join(self.path, "index"),
+                                      expected_embedder=self.manifest.get("embedder"),
+                                      verify=verify, fix=rebuild_hint(self.path))
+    fileio.check_equal("index id", self.manifest.get("index", {}).get("index_id"),
+                       index.index_id, f"database manifest {self.path}",
+                       f"index {self.path}/index")
+    self._index = index
 
   @property
   def tokenizer(self):

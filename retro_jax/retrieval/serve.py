@@ -6,7 +6,9 @@ r"""Runs the retrieval service (see service.py for the endpoints, limits and tim
         [--nowarm_up]
 
 Loads the database, index, tokenizer and embedder once, then answers POST /retrieve,
-GET /health and GET /manifest until interrupted.  Binds 127.0.0.1 unless told otherwise:
+GET /health and GET /manifest until interrupted.  The database is opened with the checks
+every consumer runs (manifests against chunks, shapes, index file sizes), but memory-mapped,
+not hashed whole: `python -m retro_jax.verify DB_DIR` is the complete check.  Binds 127.0.0.1 unless told otherwise:
 there is no authentication.
 """
 

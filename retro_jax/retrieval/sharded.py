@@ -40,6 +40,7 @@ import numpy as np
 
 from retro_jax import fileio
 from retro_jax.retrieval import chunk_store as chunk_store_lib
+from retro_jax.retrieval import exact_search
 from retro_jax.retrieval import retriever as retriever_lib
 
 FORMAT = "retro_jax.sharded_database"
@@ -184,8 +185,8 @@ class ShardedChunkStore(chunk_store_lib.ChunkStore):
 class ShardedIndex:
   """Every shard's index searched, their results in global ids merged into one top k.
 
-  Ties in distance go to the smaller global id, so the merge is deterministic.  Chunks of
-  dropped documents are never returned.
+  Ties in distance go to the earlier shard (`exact_search.merge_topk`, a stable sort), so
+  the merge is deterministic.  Chunks of dropped documents are never returned.
   """
 
   def __init__(self, indexes: Sequence[Any], chunk_offsets: Sequence[int],
@@ -205,7 +206,7 @@ class ShardedIndex:
     """Best k per query over all shards: global ids [Q, k] int64 (-1 pad), distances."""
     k = int(k)
     queries = np.asarray(queries, np.float32)
-    all_ids, all_dist = [], []
+    all_ids, all_dist, offsets = [], [], []
     for ix, offset, dropped in zip(self.shards, self.chunk_offsets, self.dropped):
       kk = min(k + len(dropped), ix.num_vectors)
       if kk < 1:
@@ -218,30 +219,12 @@ class ShardedIndex:
       ids, dist = ix.search(queries, kk, **kwargs)
       ids = np.asarray(ids, np.int64)
       dist = np.asarray(dist, np.float32)
-      gone = ids < 0
       if len(dropped):
-        gone |= np.isin(ids, dropped)
-      all_ids.append(np.where(gone, -1, ids + offset))
-      all_dist.append(np.where(gone, np.inf, dist).astype(np.float32))
-    return merge_top_k(all_ids, all_dist, k)
-
-
-def merge_top_k(ids: Sequence[np.ndarray], distances: Sequence[np.ndarray], k: int
-                ) -> tuple[np.ndarray, np.ndarray]:
-  """Per row, the k nearest of several [Q, k_i] result lists (ties: smaller id first;
-  -1 ids, at +inf, last), padded with -1 / +inf to k columns."""
-  ids = np.concatenate([np.asarray(i, np.int64) for i in ids], axis=1)
-  dist = np.concatenate([np.asarray(d, np.float32) for d in distances], axis=1)
-  dist = np.where(ids < 0, np.inf, dist)
-  tie = np.where(ids < 0, np.iinfo(np.int64).max, ids)
-  order = np.lexsort((tie, dist), axis=1)[:, :k]
-  ids = np.take_along_axis(ids, order, axis=1)
-  dist = np.take_along_axis(dist, order, axis=1)
-  if ids.shape[1] < k:
-    pad = k - ids.shape[1]
-    ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
-    dist = np.pad(dist, ((0, 0), (0, pad)), constant_values=np.inf)
-  return ids, dist
+        ids = np.where(np.isin(ids, dropped), -1, ids)
+      all_ids.append(ids)
+      all_dist.append(dist)
+      offsets.append(offset)
+    return exact_search.merge_topk(all_ids, all_dist, k, offsets=offsets)
 
 
 # ------------------------------------------------------------------------------------------
@@ -358,7 +341,8 @@ class ShardedDatabase(retriever_lib.Database):
     self._tokenizer = None
 
   @classmethod
-  def open(cls, path: str) -> "ShardedDatabase":
+  def open(cls, path: str, verify: bool = False) -> "ShardedDatabase":
+    """Opens DB (memory-maps every shard); `verify` as in `Database.open`, for every shard."""
     path = os.path.abspath(os.fspath(path))
     man = fileio.read_json(os.path.join(path, SHARDS_FILE), "sharded database manifest",
                            "sharded.write_shards_manifest(DB, shard_names)")
@@ -366,7 +350,14 @@ class ShardedDatabase(retriever_lib.Database):
       raise fileio.ManifestMismatchError(
           f"sharded database format mismatch: expected {FORMAT} v{FORMAT_VERSION} but "
           f"{path}/{SHARDS_FILE} has {man.get('format')!r} v{man.get('format_version')}")
-    return cls(path, man)
+    db = cls(path, man)
+    if verify:
+      db.verify()
+    return db
+
+  def verify(self) -> None:
+    for shard in self.shards:
+      shard.verify()
 
   def dropped_chunks(self) -> list[np.ndarray]:
     """Per shard, the local chunk ids of dropped documents."""
@@ -391,13 +382,23 @@ class ShardedDatabase(retriever_lib.Database):
     return self.shards[0].tokenizer
 
 
-def open_database(path) -> retriever_lib.Database:
-  """A database directory, whole or sharded (DB/shards.json), opened and checked."""
+def open_database(path, verify: bool = False) -> retriever_lib.Database:
+  """A database directory, whole or sharded (DB/shards.json), opened and checked; `verify`
+  recomputes every recorded hash (batch jobs that read it whole)."""
   if isinstance(path, retriever_lib.Database):
+    if verify:
+      path.verify()
     return path
   if is_sharded(path):
-    return ShardedDatabase.open(path)
-  return retriever_lib.Database.open(path)
+    return ShardedDatabase.open(path, verify=verify)
+  return retriever_lib.Database.open(path, verify=verify)
+
+
+def open_database_store(path: str) -> chunk_store_lib.ChunkStore:
+  """The chunk store of database DB, whole or sharded, checked against its manifest."""
+  if is_sharded(path):
+    return ShardedDatabase.open(path).store
+  return retriever_lib.open_database_chunks(path)[1]
 
 
 def open_chunk_store(path: str) -> chunk_store_lib.ChunkStore:

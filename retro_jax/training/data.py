@@ -69,14 +69,10 @@ class DataError(ValueError):
 def check_npy(path: str, fix: str) -> None:
   """Refuses a .npy file that does not open (truncated, overwritten), naming it and the fix.
 
-  Opening memory-maps the file, so this reads its header only.
+  Opening memory-maps the file, so this reads its header only (`fileio.load_npy`, which
+  every reader of a .npy file in the project goes through).
   """
-  try:
-    np.load(path, mmap_mode="r")
-  except (ValueError, OSError, EOFError) as e:
-    why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise DataError(f"{path} is unreadable (truncated or not a .npy file: {why}); {fix}"
-                    ) from None
+  manifest_lib.load_npy(path, fix, error=DataError)
 
 
 def open_neighbors(directory: str, query_store=None,
@@ -99,10 +95,7 @@ def open_neighbors(directory: str, query_store=None,
   for array_file in neighbors_lib.array_files(directory):
     check_npy(array_file,
               f"delete {directory} and rebuild it with {neighbors_lib.BUILD_COMMAND}")
-  db_manifest = None
-  if db_dir and any(os.path.exists(os.path.join(db_dir, name))
-                    for name in ("manifest.json", neighbors_lib.SHARDED_DATABASE_FILE)):
-    db_manifest = db_dir
+  db_manifest = db_dir or None  # a database without its manifest is refused (read_manifest)
   return neighbors_lib.load_neighbors(
       directory, expected_db_manifest=db_manifest,
       expected_query_manifest=None if query_store is None else dict(query_store.manifest))

@@ -84,7 +84,10 @@ def open_data(cfg, model_cfg, process_index: int = 0, process_count: int = 1) ->
   """Opens and cross-checks the training (and held-out) data named by the config."""
   d = cfg.data
   train_dir = d.train_chunks_dir or os.path.join(d.db_dir, "chunks")
-  store = sharded.open_chunk_store(train_dir)
+  if d.db_dir:  # the database's manifest must exist and agree with its chunks (as elsewhere)
+    db_store = sharded.open_database_store(d.db_dir)
+  store = db_store if d.db_dir and not d.train_chunks_dir else (
+      sharded.open_chunk_store(train_dir))
   k = model_cfg.num_neighbors if model_cfg.uses_retrieval else 0
   shown = align_lib.Presentation.of(model_cfg)
   neighbors = retrieval = None

@@ -1,0 +1,325 @@
+"""Complete checks of an artefact directory: what `python -m retro_jax.verify PATH` runs.
+
+`check(path)` detects what PATH is and checks every file of it, returning one `Finding` per
+file (ok, or BAD with the reason and the fix):
+
+- a database (build_db output): manifest fields and their agreement with the chunk store
+  (`retriever.check_database_manifest`, the check every consumer runs), every chunk store
+  array (opens, shape, recorded sha256, token ids within the tokenizer's vocabulary,
+  doc_ids against doc_offsets, doc_keys.txt line count), embeddings.npy (shape, sha256),
+  every index file (size, sha256), that the index loads and is the manifest's, and the
+  tokenizer copy (sha256 of the identity recorded);
+- a sharded database (DB/shards.json): the list against its shards (offsets, manifest
+  hashes, agreement on chunk size, tokenizer and embedder), then every shard as a database;
+- a chunk store on its own (the same store checks);
+- a neighbors directory (precompute_neighbors output): manifest, both arrays (open, shape,
+  dtype, recorded sha256), ids within the database's chunk count; with `db`, also that it
+  was built for that database;
+- a training work directory (or its checkpoints/ directory): every checkpoint step
+  restores (config and the full train state), and the tokenizer copy training made matches
+  the identity the checkpoint records.
+
+Everything is read whole: this is the slow, complete check that services (which only
+memory-map) and interactive tools skip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Callable, Iterable
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from retro_jax import fileio
+from retro_jax.retrieval import chunk_store as chunk_store_lib
+from retro_jax.retrieval import index as index_lib
+from retro_jax.retrieval import neighbors as neighbors_lib
+from retro_jax.retrieval import retriever as retriever_lib
+from retro_jax.retrieval import sharded
+from retro_jax.training import checkpoint as checkpoint_lib
+
+DATABASE, CHUNK_STORE, NEIGHBORS, WORKDIR = "database", "chunk store", "neighbors", "workdir"
+SHARDED_DATABASE = "sharded database"
+
+
+@dataclasses.dataclass
+class Finding:
+  path: str
+  ok: bool
+  reason: str = ""
+
+  def line(self) -> str:
+    return f"ok   {self.path}" if self.ok else f"BAD  {self.path}: {self.reason}"
+
+
+def _one(path: str, check: Callable[[], object]) -> Finding:
+  """Runs `check`; a user-facing error (ValueError, OSError) becomes a BAD finding."""
+  try:
+    check()
+  except (ValueError, OSError, EOFError) as e:
+    return Finding(path, False, " ".join(str(e).split()))
+  return Finding(path, True)
+
+
+def detect(path: str) -> str:
+  """Which kind of directory `path` is (see the module docstring)."""
+  if not os.path.isdir(path):
+    raise fileio.ManifestError(f"{path} is not a directory (give a database, a neighbors "
+                               "directory, a chunk store or a training work directory)")
+  if sharded.is_sharded(path):
+    return SHARDED_DATABASE
+  mpath = os.path.join(path, fileio.MANIFEST)
+  if os.path.exists(mpath):
+    try:
+      fmt = fileio.read_json(mpath).get("format")
+    except (ValueError, AttributeError):
+      fmt = None
+    kinds = {retriever_lib.DATABASE_FORMAT: DATABASE, chunk_store_lib.FORMAT: CHUNK_STORE,
+             neighbors_lib.NEIGHBORS_FORMAT: NEIGHBORS}
+    if fmt in kinds:
+      return kinds[fmt]
+  names = set(os.listdir(path))
+  if "checkpoints" in names or any(n.isdigit() for n in names):
+    return WORKDIR
+  if "chunks" in names or "embeddings.npy" in names:
+    return DATABASE
+  if "neighbors.npy" in names:
+    return NEIGHBORS
+  if "tokens.npy" in names:
+    return CHUNK_STORE
+  raise fileio.ManifestError(f"cannot tell what {path} is: it is neither a database, a "
+                             "neighbors directory, a chunk store nor a training work directory")
+
+
+def check(path: str, db: str | None = None) -> tuple[str, list[Finding]]:
+  """(kind, findings) for the directory `path`; `db`: the database a neighbors directory
+  must belong to (optional)."""
+  path = os.path.abspath(path)
+  kind = detect(path)
+  if kind == DATABASE:
+    return kind, check_database(path)
+  if kind == SHARDED_DATABASE:
+    return kind, check_sharded_database(path)
+  if kind == CHUNK_STORE:
+    return kind, check_chunk_store(path)
+  if kind == NEIGHBORS:
+    return kind, check_neighbors(path, db)
+  return kind, check_workdir(path)
+
+
+# --- Chunk stores and databases ---------------------------------------------------------
+
+def check_chunk_store(path: str, fix: str | None = None) -> list[Finding]:
+  """Every file of a chunk store; `fix`: what repairs it (default: rebuild the store)."""
+  fix = fix or "rebuild the chunk store with the job that made it (build_db for a database)"
+  mpath = os.path.join(path, fileio.MANIFEST)
+  try:
+    store = chunk_store_lib.ChunkStore.open(path)
+  except (ValueError, OSError) as e:
+    return [Finding(mpath, False, f"{' '.join(str(e).split())}; {fix}")]
+  out = [Finding(mpath, True)]
+  want = store.manifest.get("sha256", {})
+
+  def array(name: str) -> Callable[[], None]:
+    def run():
+      got = chunk_store_lib._data_sha256(getattr(store, name))  # pylint: disable=protected-access
+      if name in want and want[name] != got:
+        raise fileio.ManifestError(f"content sha256 {got[:16]}... does not match the "
+                                   f"manifest's {str(want[name])[:16]}...; {fix}")
+      if name == "tokens":
+        for i in range(0, store.num_chunks, 1 << 16):
+          store.check_tokens(store.tokens[i:i + (1 << 16)])
+      if name == "doc_ids":
+        counts = np.diff(np.asarray(store.doc_offsets))
+        expected = np.repeat(np.arange(store.num_documents, dtype=np.int32),
+                             np.maximum(counts, 0))
+        if (counts < 1).any() or not np.array_equal(expected, np.asarray(store.doc_ids)):
+          raise fileio.ManifestError(f"doc_ids disagree with doc_offsets; {fix}")
+    return run
+
+  for name in chunk_store_lib.ARRAYS:
+    out.append(_one(os.path.join(path, name + ".npy"), array(name)))
+
+  def keys():
+    if len(store.doc_keys) != store.num_documents:
+      raise fileio.ManifestError(f"{len(store.doc_keys)} lines but the manifest has "
+                                 f"{store.num_documents} documents; {fix}")
+  out.append(_one(os.path.join(path, chunk_store_lib.KEYS_FILE), keys))
+  return out
+
+
+def check_database(path: str) -> list[Finding]:
+  """Every file of a database directory (see the module docstring)."""
+  fix = retriever_lib.rebuild_hint(path)
+  mpath = os.path.join(path, fileio.MANIFEST)
+  out = []
+  try:
+    man = fileio.read_manifest(path, "database manifest", retriever_lib.BUILD_COMMAND)
+  except ValueError as e:
+    man = None
+    out.append(Finding(mpath, False, " ".join(str(e).split())))
+  chunks = os.path.join(path, "chunks")
+  store_findings = check_chunk_store(chunks, fix)
+  if man is not None:
+    def manifest():
+      if man.get("format") != retriever_lib.DATABASE_FORMAT:
+        raise fileio.ManifestMismatchError(f"format {man.get('format')!r}, expected "
+                                           f"{retriever_lib.DATABASE_FORMAT}; {fix}")
+      store = chunk_store_lib.ChunkStore.open(chunks)
+      retriever_lib.check_database_manifest(man, store, path)
+    out.append(_one(mpath, manifest))
+  out += store_findings
+  man = man or {}
+
+  emb_path = os.path.join(path, "embeddings.npy")
+
+  def embeddings():
+    emb = fileio.load_npy(emb_path, fix)
+    want = [man.get("num_chunks"), (man.get("embedding") or {}).get("dim")]
+    if list(emb.shape) != want:
+      raise fileio.ManifestMismatchError(f"shape {list(emb.shape)} but the database manifest "
+                                         f"says {want}; {fix}")
+    fileio.check_sha256(emb_path, (man.get("embedding") or {}).get("sha256"), fix)
+  out.append(_one(emb_path, embeddings))
+
+  index_dir = os.path.join(path, "index")
+  try:
+    index_man = fileio.read_manifest(index_dir, "index manifest", retriever_lib.BUILD_COMMAND)
+    out.append(Finding(os.path.join(index_dir, fileio.MANIFEST), True))
+  except ValueError as e:
+    index_man = None
+    out.append(Finding(os.path.join(index_dir, fileio.MANIFEST), False,
+                       f"{' '.join(str(e).split())}; {fix}"))
+  if index_man is not None:
+    for rel, want in sorted((index_man.get("files") or {}).items()):
+      out.append(_one(os.path.join(index_dir, rel), lambda rel=rel, want=want: (
+          fileio.check_files(index_dir, {rel: want}, f"index {index_dir}: {fix}", full=True))))
+
+    def loads():
+      index = index_lib.ScannIndex.load(index_dir, expected_embedder=man.get("embedder"),
+                                        fix=fix)
+      fileio.check_equal("index id", (man.get("index") or {}).get("index_id"), index.index_id,
+                         f"database manifest {mpath}", f"index {index_dir}")
+      emb_sha = (man.get("embedding") or {}).get("sha256")
+      if index.manifest.get("embeddings_sha256") not in (None, emb_sha):
+        raise fileio.ManifestMismatchError(f"the index was built from other embeddings than "
+                                           f"the database manifest records; {fix}")
+    out.append(_one(index_dir + " (loads, belongs to the manifest)", loads))
+
+  tok_dir = os.path.join(path, "tokenizer")
+  tok = man.get("tokenizer") or {}
+  tok_path = os.path.join(tok_dir, tok.get("file_name") or "")
+
+  def tokenizer():
+    if not tok.get("file_name") or not os.path.isfile(tok_path):
+      raise fileio.ManifestError(f"the tokenizer copy is missing; {fix}")
+    fileio.check_sha256(tok_path, tok.get("sha256"), fix)
+  out.append(_one(tok_path if tok.get("file_name") else tok_dir, tokenizer))
+  return out
+
+
+# --- Neighbors ----------------------------------------------------------------------------
+
+def check_sharded_database(path: str) -> list[Finding]:
+  """shards.json against its shards (offsets, hashes, agreement), then every shard whole."""
+  where = os.path.join(path, sharded.SHARDS_FILE)
+  out = [_one(where, lambda: sharded.ShardedDatabase.open(path))]
+  try:
+    names = [s["name"] for s in fileio.read_json(where).get("shards") or []]
+  except (ValueError, OSError, KeyError, TypeError, AttributeError):
+    return out
+  for name in names:
+    out.extend(check_database(os.path.join(path, name)))
+  return out
+
+
+def check_neighbors(path: str, db: str | None = None) -> list[Finding]:
+  """Every file of a neighbors directory; `db`: the database it must belong to."""
+  fix = f"delete {path} and rebuild it with {neighbors_lib.BUILD_COMMAND}"
+  mpath = os.path.join(path, fileio.MANIFEST)
+  try:
+    man = fileio.read_manifest(path, "neighbors manifest", neighbors_lib.BUILD_COMMAND)
+    if man.get("format") != neighbors_lib.NEIGHBORS_FORMAT:
+      raise fileio.ManifestMismatchError(f"format {man.get('format')!r}, expected "
+                                         f"{neighbors_lib.NEIGHBORS_FORMAT}; {fix}")
+    if db:
+      neighbors_lib.load_neighbors(path, expected_db_manifest=db)
+  except (ValueError, OSError) as e:
+    return [Finding(mpath, False, " ".join(str(e).split()))]
+  out = [Finding(mpath, True)]
+  shape = [man.get("num_queries"), man.get("k")]
+  num_db = (man.get("database") or {}).get("num_chunks")
+
+  def array(name: str, dtype) -> Callable[[], None]:
+    def run():
+      p = os.path.join(path, name + ".npy")
+      a = fileio.load_npy(p, fix)
+      if list(a.shape) != shape or a.dtype != dtype:
+        raise fileio.ManifestMismatchError(f"{a.dtype} {list(a.shape)} but the manifest says "
+                                           f"{np.dtype(dtype)} {shape}; {fix}")
+      fileio.check_sha256(p, (man.get("sha256") or {}).get(name), fix)
+      if name == "neighbors" and num_db is not None and a.size:
+        lo, hi = int(a.min()), int(a.max())
+        if lo < -1 or hi >= int(num_db):
+          raise fileio.ManifestError(f"holds chunk id {hi if hi >= num_db else lo} outside "
+                                     f"[-1, {num_db}) (the database's chunks); {fix}")
+    return run
+
+  out.append(_one(os.path.join(path, "neighbors.npy"), array("neighbors", np.int64)))
+  out.append(_one(os.path.join(path, "distances.npy"), array("distances", np.float32)))
+  return out
+
+
+# --- Training work directories ------------------------------------------------------------
+
+def check_workdir(path: str) -> list[Finding]:
+  """Every checkpoint step of a work directory restores; its tokenizer copy matches."""
+  ckdir = checkpoint_lib.checkpoint_dir(path)
+  fix = (f"move the step aside (python -m retro_jax.train resumes from the newest step that "
+         f"restores) or train again in a new --workdir")
+  if not os.path.isdir(ckdir):
+    return [Finding(ckdir, False, "no checkpoints directory; train with python -m "
+                    "retro_jax.train --workdir=...")]
+  steps = sorted((int(n) for n in os.listdir(ckdir) if n.isdigit()))
+  if not steps:
+    return [Finding(ckdir, False, "holds no finished checkpoint step; train with python -m "
+                    "retro_jax.train --workdir=...")]
+  out = []
+  ckpt = checkpoint_lib.Checkpointer(ckdir, read_only=True, async_save=False)
+  configs = {}
+  try:
+    for step in steps:
+      def restore(step=step):
+        try:
+          configs[step] = ckpt.restore_config(step)
+          meta = ckpt.manager.item_metadata(step)["state"]
+          cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+          target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu),
+                                meta)
+          ckpt.manager.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+        except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore errors)
+          raise fileio.ManifestError(f"does not restore ({checkpoint_lib._why(e)}); {fix}"  # pylint: disable=protected-access
+                                     ) from None
+      out.append(_one(os.path.join(ckdir, str(step)), restore))
+  finally:
+    ckpt.close()
+  for step in reversed(steps):  # the newest readable config says which tokenizer it read
+    prov = (configs.get(step) or {}).get("provenance") or {}
+    tok = prov.get("tokenizer") or {}
+    if tok.get("file_name") and tok.get("kind") != "bytes":
+      tok_path = os.path.join(os.path.dirname(ckdir), "tokenizer", tok["file_name"])
+      if os.path.exists(tok_path):
+        out.append(_one(tok_path, lambda p=tok_path, t=tok: fileio.check_sha256(
+            p, t.get("sha256"), "copy the training database's tokenizer file there again")))
+    break
+  return out
+
+
+def report(findings: Iterable[Finding]) -> tuple[list[str], bool]:
+  """(lines, all ok)."""
+  findings = list(findings)
+  return [f.line() for f in findings], all(f.ok for f in findings)
