@@ -25,9 +25,10 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     # torch is only a test-time reference (transformers' PyTorch BertModel).  The pin takes
     # the CPU wheel; an unpinned torch drags in a multi-GB CUDA build.
-    "test": ["pytest", "pytest-xdist", "torch==2.13.0"],
+    # apache-beam: tests/test_beam.py runs the Beam pipelines on the DirectRunner.
+    "test": ["pytest", "pytest-xdist", "torch==2.13.0", "apache-beam"],
     "datasets": ["datasets"],
-    "beam": ["apache-beam"],
+    "beam": ["apache-beam"],  # build_db / precompute_neighbors --runner=... (Beam pipelines)
     # experiments/benchmarks: faiss is the alternative index the ScaNN benchmark compares with.
     "bench": ["faiss-cpu"],
 }

@@ -4,10 +4,14 @@ r"""Build a retrieval database: corpus -> chunk store -> embeddings -> ScaNN ind
       [--chunk_size=64] [--bert=PATH_OR_NAME] [--index_mode=auto|brute_force|tree_ah] \
       [--distance=dot_product] [--num_leaves=N] [--leaves_to_search=N] [--reorder=N] \
       [--embeddings_dtype=float32] [--embed_batch_size=128] [--shard_size=4096] \
-      [--max_documents=N] [--recall_queries=1000]
+      [--max_documents=N] [--recall_queries=1000] \
+      [--runner=DirectRunner|DataflowRunner|FlinkRunner|SparkRunner|PortableRunner \
+       --num_shards=S --beam_options="--direct_num_workers=2 ..."]
 
 (`python -m retro_jax.retrieval.build_db` is the same command.)  Every step resumes; see
-retro_jax/retrieval/build_db.py for the steps and build_config.py for the settings.
+retro_jax/retrieval/build_db.py for the steps and build_config.py for the settings.  With
+--runner the build is an Apache Beam pipeline writing a sharded database
+(retro_jax/retrieval/beam_pipelines.py).
 """
 
 from retro_jax import _cli
@@ -19,6 +23,12 @@ _CONFIG = _cli.define_flags(build_config.BuildConfig)
 def main(argv):
   del argv
   config = _CONFIG()
+  if config.runner is not None:
+    from retro_jax.retrieval import beam_pipelines  # pylint: disable=g-import-not-at-top  (Beam only when asked for)
+    man = beam_pipelines.build_database(config)
+    print(f"wrote {config.output}: {man['num_chunks']} chunks of {man['chunk_size']} tokens "
+          f"in {len(man['shards'])} shards, index {man['index']['settings']['mode']}")
+    return
   from retro_jax.retrieval import build_db  # pylint: disable=g-import-not-at-top  (after the malloc restart)
   man = build_db.build(config)
   recall = {k: v for k, v in (man["index"].get("recall") or {}).items() if "@" in k}

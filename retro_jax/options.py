@@ -11,7 +11,13 @@ their own field names.  Pure Python.
 from __future__ import annotations
 
 import dataclasses
+import shlex
 from typing import Any, Mapping, Sequence
+
+# The Apache Beam runners an offline job (build_db, precompute_neighbors) can run on; unset
+# runs the job in this process.
+BEAM_RUNNERS = ("DirectRunner", "DataflowRunner", "FlinkRunner", "SparkRunner",
+                "PortableRunner")
 
 
 def option(default: Any = None, help: str = "", *,  # pylint: disable=redefined-builtin
@@ -39,3 +45,27 @@ def option(default: Any = None, help: str = "", *,  # pylint: disable=redefined-
 
 class ConfigError(ValueError):
   """A job config with an unusable value; the message names the setting."""
+
+
+def beam_argv(runner: str | None, beam_options: str | None, error=ConfigError) -> list[str]:
+  """`--runner=R` plus the words of `beam_options` (Beam's own pipeline flags), checked for
+  form only: a known runner, options given only with one, each word a `--flag[=value]`
+  (or the value after one).  Beam itself checks the names and values (beam_pipelines.py)."""
+  if runner is None:
+    if beam_options:
+      raise error(f"beam_options {beam_options!r} need a runner (e.g. --runner=DirectRunner)")
+    return []
+  if runner not in BEAM_RUNNERS:
+    raise error(f"runner must be one of {', '.join(BEAM_RUNNERS)} (or unset: in-process), "
+                f"got {runner!r}")
+  try:
+    words = shlex.split(beam_options or "")
+  except ValueError as e:
+    raise error(f"beam_options {beam_options!r} do not parse as shell words: {e}") from None
+  if words and not words[0].startswith("--"):
+    raise error(f"beam_options must be Beam pipeline flags like --direct_num_workers=2, got "
+                f"{words[0]!r}")
+  for word in words:
+    if word.split("=", 1)[0] in ("--runner", "--runner_name"):
+      raise error(f"give the runner with --runner, not inside beam_options ({word!r})")
+  return [f"--runner={runner}"] + words

@@ -3,11 +3,13 @@ r"""Precompute the neighbors of every chunk of a query store (training or evalua
   python -m retro_jax.precompute_neighbors --db=DB_DIR --output=NEIGHBORS_DIR [--k=2] \
       [--query_store=CHUNK_STORE_DIR] [--exclude_same_document=auto|true|false] \
       [--extra_candidates=8] [--max_candidates=4096] [--part_size=8192] \
-      [--num_shards=1 --shard_index=I] [--leaves_to_search=N] [--bert=EMBEDDER]
+      [--num_shards=1 --shard_index=I] [--leaves_to_search=N] [--bert=EMBEDDER] \
+      [--runner=DirectRunner|DataflowRunner|... --beam_options="..."]
 
 (`python -m retro_jax.retrieval.precompute_neighbors` is the same command.)  Resumable and
 shardable over machines; see retro_jax/retrieval/precompute_neighbors.py for the output
-format and precompute_config.py for the settings.
+format and precompute_config.py for the settings.  With --runner it is an Apache Beam
+pipeline writing sharded neighbor files (retro_jax/retrieval/beam_pipelines.py).
 """
 
 from retro_jax import _cli
@@ -19,6 +21,12 @@ _CONFIG = _cli.define_flags(precompute_config.PrecomputeConfig)
 def main(argv):
   del argv
   config = _CONFIG()
+  if config.runner is not None:
+    from retro_jax.retrieval import beam_pipelines  # pylint: disable=g-import-not-at-top  (Beam only when asked for)
+    man = beam_pipelines.precompute_neighbors(config)
+    print(f"wrote {config.output}: {man['num_queries']} x {man['k']} neighbors in "
+          f"{len(man['shards'])} shards, {man['padded_entries']} padded entries")
+    return
   from retro_jax.retrieval import precompute_neighbors  # pylint: disable=g-import-not-at-top  (after the malloc restart)
   man = precompute_neighbors.precompute(config)
   if man is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from retro_jax.options import beam_argv
 from retro_jax.options import ConfigError
 from retro_jax.options import option
 from retro_jax.retrieval.index_settings import IndexOptions
@@ -41,6 +42,16 @@ class BuildConfig:
   embed_batch_size: int = option(128, "Chunks per embedder call.")
   shard_size: int = option(4096, "Chunks per resumable embedding shard.")
   index: IndexOptions = IndexOptions()
+  runner: str | None = option(None, "Build as an Apache Beam pipeline on this runner "
+                              "(DirectRunner, DataflowRunner, FlinkRunner, SparkRunner, "
+                              "PortableRunner), writing a sharded database; unset: in this "
+                              "process, one database directory.")
+  beam_options: str | None = option(None, "Beam's own pipeline options, as one string, "
+                                    "e.g. '--direct_num_workers=2 --direct_running_mode="
+                                    "multi_processing' or '--project=P --region=R "
+                                    "--temp_location=gs://B/tmp' (with --runner).")
+  num_shards: int = option(1, "Database shards of the Beam build (contiguous document "
+                           "ranges; one index each; with --runner).")
 
   def __post_init__(self):
     corpus = self.corpus
@@ -62,6 +73,12 @@ class BuildConfig:
                        f"{self.embed_batch_size}")
     if self.max_documents is not None and self.max_documents < 1:
       raise BuildError(f"max_documents must be >= 1, got {self.max_documents}")
+    beam_argv(self.runner, self.beam_options, BuildError)
+    if self.num_shards < 1:
+      raise BuildError(f"num_shards must be >= 1, got {self.num_shards}")
+    if self.num_shards > 1 and self.runner is None:
+      raise BuildError(f"num_shards={self.num_shards} is a Beam build setting: give a "
+                       "--runner (e.g. --runner=DirectRunner)")
     if self.index.soar and self.index.distance != "dot_product":
       # Before any chunking or embedding: the index step would refuse it only at the end.
       raise BuildError(f"soar=True needs distance='dot_product' (ScaNN supports SOAR "

@@ -16,8 +16,9 @@ Steps, each resumable (a rerun skips what is finished and complete):
   4. DB_DIR/tokenizer/: a copy of the LM tokenizer file (the DB is self-contained).
   5. DB_DIR/manifest.json: written last; its presence means the database is complete.
 One searcher holds the whole index in RAM (about 4*D + D/2 bytes per chunk for tree_ah);
-past that, build one database per corpus shard and merge per-shard top-k
-(`index.merge_topk`).
+past that, `--runner=DirectRunner|DataflowRunner|... --num_shards=S` builds a sharded
+database (beam_pipelines.py: these same steps per shard, `build_directory`) whose shards'
+top-k are merged at search time (sharded.py).
 """
 
 from __future__ import annotations
@@ -73,6 +74,91 @@ def _dir_bytes(path: str) -> int:
   return total
 
 
+class EmbeddingParts:
+  """The resumable parts of one embeddings file: what pins them, where each lies, how one is
+  computed.  `embed_store` runs them in order; the Beam build (beam_pipelines.py) runs them
+  on its workers, so both write the same part files and assemble them the same way."""
+
+  def __init__(self, store, embedder_identity: dict, out_path: str, config: BuildConfig):
+    self.store, self.out_path, self.config = store, out_path, config
+    self.normalize = config.index.distance == "dot_product"
+    self.settings = {
+        "chunk_store_manifest_hash": fileio.manifest_hash(store.manifest),
+        "num_chunks": int(store.num_chunks),
+        "embedder": embedder_identity,
+        "normalized": bool(self.normalize),
+        "dtype": config.embeddings_dtype,
+    }
+    self.side = os.path.splitext(out_path)[0] + ".json"
+    self.parts_dir = os.path.splitext(out_path)[0] + ".parts"
+    self.part_size = config.shard_size
+    self.num_parts = max(1, -(-store.num_chunks // self.part_size))
+
+  def complete(self) -> dict | None:
+    """The embeddings manifest if `out_path` is finished with these settings, else None."""
+    if os.path.exists(self.out_path) and os.path.exists(self.side):
+      done = fileio.read_json(self.side)
+      if not all(done.get(key) == fileio.to_jsonable(v) for key, v in self.settings.items()):
+        logging.warning("embeddings %s were made with other settings; recomputing",
+                        self.out_path)
+      elif fileio.file_sha256(self.out_path) == done.get("sha256"):  # reused only if undamaged
+        return done
+      else:
+        logging.warning("embeddings %s do not match the sha256 recorded in %s (damaged); "
+                        "recomputing them", self.out_path, self.side)
+    return None
+
+  def pin(self) -> None:
+    """Records the job's settings next to its parts (refuses a restart with others)."""
+    os.makedirs(self.parts_dir, exist_ok=True)
+    job = dict(self.settings, shard_size=int(self.part_size))
+    fileio.pin_settings(os.path.join(self.parts_dir, "job.json"), job, "embedding")
+
+  def part_path(self, s: int) -> str:
+    return os.path.join(self.parts_dir, f"shard-{s:05d}.npy")
+
+  def bounds(self, s: int) -> tuple[int, int]:
+    return s * self.part_size, min((s + 1) * self.part_size, self.store.num_chunks)
+
+  def missing(self) -> list[int]:
+    return fileio.missing_parts(range(self.num_parts), self.part_path)
+
+  def write_part(self, s: int, embedder, tokenizer) -> None:
+    """Embeds chunks [bounds(s)) in batches and writes part s atomically."""
+    start, stop = self.bounds(s)
+    batch_size, out = self.config.embed_batch_size, []
+    for b in range(start, stop, batch_size):
+      tokens = np.asarray(self.store.tokens[b:min(b + batch_size, stop)])
+      x = np.asarray(embedder.embed_chunks(tokens, tokenizer), np.float32)
+      out.append(index_lib.normalize(x) if self.normalize else x)
+    fileio.atomic_save_npy(self.part_path(s),
+                           np.concatenate(out).astype(self.config.embeddings_dtype))
+
+  def assemble(self, done_chunks: int = 0, elapsed: float = 0.0) -> dict:
+    """Copies every part into `out_path` (via a temporary memmap), writes the embeddings
+    manifest and removes the parts; returns that manifest."""
+    num, dtype = self.store.num_chunks, self.config.embeddings_dtype
+    dim = int(np.load(self.part_path(0), mmap_mode="r").shape[1])
+    tmp = self.out_path + ".assembling.tmp"
+    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(num, dim))
+    for s in range(self.num_parts):
+      part = np.load(self.part_path(s), mmap_mode="r")
+      start, stop = self.bounds(s)
+      if part.shape != (stop - start, dim):
+        raise BuildError(f"embedding shard {self.part_path(s)} has shape {part.shape}, "
+                         f"expected {(stop - start, dim)}; delete it and rerun")
+      arr[start:stop] = part
+    arr.flush()
+    del arr
+    fileio.commit_file(tmp, self.out_path)
+    man = dict(self.settings, dim=dim, sha256=fileio.file_sha256(self.out_path),
+               timings={"last_run_seconds": round(elapsed, 3),
+                        "chunks_per_second": round(done_chunks / max(elapsed, 1e-9), 2)})
+    fileio.atomic_write_json(self.side, man)
+    shutil.rmtree(self.parts_dir, ignore_errors=True)
+    return man
+
+
 def embed_store(store, tokenizer, embedder, out_path: str, config: BuildConfig,
                 after_shard=None) -> dict:
   """Embeds every chunk of `store` into `out_path` ([C, D] .npy), resumably.
@@ -81,72 +167,23 @@ def embed_store(store, tokenizer, embedder, out_path: str, config: BuildConfig,
   come from `config`.  Returns the embeddings manifest (also written to
   `<out_path without .npy>.json`).
   """
-  normalize = config.index.distance == "dot_product"
-  dtype, shard_size = config.embeddings_dtype, config.shard_size
-  batch_size = config.embed_batch_size
-  settings = {
-      "chunk_store_manifest_hash": fileio.manifest_hash(store.manifest),
-      "num_chunks": int(store.num_chunks),
-      "embedder": embedder.identity(),
-      "normalized": bool(normalize),
-      "dtype": dtype,
-  }
-  side = os.path.splitext(out_path)[0] + ".json"
-  if os.path.exists(out_path) and os.path.exists(side):
-    done = fileio.read_json(side)
-    if all(done.get(key) == fileio.to_jsonable(v) for key, v in settings.items()):
-      if fileio.file_sha256(out_path) == done.get("sha256"):  # reused only if undamaged
-        logging.info("embeddings %s already complete; reusing them", out_path)
-        return done
-      logging.warning("embeddings %s do not match the sha256 recorded in %s (damaged); "
-                      "recomputing them", out_path, side)
-    else:
-      logging.warning("embeddings %s were made with other settings; recomputing", out_path)
-  parts = os.path.splitext(out_path)[0] + ".parts"
-  os.makedirs(parts, exist_ok=True)
-  job = dict(settings, shard_size=int(shard_size))
-  fileio.pin_settings(os.path.join(parts, "job.json"), job, "embedding")
-
-  num = store.num_chunks
-  num_shards = max(1, -(-num // shard_size))
-  shard_path = lambda s: os.path.join(parts, f"shard-{s:05d}.npy")  # pylint: disable=unnecessary-lambda-assignment
-  todo = fileio.missing_parts(range(num_shards), shard_path)
-  logging.info("embedding %d chunks in %d shards (%d left)", num, num_shards, len(todo))
-
-  def write_shard(s, start, stop):
-    out = []
-    for b in range(start, stop, batch_size):
-      tokens = np.asarray(store.tokens[b:min(b + batch_size, stop)])
-      x = np.asarray(embedder.embed_chunks(tokens, tokenizer), np.float32)
-      out.append(index_lib.normalize(x) if normalize else x)
-    fileio.atomic_save_npy(shard_path(s), np.concatenate(out).astype(dtype))
-
-  done_chunks, elapsed = fileio.run_parts(todo, num, shard_size, write_shard,
-                                          desc="embedding", after_part=after_shard)
+  parts = EmbeddingParts(store, embedder.identity(), out_path, config)
+  done = parts.complete()
+  if done is not None:
+    logging.info("embeddings %s already complete; reusing them", out_path)
+    return done
+  parts.pin()
+  todo = parts.missing()
+  logging.info("embedding %d chunks in %d shards (%d left)", store.num_chunks,
+               parts.num_parts, len(todo))
+  done_chunks, elapsed = fileio.run_parts(
+      todo, store.num_chunks, parts.part_size,
+      lambda s, start, stop: parts.write_part(s, embedder, tokenizer),
+      desc="embedding", after_part=after_shard)
   if done_chunks:
     logging.info("embedded %d chunks in %.1fs (%.1f chunks/s)", done_chunks, elapsed,
                  done_chunks / max(elapsed, 1e-9))
-  # Assemble: write into a temporary memmap, then rename.
-  first = np.load(shard_path(0), mmap_mode="r")
-  dim = int(first.shape[1])
-  tmp = out_path + ".assembling.tmp"
-  arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(num, dim))
-  for s in range(num_shards):
-    part = np.load(shard_path(s), mmap_mode="r")
-    start = s * shard_size
-    if part.shape != (min(shard_size, num - start), dim):
-      raise BuildError(f"embedding shard {shard_path(s)} has shape {part.shape}, expected "
-                       f"{(min(shard_size, num - start), dim)}; delete it and rerun")
-    arr[start:start + part.shape[0]] = part
-  arr.flush()
-  del arr
-  fileio.commit_file(tmp, out_path)
-  man = dict(settings, dim=dim, sha256=fileio.file_sha256(out_path),
-             timings={"last_run_seconds": round(elapsed, 3),
-                      "chunks_per_second": round(done_chunks / max(elapsed, 1e-9), 2)})
-  fileio.atomic_write_json(side, man)
-  shutil.rmtree(parts, ignore_errors=True)
-  return man
+  return parts.assemble(done_chunks, elapsed)
 
 
 def build_database(corpus: Any, tokenizer: str, output: str, *, embedder=None,
@@ -161,6 +198,22 @@ def build_database(corpus: Any, tokenizer: str, output: str, *, embedder=None,
   return build(config, embedder=embedder, after_shard=after_shard)
 
 
+def documents(config: BuildConfig):
+  """The documents `config` asks for: its corpus (first `max_documents` of them)."""
+  docs = config.source
+  if not isinstance(docs, (corpus_lib.Corpus, _Subset)):
+    docs = corpus_lib.Corpus(docs, text_field=config.text_field)
+  if config.max_documents is not None:
+    docs = _Limited(docs, config.max_documents)
+  return docs
+
+
+def load_embedder(config: BuildConfig):
+  """The embedder `config.bert` names, in `config.embed_dtype`."""
+  kwargs = {"dtype": config.embed_dtype} if config.embed_dtype else {}
+  return retriever_lib.load_embedder(config.bert, **kwargs)
+
+
 def build(config: BuildConfig, *, embedder=None, after_shard=None) -> dict:
   """Builds (or finishes building) the database at `config.output`; returns its manifest.
 
@@ -169,18 +222,25 @@ def build(config: BuildConfig, *, embedder=None, after_shard=None) -> dict:
     embedder: an already loaded Embedder (overrides `config.bert`; tests pass a small one).
     after_shard: test hook called after each embedding shard.
   """
-  output, bert, options = os.path.abspath(config.output), config.bert, config.index
+  return build_directory(documents(config), config.output, config, embedder=embedder,
+                         after_shard=after_shard)
+
+
+def build_directory(docs, output: str, config: BuildConfig, *, embedder=None,
+                    after_shard=None) -> dict:
+  """Steps 1-5 for the documents `docs` into the database directory `output`.
+
+  Every step reuses what a previous run finished there.  `config` gives every setting but
+  the corpus and output; `embedder` (default: loaded from `config`) may be a stand-in with
+  the right identity when every embedding part already exists (the Beam build).
+  """
+  output, bert, options = os.path.abspath(output), config.bert, config.index
   os.makedirs(output, exist_ok=True)
   timings = {}
   tok = tokenizer_lib.load_tokenizer(config.tokenizer)
 
   # 1. Chunk store.
   t0 = time.time()
-  docs = config.source
-  if not isinstance(docs, (corpus_lib.Corpus, _Subset)):
-    docs = corpus_lib.Corpus(docs, text_field=config.text_field)
-  if config.max_documents is not None:
-    docs = _Limited(docs, config.max_documents)
   store = chunk_store_lib.build_chunk_store(docs, tok, os.path.join(output, "chunks"),
                                             config.chunk_size, progress=True)
   timings["chunk_store_seconds"] = round(time.time() - t0, 3)
@@ -188,8 +248,7 @@ def build(config: BuildConfig, *, embedder=None, after_shard=None) -> dict:
   # 2. Embeddings.
   t0 = time.time()
   if embedder is None:
-    kwargs = {"dtype": config.embed_dtype} if config.embed_dtype else {}
-    embedder = retriever_lib.load_embedder(bert, **kwargs)
+    embedder = load_embedder(config)
   emb_man = embed_store(store, tok, embedder, os.path.join(output, "embeddings.npy"), config,
                         after_shard=after_shard)
   timings["embedding_seconds"] = round(time.time() - t0, 3)

@@ -5,7 +5,10 @@ A neighbors directory (written by `retro_jax.retrieval.precompute_neighbors`):
   distances.npy  float32 [Q, k]  distances (index convention: smaller is nearer), +inf pad.
   manifest.json  k, database manifest hash and chunk count, query chunk store manifest hash,
                  tokenizer and embedder identities, index id, same-document exclusion.
-Row q belongs to chunk q of the query store.  `load_neighbors` refuses a file made for
+Row q belongs to chunk q of the query store.  The Beam job (beam_pipelines.py) writes the
+same arrays cut into row shards, neighbors-QQQQQ.npy / distances-QQQQQ.npy, listed in the
+manifest's "shards"; `load_neighbors` opens them as one memory-mapped [Q, k] view
+(`sharded.ConcatRows`), so consumers read either layout alike.  `load_neighbors` refuses a file made for
 another database, query store or tokenizer, naming both values.
 """
 
@@ -18,6 +21,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from retro_jax import fileio
+from retro_jax.retrieval import sharded
 
 NEIGHBORS_FORMAT = "retro_jax.neighbors.v1"
 SHARDED_DATABASE_FILE = "shards.json"  # sharded.SHARDS_FILE (that module imports this one's users)
@@ -57,6 +61,17 @@ def _as_manifest(obj: Any, what: str) -> tuple[dict, str]:
   return fileio.read_manifest(path, f"{what} manifest"), f"{what} {path}"
 
 
+def array_files(directory: str, manifest: Mapping[str, Any] | None = None) -> list[str]:
+  """The array files of a neighbors directory: neighbors.npy, distances.npy, or for the
+  sharded layout (beam_pipelines.py) neighbors-Q.npy, distances-Q.npy of each shard."""
+  man = manifest if manifest is not None else fileio.read_manifest(
+      directory, "neighbors manifest", BUILD_COMMAND)
+  if "shards" in man:
+    return [os.path.join(directory, e[name]) for e in man["shards"]
+            for name in ("neighbors", "distances")]
+  return [os.path.join(directory, n) for n in ("neighbors.npy", "distances.npy")]
+
+
 def load_neighbors(directory: str, expected_db_manifest: Any = None,
                    expected_query_manifest: Any = None, k: int | None = None,
                    mmap: bool = True) -> Neighbors:
@@ -93,10 +108,13 @@ def load_neighbors(directory: str, expected_db_manifest: Any = None,
                        fileio.manifest_hash(q_man),
                        man.get("query", {}).get("manifest_hash"), q_src, src)
   mode = "r" if mmap else None
-  paths = [os.path.join(directory, n) for n in ("neighbors.npy", "distances.npy")]
+  paths = array_files(directory, man)
   fix = f"delete {directory} and rebuild it with {BUILD_COMMAND}"
-  neighbors = fileio.load_npy(paths[0], fix, mmap_mode=mode)
-  distances = fileio.load_npy(paths[1], fix, mmap_mode=mode)
+  arrays = [fileio.load_npy(p, fix, mmap_mode=mode) for p in paths]
+  if "shards" in man:  # Beam output: one memory-mapped view over the shard files.
+    neighbors, distances = sharded.ConcatRows(arrays[0::2]), sharded.ConcatRows(arrays[1::2])
+  else:
+    neighbors, distances = arrays
   if neighbors.shape != (man["num_queries"], man["k"]) or distances.shape != neighbors.shape:
     raise fileio.ManifestMismatchError(
         f"neighbors shape mismatch: manifest says {[man['num_queries'], man['k']]} but "

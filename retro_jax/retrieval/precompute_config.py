@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from retro_jax.options import beam_argv
 from retro_jax.options import ConfigError
 from retro_jax.options import option
 
@@ -39,6 +40,12 @@ class PrecomputeConfig:
   bert: str | None = option(None, "Embedder for a separate query store (default: the "
                             "database's).")
   query_batch: int = option(256, "Query chunks per embedder call.", cli=False)
+  runner: str | None = option(None, "Run as an Apache Beam pipeline on this runner "
+                              "(DirectRunner, DataflowRunner, FlinkRunner, SparkRunner, "
+                              "PortableRunner): every query shard against every index "
+                              "shard, sharded neighbor files; unset: in this process.")
+  beam_options: str | None = option(None, "Beam's own pipeline options, as one string "
+                                    "(with --runner), e.g. '--direct_num_workers=2'.")
 
   def __post_init__(self):
     for name in ("db", "output"):
@@ -56,6 +63,10 @@ class PrecomputeConfig:
                             f"{self.shard_index}")
     if self.part_size < 1:
       raise PrecomputeError(f"part_size must be >= 1, got {self.part_size}")
+    beam_argv(self.runner, self.beam_options, PrecomputeError)
+    if self.runner is not None and (self.num_shards != 1 or self.shard_index is not None):
+      raise PrecomputeError("num_shards/shard_index split an in-process job over machines; "
+                            "a Beam run (--runner) distributes the work itself")
 
   @property
   def extra(self) -> int:

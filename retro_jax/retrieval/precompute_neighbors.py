@@ -32,10 +32,9 @@ Query embeddings: when the query store is the database's own store, the database
 the embedder recorded in the database manifest (the same `Embedder.embed_chunks` that made
 the keys), and its identity is checked against the index manifest.
 
-Scale-out beyond a few machines: the per-part function `compute_part` is pure (part index
-in, arrays out), which is exactly the shape of an Apache Beam `ParDo` over part indices with
-the searcher loaded once per worker in `setup()`; the merge is a final single-worker step.
-Beam is not wired in yet (`pip install retro_jax[beam]`, `--runner=DirectRunner` offline).
+Scale-out beyond a few machines: `--runner=DirectRunner|DataflowRunner|...` runs the job as
+an Apache Beam pipeline instead (beam_pipelines.py: every query shard against every index
+shard, sharded neighbor files that `load_neighbors` reads like these).
 
 Consumers load the result with `load_neighbors(dir, expected_db_manifest=...,
 expected_query_manifest=...)`, which refuses a file made for another database, query store

@@ -84,14 +84,16 @@ def open_neighbors(directory: str, query_store=None,
   another query store is refused naming both values (`neighbors.load_neighbors` does those
   checks).
   """
-  path = os.path.join(directory, "neighbors.npy")
-  if not os.path.exists(path) or not os.path.exists(os.path.join(directory, "manifest.json")):
+  manifest = os.path.join(directory, "manifest.json")
+  path = (neighbors_lib.array_files(directory)[0] if os.path.exists(manifest)
+          else os.path.join(directory, "neighbors.npy"))
+  if not os.path.exists(path) or not os.path.exists(manifest):
     raise DataError(
         f"neighbors file not found: {path}. Build it with: "
         f"{neighbors_lib.BUILD_COMMAND} (for training, the query store is the "
         f"database's own chunks/, the default)")
-  for name in ("neighbors.npy", "distances.npy"):
-    check_npy(os.path.join(directory, name),
+  for array_file in neighbors_lib.array_files(directory):
+    check_npy(array_file,
               f"delete {directory} and rebuild it with {neighbors_lib.BUILD_COMMAND}")
   db_manifest = db_dir or None  # a database without its manifest is refused (read_manifest)
   return neighbors_lib.load_neighbors(
