@@ -20,7 +20,7 @@ from retro_jax.retrieval import retriever as retriever_lib
 from retro_jax.retrieval import router as router_lib
 from retro_jax.retrieval import service as service_lib
 from retro_jax.retrieval import sharded
-from test_build_db import make_tokenizer, write_corpus  # pylint: disable=g-bad-import-order
+from test_sharded import make_whole_and_sharded  # pylint: disable=g-bad-import-order
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_DOCS = 10
@@ -28,28 +28,10 @@ SPLIT = 6  # shard-00000: docs 0-5, shard-00001: docs 6-9
 NEW_TEXT = "volcano penguin saxophone glacier orchestra lantern"  # no corpus word
 
 
-def _build(corpus, tok, out):
-  build_db.build_database(corpus, tok, out, chunk_size=16, bert="hashing:32", shard_size=50)
-  return out
-
-
 @pytest.fixture(scope="module")
 def dbs(tmp_path_factory):
   """(whole database, 2-shard database of the same corpus, tokenizer path)."""
-  root = str(tmp_path_factory.mktemp("router"))
-  corpus = write_corpus(os.path.join(root, "corpus"), NUM_DOCS)
-  tok = make_tokenizer(os.path.join(root, "tok"))
-  whole = _build(corpus, tok, os.path.join(root, "whole"))
-  files = sorted(os.listdir(corpus))
-  db = os.path.join(root, "sharded")
-  for i, part in enumerate((files[:SPLIT], files[SPLIT:])):
-    part_dir = os.path.join(root, f"corpus{i}")
-    os.makedirs(part_dir)
-    for name in part:
-      shutil.copy(os.path.join(corpus, name), part_dir)
-    _build(part_dir, tok, os.path.join(db, sharded.shard_name(i)))
-  sharded.write_shards_manifest(db, [sharded.shard_name(0), sharded.shard_name(1)])
-  return whole, db, tok
+  return make_whole_and_sharded(str(tmp_path_factory.mktemp("router")), NUM_DOCS, (SPLIT,))
 
 
 class _Shards:

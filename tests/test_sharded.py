@@ -24,17 +24,16 @@ def _build(corpus, tok, out):
   return out
 
 
-@pytest.fixture(scope="module")
-def dbs(tmp_path_factory):
-  """(whole database, sharded database) of one corpus; shards cut at document boundaries."""
-  root = str(tmp_path_factory.mktemp("sharded"))
-  corpus = write_corpus(os.path.join(root, "corpus"), NUM_DOCS)
+def make_whole_and_sharded(root, num_docs, split):
+  """(whole database, sharded database, tokenizer) of one corpus of `num_docs` documents;
+  shard i holds documents split[i-1]:split[i] (cut at document boundaries)."""
+  corpus = write_corpus(os.path.join(root, "corpus"), num_docs)
   tok = make_tokenizer(os.path.join(root, "tok"))
   whole = _build(corpus, tok, os.path.join(root, "whole"))
   files = sorted(os.listdir(corpus))
   sharded_dir = os.path.join(root, "sharded")
   names = []
-  for i, (a, b) in enumerate(zip((0,) + SPLIT, SPLIT + (NUM_DOCS,))):
+  for i, (a, b) in enumerate(zip((0,) + tuple(split), tuple(split) + (num_docs,))):
     part = os.path.join(root, f"corpus{i}")
     os.makedirs(part)
     for name in files[a:b]:
@@ -42,6 +41,14 @@ def dbs(tmp_path_factory):
     names.append(sharded.shard_name(i))
     _build(part, tok, os.path.join(sharded_dir, names[-1]))
   sharded.write_shards_manifest(sharded_dir, names)
+  return whole, sharded_dir, tok
+
+
+@pytest.fixture(scope="module")
+def dbs(tmp_path_factory):
+  """(whole database, sharded database) of one corpus."""
+  whole, sharded_dir, _ = make_whole_and_sharded(str(tmp_path_factory.mktemp("sharded")),
+                                                 NUM_DOCS, SPLIT)
   return whole, sharded_dir
 
 

@@ -253,11 +253,7 @@ class RouterIndex(sharded.ShardedIndex):
              pre_reorder: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     k = int(k)
     queries = np.asarray(queries, np.float32)
-    kwargs = {}
-    if leaves_to_search is not None:
-      kwargs["leaves_to_search"] = leaves_to_search
-    if pre_reorder is not None:
-      kwargs["pre_reorder"] = pre_reorder
+    kwargs = sharded.search_options(leaves_to_search, pre_reorder)
 
     def one(s):
       try:

@@ -182,6 +182,16 @@ class ShardedChunkStore(chunk_store_lib.ChunkStore):
       s.verify()
 
 
+def search_options(leaves_to_search: int | None, pre_reorder: int | None) -> dict:
+  """The per-search ScaNN overrides a caller set (none: each shard's own settings)."""
+  out = {}
+  if leaves_to_search is not None:
+    out["leaves_to_search"] = leaves_to_search
+  if pre_reorder is not None:
+    out["pre_reorder"] = pre_reorder
+  return out
+
+
 class ShardedIndex:
   """Every shard's index searched, their results in global ids merged into one top k.
 
@@ -206,11 +216,7 @@ class ShardedIndex:
     """Best k per query over all shards: global ids [Q, k] int64 (-1 pad), distances."""
     k = int(k)
     queries = np.asarray(queries, np.float32)
-    kwargs = {}
-    if leaves_to_search is not None:
-      kwargs["leaves_to_search"] = leaves_to_search
-    if pre_reorder is not None:
-      kwargs["pre_reorder"] = pre_reorder
+    kwargs = search_options(leaves_to_search, pre_reorder)
     found = [self.search_shard(s, queries, k, kwargs) for s in range(len(self.shards))]
     found = [f for f in found if f is not None]
     return exact_search.merge_topk([f[0] for f in found], [f[1] for f in found], k)
