@@ -308,6 +308,36 @@ def test_live_service_and_precomputed_retrieval_give_the_same_report(world, tmp_
   assert live["protocol"]["leakage_neighbors"] == 10
 
 
+def test_a_sharded_database_gives_the_whole_ones_report(tmp_path):
+  """Evaluation reads a sharded database (live retrieval over every shard, and neighbors
+  precomputed on it) as it reads the same corpus built whole."""
+  from retro_jax.retrieval import chunk_store as chunk_store_lib  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval import precompute_neighbors as pn_lib  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval import sharded  # pylint: disable=g-import-not-at-top
+  from test_sharded import make_whole_and_sharded  # pylint: disable=g-import-not-at-top
+  whole, sharded_dir, _ = make_whole_and_sharded(str(tmp_path), 8, (3, 6), chunk_size=M)
+  corpus = write_corpus(str(tmp_path / "eval_corpus"), 3, seed=7)
+  workdir = save_workdir(str(tmp_path / "retro"), TINY, _params(TINY), whole)
+  settings = eval_lib.EvalSettings(seq_len=2 * M, stride=M, ks=(1, 2), batch_size=4,
+                                   progress=False, retrieval_off=False)
+  reports = [eval_lib.run_evaluation(workdir, corpus=corpus, db_dir=db, settings=settings)
+             for db in (whole, sharded_dir)]
+  store_dir, nb_dir = str(tmp_path / "eval_chunks"), str(tmp_path / "eval_neighbors")
+  tok = sharded.open_database(sharded_dir).tokenizer
+  chunk_store_lib.build_chunk_store(corpus_lib.Corpus(corpus), tok, store_dir, M)
+  pn_lib.precompute_neighbors(sharded_dir, nb_dir, k=10, query_store=store_dir)
+  reports.append(eval_lib.run_evaluation(workdir, eval_chunks=store_dir, db_dir=sharded_dir,
+                                         neighbors_dir=nb_dir, settings=settings))
+  want = {r["k"]: (r["tokens"], r["bytes"], r["bpb"]) for r in reports[0]["runs"]}
+  for report in reports[1:]:
+    got = {r["k"]: (r["tokens"], r["bytes"], r["bpb"]) for r in report["runs"]}
+    assert got.keys() == want.keys() == {1, 2}
+    for k, (tokens, nbytes, bpb) in want.items():
+      assert got[k][:2] == (tokens, nbytes) and got[k][2] == pytest.approx(bpb, rel=1e-6), k
+    np.testing.assert_allclose(report["leakage"]["r"], reports[0]["leakage"]["r"])
+
+
 def test_same_document_exclusion_removes_the_copy(world):
   settings = eval_lib.EvalSettings(seq_len=2 * M, ks=(1,), batch_size=4, progress=False,
                                    retrieval_off=False, exclude_same_document=True)

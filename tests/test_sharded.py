@@ -19,17 +19,18 @@ NUM_DOCS = 12
 SPLIT = (5, 9)  # shard 0: docs 0-4, shard 1: docs 5-8, shard 2: docs 9-11
 
 
-def _build(corpus, tok, out):
-  build_db.build_database(corpus, tok, out, chunk_size=16, bert="hashing:32", shard_size=50)
+def _build(corpus, tok, out, chunk_size=16):
+  build_db.build_database(corpus, tok, out, chunk_size=chunk_size, bert="hashing:32",
+                          shard_size=50)
   return out
 
 
-def make_whole_and_sharded(root, num_docs, split):
+def make_whole_and_sharded(root, num_docs, split, chunk_size=16):
   """(whole database, sharded database, tokenizer) of one corpus of `num_docs` documents;
   shard i holds documents split[i-1]:split[i] (cut at document boundaries)."""
   corpus = write_corpus(os.path.join(root, "corpus"), num_docs)
   tok = make_tokenizer(os.path.join(root, "tok"))
-  whole = _build(corpus, tok, os.path.join(root, "whole"))
+  whole = _build(corpus, tok, os.path.join(root, "whole"), chunk_size)
   files = sorted(os.listdir(corpus))
   sharded_dir = os.path.join(root, "sharded")
   names = []
@@ -39,7 +40,7 @@ def make_whole_and_sharded(root, num_docs, split):
     for name in files[a:b]:
       shutil.copy(os.path.join(corpus, name), part)
     names.append(sharded.shard_name(i))
-    _build(part, tok, os.path.join(sharded_dir, names[-1]))
+    _build(part, tok, os.path.join(sharded_dir, names[-1]), chunk_size)
   sharded.write_shards_manifest(sharded_dir, names)
   return whole, sharded_dir, tok
 
