@@ -8,6 +8,7 @@ starts Beam's multi-process workers (a few seconds); the rest run the DirectRunn
 process.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -133,6 +134,36 @@ def test_neighbors_equal_the_in_process_precompute(built, tmp_path):
   loaded = data_lib.open_neighbors(out, store, db_dir=built["beam"])
   rows = np.array([0, len(ids) - 1, len(ids) // 2])
   np.testing.assert_array_equal(loaded.ids[rows, :2], ids[rows, :2])
+
+
+@pytest.mark.parametrize("beam_options", [None, TWO_WORKERS], ids=["in-process", "2-workers"])
+def test_neighbors_hold_one_index_shard_per_worker(built, tmp_path, beam_options):
+  """Work is grouped by index shard: each shard's index is loaded once, in one call, and
+  freed before another loads, so no worker process ever holds two shard indexes."""
+  log = str(tmp_path / "loads.jsonl")
+  out = str(tmp_path / "nb")
+  stats = {}
+  beam_pipelines.precompute_neighbors(PrecomputeConfig(
+      db=built["beam"], output=out, k=3, part_size=50, runner="DirectRunner",
+      beam_options=beam_options), load_log=log, stats=stats)
+  with open(log, encoding="utf-8") as f:
+    loads = [json.loads(line) for line in f]
+  assert sorted(r["shard"] for r in loads) == [0, 1, 2]  # each shard once, over all workers
+  assert max(r["live"] for r in loads) == beam_pipelines.MAX_INDEX_SHARDS_PER_PROCESS == 1
+  if beam_options is None:
+    assert len({r["pid"] for r in loads}) == 1  # one process met every shard, one at a time
+    assert stats["index_loads"] == 3
+  inproc = str(tmp_path / "inproc")
+  pn.precompute_neighbors(built["beam"], inproc, k=3, part_size=50)
+  nb = neighbors_lib.load_neighbors(out)
+  # The index facts the driver read from the shard manifests are those of the loaded index.
+  want_man = manifest_lib.read_json(os.path.join(inproc, "manifest.json"))
+  for key in ("index_id", "distance"):
+    assert nb.manifest[key] == want_man[key], key
+  assert nb.manifest["job"]["index_settings"] == want_man["job"]["index_settings"]
+  for name, got in (("neighbors", nb.ids), ("distances", nb.distances)):
+    want = np.load(os.path.join(inproc, name + ".npy"))
+    assert np.asarray(got).tobytes() == want.tobytes(), name
 
 
 def test_killed_build_resumes_without_redoing_shards(built, tmp_path):
