@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from fixtures_data import stdlib_texts  # pylint: disable=g-bad-import-order
+from retro_jax import integrity
 from retro_jax.retrieval import beam_pipelines
 from retro_jax.retrieval import build_config as build_config_lib
 from retro_jax.retrieval import build_db
@@ -164,6 +165,38 @@ def test_neighbors_hold_one_index_shard_per_worker(built, tmp_path, beam_options
   for name, got in (("neighbors", nb.ids), ("distances", nb.distances)):
     want = np.load(os.path.join(inproc, name + ".npy"))
     assert np.asarray(got).tobytes() == want.tobytes(), name
+
+
+def test_verify_checks_every_shard_of_sharded_neighbors(built, tmp_path):
+  out = str(tmp_path / "nb")
+  beam_pipelines.precompute_neighbors(PrecomputeConfig(db=built["beam"], output=out, k=2,
+                                                       runner="DirectRunner"))
+  man = manifest_lib.read_json(os.path.join(out, "manifest.json"))
+  assert all(set(e["sha256"]) == {"neighbors", "distances"} for e in man["shards"])
+  files = [os.path.join(out, e[n]) for e in man["shards"] for n in ("neighbors", "distances")]
+  kind, findings = integrity.check(out, db=built["beam"])
+  assert kind == integrity.NEIGHBORS and all(f.ok for f in findings), findings
+  assert {f.path for f in findings} == set(files) | {os.path.join(out, "manifest.json")}
+  # Another database than the one it was built for is named on the manifest line.
+  bad = {f.path: f.reason for f in integrity.check(out, db=built["ref"])[1] if not f.ok}
+  assert list(bad) == [os.path.join(out, "manifest.json")], bad
+  # A truncated shard file and a shard with its rows reversed: each named BAD, alone.
+  truncated = os.path.join(out, "distances-00002.npy")
+  os.truncate(truncated, os.path.getsize(truncated) // 2)
+  reversed_ = os.path.join(out, "neighbors-00001.npy")
+  np.save(reversed_, np.load(reversed_)[::-1].copy())  # same shape and dtype, new bytes
+  bad = {f.path: f.reason for f in integrity.check(out, db=built["beam"])[1] if not f.ok}
+  assert set(bad) == {truncated, reversed_}, bad
+  assert "truncated" in bad[truncated] and "sha256" in bad[reversed_]
+  assert all("\n" not in r and "rebuild it with" in r for r in bad.values())
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-m", "retro_jax.verify", out,
+                         f"--db={built['beam']}"], capture_output=True, text=True, env=env,
+                        cwd=ROOT, timeout=300, check=False)
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("BAD")]
+  assert len(lines) == 2 and any(truncated in l for l in lines) and any(
+      reversed_ in l for l in lines), proc.stdout
 
 
 def test_killed_build_resumes_without_redoing_shards(built, tmp_path):
