@@ -13,7 +13,9 @@ file (ok, or BAD with the reason and the fix):
   hashes, agreement on chunk size, tokenizer and embedder), then every shard as a database;
 - a chunk store on its own (the same store checks);
 - a neighbors directory (precompute_neighbors output): manifest, both arrays (open, shape,
-  dtype, recorded sha256), ids within the database's chunk count; with `db`, also that it
+  dtype, recorded sha256), ids within the database's chunk count; for the Beam job's
+  sharded layout every shard's two files against the manifest's "shards" entry (rows,
+  sha256) and that the shards tile the rows; with `db` (whole or sharded), also that it
   was built for that database;
 - a training work directory (or its checkpoints/ directory): every checkpoint step
   restores (config and the full train state), and the tokenizer copy training made matches
@@ -237,7 +239,10 @@ def check_sharded_database(path: str) -> list[Finding]:
 
 
 def check_neighbors(path: str, db: str | None = None) -> list[Finding]:
-  """Every file of a neighbors directory; `db`: the database it must belong to."""
+  """Every file of a neighbors directory, whole (neighbors.npy, distances.npy) or sharded
+  (the Beam job's neighbors-QQQQQ.npy, distances-QQQQQ.npy listed in the manifest's
+  "shards", each against its entry's rows and sha256); `db`: the database (whole or
+  sharded) it must belong to."""
   fix = f"delete {path} and rebuild it with {neighbors_lib.BUILD_COMMAND}"
   mpath = os.path.join(path, fileio.MANIFEST)
   try:
@@ -246,30 +251,49 @@ def check_neighbors(path: str, db: str | None = None) -> list[Finding]:
       raise fileio.ManifestMismatchError(f"format {man.get('format')!r}, expected "
                                          f"{neighbors_lib.NEIGHBORS_FORMAT}; {fix}")
     if db:
-      neighbors_lib.load_neighbors(path, expected_db_manifest=db)
-  except (ValueError, OSError) as e:
+      neighbors_lib.check_belongs(man, path, expected_db_manifest=db)
+    k = man.get("k")
+    if "shards" in man:  # the Beam layout: shards tile the rows in order
+      files = []
+      row = 0
+      for e in man["shards"]:
+        if int(e["row_offset"]) != row:
+          raise fileio.ManifestError(f"shard {e['neighbors']} starts at row "
+                                     f"{e['row_offset']}, expected {row}; {fix}")
+        row += int(e["num_rows"])
+        files += [(e[name], [int(e["num_rows"]), k], (e.get("sha256") or {}).get(name),
+                   name == "neighbors") for name in ("neighbors", "distances")]
+      if row != man.get("num_queries"):
+        raise fileio.ManifestError(f"the shards hold {row} rows but the manifest says "
+                                   f"num_queries={man.get('num_queries')}; {fix}")
+    else:
+      shape = [man.get("num_queries"), k]
+      files = [(name + ".npy", shape, (man.get("sha256") or {}).get(name), name == "neighbors")
+               for name in ("neighbors", "distances")]
+  except (ValueError, OSError, KeyError, TypeError) as e:
     return [Finding(mpath, False, " ".join(str(e).split()))]
   out = [Finding(mpath, True)]
-  shape = [man.get("num_queries"), man.get("k")]
   num_db = (man.get("database") or {}).get("num_chunks")
 
-  def array(name: str, dtype) -> Callable[[], None]:
+  def array(p: str, shape, sha, is_ids: bool) -> Callable[[], None]:
+    dtype = np.int64 if is_ids else np.float32
+
     def run():
-      p = os.path.join(path, name + ".npy")
       a = fileio.load_npy(p, fix)
       if list(a.shape) != shape or a.dtype != dtype:
         raise fileio.ManifestMismatchError(f"{a.dtype} {list(a.shape)} but the manifest says "
                                            f"{np.dtype(dtype)} {shape}; {fix}")
-      fileio.check_sha256(p, (man.get("sha256") or {}).get(name), fix)
-      if name == "neighbors" and num_db is not None and a.size:
+      fileio.check_sha256(p, sha, fix)
+      if is_ids and num_db is not None and a.size:
         lo, hi = int(a.min()), int(a.max())
         if lo < -1 or hi >= int(num_db):
           raise fileio.ManifestError(f"holds chunk id {hi if hi >= num_db else lo} outside "
                                      f"[-1, {num_db}) (the database's chunks); {fix}")
     return run
 
-  out.append(_one(os.path.join(path, "neighbors.npy"), array("neighbors", np.int64)))
-  out.append(_one(os.path.join(path, "distances.npy"), array("distances", np.float32)))
+  for name, shape, sha, is_ids in files:
+    p = os.path.join(path, name)
+    out.append(_one(p, array(p, shape, sha, is_ids)))
   return out
 
 

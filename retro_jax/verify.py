@@ -1,7 +1,8 @@
 r"""Check a database, a neighbors directory or a training work directory completely.
 
   python -m retro_jax.verify DB_DIR
-  python -m retro_jax.verify NEIGHBORS_DIR [--db=DB_DIR]
+  python -m retro_jax.verify NEIGHBORS_DIR [--db=DB_DIR]   (whole or Beam-sharded; DB_DIR
+                                                            whole or sharded)
   python -m retro_jax.verify WORKDIR
 
 Detects which kind PATH is, reads every file of it (recorded sha256 hashes, shapes, counts,

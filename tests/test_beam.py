@@ -8,6 +8,7 @@ starts Beam's multi-process workers (a few seconds); the rest run the DirectRunn
 process.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 
 from fixtures_data import stdlib_texts  # pylint: disable=g-bad-import-order
+from retro_jax import integrity
 from retro_jax.retrieval import beam_pipelines
 from retro_jax.retrieval import build_config as build_config_lib
 from retro_jax.retrieval import build_db
@@ -133,6 +135,68 @@ def test_neighbors_equal_the_in_process_precompute(built, tmp_path):
   loaded = data_lib.open_neighbors(out, store, db_dir=built["beam"])
   rows = np.array([0, len(ids) - 1, len(ids) // 2])
   np.testing.assert_array_equal(loaded.ids[rows, :2], ids[rows, :2])
+
+
+@pytest.mark.parametrize("beam_options", [None, TWO_WORKERS], ids=["in-process", "2-workers"])
+def test_neighbors_hold_one_index_shard_per_worker(built, tmp_path, beam_options):
+  """Work is grouped by index shard: each shard's index is loaded once, in one call, and
+  freed before another loads, so no worker process ever holds two shard indexes."""
+  log = str(tmp_path / "loads.jsonl")
+  out = str(tmp_path / "nb")
+  stats = {}
+  beam_pipelines.precompute_neighbors(PrecomputeConfig(
+      db=built["beam"], output=out, k=3, part_size=50, runner="DirectRunner",
+      beam_options=beam_options), load_log=log, stats=stats)
+  with open(log, encoding="utf-8") as f:
+    loads = [json.loads(line) for line in f]
+  assert sorted(r["shard"] for r in loads) == [0, 1, 2]  # each shard once, over all workers
+  assert max(r["live"] for r in loads) == beam_pipelines.MAX_INDEX_SHARDS_PER_PROCESS == 1
+  if beam_options is None:
+    assert len({r["pid"] for r in loads}) == 1  # one process met every shard, one at a time
+    assert stats["index_loads"] == 3
+  inproc = str(tmp_path / "inproc")
+  pn.precompute_neighbors(built["beam"], inproc, k=3, part_size=50)
+  nb = neighbors_lib.load_neighbors(out)
+  # The index facts the driver read from the shard manifests are those of the loaded index.
+  want_man = manifest_lib.read_json(os.path.join(inproc, "manifest.json"))
+  for key in ("index_id", "distance"):
+    assert nb.manifest[key] == want_man[key], key
+  assert nb.manifest["job"]["index_settings"] == want_man["job"]["index_settings"]
+  for name, got in (("neighbors", nb.ids), ("distances", nb.distances)):
+    want = np.load(os.path.join(inproc, name + ".npy"))
+    assert np.asarray(got).tobytes() == want.tobytes(), name
+
+
+def test_verify_checks_every_shard_of_sharded_neighbors(built, tmp_path):
+  out = str(tmp_path / "nb")
+  beam_pipelines.precompute_neighbors(PrecomputeConfig(db=built["beam"], output=out, k=2,
+                                                       runner="DirectRunner"))
+  man = manifest_lib.read_json(os.path.join(out, "manifest.json"))
+  assert all(set(e["sha256"]) == {"neighbors", "distances"} for e in man["shards"])
+  files = [os.path.join(out, e[n]) for e in man["shards"] for n in ("neighbors", "distances")]
+  kind, findings = integrity.check(out, db=built["beam"])
+  assert kind == integrity.NEIGHBORS and all(f.ok for f in findings), findings
+  assert {f.path for f in findings} == set(files) | {os.path.join(out, "manifest.json")}
+  # Another database than the one it was built for is named on the manifest line.
+  bad = {f.path: f.reason for f in integrity.check(out, db=built["ref"])[1] if not f.ok}
+  assert list(bad) == [os.path.join(out, "manifest.json")], bad
+  # A truncated shard file and a shard with its rows reversed: each named BAD, alone.
+  truncated = os.path.join(out, "distances-00002.npy")
+  os.truncate(truncated, os.path.getsize(truncated) // 2)
+  reversed_ = os.path.join(out, "neighbors-00001.npy")
+  np.save(reversed_, np.load(reversed_)[::-1].copy())  # same shape and dtype, new bytes
+  bad = {f.path: f.reason for f in integrity.check(out, db=built["beam"])[1] if not f.ok}
+  assert set(bad) == {truncated, reversed_}, bad
+  assert "truncated" in bad[truncated] and "sha256" in bad[reversed_]
+  assert all("\n" not in r and "rebuild it with" in r for r in bad.values())
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-m", "retro_jax.verify", out,
+                         f"--db={built['beam']}"], capture_output=True, text=True, env=env,
+                        cwd=ROOT, timeout=300, check=False)
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("BAD")]
+  assert len(lines) == 2 and any(truncated in l for l in lines) and any(
+      reversed_ in l for l in lines), proc.stdout
 
 
 def test_killed_build_resumes_without_redoing_shards(built, tmp_path):

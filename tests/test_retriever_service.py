@@ -230,3 +230,32 @@ def test_serve_cli_answers_like_the_local_retriever(db_dir, retriever):
     except subprocess.TimeoutExpired:
       proc.kill()
       proc.wait()
+
+
+def test_damaged_chunk_store_answer_names_tokens_npy_and_the_fix(tmp_path, caplog):
+  """Token ids outside the vocabulary in DB/chunks/tokens.npy: a 500 whose JSON message is
+  the check's one line (the file and the rebuild), not a generic internal error."""
+  db = make_db(str(tmp_path), num_docs=4)
+  path = os.path.join(db, "chunks", "tokens.npy")
+  tokens = np.load(path)
+  vocab = retriever_lib.Retriever.open(db).store.vocab_size
+  np.save(path, np.where(tokens >= 0, vocab + 7, tokens).astype(np.int32))
+  srv = service_lib.RetrievalServer(retriever_lib.Retriever.open(db), "127.0.0.1", 0).start()
+  try:
+    client = service_lib.RemoteRetriever(srv.url)
+    with pytest.raises(service_lib.RetrievalServiceError) as e:
+      client.retrieve_texts(["alpha beta gamma"], k=2)
+    assert e.value.status == 500
+    line = str(e.value)
+    assert "\n" not in line and path in line and f"token id {vocab + 7}" in line, line
+    assert "build_db" in line and "internal error" not in line, line
+    host, port = srv.url.rsplit("/", 1)[-1].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.request("POST", "/retrieve", json.dumps({"texts": ["alpha"], "k": 1}),
+                 {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    body = json.loads(resp.read())
+    assert resp.status == 500 and body["error"].startswith(path), body
+    assert client.health()["status"] == "ok"  # the server keeps serving
+  finally:
+    srv.stop()

@@ -31,16 +31,24 @@ embedding parts: a killed pipeline resumes where it stopped and writes the same 
 
 Neighbors (`precompute_neighbors`), database (sharded or not) -> sharded neighbors files:
   query shards are the database's shards when the queries are its own chunks (the
-  default), else `part_size`-row ranges of the query store.  Each (query part, index shard)
-  pair is one element: the worker opens the job once in `setup()` (precompute_neighbors.
-  _Job: database, query store, embedder), searches that shard with same-document exclusion
-  by global document id (`index.search_excluding`, re-asking short rows), and the parts of
-  a query shard are merged per row by distance, ties to the earlier shard, as
-  `sharded.ShardedIndex` merges (`index.merge_topk`, a stable sort), -1 / +inf padded.  Output:
+  default), else `part_size`-row ranges of the query store.  The driver checks every
+  recorded hash of the database first, loading one shard's index at a time.  Each (index
+  shard, query part) pair is one element, keyed by the index shard and grouped by it
+  (GroupByKey), so one `_SearchShard` call takes every query part of one index shard: it
+  loads that shard's index, searches every part with same-document exclusion by global
+  document id (`index.search_excluding`, re-asking short rows) and frees the index before
+  it returns; a process-wide semaphore keeps a worker process at MAX_INDEX_SHARDS_PER_PROCESS
+  (1) index shard at a time whatever the runner's threading (the worker opens the job once
+  in `setup()`, precompute_neighbors._Job with hold_indexes=False: database, query store,
+  embedder, memory-mapped, no index).  The parts of a query shard are then grouped and
+  merged per row by distance, ties to the earlier shard, as `sharded.ShardedIndex` merges
+  (`index.merge_topk`, a stable sort), -1 / +inf padded.  Output:
     OUTPUT/neighbors-QQQQQ.npy   int64 [n_q, k]    global database chunk ids
     OUTPUT/distances-QQQQQ.npy   float32 [n_q, k]
-    OUTPUT/neighbors-QQQQQ.json  the shard's rows and padding counts; written last
-    OUTPUT/manifest.json         what the in-process job writes, plus "shards"
+    OUTPUT/neighbors-QQQQQ.json  the shard's rows, padding counts and both files' sha256;
+                                 written last
+    OUTPUT/manifest.json         what the in-process job writes, plus "shards" (each with
+                                 its files' sha256, checked by `python -m retro_jax.verify`)
   `neighbors.load_neighbors` reads it as one [Q, k] memory-mapped view.  With an exact
   index the rows equal the in-process job's.
 """
@@ -48,9 +56,13 @@ Neighbors (`precompute_neighbors`), database (sharded or not) -> sharded neighbo
 from __future__ import annotations
 
 import dataclasses
+import gc
+import json
 import os
 import shutil
+import threading
 import time
+import weakref
 from typing import Any, Callable, Sequence
 
 from absl import logging
@@ -395,42 +407,78 @@ def _shard_file(output: str, q: int, what: str) -> str:
                       f"neighbors-{q:05d}.json")
 
 
-class _SearchPart(beam.DoFn):
-  """(q, start, stop, s) -> (q, (start, s, ids, distances, stats)): query rows
-  [start, stop) against index shard s, same-document exclusion by global document id."""
+# Index shards a worker process holds at once (the memory bound; see `_SearchShard`).
+MAX_INDEX_SHARDS_PER_PROCESS = 1
+_SHARD_SLOTS = threading.BoundedSemaphore(MAX_INDEX_SHARDS_PER_PROCESS)
+_LIVE_INDEXES = weakref.WeakSet()  # Every shard index loaded in this process and not freed.
 
-  def __init__(self, config: PrecomputeConfig, embedder=None):
-    self._config, self._embedder = config, embedder
+
+class _SearchShard(beam.DoFn):
+  """(s, [(q, start, stop), ...]) -> (q, (start, s, ids, distances, requeried)) per part:
+  every query part against index shard s, same-document exclusion by global document id.
+
+  The memory bound, by construction: the elements are grouped by index shard before this
+  step, so one call sees every query part of one shard; it loads that shard's index inside
+  the call and drops it (the shard `Database`'s cached copy too) before it returns, and the
+  load waits on a process-wide semaphore of `MAX_INDEX_SHARDS_PER_PROCESS` (1) slots, so
+  even a runner that runs several bundles in threads of one process (Dataflow's Python
+  harness, the DirectRunner's in-process mode) never holds two shards' indexes in one
+  process: it runs them one after the other.  Nothing else of the job loads an index (the
+  worker's job opens the database with `hold_indexes=False, verify=False`; the driver
+  verifies it before the pipeline, one shard index at a time).  Embeddings, chunk stores
+  and query rows stay memory-mapped.  The price: at most one worker per index shard
+  searches at a time (parallelism = the number of index shards).
+
+  load_log: test hook, a file to which every load appends one JSON line {pid, shard, live}
+  (`live`: this process's shard indexes not yet freed, the new one included).
+  """
+
+  def __init__(self, config: PrecomputeConfig, embedder=None, load_log: str | None = None):
+    self._config, self._embedder, self._load_log = config, embedder, load_log
     self._job = None
-    self._searchers = {}
 
   def setup(self):
-    self._job = pn_lib._Job(self._config, self._embedder)  # pylint: disable=protected-access
+    self._job = pn_lib._Job(self._config, self._embedder, hold_indexes=False, verify=False)  # pylint: disable=protected-access
 
-  def _searcher(self, s: int):
-    """Shard s's index (local ids, dropped chunks never returned), its chunk offset and
+  def _load(self, s: int):
+    """Shard s's searcher (local ids, dropped chunks never returned), its chunk offset and
     the global document id of each of its chunks."""
-    if s not in self._searchers:
-      shards, chunk_offsets, doc_offsets, dropped = _shards_of(self._job.db)
-      searcher = sharded.ShardedIndex([shards[s].index], [0], [dropped[s]])
-      if self._config.leaves_to_search:
-        searcher = pn_lib._LeavesOverride(searcher, self._config.leaves_to_search)  # pylint: disable=protected-access
-      doc_ids = np.asarray(shards[s].store.doc_ids).astype(np.int64) + doc_offsets[s]
-      self._searchers[s] = (searcher, chunk_offsets[s], doc_ids)
-    return self._searchers[s]
+    shards, chunk_offsets, doc_offsets, dropped = _shards_of(self._job.db)
+    index = shards[s].index
+    _LIVE_INDEXES.add(index)
+    searcher = sharded.ShardedIndex([index], [0], [dropped[s]])
+    if self._config.leaves_to_search:
+      searcher = pn_lib._LeavesOverride(searcher, self._config.leaves_to_search)  # pylint: disable=protected-access
+    doc_ids = np.asarray(shards[s].store.doc_ids).astype(np.int64) + doc_offsets[s]
+    Metrics.counter(COUNTERS, "index_loads").inc()
+    if self._load_log:
+      with open(self._load_log, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"pid": os.getpid(), "shard": s,
+                            "live": len(_LIVE_INDEXES)}) + "\n")
+    return searcher, chunk_offsets[s], doc_ids
+
+  def _release(self, s: int) -> None:
+    _shards_of(self._job.db)[0][s].release_index()
+    gc.collect()  # ScaNN's memory goes back now, before another shard's index loads.
 
   def process(self, element):
-    q, start, stop, s = element
+    s, parts = element
     job = self._job
-    searcher, offset, doc_ids = self._searcher(s)
-    queries = job.query_embeddings(start, stop)
-    groups = job.query_doc_groups()[start:stop] if job.exclude else None
-    ids, dist, stats = index_lib.search_excluding(
-        searcher, queries, job.k, candidate_groups=doc_ids if job.exclude else None,
-        exclude_groups=groups, extra=job.extra, max_candidates=job.max_candidates)
-    ids = np.where(ids >= 0, ids + offset, -1)
-    Metrics.counter(COUNTERS, "searched_rows").inc(stop - start)
-    yield q, (start, s, ids, dist, int(stats["requeried_rows"]))
+    with _SHARD_SLOTS:
+      try:
+        searcher, offset, doc_ids = self._load(s)
+        for q, start, stop in sorted(parts):
+          queries = job.query_embeddings(start, stop)
+          groups = job.query_doc_groups()[start:stop] if job.exclude else None
+          ids, dist, stats = index_lib.search_excluding(
+              searcher, queries, job.k, candidate_groups=doc_ids if job.exclude else None,
+              exclude_groups=groups, extra=job.extra, max_candidates=job.max_candidates)
+          ids = np.where(ids >= 0, ids + offset, -1)
+          Metrics.counter(COUNTERS, "searched_rows").inc(stop - start)
+          yield q, (start, s, ids, dist, int(stats["requeried_rows"]))
+      finally:
+        searcher = None  # pylint: disable=unused-variable
+        self._release(s)
 
 
 class _MergeShard(beam.DoFn):
@@ -460,8 +508,10 @@ class _MergeShard(beam.DoFn):
                                    f"{b - a}")
     fileio.atomic_save_npy(_shard_file(self._output, q, "neighbors"), ids)
     fileio.atomic_save_npy(_shard_file(self._output, q, "distances"), dist.astype(np.float32))
+    sha = {name: fileio.file_sha256(_shard_file(self._output, q, name))
+           for name in ("neighbors", "distances")}  # what `python -m retro_jax.verify` checks
     fileio.atomic_write_json(_shard_file(self._output, q, "stats"), {
-        "job": self._job_hash, "row_offset": a, "num_rows": b - a,
+        "job": self._job_hash, "row_offset": a, "num_rows": b - a, "sha256": sha,
         "padded_rows": int(np.sum(np.any(ids < 0, axis=1))),
         "padded_entries": int(np.sum(ids < 0)), "requeried_rows": int(requeried)})
     Metrics.counter(COUNTERS, "query_shards_written").inc()
@@ -474,16 +524,17 @@ def _shard_done(output: str, q: int, job_hash: str) -> bool:
 
 
 def precompute_neighbors(config: PrecomputeConfig, *, embedder=None,
-                         stats: dict | None = None) -> dict:
+                         stats: dict | None = None, load_log: str | None = None) -> dict:
   """The neighbors of every query chunk, as sharded neighbor files (see the module doc).
 
   A rerun skips query shards whose files are complete; other settings than an unfinished
-  run's are refused.  Returns the manifest.
+  run's are refused.  `load_log`: test hook (`_SearchShard`), a file that records every
+  index shard load.  Returns the manifest.
   """
   options = pipeline_options(config.runner, config.beam_options)
   output = os.path.abspath(config.output)
   t0 = time.time()
-  job = pn_lib._Job(config, embedder)  # pylint: disable=protected-access
+  job = pn_lib._Job(config, embedder, hold_indexes=False)  # pylint: disable=protected-access
   bounds = _query_shards(job, config.part_size)
   settings = dict(job.settings(config.part_size), layout="sharded",
                   query_shards=[list(b) for b in bounds])
@@ -508,15 +559,15 @@ def precompute_neighbors(config: PrecomputeConfig, *, embedder=None,
     a, b = bounds[q]
     for start in range(a, max(b, a + 1), config.part_size):
       stop = min(start + config.part_size, b)
-      elements += [(q, start, stop, s) for s in range(len(shards))]
+      elements += [(s, (q, start, stop)) for s in range(len(shards))]
   logging.info("Beam precompute: %d query shards (%d left) x %d index shards, %d elements, "
                "on %s", len(bounds), len(todo), len(shards), len(elements), config.runner)
   result = None
   if todo:
     def pipeline(p):
       _ = (p | "Parts" >> beam.Create(elements)
-           | "Spread" >> beam.Reshuffle()
-           | "Search" >> beam.ParDo(_SearchPart(config, embedder))
+           | "ByIndexShard" >> beam.GroupByKey()
+           | "Search" >> beam.ParDo(_SearchShard(config, embedder, load_log))
            | "ByQueryShard" >> beam.GroupByKey()
            | "Merge" >> beam.ParDo(_MergeShard(output, bounds, job.k, job_hash)))
     result = _run(pipeline, options)
@@ -530,6 +581,8 @@ def precompute_neighbors(config: PrecomputeConfig, *, embedder=None,
     entries.append({"neighbors": os.path.basename(_shard_file(output, q, "neighbors")),
                     "distances": os.path.basename(_shard_file(output, q, "distances")),
                     "row_offset": st["row_offset"], "num_rows": st["num_rows"]})
+    if "sha256" in st:
+      entries[-1]["sha256"] = st["sha256"]
     padded += st["padded_rows"]
     padded_entries += st["padded_entries"]
     requeried += st["requeried_rows"]

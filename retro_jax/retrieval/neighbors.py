@@ -72,6 +72,26 @@ def array_files(directory: str, manifest: Mapping[str, Any] | None = None) -> li
   return [os.path.join(directory, n) for n in ("neighbors.npy", "distances.npy")]
 
 
+def check_belongs(man: Mapping[str, Any], directory: str, expected_db_manifest: Any = None,
+                  expected_query_manifest: Any = None) -> None:
+  """Raises ManifestMismatchError unless the neighbors manifest `man` (of `directory`) was
+  built for the given database and query store (see `load_neighbors`); reads no array."""
+  src = f"neighbors file {directory}"
+  db_man, db_src = _as_manifest(expected_db_manifest, "database")
+  if db_man is not None:
+    fileio.check_identity("tokenizer", db_man.get("tokenizer"), man.get("tokenizer"),
+                          db_src, src)
+    fileio.check_equal("database chunk count", db_man.get("num_chunks"),
+                       man.get("database", {}).get("num_chunks"), db_src, src)
+    fileio.check_equal("database manifest hash", fileio.manifest_hash(db_man),
+                       man.get("database", {}).get("manifest_hash"), db_src, src)
+  q_man, q_src = _as_manifest(expected_query_manifest, "query chunk store")
+  if q_man is not None:
+    fileio.check_equal("query chunk store manifest hash",
+                       fileio.manifest_hash(q_man),
+                       man.get("query", {}).get("manifest_hash"), q_src, src)
+
+
 def load_neighbors(directory: str, expected_db_manifest: Any = None,
                    expected_query_manifest: Any = None, k: int | None = None,
                    mmap: bool = True) -> Neighbors:
@@ -93,20 +113,7 @@ def load_neighbors(directory: str, expected_db_manifest: Any = None,
     raise fileio.ManifestMismatchError(
         f"neighbors format mismatch: expected {NEIGHBORS_FORMAT} but {directory} has "
         f"{man.get('format')!r}")
-  src = f"neighbors file {directory}"
-  db_man, db_src = _as_manifest(expected_db_manifest, "database")
-  if db_man is not None:
-    fileio.check_identity("tokenizer", db_man.get("tokenizer"), man.get("tokenizer"),
-                          db_src, src)
-    fileio.check_equal("database chunk count", db_man.get("num_chunks"),
-                       man.get("database", {}).get("num_chunks"), db_src, src)
-    fileio.check_equal("database manifest hash", fileio.manifest_hash(db_man),
-                       man.get("database", {}).get("manifest_hash"), db_src, src)
-  q_man, q_src = _as_manifest(expected_query_manifest, "query chunk store")
-  if q_man is not None:
-    fileio.check_equal("query chunk store manifest hash",
-                       fileio.manifest_hash(q_man),
-                       man.get("query", {}).get("manifest_hash"), q_src, src)
+  check_belongs(man, directory, expected_db_manifest, expected_query_manifest)
   mode = "r" if mmap else None
   paths = array_files(directory, man)
   fix = f"delete {directory} and rebuild it with {BUILD_COMMAND}"
@@ -121,6 +128,7 @@ def load_neighbors(directory: str, expected_db_manifest: Any = None,
         f"{paths[0]} is {list(neighbors.shape)} and distances {list(distances.shape)}")
   if k is not None and k > neighbors.shape[1]:
     raise fileio.ManifestMismatchError(
-        f"number of neighbors mismatch: the consumer wants k={k} but {src} has "
+        f"number of neighbors mismatch: the consumer wants k={k} but neighbors file "
+        f"{directory} has "
         f"k={neighbors.shape[1]}")
   return Neighbors(ids=neighbors, manifest=man, directory=directory, distances=distances)

@@ -117,12 +117,23 @@ def _write_part(path: str, neighbors, distances, stats) -> None:
 
 
 class _Job:
-  """Everything a part needs, opened once per process."""
+  """Everything a part needs, opened once per process.
 
-  def __init__(self, config: PrecomputeConfig, embedder=None):
+  hold_indexes=False (the Beam pipeline): the check of every recorded hash loads one
+  shard's index at a time and drops it again, and `settings()` reads the index facts from
+  the shard manifests (each checked equal to its index when that index loads), so the job
+  never holds every shard's index; verify=False skips that check (a Beam worker: the
+  driver did it before the pipeline started).
+  """
+
+  def __init__(self, config: PrecomputeConfig, embedder=None, *, hold_indexes: bool = True,
+               verify: bool = True):
     db_dir, query_store_dir = config.db, config.query_store
+    self.hold_indexes = hold_indexes
     # A batch job that reads the database whole: every recorded hash is checked first.
-    self.db = sharded.open_database(db_dir, verify=True)
+    self.db = sharded.open_database(db_dir, verify=verify and hold_indexes)
+    if verify and not hold_indexes:
+      self.db.verify(keep_index=False)
     db_store_dir = os.path.join(db_dir, "chunks")
     self.query_is_db = (query_store_dir is None or
                         os.path.realpath(query_store_dir) == os.path.realpath(db_store_dir))
@@ -196,8 +207,22 @@ class _Job:
         searcher, queries, self.k, candidate_groups=self.db_doc_ids if self.exclude else None,
         exclude_groups=groups, extra=self.extra, max_candidates=self.max_candidates)
 
+  def index_facts(self) -> tuple[str, dict, str]:
+    """(index id, index settings, distance) of the database's index, whole or merged over
+    shards; without `hold_indexes` from the manifests, loading no index."""
+    if self.hold_indexes:
+      index = self.db.index
+      return index.index_id, index.manifest.get("settings"), index.distance
+    is_sharded = isinstance(self.db, sharded.ShardedDatabase)
+    shards = self.db.shards if is_sharded else [self.db]
+    ids = [s.manifest["index"]["index_id"] for s in shards]
+    index_settings = shards[0].manifest["index"]["settings"]
+    return (fileio.stable_hash(ids) if is_sharded else ids[0], index_settings,
+            index_settings["distance"])
+
   def settings(self, part_size: int) -> dict:
     """What pins the parts: a restart with different settings must not reuse them."""
+    index_id, index_settings, distance = self.index_facts()
     return {
         "format": NEIGHBORS_FORMAT,
         "k": self.k,
@@ -209,9 +234,9 @@ class _Job:
                   "num_chunks": self.num_queries, "is_database": self.query_is_db},
         "tokenizer": self.db.manifest.get("tokenizer"),
         "embedder": self.db.manifest.get("embedder"),
-        "index_id": self.db.index.index_id,
-        "index_settings": self.db.index.manifest.get("settings"),
-        "distance": self.db.index.distance,
+        "index_id": index_id,
+        "index_settings": index_settings,
+        "distance": distance,
         "exclude_same_document": self.exclude,
         "exclusion_rule": (None if not self.exclude else
                            "same document id" if self.query_is_db else "same document key"),

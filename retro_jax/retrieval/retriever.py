@@ -209,15 +209,26 @@ class Database:
       db.verify()
     return db
 
-  def verify(self) -> None:
+  def verify(self, keep_index: bool = True) -> None:
     """Reads everything: the chunk store's hashes and token ids, the embeddings' sha256,
-    the index files' sha256 (and that the index loads), the tokenizer copy's identity."""
+    the index files' sha256 (and that the index loads), the tokenizer copy's identity.
+
+    keep_index: keep the index loaded for the check (False: drop it again unless it was
+    loaded before, for a job that must not hold every shard's index at once)."""
     self.store.verify()
     fileio.check_sha256(os.path.join(self.path, "embeddings.npy"),
                         self.manifest.get("embedding", {}).get("sha256"),
                         rebuild_hint(self.path))
+    held = self._index
     self._load_index(verify=True)
+    if not keep_index:
+      self._index = held
     _ = self.tokenizer
+
+  def release_index(self) -> None:
+    """Forgets the loaded index (its memory is freed once no one else holds it); the next
+    `.index` loads it again."""
+    self._index = None
 
   @property
   def chunk_size(self) -> int:

@@ -26,7 +26,13 @@ range, wrong chunk length, k out of range), 404 (unknown path), 405 (method; wit
 header), 408 (request not received within `request_timeout`), 411 (POST without a length),
 413 (body, batch or k over the limits), 503 (too many connections or queued queries; retry
 later; a router's client gets `ServiceUnavailableAnswer`, also when a shard is down), 500
-(unexpected; logged).  A bad request never stops the server.
+(unexpected: `internal error: Type: message`, logged with its traceback; or a damaged
+database file found while answering, e.g. token ids outside the vocabulary in
+DB/chunks/tokens.npy: the message is the check's one line naming the file and the fix,
+logged in one line; a client's `RetrievalServiceError` says it as
+`retrieval service error 500: DB/chunks/tokens.npy holds token id ...; ... rebuild ...`).
+Not 503: a damaged file does not heal on retry; rebuild the database and restart the
+service.  A bad request never stops the server.
 
 How it holds load (`ServiceConfig` has the numbers):
 * Connections are served by one asyncio event loop (HTTP/1.1 parsing by h11): an idle
@@ -78,6 +84,7 @@ from absl import logging
 import h11
 import numpy as np
 
+from retro_jax import fileio
 from retro_jax.retrieval import retriever as retriever_lib
 
 ALLOWED_FIELDS = frozenset({"texts", "chunks", "k", "exclude_doc_ids", "return_tokens",
@@ -514,6 +521,20 @@ def _error_body(message: str) -> bytes:
   return json.dumps({"error": message}).encode("utf-8")
 
 
+def _failure(e: Exception) -> tuple[int, bytes]:
+  """The 500 answer to a request that failed in the server.  A damaged database file found
+  while answering (a `ManifestError`: e.g. token ids outside the vocabulary in
+  DB/chunks/tokens.npy) is a fault of the data, not of the server: its one line, naming the
+  file and the fix, is the message as it is, logged in one line; anything else is an
+  unexpected error, answered `internal error: Type: message` and logged with its traceback."""
+  if isinstance(e, fileio.ManifestError):
+    message = " ".join(str(e).split())
+    logging.error("retrieval service: damaged database: %s", message)
+    return 500, _error_body(message)
+  logging.exception("retrieval service: internal error")
+  return 500, _error_body(f"internal error: {type(e).__name__}: {e}")
+
+
 def _raw_response(status: int, message: str) -> bytes:
   """A whole HTTP/1.1 error answer, for when h11's state cannot send one (then close)."""
   body = _error_body(message)
@@ -784,8 +805,7 @@ class RetrievalServer:
     except ServiceUnavailableError as e:
       return 503, _error_body(" ".join(str(e).split()))
     except Exception as e:  # pylint: disable=broad-except
-      logging.exception("retrieval service: internal error")
-      return 500, _error_body(f"internal error: {type(e).__name__}: {e}")
+      return _failure(e)
 
   async def _retrieve(self, raw: bytes) -> tuple[int, bytes]:
     handler, loop = self.handler, self._loop
@@ -806,8 +826,7 @@ class RetrievalServer:
     except ServiceUnavailableError as e:  # A router's shard is down.
       return 503, _error_body(" ".join(str(e).split()))
     except Exception as e:  # pylint: disable=broad-except
-      logging.exception("retrieval service: internal error")
-      return 500, _error_body(f"internal error: {type(e).__name__}: {e}")
+      return _failure(e)
 
 
 class RemoteRetriever:

@@ -367,9 +367,16 @@ class ShardedDatabase(retriever_lib.Database):
       db.verify()
     return db
 
-  def verify(self) -> None:
+  def verify(self, keep_index: bool = True) -> None:
+    """Every shard's `verify`; keep_index=False holds at most one shard's index at a time."""
     for shard in self.shards:
-      shard.verify()
+      shard.verify(keep_index=keep_index)
+
+  def release_index(self) -> None:
+    """Forgets the merged index and every shard's loaded index."""
+    self._index = None
+    for shard in self.shards:
+      shard.release_index()
 
   def dropped_chunks(self) -> list[np.ndarray]:
     """Per shard, the local chunk ids of dropped documents."""
