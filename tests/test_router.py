@@ -204,6 +204,36 @@ def test_a_shard_that_is_down_is_named_or_left_out(dbs):
     shards.stop()
 
 
+def test_a_shard_error_answer_reaches_the_client_as_its_one_line(dbs):
+  """A shard refusing the router's search (here: k over its --max_search_k) is named in the
+  router's answer, not hidden behind an internal error."""
+  _, db, _ = dbs
+  servers = {}
+  router = None
+  try:
+    for name in ("shard-00000", "shard-00001"):
+      r = retriever_lib.Retriever.open(os.path.join(db, name))
+      servers[name] = service_lib.RetrievalServer(r, port=0, config=service_lib.ServiceConfig(
+          max_search_k=2 if name == "shard-00001" else 4096)).start()
+    router = router_lib.RouterServer(db, {n: s.url for n, s in servers.items()},
+                                     reload_interval=0).start()
+    local = retriever_lib.Retriever.open(sharded.open_database(db))
+    queries, _ = _queries(local.store)
+    with pytest.raises(service_lib.RetrievalServiceError) as e:
+      service_lib.RemoteRetriever(router.url).retrieve_chunks(queries, 3)
+    assert e.value.status == 500 and "internal error" not in e.value.message
+    assert f"shard shard-00001 at {servers['shard-00001'].url}" in e.value.message
+    assert "search limit" in e.value.message and "\n" not in e.value.message
+    # The router still serves what its shards accept.
+    got = service_lib.RemoteRetriever(router.url).retrieve_chunks(queries, 2)
+    np.testing.assert_array_equal(got.ids, local.retrieve_chunks(queries, 2).ids)
+  finally:
+    if router is not None:
+      router.stop()
+    for s in servers.values():
+      s.stop()
+
+
 def _hashes(directory):
   out = {}
   for root, _, files in os.walk(directory):

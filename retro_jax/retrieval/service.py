@@ -30,7 +30,9 @@ later; a router's client gets `ServiceUnavailableAnswer`, also when a shard is d
 database file found while answering, e.g. token ids outside the vocabulary in
 DB/chunks/tokens.npy: the message is the check's one line naming the file and the fix,
 logged in one line; a client's `RetrievalServiceError` says it as
-`retrieval service error 500: DB/chunks/tokens.npy holds token id ...; ... rebuild ...`).
+`retrieval service error 500: DB/chunks/tokens.npy holds token id ...; ... rebuild ...`;
+or, from a router, a shard's error answer as the shard gave it, prefixed with the shard's
+name and URL).
 Not 503: a damaged file does not heal on retry; rebuild the database and restart the
 service.  A bad request never stops the server.
 
@@ -526,11 +528,16 @@ def _failure(e: Exception) -> tuple[int, bytes]:
   while answering (a `ManifestError`: e.g. token ids outside the vocabulary in
   DB/chunks/tokens.npy) is a fault of the data, not of the server: its one line, naming the
   file and the fix, is the message as it is, logged in one line; anything else is an
-  unexpected error, answered `internal error: Type: message` and logged with its traceback."""
+  unexpected error, answered `internal error: Type: message` and logged with its traceback.
+  An error answer of an upstream service (a router's shard: `RetrievalServiceError`, whose
+  message names the shard) is passed on as it is, also in one line."""
   if isinstance(e, fileio.ManifestError):
     message = " ".join(str(e).split())
     logging.error("retrieval service: damaged database: %s", message)
     return 500, _error_body(message)
+  if isinstance(e, RetrievalServiceError):
+    logging.error("retrieval service: upstream error: %s", e.message)
+    return 500, _error_body(e.message)
   logging.exception("retrieval service: internal error")
   return 500, _error_body(f"internal error: {type(e).__name__}: {e}")
 
