@@ -14,6 +14,8 @@ import glob
 import hashlib
 import json
 import os
+import signal
+import subprocess
 import sysconfig
 
 import numpy as np
@@ -25,6 +27,17 @@ from retro_jax.retrieval import precompute_neighbors as pn_lib
 VOCAB = 260
 EOS = 3
 TOKENIZER = {"kind": "bytes", "file_name": "bytes", "sha256": "0" * 64, "vocab_size": VOCAB}
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+  """Stops a CLI subprocess as a user would (SIGINT), killing it after 30 s."""
+  if proc.poll() is None:
+    proc.send_signal(signal.SIGINT)
+    try:
+      proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      proc.wait()
 
 
 def enable_compilation_cache() -> None:

@@ -3,7 +3,6 @@
 import http.client
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import pytest
 from retro_jax.retrieval import manifest as manifest_lib
 from retro_jax.retrieval import retriever as retriever_lib
 from retro_jax.retrieval import service as service_lib
+import fixtures_data  # pylint: disable=g-bad-import-order
 from test_build_db import make_db  # pylint: disable=g-bad-import-order
 
 
@@ -224,12 +224,7 @@ def test_serve_cli_answers_like_the_local_retriever(db_dir, retriever):
     np.testing.assert_array_equal(got.ids, want.ids)
     np.testing.assert_array_equal(got.tokens, want.tokens)
   finally:
-    proc.send_signal(signal.SIGINT)
-    try:
-      proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-      proc.kill()
-      proc.wait()
+    fixtures_data.stop_process(proc)
 
 
 def test_damaged_chunk_store_answer_names_tokens_npy_and_the_fix(tmp_path, caplog):

@@ -5,7 +5,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from retro_jax.retrieval import retriever as retriever_lib
 from retro_jax.retrieval import router as router_lib
 from retro_jax.retrieval import service as service_lib
 from retro_jax.retrieval import sharded
+from fixtures_data import stop_process  # pylint: disable=g-bad-import-order
 from test_sharded import make_whole_and_sharded  # pylint: disable=g-bad-import-order
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -337,16 +337,6 @@ def _url(proc, prefix):
   return line.split()[3]
 
 
-def _stop(proc):
-  if proc.poll() is None:
-    proc.send_signal(signal.SIGINT)
-    try:
-      proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-      proc.kill()
-      proc.wait()
-
-
 def test_serve_and_router_commands_on_loopback(dbs, tmp_path):
   """Real processes: two `serve` shard services and the `router` in front of them."""
   _, db, _ = dbs
@@ -369,13 +359,13 @@ def test_serve_and_router_commands_on_loopback(dbs, tmp_path):
     np.testing.assert_array_equal(got.ids, want.ids)
     np.testing.assert_array_equal(got.tokens, want.tokens)
     # A shard process ended: the router names it, in one line.
-    _stop(procs[1][0])
+    stop_process(procs[1][0])
     with pytest.raises(service_lib.ServiceUnavailableError,
                        match=f"shard shard-00001 at {urls[1]}"):
       remote.retrieve_chunks(queries, 4)
   finally:
     for proc, _ in procs:
-      _stop(proc)
+      stop_process(proc)
 
 
 def test_edit_db_command(dbs, tmp_path):

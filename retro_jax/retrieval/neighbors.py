@@ -24,7 +24,6 @@ from retro_jax import fileio
 from retro_jax.retrieval import sharded
 
 NEIGHBORS_FORMAT = "retro_jax.neighbors.v1"
-SHARDED_DATABASE_FILE = "shards.json"  # sharded.SHARDS_FILE (that module imports this one's users)
 BUILD_COMMAND = ("python -m retro_jax.retrieval.precompute_neighbors --db=DB_DIR "
                  "--output=NEIGHBORS_DIR [--query_store=CHUNK_STORE_DIR] --k=K")
 
@@ -55,8 +54,8 @@ def _as_manifest(obj: Any, what: str) -> tuple[dict, str]:
   if isinstance(obj, Mapping):
     return dict(obj), f"the expected {what}"
   path = os.fspath(obj)
-  if os.path.isfile(os.path.join(path, SHARDED_DATABASE_FILE)):
-    return fileio.read_json(os.path.join(path, SHARDED_DATABASE_FILE),
+  if os.path.isfile(os.path.join(path, fileio.SHARDS_FILE)):
+    return fileio.read_json(os.path.join(path, fileio.SHARDS_FILE),
                             f"sharded {what} manifest"), f"sharded {what} {path}"
   return fileio.read_manifest(path, f"{what} manifest"), f"{what} {path}"
 

@@ -196,7 +196,7 @@ class Database:
       jobs that read the database whole pass it, services and interactive tools do not.
     """
     path = os.path.abspath(os.fspath(path))
-    if os.path.isfile(os.path.join(path, "shards.json")):
+    if os.path.isfile(os.path.join(path, fileio.SHARDS_FILE)):
       raise fileio.ManifestError(f"{path} is a sharded database: open it with "
                                  "retro_jax.retrieval.sharded.open_database")
     man = fileio.read_manifest(path, "database manifest", BUILD_COMMAND)

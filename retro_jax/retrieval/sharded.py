@@ -45,7 +45,7 @@ from retro_jax.retrieval import retriever as retriever_lib
 
 FORMAT = "retro_jax.sharded_database"
 FORMAT_VERSION = 1
-SHARDS_FILE = "shards.json"
+SHARDS_FILE = fileio.SHARDS_FILE
 STORE_FORMAT = "retro_jax.sharded_chunk_store"
 
 
