@@ -193,6 +193,16 @@ def test_disagreeing_shards_and_stale_lists_are_refused(dbs, tmp_path):
   shutil.copytree(os.path.join(bad, "odd"), os.path.join(bad, "shard-00001"))
   with pytest.raises(fileio.ManifestMismatchError, match="shard manifest hash"):
     sharded.open_database(bad)
+  # A cut or hand-edited shards.json: one error naming the file, not a JSON traceback.
+  where = os.path.join(bad, sharded.SHARDS_FILE)
+  with open(where, "r+", encoding="utf-8") as f:
+    f.truncate(40)
+  with pytest.raises(fileio.ManifestError) as e:
+    sharded.open_database(bad)
+  assert where in str(e.value) and "\n" not in str(e.value)
+  fileio.atomic_write_json(where, {"format": "something.else"})
+  with pytest.raises(fileio.ManifestMismatchError, match="sharded database format"):
+    sharded.open_database(bad)
 
 
 def test_verify_checks_the_list_and_every_shard(dbs, tmp_path):
