@@ -497,6 +497,18 @@ def baselines(work: str, name: str) -> None:
        "/ same-size baseline"] + [f"r(C) {b}" for b in buckets], rows)
   table += (f"\nall trained {st['steps']} steps of {st['batch_size']} x {st['seq_len']} tokens "
             f"(equal training tokens), lr {st['learning_rate']}, seed {st['seed']}")
+  # The trainers' periodic held-out estimates: whether size helps at every step, not only
+  # at the last (a larger baseline that is behind throughout has not used its size).
+  by_step = {p["model"]: {r["step"]: r["bits_per_byte"] for r in
+                          pipeline.read_metrics(p["run"], "eval")} for p in payload}
+  steps = sorted(set.intersection(*(set(v) for v in by_step.values())))
+  tokens_per_step = st["batch_size"] * st["seq_len"]
+  table += "\n\nperiodic held-out estimate (first 4 held-out batches) by training step:\n"
+  table += pipeline.format_table(
+      ["step", "training tokens"] + [f"{p['model']} bpb" for p in payload],
+      [[s, s * tokens_per_step] + [by_step[p["model"]][s] for p in payload] for s in steps])
+  pipeline.plot_curves({p["model"]: p["run"] for p in payload},
+                       os.path.join(_OUT.value, name + "_curves.png"))
   plt = pipeline.pyplot()
   if plt is not None:
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -510,7 +522,8 @@ def baselines(work: str, name: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     pipeline.save_figure(fig, os.path.join(_OUT.value, name + ".png"))
-  _write(name, {"workdir": work, "k": _K.value, "steps": st["steps"], "rows": payload}, table)
+  _write(name, {"workdir": work, "k": _K.value, "steps": st["steps"], "rows": payload,
+               "tokens_per_step": tokens_per_step, "curves": by_step}, table)
 
 
 def curves(work: str, name: str) -> None:
