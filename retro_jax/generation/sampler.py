@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from retro_jax import fileio
+from retro_jax import provenance
 from retro_jax.config import RetroConfig
 from retro_jax.generation import generate_config
 from retro_jax.inference import checkpoints as ckpt_lib
@@ -317,7 +318,7 @@ def generate(config: GenerateConfig) -> list[Generation]:
                                 chunk_size=retrieves)
   retriever = session.retriever
   tok = session.tokenizer(config.tokenizer)
-  ckpt_lib.check_against_database(model, {"tokenizer": tok.identity()},
-                                  f"tokenizer {tok.path}", chunk_size=False)
+  provenance.check({"tokenizer": tok.identity()}, model.expected(chunk_size=False),
+                   f"tokenizer {tok.path}")
   gen = Generator(model.params, model.config, tok, retriever, config.num_neighbors)
   return gen.generate(prompts, config.sampling)
