@@ -33,6 +33,22 @@ EXTRAS = {
     "bench": ["faiss-cpu"],
 }
 
+# Console commands (retro_jax/commands.py runs each module as `python -m` does).
+CONSOLE_SCRIPTS = [
+    "retro-quickstart = retro_jax.commands:quickstart",
+    "retro-train-tokenizer = retro_jax.commands:train_tokenizer",
+    "retro-build-db = retro_jax.commands:build_db",
+    "retro-precompute-neighbors = retro_jax.commands:precompute_neighbors",
+    "retro-show-neighbors = retro_jax.commands:show_neighbors",
+    "retro-serve = retro_jax.commands:serve",
+    "retro-router = retro_jax.commands:router",
+    "retro-edit-db = retro_jax.commands:edit_db",
+    "retro-train = retro_jax.commands:train",
+    "retro-evaluate = retro_jax.commands:evaluate",
+    "retro-generate = retro_jax.commands:generate",
+    "retro-verify = retro_jax.commands:verify",
+]
+
 setuptools.setup(
     name="retro_jax",
     version="0.1.0",
@@ -43,5 +59,6 @@ setuptools.setup(
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
+    entry_points={"console_scripts": CONSOLE_SCRIPTS},
     license="Apache-2.0",
 )

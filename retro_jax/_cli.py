@@ -47,13 +47,33 @@ def _loaded(names: Sequence[str]) -> tuple[type[BaseException], ...]:
   return tuple(out)
 
 
+def config_flag_error(argv: Sequence[str], error: BaseException) -> str:
+  """One line for an error ml_collections raised while parsing --config.* flags, naming the
+  flag (KeyError/AttributeError carry only the unknown field and a "did you mean")."""
+  while (isinstance(error, (KeyError, AttributeError)) and error.args
+         and isinstance(error.args[0], BaseException)):
+    error = error.args[0]  # AttributeError(KeyError(...)) for a nested field
+  if isinstance(error, (KeyError, AttributeError)) and error.args:
+    text = str(error.args[0])
+    field = text.split("\n", 1)[0].strip("'\"")
+    hint = " ".join(text.split("\n")[1:]).strip()
+    flag = next((a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")
+                 and f".{field}" in a.split("=", 1)[0]), None)
+    where = f"{flag}: " if flag else ""
+    return (f"{where}no config field {field!r}" + (f" ({hint})" if hint else "") +
+            "; the fields are listed in retro_jax/training/train_config.py")
+  return " ".join(str(error).split())
+
+
 def run(main: Callable[[list[str]], Any], prog: str, errors: Sequence[str] = (),
-        positional: bool = False) -> None:
+        positional: bool = False,
+        rewrite_argv: Callable[[list[str]], list[str]] | None = None) -> None:
   """Restarts with the malloc settings, parses flags, runs `main`, reports user errors.
 
   `errors`: the job's own user-facing error classes beyond ValueError and OSError, as
   "module.Class" names (e.g. the retrieval service's).  `positional`: `main` takes
-  positional arguments (argv[1:]); otherwise any is refused.
+  positional arguments (argv[1:]); otherwise any is refused.  `rewrite_argv`: applied to
+  argv before parsing (train: `--config=small` names a packaged config).
   """
   try:
     host_malloc.tuned_environ(os.environ)  # a misspelt RETRO_JAX_MALLOC, in this format
@@ -63,9 +83,14 @@ def run(main: Callable[[list[str]], Any], prog: str, errors: Sequence[str] = (),
 
   def parse(argv: list[str]) -> list[str]:
     try:
+      if rewrite_argv is not None:
+        argv = rewrite_argv(argv)
       return flags.FLAGS(argv)
     except flags.Error as e:
       fail(prog, e)
+    except (KeyError, AttributeError, TypeError, ValueError, OSError) as e:
+      # ml_collections' config flags raise these for a missing file or a mistyped field.
+      fail(prog, config_flag_error(argv, e))
 
   def guarded(argv: list[str]) -> Any:
     if len(argv) > 1 and not positional:

@@ -1,6 +1,7 @@
 """Every job's command line ends a bad flag value the same way: exit status 1 and one line,
 `<prog>: error: <message>`, before any work (and before JAX is imported)."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -34,6 +35,13 @@ CASES = [
     ("retro_jax.edit_db", "edit_db", ["add", "--db=d"], "--corpus"),
     ("retro_jax.train", "train", ["--config=experiments/configs/tiny.py", "--workdir=w",
                                   "--config.seq_len=abc"], "--config.seq_len"),
+    # ml_collections' own errors: a mistyped field, a missing config file.
+    ("retro_jax.train", "train", ["--config=tiny", "--workdir=w",
+                                  "--config.modle.chunk_size=64"], "--config.modle.chunk_size"),
+    ("retro_jax.train", "train", ["--config=tiny", "--workdir=w",
+                                  "--config.model.chunk_siz=64"], 'Did you mean "chunk_size"'),
+    ("retro_jax.train", "train", ["--config=no/such/config.py", "--workdir=w"],
+     "one of: quickstart"),
 ]
 
 
@@ -49,6 +57,38 @@ def test_a_bad_flag_value_is_one_line_and_status_1(module, prog, args, names):
   assert proc.returncode == 1, proc.stderr
   assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), proc.stderr
   assert names in lines[0]
+
+
+def test_packaged_configs_load_by_name_and_by_repository_path_from_any_directory(tmp_path):
+  """Outside the repository, --config=small and --config=retro_jax/configs/small.py both
+  find the installed file (the run then stops at the missing data, in one line)."""
+  for value in ("small", "retro_jax/configs/small.py", "quickstart.py"):
+    proc = subprocess.run([sys.executable, "-m", "retro_jax.train", f"--config={value}",
+                           "--workdir=w"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, check=False, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "train: error: data.db_dir (or data.train_chunks_dir) must name the training data"]
+
+
+def test_config_resolution(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # as outside the repository
+  from retro_jax import configs  # pylint: disable=g-import-not-at-top
+  packaged = os.path.join(configs.DIRECTORY, "small.py")
+  assert configs.resolve("small") == packaged
+  assert configs.resolve("retro_jax/configs/small.py:x") == packaged + ":x"
+  own = os.path.join(ROOT, "experiments", "configs", "small.py")
+  assert configs.resolve(own) == own  # an existing file is taken as given
+  with pytest.raises(ValueError, match="one of: quickstart, quickstart_baseline"):
+    configs.resolve("elsewhere/small.py")  # not a packaged path: never silently swapped
+  assert configs.rewrite_argv(["p", "--config", "tiny", "--x=1"]) == [
+      "p", "--config", os.path.join(configs.DIRECTORY, "tiny.py"), "--x=1"]
+  # experiments/configs/ keeps working and gives the packaged config.
+  import fixtures_data  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("_old_small", own)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  assert module.get_config().to_dict() == fixtures_data.load_config("small").to_dict()
 
 
 def test_a_misspelt_malloc_setting_gets_the_same_format():

@@ -40,7 +40,10 @@ def test_cli_trains_and_resumes(paths, tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("--config.model.chunk_size=16", r"chunk size mismatch: .* has 16 but .* has 8"),
+    ("--config.model.chunk_size=16", r"chunk size mismatch: .* has 16 but .* has 8; fix: "
+     r"train with --config.model.chunk_size=8 .* build_db --chunk_size=16"),
+    ("--config.model.vocab_size=100", r"vocabulary size mismatch: .* 100 .* 260; fix: "
+     r"train with --config.model.vocab_size=260"),
     ("--config.model.num_neighbors=4", r"num_neighbors 4 .* k 2"),
     ("--config.seq_len=30", r"seq_len 30 must be a positive multiple of the chunk size 8"),
 ])
@@ -75,3 +78,17 @@ def test_distributed_flag_initialises_jax_distributed_before_training(monkeypatc
   trainer.run(cfg, "/w", coordinator_address="10.0.0.1:1234", num_processes=2, process_id=1)
   assert calls[0] == ("initialize", dict(coordinator_address="10.0.0.1:1234",
                                          num_processes=2, process_id=1))
+
+
+def test_model_from_data_takes_unset_chunk_size_and_vocabulary_from_the_store():
+  from retro_jax.training import train_config  # pylint: disable=g-import-not-at-top
+  manifest = {"chunk_size": 16, "tokenizer": {"vocab_size": 300}}
+  cfg = train_config.default_config()
+  assert train_config.fill_model_from_data(cfg, manifest) is cfg  # off: unchanged
+  cfg.model_from_data = True
+  filled = train_config.fill_model_from_data(cfg, manifest)
+  assert (filled.model.chunk_size, filled.model.vocab_size) == (16, 300)
+  assert train_config.model_config(filled).chunk_size == 16
+  assert cfg.model.chunk_size is None  # the caller's config is not changed
+  cfg.model.vocab_size = 512  # set explicitly: kept
+  assert train_config.fill_model_from_data(cfg, manifest).model.vocab_size == 512

@@ -353,6 +353,16 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._old)
 
 
+def _training_store_manifest(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The manifest of the chunk store the config trains on ({} when none is named)."""
+  d = cfg.data
+  if d.train_chunks_dir:
+    return dict(sharded.open_chunk_store(d.train_chunks_dir).manifest)
+  if d.db_dir:
+    return dict(sharded.open_database_store(d.db_dir).manifest)
+  return {}
+
+
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
                        stop_after: int | None = None,
                        on_step: Callable[[int, dict], None] | None = None,
@@ -363,6 +373,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   Returns a summary: final step, per-step losses of this call, last eval, preempted flag,
   final state.
   """
+  if cfg.get("model_from_data", False):
+    cfg = train_config.fill_model_from_data(cfg, _training_store_manifest(cfg))
   train_config.validate(cfg)
   model_cfg = train_config.model_config(cfg)
   if cfg.compilation_cache_dir:
