@@ -26,7 +26,12 @@ EXTRAS = {
     # torch is only a test-time reference (transformers' PyTorch BertModel).  The pin takes
     # the CPU wheel; an unpinned torch drags in a multi-GB CUDA build.
     # apache-beam: tests/test_beam.py runs the Beam pipelines on the DirectRunner.
-    "test": ["pytest", "pytest-xdist", "torch==2.13.0", "apache-beam"],
+    # lm-eval: tests/test_harness.py runs the lm-evaluation-harness adapter on a local task.
+    "test": ["pytest", "pytest-xdist", "torch==2.13.0", "apache-beam", "lm-eval"],
+    "lm_eval": ["lm-eval"],
+    # Accelerators: JAX's own wheels with their CUDA libraries, or libtpu (docs/your_corpus.md).
+    "cuda": ["jax[cuda12]"],
+    "tpu": ["jax[tpu]"],  # retro-lm-eval / retro_jax.harness (lm-evaluation-harness)
     "datasets": ["datasets"],
     "beam": ["apache-beam"],  # build_db / precompute_neighbors --runner=... (Beam pipelines)
     # experiments/benchmarks: faiss is the alternative index the ScaNN benchmark compares with.
@@ -47,6 +52,7 @@ CONSOLE_SCRIPTS = [
     "retro-evaluate = retro_jax.commands:evaluate",
     "retro-generate = retro_jax.commands:generate",
     "retro-verify = retro_jax.commands:verify",
+    "retro-lm-eval = retro_jax.commands:lm_eval",
 ]
 
 setuptools.setup(

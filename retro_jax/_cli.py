@@ -11,6 +11,8 @@
   `aliases` keeps an older name working (`--db_dir` for `--db`).
 
 Heavy modules (JAX, the job's library) are imported by `main`, after the restart.
+Every command also takes `--orbax_logs` (orbax-checkpoint's INFO lines are hidden unless
+given).
 """
 
 from __future__ import annotations
@@ -28,6 +30,33 @@ from absl import flags
 from retro_jax import host_malloc
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+
+_ORBAX_LOGS = flags.DEFINE_bool(
+    "orbax_logs", False, "Show orbax-checkpoint's INFO lines (dozens per checkpoint); its "
+    "warnings and errors are always shown.")
+
+
+class QuietLibraryInfo:
+  """A logging filter that drops the INFO (and DEBUG) records of the named packages, found
+  by the source file's path; their warnings and errors pass."""
+
+  def __init__(self, packages=("orbax",)):
+    self._parts = tuple(f"{os.sep}{p}{os.sep}" for p in packages)
+
+  def filter(self, record) -> bool:
+    import logging  # pylint: disable=g-import-not-at-top
+    return record.levelno >= logging.WARNING or not any(
+        p in record.pathname for p in self._parts)
+
+
+def quiet_orbax(enabled: bool = True) -> None:
+  """Installs (or removes) the orbax INFO filter on absl's logger, which orbax logs to."""
+  import logging  # pylint: disable=g-import-not-at-top
+  logger = logging.getLogger("absl")
+  for f in [f for f in logger.filters if isinstance(f, QuietLibraryInfo)]:
+    logger.removeFilter(f)
+  if enabled:
+    logger.addFilter(QuietLibraryInfo())
 
 
 def fail(prog: str, error: BaseException | str) -> typing.NoReturn:
@@ -95,6 +124,7 @@ def run(main: Callable[[list[str]], Any], prog: str, errors: Sequence[str] = (),
   def guarded(argv: list[str]) -> Any:
     if len(argv) > 1 and not positional:
       fail(prog, f"unexpected arguments: {argv[1:]}")
+    quiet_orbax(not _ORBAX_LOGS.value)
     try:
       return main(argv)
     except USER_ERRORS + (app.UsageError,) as e:

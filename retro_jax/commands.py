@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "retro-evaluate": "retro_jax.evaluate",
     "retro-generate": "retro_jax.generate",
     "retro-verify": "retro_jax.verify",
+    "retro-lm-eval": "retro_jax.harness",
 }
 
 

@@ -164,3 +164,20 @@ def test_flags_reach_nested_fields_and_the_old_name_is_an_alias():
                                         "--index_mode=tree_ah", "--nospherical_tree",
                                         "--reorder=50"])
   assert (b.index.mode, b.index.spherical, b.index.reorder) == ("tree_ah", False, 50)
+
+
+def test_orbax_info_is_quiet_by_default_and_its_warnings_pass():
+  import logging  # pylint: disable=g-import-not-at-top
+  from retro_jax import _cli  # pylint: disable=g-import-not-at-top
+  quiet = _cli.QuietLibraryInfo()
+  rec = lambda level, path: logging.LogRecord("absl", level, path, 1, "m", (), None)
+  orbax_file = os.path.join("site-packages", "orbax", "checkpoint", "checkpoint_manager.py")
+  assert not quiet.filter(rec(logging.INFO, orbax_file))
+  assert quiet.filter(rec(logging.WARNING, orbax_file))
+  assert quiet.filter(rec(logging.INFO, os.path.join("retro_jax", "training", "trainer.py")))
+  logger = logging.getLogger("absl")
+  _cli.quiet_orbax(True)
+  _cli.quiet_orbax(True)  # installed once
+  assert sum(isinstance(f, _cli.QuietLibraryInfo) for f in logger.filters) == 1
+  _cli.quiet_orbax(False)  # --orbax_logs
+  assert not any(isinstance(f, _cli.QuietLibraryInfo) for f in logger.filters)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -37,6 +38,21 @@ def test_cli_trains_and_resumes(paths, tmp_path):
   assert steps == list(range(1, 9))
   again = _train(paths, tmp_path, "--config.num_steps=8")
   assert again.returncode == 0 and "resumed from" in again.stderr
+  # The log: progress with steps/s and an ETA, MFU against a stated fixed peak, none of
+  # orbax's INFO lines (dozens per checkpoint) unless --orbax_logs.
+  assert re.search(r"step 8 of 8 \(100%\), [0-9.e+]+ steps/s, ETA", proc.stderr), proc.stderr
+  assert "MFU against a fixed peak" in proc.stderr
+  assert all(float(m) <= 1.0 for m in re.findall(r"mfu=([0-9.e+-]+)", proc.stderr))
+  orbax_info = [l for l in proc.stderr.splitlines() if l.startswith("I") and (
+      "checkpoint_manager.py" in l or "atomicity.py" in l)]
+  assert not orbax_info, orbax_info[:3]
+  # verify on the healthy workdir: every file ok, and not one warning from orbax.
+  ver = subprocess.run([sys.executable, "-m", "retro_jax.verify", str(tmp_path)], cwd=ROOT,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                       text=True, timeout=300)
+  assert ver.returncode == 0, ver.stdout + ver.stderr
+  warnings = [l for l in ver.stderr.splitlines() if l[:1] in ("W", "E")]
+  assert not warnings, warnings
 
 
 @pytest.mark.parametrize("override, message", [

@@ -87,7 +87,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.async_checkpointing = True
   c.compilation_cache_dir = ""  # persistent XLA compilation cache ("" = off).
-  c.peak_flops_per_device = 0.0  # for MFU; 0: the device kind's peak (CPU: measured matmul).
+  c.peak_flops_per_device = 0.0  # for MFU; 0: the device kind's peak (CPU: theoretical).
   return c
 
 
