@@ -1,10 +1,10 @@
 r"""Sharded serving: one retrieval service per shard, a router in front with the same HTTP API.
 
     # one service per shard of a sharded database (sharded.py), each on its own port:
-    python -m retro_jax.retrieval.serve --db=DB/shard-00000 --port=8801
-    python -m retro_jax.retrieval.serve --db=DB/shard-00001 --port=8802
-    # the router: GET /health, GET /manifest, POST /retrieve, POST /search, as service.py
-    python -m retro_jax.retrieval.router --db=DB --shard_addresses=ADDR.json --port=8765
+    python -m retro_jax.serve --db=DB/shard-00000 --port=8801
+    python -m retro_jax.serve --db=DB/shard-00001 --port=8802
+    # the router (the same command given shard addresses): the endpoints of server.py
+    python -m retro_jax.serve --db=DB --shard_addresses=ADDR.json --port=8765
     # ADDR.json: {"shard-00000": "http://127.0.0.1:8801", "shard-00001": "http://..."}
     # (or --shards=shard-00000=http://127.0.0.1:8801,shard-00001=http://127.0.0.1:8802)
 
@@ -50,15 +50,17 @@ from absl import logging
 import numpy as np
 
 from retro_jax import fileio
-from retro_jax.retrieval import exact_search
-from retro_jax.retrieval import retriever as retriever_lib
-from retro_jax.retrieval import service as service_lib
-from retro_jax.retrieval import sharded
+from retro_jax.retrieval.db import retriever as retriever_lib
+from retro_jax.retrieval.db import sharded
+from retro_jax.retrieval.search import exact as exact_lib
+from retro_jax.retrieval.serve import client as client_lib
+from retro_jax.retrieval.serve import handler as handler_lib
+from retro_jax.retrieval.serve import server as server_lib
 
-SERVE_COMMAND = "python -m retro_jax.retrieval.serve --db=DB/{name} --port=PORT"
+SERVE_COMMAND = "python -m retro_jax.serve --db=DB/{name} --port=PORT"
 
 
-class ShardUnavailableError(service_lib.ServiceUnavailableError):
+class ShardUnavailableError(client_lib.ServiceUnavailableError):
   """A shard service did not answer (or answered 503); the message names shard and URL."""
 
 
@@ -173,7 +175,7 @@ class RemoteIndex:
         message = resp.reason
       if resp.status == 503:
         raise self._unavailable(f"it answered 503: {message}")
-      raise service_lib.RetrievalServiceError(
+      raise client_lib.RetrievalServiceError(
           resp.status, f"shard {self.name} at {self.url}: {message}")
     return json.loads(raw.decode("utf-8"))
 
@@ -278,7 +280,7 @@ class RouterIndex(sharded.ShardedIndex):
       record = getattr(self._local, "missing", None)
       if record is not None:
         record.update(missing)
-    return exact_search.merge_topk([f[0] for f in found], [f[1] for f in found], k)
+    return exact_lib.merge_topk([f[0] for f in found], [f[1] for f in found], k)
 
 
 class RouterRetriever(retriever_lib.Retriever):
@@ -302,7 +304,7 @@ def _mark_partial(answer: dict, missing: Sequence[str]) -> dict:
   return answer
 
 
-class RouterHandler(service_lib.RetrievalHandler):
+class RouterHandler(handler_lib.RetrievalHandler):
   """Answers like `RetrievalHandler`, plus "partial"/"missing_shards" when shards were down;
   searches need no lock here (each shard service serialises its own)."""
 
@@ -396,7 +398,7 @@ def open_router_retriever(db_dir: str, addresses: Mapping[str, str], *,
   return RouterRetriever.open(db, embedder=embedder)
 
 
-class RouterServer(service_lib.RetrievalServer):
+class RouterServer(server_lib.RetrievalServer):
   """The retrieval service over a sharded database's shard services; reloads on edits.
 
   Args:
@@ -413,7 +415,7 @@ class RouterServer(service_lib.RetrievalServer):
                address_file: str | None = None, allow_partial: bool = False,
                reload_interval: float = 1.0, timeout: float = 30.0, embedder=None,
                host: str = "127.0.0.1", port: int = 0,
-               config: service_lib.ServiceConfig | None = None):
+               config: server_lib.ServiceConfig | None = None):
     if (addresses is None) == (address_file is None):
       raise AddressError("give the shard addresses as a table or an address file (one)")
     self.db_dir = os.path.abspath(os.fspath(db_dir))
@@ -421,7 +423,7 @@ class RouterServer(service_lib.RetrievalServer):
     self._static = dict(addresses) if addresses is not None else None
     self.allow_partial, self.timeout = bool(allow_partial), float(timeout)
     self.reload_interval = float(reload_interval)
-    config = config or service_lib.ServiceConfig()
+    config = config or server_lib.ServiceConfig()
     self._fanout = concurrent.futures.ThreadPoolExecutor(
         min(64, 4 * config.workers), thread_name_prefix="router-fanout")
     self._seen = self._files()
@@ -517,61 +519,3 @@ class RouterServer(service_lib.RetrievalServer):
       if watcher is not None:
         watcher.join(timeout=5)
       self._fanout.shutdown(wait=False, cancel_futures=True)
-
-
-# ------------------------------------------------------------------------------------------
-# The command line.
-# ------------------------------------------------------------------------------------------
-
-_FLAGS = {}
-
-
-def _define_flags() -> None:
-  """serve's flags (--db, --host, --port, --bert and the service limits) plus the router's;
-  defined only when this module runs as the command."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval import serve  # pylint: disable=g-import-not-at-top  (its flags)
-  _FLAGS["serve"] = serve
-  _FLAGS["addresses"] = flags.DEFINE_string(
-      "shard_addresses", None, "JSON file mapping shard name to its service URL, e.g. "
-      '{"shard-00000": "http://127.0.0.1:8801"}; re-read when it changes.')
-  _FLAGS["shards"] = flags.DEFINE_string(
-      "shards", None, "Instead of --shard_addresses: NAME=URL,NAME=URL,...")
-  _FLAGS["partial"] = flags.DEFINE_bool(
-      "allow_partial", False, "Answer from the shards that are up (marked \"partial\": true, "
-      "\"missing_shards\") instead of failing with 503 when one is down.")
-  _FLAGS["reload"] = flags.DEFINE_float(
-      "reload_interval", 1.0, "Seconds between looks at DB/shards.json and the address file "
-      "for edits (0 = never reload).", lower_bound=0.0)
-  _FLAGS["timeout"] = flags.DEFINE_float(
-      "shard_timeout", 30.0, "Seconds a shard service may take to answer.", lower_bound=0.001)
-
-
-def main(argv):
-  del argv
-  serve = _FLAGS["serve"]
-  file, table = _FLAGS["addresses"].value, _FLAGS["shards"].value
-  if (file is None) == (table is None):
-    raise AddressError("give the shard services as --shard_addresses=FILE.json or "
-                       "--shards=NAME=URL,... (exactly one)")
-  embedder = (retriever_lib.load_embedder(serve._BERT.value)  # pylint: disable=protected-access
-              if serve._BERT.value else None)  # pylint: disable=protected-access
-  server = RouterServer(
-      serve._DB.value, parse_shards(table) if table is not None else None,  # pylint: disable=protected-access
-      address_file=file, allow_partial=_FLAGS["partial"].value,
-      reload_interval=_FLAGS["reload"].value, timeout=_FLAGS["timeout"].value,
-      embedder=embedder, host=serve._HOST.value, port=serve._PORT.value,  # pylint: disable=protected-access
-      config=serve.service_config())
-  shards = server.handler.retriever.db.index.shards
-  print(f"retrieval router on {server.url} ({server.handler.retriever.store.num_chunks} "
-        f"chunks, {len(shards)} shards)", flush=True)
-  try:
-    server.serve_forever()
-  except KeyboardInterrupt:
-    logging.info("retrieval router stopped")
-
-
-if __name__ == "__main__":
-  from retro_jax import _cli  # pylint: disable=g-import-not-at-top
-  _define_flags()
-  _cli.run(main, "router", errors=["retro_jax.retrieval.service.RetrievalServiceError"])
