@@ -46,7 +46,6 @@ CONSOLE_SCRIPTS = [
     "retro-precompute-neighbors = retro_jax.commands:precompute_neighbors",
     "retro-show-neighbors = retro_jax.commands:show_neighbors",
     "retro-serve = retro_jax.commands:serve",
-    "retro-router = retro_jax.commands:router",
     "retro-edit-db = retro_jax.commands:edit_db",
     "retro-train = retro_jax.commands:train",
     "retro-evaluate = retro_jax.commands:evaluate",

@@ -15,12 +15,11 @@ from typing import Callable
 # console command -> the module `python -m` runs.
 COMMANDS: dict[str, str] = {
     "retro-quickstart": "retro_jax.quickstart",
-    "retro-train-tokenizer": "retro_jax.retrieval.train_tokenizer",
+    "retro-train-tokenizer": "retro_jax.train_tokenizer",
     "retro-build-db": "retro_jax.build_db",
     "retro-precompute-neighbors": "retro_jax.precompute_neighbors",
-    "retro-show-neighbors": "retro_jax.retrieval.inspect",
-    "retro-serve": "retro_jax.retrieval.serve",
-    "retro-router": "retro_jax.retrieval.router",
+    "retro-show-neighbors": "retro_jax.show_neighbors",
+    "retro-serve": "retro_jax.serve",  # with shard addresses, the router
     "retro-edit-db": "retro_jax.edit_db",
     "retro-train": "retro_jax.train",
     "retro-evaluate": "retro_jax.evaluate",
