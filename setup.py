@@ -43,6 +43,7 @@ CONSOLE_SCRIPTS = [
     "retro-quickstart = retro_jax.commands:quickstart",
     "retro-train-tokenizer = retro_jax.commands:train_tokenizer",
     "retro-build-db = retro_jax.commands:build_db",
+    "retro-chunk-store = retro_jax.commands:chunk_store",
     "retro-precompute-neighbors = retro_jax.commands:precompute_neighbors",
     "retro-show-neighbors = retro_jax.commands:show_neighbors",
     "retro-serve = retro_jax.commands:serve",

@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "retro-quickstart": "retro_jax.quickstart",
     "retro-train-tokenizer": "retro_jax.train_tokenizer",
     "retro-build-db": "retro_jax.build_db",
+    "retro-chunk-store": "retro_jax.chunk_store",
     "retro-precompute-neighbors": "retro_jax.precompute_neighbors",
     "retro-show-neighbors": "retro_jax.show_neighbors",
     "retro-serve": "retro_jax.serve",  # with shard addresses, the router

@@ -35,6 +35,7 @@ CASES = [
     ("retro_jax.edit_db", "edit_db", ["add", "--db=d"], "--corpus"),
     ("retro_jax.train", "train", ["--config=experiments/configs/tiny.py", "--workdir=w",
                                   "--config.seq_len=abc"], "--config.seq_len"),
+    ("retro_jax.chunk_store", "chunk_store", ["--corpus=c", "--output=o"], "give --db=DB"),
     # ml_collections' own errors: a mistyped field, a missing config file.
     ("retro_jax.train", "train", ["--config=tiny", "--workdir=w",
                                   "--config.modle.chunk_size=64"], "--config.modle.chunk_size"),
