@@ -114,7 +114,7 @@ class Generator:
   """Samples from a RETRO (or baseline) model, retrieving live every completed chunk.
 
   Args:
-    params, config: the model (see evaluation.checkpoints.load_model).
+    params, config: the model (see inference.checkpoints.load_model).
     tokenizer: the LM tokenizer (encode/decode, eos_id).
     retriever: object with `retrieve_chunks(tokens [Q, m], k)` (Retriever or
       RemoteRetriever); None runs a RETRO model without retrieval.
@@ -170,6 +170,11 @@ class Generator:
       for i, g in zip(idx, self._generate_group(tokens, idx, sampling, return_logits)):
         out[i] = g
     return out  # type: ignore[return-value]
+
+  def retrieve(self, chunks: np.ndarray):
+    """The neighbors the model reads for complete chunks [Q, m] of its input: ids [Q, k],
+    tokens [Q, k, r], presented as it was trained (aligned / filtered, or the paper's)."""
+    return self._retrieve(chunks)
 
   # --- internals ----------------------------------------------------------------------
   def _retrieve(self, chunks: np.ndarray):

@@ -36,6 +36,9 @@ class ServeConfig:
   warm_up: bool = option(True, "Compile BERT for one row at every bucket length before "
                          "serving (no effect with a hashing embedder).")
   workers: int = option(_LIMITS.workers, "Threads that parse, validate and tokenise requests.")
+  log_requests: str = option(_LIMITS.log_requests, "Log one line per request (method, path, "
+                             "status, time) at this level, or off.",
+                             choices=sorted(server_lib.REQUEST_LOG_LEVELS))
   # The router: given shard addresses, `db` is a sharded database served by one service per
   # shard, and this process fans each query out to them (router.py).
   shard_addresses: str | None = option(
@@ -76,4 +79,5 @@ class ServeConfig:
         max_batch=self.max_batch, max_k=self.max_k, max_body_bytes=self.max_body_bytes,
         max_buffered_bytes=max(_LIMITS.max_buffered_bytes, 4 * self.max_body_bytes),
         max_connections=self.max_connections, idle_timeout=self.idle_timeout,
-        request_timeout=self.request_timeout, workers=self.workers, warm_up=self.warm_up)
+        request_timeout=self.request_timeout, workers=self.workers, warm_up=self.warm_up,
+        log_requests=self.log_requests)
