@@ -26,7 +26,10 @@ EXTRAS = {
     # torch is only a test-time reference (transformers' PyTorch BertModel).  The pin takes
     # the CPU wheel; an unpinned torch drags in a multi-GB CUDA build.
     # apache-beam: tests/test_beam.py runs the Beam pipelines on the DirectRunner.
-    "test": ["pytest", "pytest-xdist", "torch==2.13.0", "apache-beam"],
+    # gguf + accelerate: transformers' GGUF loading, the reference of the GGUF import tests.
+    "test": ["pytest", "pytest-xdist", "torch==2.13.0", "apache-beam", "gguf", "accelerate"],
+    # import_lm of .gguf files (llama.cpp's format); safetensors imports need nothing more.
+    "lm": ["gguf"],
     "datasets": ["datasets"],
     "beam": ["apache-beam"],  # build_db / precompute_neighbors --runner=... (Beam pipelines)
     # experiments/benchmarks: faiss is the alternative index the ScaNN benchmark compares with.
