@@ -53,6 +53,9 @@ _WARM_UP = flags.DEFINE_bool("warm_up", True, "Compile BERT for one row at every
 _WORKERS = flags.DEFINE_integer("workers", _DEFAULTS.workers,
                                 "Threads that parse, validate and tokenise requests.",
                                 lower_bound=1)
+_LOG_REQUESTS = flags.DEFINE_enum(
+    "log_requests", _DEFAULTS.log_requests, sorted(server_lib.REQUEST_LOG_LEVELS),
+    "Log one line per request (method, path, status, time) at this level, or off.")
 # The router: given shard addresses, --db is a sharded database served by one service per
 # shard, and this process fans each query out to them.
 _ADDRESSES = flags.DEFINE_string(
@@ -78,7 +81,8 @@ def service_config() -> server_lib.ServiceConfig:
       max_batch=_MAX_BATCH.value, max_k=_MAX_K.value, max_body_bytes=_MAX_BODY.value,
       max_buffered_bytes=max(_DEFAULTS.max_buffered_bytes, 4 * _MAX_BODY.value),
       max_connections=_MAX_CONN.value, idle_timeout=_IDLE.value,
-      request_timeout=_REQUEST.value, workers=_WORKERS.value, warm_up=_WARM_UP.value)
+      request_timeout=_REQUEST.value, workers=_WORKERS.value, warm_up=_WARM_UP.value,
+      log_requests=_LOG_REQUESTS.value)
 
 
 def _router(embedder, config: server_lib.ServiceConfig) -> router_lib.RouterServer:

@@ -170,6 +170,11 @@ class Generator:
         out[i] = g
     return out  # type: ignore[return-value]
 
+  def retrieve(self, chunks: np.ndarray):
+    """The neighbors the model reads for complete chunks [Q, m] of its input: ids [Q, k],
+    tokens [Q, k, r], presented as it was trained (aligned / filtered, or the paper's)."""
+    return self._retrieve(chunks)
+
   # --- internals ----------------------------------------------------------------------
   def _retrieve(self, chunks: np.ndarray):
     """chunks [Q, m] -> ids [Q, k], tokens [Q, k, r]; neighbor ids outside the model's
