@@ -79,3 +79,17 @@ def test_a_database_with_another_tokenizer_is_refused(imported, tmp_path):
   other = fx.build_dataset(str(tmp_path / "data"))  # the byte-level fixture tokenizer
   with pytest.raises(fileio.ManifestMismatchError, match="tokenizer mismatch: retrofit"):
     trainer.train_and_evaluate(_fit_config(other, wd), str(tmp_path / "fit"), stop_after=0)
+
+
+def test_frozen_labels_are_the_same_with_scanned_layers():
+  """retrofit_labels freeze exactly the decoder (embedding, attention, MLP, norms) and train
+  the encoder and every CCA sublayer, in the per-layer and in the scan_layers layout."""
+  from retro_jax import config as config_lib
+  from retro_jax.training import optim
+  cfg = config_lib.get_preset("tiny-llama", num_layers=6, cca_layers=(2, 4, 6), cca_gate=True)
+  for c in (cfg, cfg.replace(scan_layers=True)):
+    labels = {"/".join(p): v for p, v in flax.traverse_util.flatten_dict(
+        flax.core.unfreeze(trainer.retrofit_labels(c, unfreeze_decoder=False))).items()}
+    new = {n for n in labels if n.startswith("encoder/") or "/cca" in n}
+    assert new and len(new) < len(labels)
+    assert {n for n, v in labels.items() if v == optim.TRAINABLE} == new, c.scan_layers

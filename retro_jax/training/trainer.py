@@ -145,9 +145,22 @@ def retrofit_labels(model_cfg, unfreeze_decoder: bool):
   """
   if unfreeze_decoder:
     return None
-  base = nn.unbox(model_lib.abstract_params(model_cfg.baseline()))
-  frozen = set(flax.traverse_util.flatten_dict(flax.core.unfreeze(base)))
+  base = nn.unbox(model_lib.abstract_params(model_cfg.baseline().replace(scan_layers=False)))
+  base = set(flax.traverse_util.flatten_dict(flax.core.unfreeze(base)))
   ours = nn.unbox(model_lib.abstract_params(model_cfg))
+  # A decoder layer's own parameters (attn/..., ffw/..., norms), whatever its index; with
+  # scan_layers they sit under scan_<g>/block_<t>/ (stacked), not under layer_<i>/.
+  in_layer = {p[1:] for p in base if p[0].startswith("layer_")}
+  frozen = set()
+  for path in flax.traverse_util.flatten_dict(flax.core.unfreeze(ours)):
+    if path[0].startswith("layer_"):
+      inside = path[1:]
+    elif path[0].startswith("scan_"):
+      inside = path[2:]
+    else:
+      inside = None
+    if (path in base) if inside is None else (inside in in_layer):
+      frozen.add(path)
   return optim.labels_from_paths(ours, frozen)
 
 
