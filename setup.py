@@ -27,8 +27,12 @@ EXTRAS = {
     # the CPU wheel; an unpinned torch drags in a multi-GB CUDA build.
     # apache-beam: tests/test_beam.py runs the Beam pipelines on the DirectRunner.
     # lm-eval: tests/test_harness.py runs the lm-evaluation-harness adapter on a local task.
-    "test": ["pytest", "pytest-xdist", "torch==2.13.0", "apache-beam", "lm-eval"],
+    # gguf + accelerate: transformers' GGUF loading, the reference of the GGUF import tests.
+    "test": ["pytest", "pytest-xdist", "torch==2.13.0", "apache-beam", "lm-eval", "gguf",
+             "accelerate"],
     "lm_eval": ["lm-eval"],
+    # import_lm of .gguf files (llama.cpp's format); safetensors imports need nothing more.
+    "lm": ["gguf"],
     # Accelerators: JAX's own wheels with their CUDA libraries, or libtpu (docs/your_corpus.md).
     "cuda": ["jax[cuda12]"],
     "tpu": ["jax[tpu]"],  # retro-lm-eval / retro_jax.harness (lm-evaluation-harness)
@@ -53,6 +57,8 @@ CONSOLE_SCRIPTS = [
     "retro-generate = retro_jax.commands:generate",
     "retro-verify = retro_jax.commands:verify",
     "retro-lm-eval = retro_jax.commands:lm_eval",
+    "retro-import-lm = retro_jax.commands:import_lm",
+    "retro-export-lm = retro_jax.commands:export_lm",
 ]
 
 setuptools.setup(
