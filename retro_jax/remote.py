@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from typing import Iterable
 
@@ -35,7 +36,10 @@ class RemoteError(OSError):
 def is_url(path) -> bool:
   """True for a URL that names files (gs://B/x, memory://x); not for http(s) services."""
   p = str(path)
-  return "://" in p and not p.startswith(LOCAL_SCHEMES + PASS_THROUGH)
+  # A scheme first (letters, digits, + . -): "shard-00000=http://h:1" (serve's --shards)
+  # is a table, not a URL.
+  return (re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", p) is not None
+          and not p.startswith(LOCAL_SCHEMES + PASS_THROUGH))
 
 
 def staging_root() -> str:
