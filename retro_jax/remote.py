@@ -33,13 +33,14 @@ class RemoteError(OSError):
   """A URL cannot be read or written (no such object, no filesystem for its scheme)."""
 
 
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
 def is_url(path) -> bool:
-  """True for a URL that names files (gs://B/x, memory://x); not for http(s) services."""
+  """True for a URL that names files (gs://B/x, memory://x); not for http(s) services, nor
+  for values that merely contain a URL (--shards=NAME=http://...)."""
   p = str(path)
-  # A scheme first (letters, digits, + . -): "shard-00000=http://h:1" (serve's --shards)
-  # is a table, not a URL.
-  return (re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", p) is not None
-          and not p.startswith(LOCAL_SCHEMES + PASS_THROUGH))
+  return bool(_SCHEME.match(p)) and not p.startswith(LOCAL_SCHEMES + PASS_THROUGH)
 
 
 def staging_root() -> str:

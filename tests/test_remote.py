@@ -46,6 +46,7 @@ def test_stage_in_and_out_round_trip_files_and_directories(memfs, tmp_path):
     remote.stage_in("memory://bucket/missing")
   assert not remote.is_url("http://127.0.0.1:8765") and not remote.is_url("/a/b")
   assert not remote.is_url("shard-00000=http://127.0.0.1:8801,b=http://h:2")  # serve --shards
+  assert not remote.is_url("a=http://h:1,b=gs://x") and remote.is_url("gs://bucket/db")
 
 
 def test_a_command_reads_a_corpus_url_and_writes_a_database_url(memfs, tmp_path):
