@@ -26,6 +26,9 @@ EXTRAS = {
     # torch is only a test-time reference (transformers' PyTorch BertModel).  The pin takes
     # the CPU wheel; an unpinned torch drags in a multi-GB CUDA build.
     # apache-beam: tests/test_beam.py runs the Beam pipelines on the DirectRunner.
+    # megatron-core==0.15.3 is the reference of tests/test_megatron_*.py; it is installed with
+    # --no-deps by scripts/setup_env.sh (it declares numpy<2 but runs beside numpy 2).
+    # retro_jax.import_megatron itself needs neither torch nor megatron-core.
     "test": ["pytest", "pytest-xdist", "torch==2.13.0", "apache-beam"],
     "datasets": ["datasets"],
     "beam": ["apache-beam"],  # build_db / precompute_neighbors --runner=... (Beam pipelines)
