@@ -31,6 +31,11 @@ import numpy as np
 
 try:
   import torch
+  TORCH = True
+except ImportError:
+  TORCH = False
+try:
+  import torch
   from megatron.core import parallel_state, tensor_parallel
   from megatron.core.models.retro import config as _retro_config_mod
   from megatron.core.models.retro import RetroConfig, RetroModel, get_retro_decoder_block_spec
@@ -122,7 +127,7 @@ def legacy_args(**overrides) -> argparse.Namespace:
       tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
       retro_add_retriever=True, retro_encoder_layers=2, retro_num_neighbors=2,
       retro_num_retrieved_chunks=2, retro_attention_gate=1.0, retro_chunk_length=8,
-      bf16=False, fp16=False, params_dtype=torch.float32 if AVAILABLE else None,
+      bf16=False, fp16=False, params_dtype=torch.float32 if TORCH else None,
       transformer_impl="local", use_mcore_models=False, tokenizer_type="GPTSentencePieceTokenizer",
       iteration=0, consumed_train_samples=0)
   args.update(overrides)
@@ -292,26 +297,34 @@ def save_legacy(model, args: argparse.Namespace, directory: str, tp: int,
 
   LayerNorm weights are stored as gamma - 1 when args.apply_layernorm_1p (as the released
   checkpoints' training did); SwiGLU's dense_h_to_4h holds [gate_r; up_r] per rank."""
+  sd = state_dict(model)
+  return save_legacy_tensors(lambda name: sd[name], list(sd), args, directory, tp, dtype,
+                             older_spelling, iteration)
+
+
+def save_legacy_tensors(tensor, names, args, directory: str, tp: int, dtype=None,
+                        older_spelling: bool = False, iteration: str = "release") -> list[str]:
+  """save_legacy for the tensors `tensor(name)` (megatron-core names, float32 numpy), read
+  once per rank: a large synthetic checkpoint never has to be in memory whole."""
   import random
   from retro_jax.megatron import legacy as legacy_lib  # only for the CCA placement rule
-  cca = legacy_lib.arch_from_args(args, "args", tensor_parallel=args.tensor_model_parallel_size
-                                  ).cca_layers if args.tensor_model_parallel_size == tp else None
-  if cca is None:
+  if args.tensor_model_parallel_size != tp:
     raise ValueError("set args.tensor_model_parallel_size to tp")
-  sd = state_dict(model)
+  cca = legacy_lib.arch_from_args(args, "args", tensor_parallel=tp,
+                                  chunk_size=getattr(args, "retro_chunk_length", None)).cca_layers
   if not args.untie_embeddings_and_output_weights:
-    sd.pop("output_layer.weight", None)
+    names = [n for n in names if n != "output_layer.weight"]
   paths = []
   sub = "release" if iteration == "release" else f"iter_{int(iteration):07d}"
   for rank in range(tp):
     flat = {}
-    for name, t in sd.items():
+    for name in names:
+      t = tensor(name)
       legacy, split = legacy_name(name, cca, older_spelling)
       if split == "norm" and args.apply_layernorm_1p and name.endswith("weight"):
         t = t - 1.0
-      part = _split(t, split, tp, rank, args.swiglu)
-      tensor = torch.from_numpy(np.ascontiguousarray(part))
-      flat[legacy] = tensor.to(dtype) if dtype is not None else tensor
+      part = torch.from_numpy(np.ascontiguousarray(_split(t, split, tp, rank, args.swiglu)))
+      flat[legacy] = part.to(dtype) if dtype is not None else part
     ckpt = {"args": args, "checkpoint_version": 3.0, "iteration": 0,
             "model": {"language_model": _nest(flat)},
             "rng_state": [{"random_rng_state": random.getstate(),
@@ -320,6 +333,7 @@ def save_legacy(model, args: argparse.Namespace, directory: str, tp: int,
     path = os.path.join(directory, sub, f"mp_rank_{rank:02d}", "model_optim_rng.pt")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save(ckpt, path)
+    del ckpt, flat
     paths.append(path)
   with open(os.path.join(directory, "latest_checkpointed_iteration.txt"), "w") as f:
     f.write(str(iteration))

@@ -378,19 +378,20 @@ def _map_name(name: str, arch: MegatronArch) -> tuple[str, str]:
 
 
 def _merge(parts: list[np.ndarray], split: str, arch: MegatronArch, name: str) -> np.ndarray:
+  """One tensor from its ranks' parts; matrices keep the checkpoint's dtype, norms float32."""
   if split in ("norm", "rep"):
-    out = np.asarray(parts[0], np.float32)
+    out = np.array(parts[0], np.float32)
     if split == "norm" and arch.layernorm_1p and name.endswith("weight"):
       out = out + np.float32(1.0)
     return out
   if split == "col":
-    return np.concatenate([np.asarray(p, np.float32) for p in parts], axis=0)
+    return np.concatenate(parts, axis=0)
   if split == "row":
-    return np.concatenate([np.asarray(p, np.float32) for p in parts], axis=1)
+    return np.concatenate(parts, axis=1)
   if split == "fc1":
     if arch.activation != "swiglu":
-      return np.concatenate([np.asarray(p, np.float32) for p in parts], axis=0)
-    halves = [np.split(np.asarray(p, np.float32), 2, axis=0) for p in parts]
+      return np.concatenate(parts, axis=0)
+    halves = [np.split(p, 2, axis=0) for p in parts]
     return np.concatenate([h[0] for h in halves] + [h[1] for h in halves], axis=0)
   raise ValueError(split)
 
@@ -460,7 +461,7 @@ def expected_shapes(arch: MegatronArch) -> dict[str, tuple[int, ...]]:
 
 def merged_tensors(arch: MegatronArch, shards: list[Shard]
                    ) -> Iterator[tuple[str, np.ndarray]]:
-  """(megatron-core name, float32 array) for every tensor, merged over ranks, one at a time.
+  """(megatron-core name, array) for every tensor, merged over ranks, one at a time.
 
   Checks that the checkpoint holds exactly the tensors of `arch` (names and full shapes)
   before the first one is yielded, so a mismatch is reported before anything is written."""
