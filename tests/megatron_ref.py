@@ -303,11 +303,22 @@ def save_legacy(model, args: argparse.Namespace, directory: str, tp: int,
 
 
 def save_legacy_tensors(tensor, names, args, directory: str, tp: int, dtype=None,
-                        older_spelling: bool = False, iteration: str = "release") -> list[str]:
+                        older_spelling: bool = False, iteration: str = "release",
+                        writer: str = "torch") -> list[str]:
   """save_legacy for the tensors `tensor(name)` (megatron-core names, float32 numpy), read
-  once per rank: a large synthetic checkpoint never has to be in memory whole."""
+  once per rank: a large synthetic checkpoint never has to be in memory whole.
+
+  dtype: None (float32), "bfloat16" or "float16" (or a torch dtype).  writer: "torch"
+  (torch.save) or "numpy" (retro_jax.megatron.torch_pickle.save: the same format, written
+  without torch, for machines that lack it)."""
   import random
+  import ml_dtypes
   from retro_jax.megatron import legacy as legacy_lib  # only for the CCA placement rule
+  from retro_jax.megatron import torch_pickle
+  if isinstance(dtype, str):
+    dtype = ({"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}[dtype]
+             if writer == "torch" else
+             {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": None}[dtype])
   if args.tensor_model_parallel_size != tp:
     raise ValueError("set args.tensor_model_parallel_size to tp")
   cca = legacy_lib.arch_from_args(args, "args", tensor_parallel=tp,
@@ -323,16 +334,23 @@ def save_legacy_tensors(tensor, names, args, directory: str, tp: int, dtype=None
       legacy, split = legacy_name(name, cca, older_spelling)
       if split == "norm" and args.apply_layernorm_1p and name.endswith("weight"):
         t = t - 1.0
-      part = torch.from_numpy(np.ascontiguousarray(_split(t, split, tp, rank, args.swiglu)))
-      flat[legacy] = part.to(dtype) if dtype is not None else part
+      part = np.ascontiguousarray(_split(t, split, tp, rank, args.swiglu))
+      if writer == "torch":
+        part = torch.from_numpy(part)
+        flat[legacy] = part.to(dtype) if dtype is not None else part
+      else:
+        flat[legacy] = part.astype(dtype) if dtype is not None else part
     ckpt = {"args": args, "checkpoint_version": 3.0, "iteration": 0,
-            "model": {"language_model": _nest(flat)},
-            "rng_state": [{"random_rng_state": random.getstate(),
-                           "np_rng_state": np.random.get_state(),
-                           "torch_rng_state": torch.get_rng_state()}]}
+            "model": {"language_model": _nest(flat)}}
     path = os.path.join(directory, sub, f"mp_rank_{rank:02d}", "model_optim_rng.pt")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save(ckpt, path)
+    if writer == "torch":
+      ckpt["rng_state"] = [{"random_rng_state": random.getstate(),
+                            "np_rng_state": np.random.get_state(),
+                            "torch_rng_state": torch.get_rng_state()}]
+      torch.save(ckpt, path)
+    else:
+      torch_pickle.save(ckpt, path)
     del ckpt, flat
     paths.append(path)
   with open(os.path.join(directory, "latest_checkpointed_iteration.txt"), "w") as f:

@@ -173,3 +173,28 @@ def test_not_a_checkpoint_directory(tmp_path):
   with pytest.raises(legacy.CheckpointFileError) as e:
     legacy.open_checkpoint(str(tmp_path))
   assert "latest_checkpointed_iteration.txt" in _one_line(e.value)
+
+
+def test_torch_free_writer_round_trip(tmp_path):
+  """torch_pickle.save writes what torch_pickle.load (and torch.load, where installed) reads."""
+  import ml_dtypes
+  rng = np.random.default_rng(0)
+  arrays = {"f": rng.standard_normal((3, 5)).astype(np.float32),
+            "b": rng.standard_normal((4, 2)).astype(ml_dtypes.bfloat16),
+            "i": np.arange(6, dtype=np.int64).reshape(2, 3)}
+  obj = {"args": argparse.Namespace(num_layers=2, name="x", gate=None),
+         "model": {"language_model": dict(arrays)}, "iteration": 7}
+  path = str(tmp_path / "w.pt")
+  torch_pickle.save(obj, path)
+  got = torch_pickle.load(path)
+  assert vars(got["args"]) == vars(obj["args"]) and got["iteration"] == 7
+  for key, value in arrays.items():
+    ours = got["model"]["language_model"][key].numpy()
+    assert ours.dtype == value.dtype
+    np.testing.assert_array_equal(ours, value)
+  if megatron_ref.TORCH:
+    import torch
+    loaded = torch.load(path, weights_only=False, mmap=True)
+    for key, value in arrays.items():
+      np.testing.assert_array_equal(
+          loaded["model"]["language_model"][key].float().numpy(), value.astype(np.float32))
