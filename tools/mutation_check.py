@@ -199,6 +199,9 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("    if not self.config.cca_gate:\n      return y", "    if True:\n      return y"),
     ], "tests/test_reading.py"),
     # --- retrieval: sharded databases ---------------------------------------------------------
+    _m("ScaNN SIMD raises a kernel level the CPU lacks", "retro_jax/retrieval/scann_simd.py", [
+        ("and all(f in have for f in REQUIRES[level])", "and True"),
+    ], "tests/test_scann_simd.py"),
     _m("sharded search returns shard-local ids", "retro_jax/retrieval/sharded.py", [
         ("return (np.where(gone, -1, ids + offset),", "return (np.where(gone, -1, ids),"),
     ], "tests/test_sharded.py"),
