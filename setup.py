@@ -19,7 +19,7 @@ INSTALL_REQUIRES = [
     "tensorboardX",
     "matplotlib",  # the quickstart's and experiments' plots (required: reporting.py)
     "grain",  # the training data order: its random-access index shuffle (training/data.py)
-    "h11",  # HTTP/1.1 parsing of the retrieval service (retrieval/service.py)
+    "h11",  # HTTP/1.1 parsing of the retrieval service (retrieval/serve/server.py)
 ]
 
 EXTRAS = {
@@ -29,12 +29,35 @@ EXTRAS = {
     # megatron-core==0.15.3 is the reference of tests/test_megatron_*.py; it is installed with
     # --no-deps by scripts/setup_env.sh (it declares numpy<2 but runs beside numpy 2).
     # retro_jax.import_megatron itself needs neither torch nor megatron-core.
-    "test": ["pytest", "pytest-xdist", "torch==2.13.0", "apache-beam"],
+    # lm-eval: tests/test_harness.py runs the lm-evaluation-harness adapter on a local task.
+    "test": ["pytest", "pytest-xdist", "torch==2.13.0", "apache-beam", "lm-eval"],
+    "lm_eval": ["lm-eval"],
+    # Accelerators: JAX's own wheels with their CUDA libraries, or libtpu (docs/your_corpus.md).
+    "cuda": ["jax[cuda12]"],
+    "tpu": ["jax[tpu]"],  # retro-lm-eval / retro_jax.harness (lm-evaluation-harness)
     "datasets": ["datasets"],
     "beam": ["apache-beam"],  # build_db / precompute_neighbors --runner=... (Beam pipelines)
     # experiments/benchmarks: faiss is the alternative index the ScaNN benchmark compares with.
     "bench": ["faiss-cpu"],
 }
+
+# Console commands (retro_jax/commands.py runs each module as `python -m` does).
+CONSOLE_SCRIPTS = [
+    "retro-quickstart = retro_jax.commands:quickstart",
+    "retro-train-tokenizer = retro_jax.commands:train_tokenizer",
+    "retro-build-db = retro_jax.commands:build_db",
+    "retro-chunk-store = retro_jax.commands:chunk_store",
+    "retro-precompute-neighbors = retro_jax.commands:precompute_neighbors",
+    "retro-show-neighbors = retro_jax.commands:show_neighbors",
+    "retro-serve = retro_jax.commands:serve",
+    "retro-edit-db = retro_jax.commands:edit_db",
+    "retro-train = retro_jax.commands:train",
+    "retro-evaluate = retro_jax.commands:evaluate",
+    "retro-generate = retro_jax.commands:generate",
+    "retro-verify = retro_jax.commands:verify",
+    "retro-lm-eval = retro_jax.commands:lm_eval",
+    "retro-import-megatron = retro_jax.commands:import_megatron",
+]
 
 setuptools.setup(
     name="retro_jax",
@@ -46,5 +69,6 @@ setuptools.setup(
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
+    entry_points={"console_scripts": CONSOLE_SCRIPTS},
     license="Apache-2.0",
 )

@@ -36,11 +36,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from retro_jax import fileio
-from retro_jax.retrieval import chunk_store as chunk_store_lib
-from retro_jax.retrieval import index as index_lib
-from retro_jax.retrieval import neighbors as neighbors_lib
-from retro_jax.retrieval import retriever as retriever_lib
-from retro_jax.retrieval import sharded
+from retro_jax.retrieval.db import database as database_lib
+from retro_jax.retrieval.db import sharded
+from retro_jax.retrieval.search import scann as index_lib
+from retro_jax.retrieval.store import chunk_store as chunk_store_lib
+from retro_jax.retrieval.store import neighbors as neighbors_lib
 from retro_jax.training import checkpoint as checkpoint_lib
 
 DATABASE, CHUNK_STORE, NEIGHBORS, WORKDIR = "database", "chunk store", "neighbors", "workdir"
@@ -79,7 +79,7 @@ def detect(path: str) -> str:
       fmt = fileio.read_json(mpath).get("format")
     except (ValueError, AttributeError):
       fmt = None
-    kinds = {retriever_lib.DATABASE_FORMAT: DATABASE, chunk_store_lib.FORMAT: CHUNK_STORE,
+    kinds = {database_lib.DATABASE_FORMAT: DATABASE, chunk_store_lib.FORMAT: CHUNK_STORE,
              neighbors_lib.NEIGHBORS_FORMAT: NEIGHBORS}
     if fmt in kinds:
       return kinds[fmt]
@@ -155,11 +155,11 @@ def check_chunk_store(path: str, fix: str | None = None) -> list[Finding]:
 
 def check_database(path: str) -> list[Finding]:
   """Every file of a database directory (see the module docstring)."""
-  fix = retriever_lib.rebuild_hint(path)
+  fix = database_lib.rebuild_hint(path)
   mpath = os.path.join(path, fileio.MANIFEST)
   out = []
   try:
-    man = fileio.read_manifest(path, "database manifest", retriever_lib.BUILD_COMMAND)
+    man = fileio.read_manifest(path, "database manifest", database_lib.BUILD_COMMAND)
   except ValueError as e:
     man = None
     out.append(Finding(mpath, False, " ".join(str(e).split())))
@@ -167,11 +167,11 @@ def check_database(path: str) -> list[Finding]:
   store_findings = check_chunk_store(chunks, fix)
   if man is not None:
     def manifest():
-      if man.get("format") != retriever_lib.DATABASE_FORMAT:
+      if man.get("format") != database_lib.DATABASE_FORMAT:
         raise fileio.ManifestMismatchError(f"format {man.get('format')!r}, expected "
-                                           f"{retriever_lib.DATABASE_FORMAT}; {fix}")
+                                           f"{database_lib.DATABASE_FORMAT}; {fix}")
       store = chunk_store_lib.ChunkStore.open(chunks)
-      retriever_lib.check_database_manifest(man, store, path)
+      database_lib.check_database_manifest(man, store, path)
     out.append(_one(mpath, manifest))
   out += store_findings
   man = man or {}
@@ -189,7 +189,7 @@ def check_database(path: str) -> list[Finding]:
 
   index_dir = os.path.join(path, "index")
   try:
-    index_man = fileio.read_manifest(index_dir, "index manifest", retriever_lib.BUILD_COMMAND)
+    index_man = fileio.read_manifest(index_dir, "index manifest", database_lib.BUILD_COMMAND)
     out.append(Finding(os.path.join(index_dir, fileio.MANIFEST), True))
   except ValueError as e:
     index_man = None
@@ -319,7 +319,7 @@ def check_workdir(path: str) -> list[Finding]:
       def restore(step=step):
         try:
           configs[step] = ckpt.restore_config(step)
-          meta = ckpt.manager.item_metadata(step)["state"]
+          meta = ckpt.item_metadata(step)["state"]
           cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
           target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu),
                                 meta)

@@ -1,8 +1,12 @@
 r"""Train RETRO (or its retrieval-free baseline, or RETRO-fit a baseline).
 
-  python -m retro_jax.train --config=experiments/configs/small.py --workdir=runs/small \
+  retro-train --config=quickstart --workdir=runs/retro \
       --config.data.db_dir=DB --config.data.neighbors_dir=NEIGHBORS \
       [--config.model.num_layers=4 --config.retrieval=False ...]
+
+(`python -m retro_jax.train` is the same command.)  --config is a packaged config's name
+(quickstart, quickstart_baseline, small, small_baseline, tiny, retro_172m, ...: see
+retro_jax/configs/) or a path to your own config file.
 
 Every field of the config file can be overridden with --config.FIELD=VALUE (see
 retro_jax/training/train_config.py for the list).  Re-running the same command with the same
@@ -17,6 +21,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from retro_jax import _cli
+from retro_jax import configs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
                                           lock_config=True)
@@ -42,4 +47,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _cli.run(main, "train", errors=_ERRORS)
+  _cli.run(main, "train", errors=_ERRORS, rewrite_argv=configs.rewrite_argv)

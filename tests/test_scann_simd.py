@@ -5,8 +5,8 @@ import platform
 import numpy as np
 import pytest
 
-from retro_jax.retrieval import index as index_lib
-from retro_jax.retrieval import scann_simd
+from retro_jax.retrieval.search import scann as index_lib
+from retro_jax.retrieval.search import scann_simd
 
 scann = pytest.importorskip("scann")
 

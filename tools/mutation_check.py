@@ -113,11 +113,11 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("    lo = self.process_index * self.local_batch_size", "    lo = 0"),
     ], "tests/test_data.py::test_process_shards_concatenate_to_the_global_batch"),
     # --- retrieval -------------------------------------------------------------------------
-    _m("precompute: no same-document exclusion", "retro_jax/retrieval/precompute_neighbors.py", [
+    _m("precompute: no same-document exclusion", "retro_jax/retrieval/jobs/precompute.py", [
         ("      elif self.query_is_db:\n        groups = q_doc",
          "      elif self.query_is_db:\n        groups = np.full(q_doc.shape, -1, np.int64)"),
     ], "tests/test_precompute.py"),
-    _m("search_excluding keeps the excluded group", "retro_jax/retrieval/exact_search.py", [
+    _m("search_excluding keeps the excluded group", "retro_jax/retrieval/search/exact.py", [
         ("keep = (ids >= 0) & (groups != exclude_groups[rows][:, None])", "keep = ids >= 0"),
     ], "tests/test_index.py"),
     _m("tokenizer identity check skipped", "retro_jax/fileio.py", [
@@ -173,11 +173,11 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("probs = jax.nn.softmax(desc, axis=-1)",
          "probs = jax.nn.softmax(desc * jnp.maximum(temperature, 1e-6), axis=-1)"),
     ], "tests/test_generate.py::test_sampling_frequencies_follow_temperature_and_top_p"),
-    # --- reading options (retrieval/align.py, model/copy.py, the CCA gate) -----------------
-    _m("alignment ignores the best shift", "retro_jax/retrieval/align.py", [
+    # --- reading options (retrieval/store/align.py, model/copy.py, the CCA gate) -----------------
+    _m("alignment ignores the best shift", "retro_jax/retrieval/store/align.py", [
         ("starts = m + shifts[pick]", "starts = m + 0 * shifts[pick]"),
     ], "tests/test_reading.py"),
-    _m("min-match filter keeps neighbors with short matches", "retro_jax/retrieval/align.py", [
+    _m("min-match filter keeps neighbors with short matches", "retro_jax/retrieval/store/align.py", [
         ("keep &= best >= presentation.min_match", "keep &= best >= 0"),
     ], "tests/test_reading.py"),
     _m("the loader ignores the neighbor presentation", "retro_jax/training/data.py", [
@@ -216,18 +216,18 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("    return y * jnp.asarray(self.scale, y.dtype)", "    return y"),
     ], "tests/test_megatron_model.py"),
     # --- retrieval: sharded databases ---------------------------------------------------------
-    _m("ScaNN SIMD raises a kernel level the CPU lacks", "retro_jax/retrieval/scann_simd.py", [
+    _m("ScaNN SIMD raises a kernel level the CPU lacks", "retro_jax/retrieval/search/scann_simd.py", [
         ("and all(f in have for f in REQUIRES[level])", "and True"),
     ], "tests/test_scann_simd.py"),
-    _m("sharded search returns shard-local ids", "retro_jax/retrieval/sharded.py", [
+    _m("sharded search returns shard-local ids", "retro_jax/retrieval/db/sharded.py", [
         ("return (np.where(gone, -1, ids + offset),", "return (np.where(gone, -1, ids),"),
     ], "tests/test_sharded.py"),
-    _m("sharded doc ids not offset per shard", "retro_jax/retrieval/sharded.py", [
+    _m("sharded doc ids not offset per shard", "retro_jax/retrieval/db/sharded.py", [
         ('ConcatRows([s.doc_ids for s in self.stores], value_offsets=doc_offsets)',
          'ConcatRows([s.doc_ids for s in self.stores])'),
     ], "tests/test_sharded.py"),
     _m("sharded search asks each shard for k only (dropped chunks eat the top k)",
-       "retro_jax/retrieval/sharded.py", [
+       "retro_jax/retrieval/db/sharded.py", [
         ("kk = min(k + len(dropped), ix.num_vectors)", "kk = min(k, ix.num_vectors)"),
     ], "tests/test_sharded.py::test_dropped_documents_are_never_retrieved"),
 )

@@ -44,7 +44,7 @@ from retro_jax.generation import generate_config
 from retro_jax.inference import checkpoints as ckpt_lib
 from retro_jax.inference import session as session_lib
 from retro_jax.model import Retro
-from retro_jax.retrieval import align as align_lib
+from retro_jax.retrieval.store import align as align_lib
 
 
 # The job's configuration lives in generate_config.py; these names stay importable here.
@@ -169,6 +169,11 @@ class Generator:
       for i, g in zip(idx, self._generate_group(tokens, idx, sampling, return_logits)):
         out[i] = g
     return out  # type: ignore[return-value]
+
+  def retrieve(self, chunks: np.ndarray):
+    """The neighbors the model reads for complete chunks [Q, m] of its input: ids [Q, k],
+    tokens [Q, k, r], presented as it was trained (aligned / filtered, or the paper's)."""
+    return self._retrieve(chunks)
 
   # --- internals ----------------------------------------------------------------------
   def _retrieve(self, chunks: np.ndarray):

@@ -225,7 +225,7 @@ def convert(checkpoint_dir: str, output: str, tokenizer: str | None = None,
   cfg = retro_config(arch, cca_scale)
   tok = None
   if tokenizer:
-    from retro_jax.retrieval import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+    from retro_jax.retrieval.store import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
     tok = tokenizer_lib.load_tokenizer(tokenizer)
     vocab = tok.identity().get("vocab_size")
     if vocab is not None and int(vocab) > cfg.vocab_size:

@@ -1,6 +1,6 @@
 """The training configuration: one ml_collections ConfigDict, every field commented.
 
-Config files in experiments/configs/ call `default_config()` and change what they need;
+Config files in retro_jax/configs/ (and your own) call `default_config()` and change what they need;
 `python -m retro_jax.train --config=FILE --config.FIELD=VALUE` overrides any field.
 
 The model is a preset name from `retro_jax.config.PRESETS` plus optional overrides of any
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from typing import Any
+from typing import Any, Mapping
 
 import ml_collections
 from ml_collections import config_dict
@@ -36,6 +36,9 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.model = _model_fields()
   c.retrieval = True          # False: train without retrieval (cca_layers=()), no neighbors read.
+  # True: model.chunk_size and model.vocab_size, when not set, come from the training chunk
+  # store and its tokenizer instead of the preset (see `fill_model_from_data`).
+  c.model_from_data = False
 
   # --- Data ----------------------------------------------------------------------------------
   c.data = ml_collections.ConfigDict()
@@ -84,7 +87,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.async_checkpointing = True
   c.compilation_cache_dir = ""  # persistent XLA compilation cache ("" = off).
-  c.peak_flops_per_device = 0.0  # for MFU; 0: the device kind's peak (CPU: measured matmul).
+  c.peak_flops_per_device = 0.0  # for MFU; 0: the device kind's peak (CPU: theoretical).
   return c
 
 
@@ -95,6 +98,26 @@ def model_config(cfg: ml_collections.ConfigDict) -> model_config_lib.RetroConfig
   if not cfg.retrieval:
     model = model.baseline()
   return model
+
+
+def fill_model_from_data(cfg: ml_collections.ConfigDict,
+                         store_manifest: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """With `model_from_data`, a copy of `cfg` whose unset model.chunk_size / model.vocab_size
+  are the chunk store's chunk size and its tokenizer's vocabulary; else `cfg` unchanged.
+
+  The values are written into the config, so the checkpoint records them and a resume or an
+  evaluation builds the same model.
+  """
+  if not cfg.get("model_from_data", False):
+    return cfg
+  out = cfg.copy_and_resolve_references()
+  if out.model.chunk_size is None and store_manifest.get("chunk_size") is not None:
+    out.model.chunk_size = int(store_manifest["chunk_size"])
+  tok = store_manifest.get("tokenizer")
+  if (out.model.vocab_size is None and isinstance(tok, Mapping)
+      and tok.get("vocab_size") is not None):
+    out.model.vocab_size = int(tok["vocab_size"])
+  return out
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
@@ -116,7 +139,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     raise err("data.db_dir (or data.train_chunks_dir) must name the training data")
   if model.uses_retrieval and not cfg.data.neighbors_dir:
     raise err("retrieval is on but data.neighbors_dir is empty; build it with "
-              "python -m retro_jax.retrieval.precompute_neighbors")
+              "python -m retro_jax.precompute_neighbors")
 
 
 def to_jsonable(cfg: ml_collections.ConfigDict) -> dict[str, Any]:

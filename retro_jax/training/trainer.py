@@ -45,9 +45,9 @@ from retro_jax import config as model_config_lib
 from retro_jax import fileio as manifest_lib
 from retro_jax import model as model_lib
 from retro_jax.model import sharding as sharding_lib
-from retro_jax.retrieval import align as align_lib
-from retro_jax.retrieval import chunk_store as chunk_store_lib
-from retro_jax.retrieval import sharded
+from retro_jax.retrieval.db import sharded
+from retro_jax.retrieval.store import align as align_lib
+from retro_jax.retrieval.store import chunk_store as chunk_store_lib
 from retro_jax.training import checkpoint as checkpoint_lib
 from retro_jax.training import data as data_lib
 from retro_jax.training import metrics as metrics_lib
@@ -355,6 +355,16 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._old)
 
 
+def _training_store_manifest(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The manifest of the chunk store the config trains on ({} when none is named)."""
+  d = cfg.data
+  if d.train_chunks_dir:
+    return dict(sharded.open_chunk_store(d.train_chunks_dir).manifest)
+  if d.db_dir:
+    return dict(sharded.open_database_store(d.db_dir).manifest)
+  return {}
+
+
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
                        stop_after: int | None = None,
                        on_step: Callable[[int, dict], None] | None = None,
@@ -365,6 +375,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   Returns a summary: final step, per-step losses of this call, last eval, preempted flag,
   final state.
   """
+  if cfg.get("model_from_data", False):
+    cfg = train_config.fill_model_from_data(cfg, _training_store_manifest(cfg))
   train_config.validate(cfg)
   model_cfg = train_config.model_config(cfg)
   if cfg.compilation_cache_dir:
@@ -416,9 +428,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
 
   n_params = model_lib.count_params(model_cfg)
   flops_per_token = metrics_lib.flops_per_token(model_cfg, cfg.seq_len, abstract_state.params)
-  peak = metrics_lib.peak_flops_per_device(cfg.peak_flops_per_device)
-  logging.info("non-embedding parameters %d; model FLOPs/token %.4g; peak FLOP/s/device %.3g",
-               n_params, flops_per_token, peak)
+  peak, peak_source = metrics_lib.peak_flops(cfg.peak_flops_per_device)
+  logging.info("non-embedding parameters %d; model FLOPs/token %.4g; MFU against a fixed peak "
+               "of %.3g FLOP/s per device (%s)", n_params, flops_per_token, peak, peak_source)
 
   example = {k: v for k, v in data.train.dataset.batch(data.train.global_starts()[:1]).items()
              if k in BATCH_KEYS}
@@ -460,12 +472,14 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
     if s % cfg.log_every == 0 or s == last:
       out = dict(loss=timer["loss"] / timer["n"], learning_rate=m["learning_rate"],
                  grad_norm=m["grad_norm"])
+      steps_per_s = None
       if timer["steps"]:
         dt = (now - timer["t0"]) / timer["steps"]
-        out.update(step_time_s=dt, tokens_per_s=tokens_per_step / dt)
+        steps_per_s = 1.0 / dt
+        out.update(step_time_s=dt, tokens_per_s=tokens_per_step / dt, steps_per_s=steps_per_s)
         if peak:
           out["mfu"] = flops_per_token * tokens_per_step / dt / (peak * mesh.size)
-      writer.write(s, out, "train")
+      writer.write(s, out, "train", metrics_lib.progress(s, cfg.num_steps, steps_per_s))
       timer.update(t0=now, steps=0, loss=0.0, n=0)
 
   try:

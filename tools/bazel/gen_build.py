@@ -58,6 +58,11 @@ TEST_OVERRIDES = {
     # Compile-bound (many small jitted models): two shards use both CI cores.  "large"
     # (900 s timeout) because on a busy machine a shard can pass 300 s without hanging.
     "test_model.py": {"size": "large", "shard_count": 2},
+    # They read setup.py and docs/your_corpus.md from the checkout (like test_build_coverage);
+    # the docs test runs the whole documented path in subprocesses.
+    "test_commands.py": {"tags": ["external"]},
+    "test_docs_commands.py": {"size": "large", "tags": ["external"]},
+    "test_harness.py": {"size": "large"},
 }
 
 HEADER = (
@@ -87,8 +92,8 @@ class Module:
   """One first-party Python file and the Bazel targets it becomes."""
 
   def __init__(self, relpath):
-    self.relpath = relpath  # e.g. "retro_jax/retrieval/corpus.py"
-    self.package = os.path.dirname(relpath)  # Bazel package: "retro_jax/retrieval"
+    self.relpath = relpath  # e.g. "retro_jax/retrieval/store/corpus.py"
+    self.package = os.path.dirname(relpath)  # Bazel package: "retro_jax/retrieval/store"
     base = os.path.basename(relpath)[:-3]
     self.is_init = base == "__init__"
     parts = relpath[:-3].split("/")
