@@ -117,3 +117,32 @@ def test_bad_input_writes_nothing(model, tmp_path, kind):
   message = str(e.value)
   assert "\n" not in message and named in message, message
   _nothing_written(out)
+
+
+def test_evaluate_and_generate_on_a_converted_checkpoint(tmp_path):
+  """A converted checkpoint with the database's tokenizer: evaluate (live retrieval) and
+  generate (KV cache, retrieval every chunk) run on it like on any workdir."""
+  from test_build_db import make_db  # pylint: disable=g-import-not-at-top
+  from retro_jax.evaluation import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
+  from retro_jax.generation import sampler  # pylint: disable=g-import-not-at-top
+  from retro_jax.generation.generate_config import SamplingParams  # pylint: disable=g-import-not-at-top
+  m = 8
+  db = make_db(str(tmp_path), num_docs=6, chunk_size=m, dim=32)
+  tokenizer = str(tmp_path / "tok" / "tokenizer.json")        # make_db's LM tokenizer
+  args = megatron_ref.legacy_args(padded_vocab_size=30528, tensor_model_parallel_size=2,
+                                  retro_chunk_length=m, num_layers=9)   # CCA at 6 and 9
+  megatron_ref.save_legacy(megatron_ref.build_model(args, seed=2), args, str(tmp_path / "ckpt"),
+                           2)
+  out = str(tmp_path / "workdir")
+  convert.convert(str(tmp_path / "ckpt"), out, tokenizer=tokenizer)
+  assert os.path.exists(os.path.join(out, "tokenizer", "tokenizer.json"))
+  settings = eval_lib.EvalSettings(seq_len=4 * m, stride=2 * m, ks=(2,), batch_size=2,
+                                   progress=False)
+  corpus = os.path.join(str(tmp_path), "db_corpus")
+  report = eval_lib.run_evaluation(out, corpus=corpus, db_dir=db, settings=settings)
+  runs = {str(r["k"]): r for r in report["runs"]}
+  assert set(runs) >= {"off", "2"} and all(np.isfinite(r["bpb"]) for r in runs.values())
+  gens = sampler.run_generation(out, ["def main():"], db_dir=db,
+                                sampling=SamplingParams(max_new_tokens=2 * m, temperature=0))
+  assert len(gens[0].tokens) + (gens[0].stop_reason == "eos") > 0
+  assert (gens[0].neighbor_ids >= 0).any()    # it retrieved while generating
