@@ -30,11 +30,16 @@ EXTRAS = {
     # --no-deps by scripts/setup_env.sh (it declares numpy<2 but runs beside numpy 2).
     # retro_jax.import_megatron itself needs neither torch nor megatron-core.
     # lm-eval: tests/test_harness.py runs the lm-evaluation-harness adapter on a local task.
-    "test": ["pytest", "pytest-xdist", "torch==2.13.0", "apache-beam", "lm-eval"],
+    # gguf + accelerate: transformers' GGUF loading, the reference of the GGUF import tests.
+    "test": ["pytest", "pytest-xdist", "torch==2.13.0", "apache-beam", "lm-eval", "gguf",
+             "accelerate"],
     "lm_eval": ["lm-eval"],
+    # import_lm of .gguf files (llama.cpp's format); safetensors imports need nothing more.
+    "lm": ["gguf"],
     # Accelerators: JAX's own wheels with their CUDA libraries, or libtpu (docs/your_corpus.md).
     "cuda": ["jax[cuda12]"],
-    "tpu": ["jax[tpu]"],  # retro-lm-eval / retro_jax.harness (lm-evaluation-harness)
+    "tpu": ["jax[tpu]"],
+    "gcs": ["gcsfs"],  # gs:// paths (retro_jax/remote.py)  # retro-lm-eval / retro_jax.harness (lm-evaluation-harness)
     "datasets": ["datasets"],
     "beam": ["apache-beam"],  # build_db / precompute_neighbors --runner=... (Beam pipelines)
     # experiments/benchmarks: faiss is the alternative index the ScaNN benchmark compares with.
@@ -56,6 +61,8 @@ CONSOLE_SCRIPTS = [
     "retro-generate = retro_jax.commands:generate",
     "retro-verify = retro_jax.commands:verify",
     "retro-lm-eval = retro_jax.commands:lm_eval",
+    "retro-import-lm = retro_jax.commands:import_lm",
+    "retro-export-lm = retro_jax.commands:export_lm",
     "retro-import-megatron = retro_jax.commands:import_megatron",
 ]
 

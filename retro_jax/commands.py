@@ -27,6 +27,8 @@ COMMANDS: dict[str, str] = {
     "retro-generate": "retro_jax.generate",
     "retro-verify": "retro_jax.verify",
     "retro-lm-eval": "retro_jax.harness",
+    "retro-import-lm": "retro_jax.import_lm",
+    "retro-export-lm": "retro_jax.export_lm",
     "retro-import-megatron": "retro_jax.import_megatron",
 }
 
