@@ -26,6 +26,9 @@ EXTRAS = {
     # torch is only a test-time reference (transformers' PyTorch BertModel).  The pin takes
     # the CPU wheel; an unpinned torch drags in a multi-GB CUDA build.
     # apache-beam: tests/test_beam.py runs the Beam pipelines on the DirectRunner.
+    # megatron-core==0.15.3 is the reference of tests/test_megatron_*.py; it is installed with
+    # --no-deps by scripts/setup_env.sh (it declares numpy<2 but runs beside numpy 2).
+    # retro_jax.import_megatron itself needs neither torch nor megatron-core.
     # lm-eval: tests/test_harness.py runs the lm-evaluation-harness adapter on a local task.
     # gguf + accelerate: transformers' GGUF loading, the reference of the GGUF import tests.
     "test": ["pytest", "pytest-xdist", "torch==2.13.0", "apache-beam", "lm-eval", "gguf",
@@ -60,6 +63,7 @@ CONSOLE_SCRIPTS = [
     "retro-lm-eval = retro_jax.commands:lm_eval",
     "retro-import-lm = retro_jax.commands:import_lm",
     "retro-export-lm = retro_jax.commands:export_lm",
+    "retro-import-megatron = retro_jax.commands:import_megatron",
 ]
 
 setuptools.setup(

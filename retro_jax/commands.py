@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "retro-lm-eval": "retro_jax.harness",
     "retro-import-lm": "retro_jax.import_lm",
     "retro-export-lm": "retro_jax.export_lm",
+    "retro-import-megatron": "retro_jax.import_megatron",
 }
 
 

@@ -24,6 +24,7 @@ POSITIONALS = ("xl", "rope", "learned_absolute")
 NORMS = ("rmsnorm", "layernorm")
 MLPS = ("gelu", "swiglu", "squared_relu")
 BIASES = ("none", "qkv", "all")
+RETRIEVAL_WIRINGS = ("paper", "megatron")
 ATTENTION_IMPLS = ("einsum", "sdpa_xla", "sdpa_cudnn", "auto")
 # jax.checkpoint_policies names offered for remat.
 REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
@@ -98,6 +99,17 @@ class RetroConfig:
   # Linear biases: "none" (paper, Llama), "qkv" (query/key/value only, Qwen2), "all" (also
   # the attention output and MLP: GPT-2, Megatron).  Not with positional "xl".
   bias: str = "none"
+
+  # --- Retrieval wiring ------------------------------------------------------------------------
+  # "paper": CCA and encoder as in the paper (relative positions, the encoder's own norm of
+  # the chunk states, a final encoder norm).  "megatron": NVIDIA's Megatron-LM RETRO
+  # (model/megatron.py): no positions in CCA and the encoder, the encoder cross-attends to
+  # the first CCA layer's CCA-normed chunk states, no final encoder norm, biases in the
+  # retrieval attention when bias == "all".  Needs share_embeddings and enc_* = decoder's.
+  retrieval_wiring: str = "paper"
+  # A constant factor on every CCA update: Megatron's retro_attention_gate (1 in pretraining,
+  # 0 in NVIDIA's instruction tuning and generation scripts).
+  cca_scale: float = 1.0
 
   # --- Numerics and memory -------------------------------------------------------------------
   norm_eps: float = 1e-6               # norm epsilon.
@@ -185,6 +197,7 @@ class RetroConfig:
       raise ConfigError(f"scan_layers needs evenly spaced cca_layers (one scanned period), "
                         f"got {self.cca_layers}")
     self._check_family()
+    self._check_wiring()
     if self.dtype not in _DTYPES:
       raise ConfigError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
     if not self.norm_eps > 0:
@@ -226,6 +239,26 @@ class RetroConfig:
     if self.positional == "xl" and (self.kv_heads != self.num_heads or self.bias != "none"):
       raise ConfigError("positional='xl' supports neither num_kv_heads < num_heads nor "
                         "linear biases; use positional='rope' or 'learned_absolute'")
+
+  def _check_wiring(self):
+    if self.retrieval_wiring not in RETRIEVAL_WIRINGS:
+      raise ConfigError(f"retrieval_wiring must be one of {RETRIEVAL_WIRINGS}, got "
+                        f"{self.retrieval_wiring!r}")
+    if isinstance(self.cca_scale, bool) or not isinstance(self.cca_scale, (int, float)):
+      raise ConfigError(f"cca_scale must be a number, got {self.cca_scale!r}")
+    object.__setattr__(self, "cca_scale", float(self.cca_scale))
+    if self.retrieval_wiring != "megatron" or not self.uses_retrieval:
+      return
+    if not self.share_embeddings:
+      raise ConfigError("retrieval_wiring='megatron' embeds neighbors with the decoder's table: "
+                        "set share_embeddings=True")
+    for enc, dec in (("enc_emb_dim", "emb_dim"), ("enc_num_heads", "num_heads"),
+                     ("enc_head_dim", "head_dim")):
+      if getattr(self, enc) != getattr(self, dec):
+        raise ConfigError(f"retrieval_wiring='megatron' has an encoder as wide as the decoder: "
+                          f"{enc}={getattr(self, enc)} != {dec}={getattr(self, dec)}")
+    if self.cca_rank_bias:
+      raise ConfigError("cca_rank_bias is not available with retrieval_wiring='megatron'")
 
   # --- Derived quantities --------------------------------------------------------------------
   @property
@@ -281,7 +314,8 @@ class RetroConfig:
 _LATER_FIELDS = dict(attention_impl="einsum", low_precision_grads=True, scan_layers=False,
                      remat_policy="nothing_saveable", rope_base=10_000.0, rope_fraction=1.0,
                      max_len=2048, norm="rmsnorm", norm_zero_centered=False, mlp="gelu",
-                     num_kv_heads=0, tie_embeddings=False, bias="none")
+                     num_kv_heads=0, tie_embeddings=False, bias="none",
+                     retrieval_wiring="paper", cca_scale=1.0)
 
 
 # --- Presets ------------------------------------------------------------------------------
@@ -335,6 +369,25 @@ PRESETS["quickstart"] = dict(PRESETS["quickstart-paper"], align_neighbors=True,
                              neighbor_min_match=8, copy_head=True, cca_gate=True)
 PRESETS["quickstart-baseline"] = dict(PRESETS["quickstart-paper"], cca_layers=())
 # (The benchmarks' peer-38m presets are registered by experiments/benchmarks/common.py.)
+
+
+# NVIDIA's released Megatron RETRO checkpoints (retro-8b-{base,instruct}-4k, retro-48b-...):
+# the architecture their saved args describe (retro_jax.import_megatron converts them; the
+# presets give the shapes for planning, e.g. count_params).  RoPE on half of each 128-wide
+# head, LayerNorm-1p, SwiGLU, no linear biases, untied 256k vocabulary, CCA every 3rd layer
+# from 9, an encoder as wide as the decoder sharing its embedding, k = 2, m = 64.
+def _nvidia(layers, d, heads, ffn):
+  return dict(vocab_size=256_000, chunk_size=64, num_neighbors=2, emb_dim=d, num_layers=layers,
+              num_heads=heads, head_dim=d // heads, mlp_dim=ffn,
+              cca_layers=every_third_from(9, layers), enc_emb_dim=d, enc_num_layers=2,
+              enc_num_heads=heads, enc_head_dim=d // heads, enc_mlp_dim=ffn,
+              share_embeddings=True, positional="rope", rope_base=10_000.0, rope_fraction=0.5,
+              norm="layernorm", norm_zero_centered=True, norm_eps=1e-5, mlp="swiglu",
+              bias="none", tie_embeddings=False, retrieval_wiring="megatron", cca_scale=1.0)
+
+
+PRESETS["nvidia-retro-8b"] = _nvidia(32, 4096, 32, 10880)
+PRESETS["nvidia-retro-48b"] = _nvidia(48, 8192, 64, 21824)
 
 
 def get_preset(name: str, **overrides: Any) -> RetroConfig:

@@ -212,6 +212,23 @@ MUTATIONS: tuple[Mutation, ...] = (
     _m("CCA gate ignored", "retro_jax/model/retro.py", [
         ("    if not self.config.cca_gate:\n      return y", "    if True:\n      return y"),
     ], "tests/test_reading.py"),
+    # --- NVIDIA's Megatron RETRO (import and wiring) ----------------------------------------------
+    _m("Megatron SwiGLU shards concatenated naively (gate and up interleaved)",
+       "retro_jax/megatron/legacy.py", [
+           ("    if arch.activation != \"swiglu\":\n      return np.concatenate(parts, axis=0)",
+            "    if True:\n      return np.concatenate(parts, axis=0)"),
+       ], "tests/test_megatron_checkpoint.py"),
+    _m("Megatron LayerNorm-1p weights read without the +1", "retro_jax/megatron/legacy.py", [
+        ("      out = out + np.float32(1.0)", "      out = out"),
+    ], "tests/test_megatron_checkpoint.py"),
+    _m("Megatron encoder reads the raw chunk states, not the CCA-normed ones",
+       "retro_jax/model/retro.py", [
+           ("    if self.config.retrieval_wiring == \"megatron\":\n      return self.cca_norm(x)",
+            "    if False:\n      return self.cca_norm(x)"),
+       ], "tests/test_megatron_parity.py"),
+    _m("Megatron CCA scale (retro_attention_gate) ignored", "retro_jax/model/megatron.py", [
+        ("    return y * jnp.asarray(self.scale, y.dtype)", "    return y"),
+    ], "tests/test_megatron_model.py"),
     # --- retrieval: sharded databases ---------------------------------------------------------
     _m("ScaNN SIMD raises a kernel level the CPU lacks", "retro_jax/retrieval/search/scann_simd.py", [
         ("and all(f in have for f in REQUIRES[level])", "and True"),

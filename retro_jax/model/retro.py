@@ -41,6 +41,7 @@ from retro_jax.model.cca import ChunkedCrossAttention, cca_distances
 from retro_jax.model.copy import (COPY_DIM, MATCH_ORDERS, SCALAR_SCALE, NeighborCopy,
                                   recent_tokens)
 from retro_jax.model.encoder import NeighborEncoder
+from retro_jax.model.megatron import MegatronCCA, MegatronNeighborEncoder
 from retro_jax.model.gqa import GroupedQueryAttention, rope_table
 
 Cache = dict[str, Any]
@@ -118,7 +119,12 @@ class DecoderLayer(nn.Module):
           c.num_heads, c.kv_heads, c.head_dim, c.emb_dim, rope=c.positional == "rope",
           qkv_bias=c.bias != "none", out_bias=c.bias == "all", init_std=c.init_std,
           out_init_std=out_std, dtype=dtype, **impl)
-    if self.has_cca:
+    if self.has_cca and c.retrieval_wiring == "megatron":
+      self.cca_norm = layers.make_norm(c, dtype)
+      self.cca = MegatronCCA(c.num_heads, c.head_dim, c.emb_dim, c.enc_emb_dim, c.chunk_size,
+                             use_bias=c.bias == "all", scale=c.cca_scale, init_std=c.init_std,
+                             out_init_std=out_std, dtype=dtype)
+    elif self.has_cca:
       self.cca_norm = layers.make_norm(c, dtype)
       self.cca = ChunkedCrossAttention(
           c.num_heads, c.head_dim, c.emb_dim, c.enc_emb_dim, c.chunk_size,
@@ -139,6 +145,13 @@ class DecoderLayer(nn.Module):
     """x [B, n, d] -> (x + ATTN(norm(x)), keys, values [B, n, H, dh])."""
     y, k, v = self.attn.self_attention(self.attn_norm(x), feats, causal=True)
     return self._constrain(x + y), k, v
+
+  def encoder_context(self, x):
+    """What the encoder reads of this (first CCA) layer's states x [B, n, d]: x itself
+    (paper: the encoder norms it itself), or its CCA-normed states (Megatron)."""
+    if self.config.retrieval_wiring == "megatron":
+      return self.cca_norm(x)
+    return x
 
   def _gated(self, y):
     """The CCA update, through tanh(10 a) when config.cca_gate (a = 0 at init)."""
@@ -236,7 +249,9 @@ class Retro(nn.Module):
       self.layers = None
     else:
       self.layers = [layer_cls(c, i + 1, name=f"layer_{i}") for i in range(c.num_layers)]
-    if c.uses_retrieval:
+    if c.uses_retrieval and c.retrieval_wiring == "megatron":
+      self.encoder = MegatronNeighborEncoder(c)
+    elif c.uses_retrieval:
       self.encoder = NeighborEncoder(
           c, shared_embedding=self.embed if c.share_embeddings else None)
     if self._has_copy:
@@ -360,7 +375,8 @@ class Retro(nn.Module):
       x, k, v = layer.attention_block(x, self_feats)
       kvs.append((k, v))
       if use_retrieval and layer.index == self._first_cca:
-        h_first, (enc, enc_mask) = x, self._encode(x, n, neighbors)
+        h_first = layer.encoder_context(x)
+        enc, enc_mask = self._encode(h_first, n, neighbors)
       x = layer.retrieval_ffw_block(x, enc, enc_mask, cca_feats)
     return self._output(x, tokens, neighbors if use_retrieval else None,
                         dict(kvs=kvs, h_first=h_first, enc=enc, enc_mask=enc_mask))
@@ -381,7 +397,8 @@ class Retro(nn.Module):
       x, k, v = module.attention_block(x, self_feats)   # the first CCA layer
       kvs.append((k, v))
       if use_retrieval:
-        h_first, (enc, enc_mask) = x, self._encode(x, n, neighbors)
+        h_first = module.encoder_context(x)
+        enc, enc_mask = self._encode(h_first, n, neighbors)
       x = module.retrieval_ffw_block(x, enc, enc_mask, cca_feats)
     return self._output(x, tokens, neighbors if use_retrieval else None,
                         dict(kvs=kvs, h_first=h_first, enc=enc, enc_mask=enc_mask))
@@ -389,7 +406,17 @@ class Retro(nn.Module):
   def _encode(self, x, n, neighbors):
     """The encoder over the neighbors, conditioned on the first CCA layer's chunk states x."""
     context, context_mask = self._chunk_context(x, n)
-    return self.encoder(neighbors, context, context_mask)
+    return self._run_encoder(neighbors, context, context_mask)
+
+  def _run_encoder(self, neighbors, context, context_mask):
+    """The encoder on neighbors [B, l, k, r] and chunk states [B, l, m, d]; Megatron's
+    embeds the neighbors with the decoder's table (and position rows 0..r-1 when learned)."""
+    if self.config.retrieval_wiring != "megatron":
+      return self.encoder(neighbors, context, context_mask)
+    shape = neighbors.shape
+    flat = neighbors.reshape(-1, shape[-1])
+    embedded = self._embed(flat).reshape(shape + (-1,))
+    return self.encoder(neighbors, context, context_mask, embedded)
 
   def _output(self, x, tokens, neighbors, aux):
     """Logits (through the copy head when it is on and neighbors were read) and aux."""
@@ -520,11 +547,12 @@ class Retro(nn.Module):
       x, ck, cv = layer.decode_attention(x, lc["k"], lc["v"], lc["table"], pos)
       new_layers[name] = dict(lc, k=ck, v=cv)
       if c.uses_retrieval and layer.index == self._first_cca:
-        h_first = jax.lax.dynamic_update_slice_in_dim(h_first, x.astype(h_first.dtype), pos, 1)
+        h_first = jax.lax.dynamic_update_slice_in_dim(
+            h_first, layer.encoder_context(x).astype(h_first.dtype), pos, 1)
         if neighbors is not None:
           chunk = jax.lax.dynamic_slice_in_dim(h_first, pos - (m - 1), m, axis=1)
-          enc, enc_mask = self.encoder(neighbors[:, None], chunk[:, None],
-                                       jnp.ones(chunk.shape[:2], bool)[:, None])
+          enc, enc_mask = self._run_encoder(neighbors[:, None], chunk[:, None],
+                                            jnp.ones(chunk.shape[:2], bool)[:, None])
       cca_cache = cache["cca"].get(name)
       if layer.has_cca:
         if enc is not None:
