@@ -35,7 +35,8 @@ EXTRAS = {
     "lm": ["gguf"],
     # Accelerators: JAX's own wheels with their CUDA libraries, or libtpu (docs/your_corpus.md).
     "cuda": ["jax[cuda12]"],
-    "tpu": ["jax[tpu]"],  # retro-lm-eval / retro_jax.harness (lm-evaluation-harness)
+    "tpu": ["jax[tpu]"],
+    "gcs": ["gcsfs"],  # gs:// paths (retro_jax/remote.py)  # retro-lm-eval / retro_jax.harness (lm-evaluation-harness)
     "datasets": ["datasets"],
     "beam": ["apache-beam"],  # build_db / precompute_neighbors --runner=... (Beam pipelines)
     # experiments/benchmarks: faiss is the alternative index the ScaNN benchmark compares with.

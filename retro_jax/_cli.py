@@ -28,6 +28,7 @@ from absl import app
 from absl import flags
 
 from retro_jax import host_malloc
+from retro_jax import remote
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
 
@@ -94,15 +95,40 @@ def config_flag_error(argv: Sequence[str], error: BaseException) -> str:
   return " ".join(str(error).split())
 
 
+def stage_url_flags(argv: list[str], outputs: Sequence[str] = ("output",),
+                    flag_values=flags.FLAGS) -> tuple[list[str], list[tuple[str, str]]]:
+  """Flags (and positional arguments) whose values are URLs (gs://, memory://: see
+  retro_jax/remote.py) are staged to local disk before the job runs: inputs copied in, and
+  the flags named in `outputs` given a local path (a copy of what is already there, so a
+  rerun resumes), to be copied out when the job ends.  Returns (argv, [(local, url)])."""
+  uploads = []
+  for name in list(flag_values):
+    value = flag_values[name].value
+    if isinstance(value, str) and remote.is_url(value):
+      if name in outputs:
+        local = remote.stage_in(value) if remote.exists(value) else remote.new_local(value)
+        uploads.append((local, value))
+      else:
+        local = remote.stage_in(value)
+      flag_values[name].value = local
+    elif isinstance(value, list) and any(isinstance(v, str) and remote.is_url(v)
+                                         for v in value):
+      flag_values[name].value = remote.stage_paths(value)
+  argv = [argv[0]] + remote.stage_paths(argv[1:]) if len(argv) > 1 else argv
+  return argv, uploads
+
+
 def run(main: Callable[[list[str]], Any], prog: str, errors: Sequence[str] = (),
         positional: bool = False,
-        rewrite_argv: Callable[[list[str]], list[str]] | None = None) -> None:
+        rewrite_argv: Callable[[list[str]], list[str]] | None = None,
+        outputs: Sequence[str] = ("output",)) -> None:
   """Restarts with the malloc settings, parses flags, runs `main`, reports user errors.
 
   `errors`: the job's own user-facing error classes beyond ValueError and OSError, as
   "module.Class" names (e.g. the retrieval service's).  `positional`: `main` takes
   positional arguments (argv[1:]); otherwise any is refused.  `rewrite_argv`: applied to
-  argv before parsing (train: `--config=small` names a packaged config).
+  argv before parsing (train: `--config=small` names a packaged config).  `outputs`: the
+  flags naming what the job writes (a URL there is written locally, then copied out).
   """
   try:
     host_malloc.tuned_environ(os.environ)  # a misspelt RETRO_JAX_MALLOC, in this format
@@ -126,7 +152,11 @@ def run(main: Callable[[list[str]], Any], prog: str, errors: Sequence[str] = (),
       fail(prog, f"unexpected arguments: {argv[1:]}")
     quiet_orbax(not _ORBAX_LOGS.value)
     try:
-      return main(argv)
+      argv, uploads = stage_url_flags(argv, outputs)
+      result = main(argv)
+      for local, url in uploads:
+        remote.stage_out(local, url)
+      return result
     except USER_ERRORS + (app.UsageError,) as e:
       fail(prog, e)
     except Exception as e:  # pylint: disable=broad-except

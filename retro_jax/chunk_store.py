@@ -38,12 +38,12 @@ def main(argv):
   if bool(_DB.value) == bool(_TOKENIZER.value):
     raise ValueError("give --db=DB (its tokenizer and chunk size) or --tokenizer with "
                      "--chunk_size, not both")
-  from retro_jax.retrieval.db import sharded  # pylint: disable=g-import-not-at-top  (after the malloc restart)
+  from retro_jax.retrieval.db import access  # pylint: disable=g-import-not-at-top  (after the malloc restart)
   from retro_jax.retrieval.store import chunk_store as chunk_store_lib  # pylint: disable=g-import-not-at-top
   from retro_jax.retrieval.store import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
   from retro_jax.retrieval.store import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   if _DB.value:
-    db = sharded.open_database(_DB.value)
+    db = access.open_database(_DB.value)
     tokenizer, chunk_size = db.tokenizer, int(db.store.chunk_size)
     if _CHUNK_SIZE.value not in (None, chunk_size):
       raise ValueError(f"--chunk_size={_CHUNK_SIZE.value} but database {_DB.value} has "

@@ -22,6 +22,7 @@ from ml_collections import config_flags
 
 from retro_jax import _cli
 from retro_jax import configs
+from retro_jax import remote
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
                                           lock_config=True)
@@ -40,11 +41,19 @@ _ERRORS = ["retro_jax.training.trainer.TrainingDiverged",
 def main(argv):
   del argv
   from retro_jax.training import trainer  # pylint: disable=g-import-not-at-top  (after the malloc restart)
-  summary = trainer.run(_CONFIG.value, _WORKDIR.value, coordinator_address=_COORDINATOR.value,
+  cfg = _CONFIG.value
+  for key in ("db_dir", "train_chunks_dir", "neighbors_dir", "eval_chunks_dir",
+              "eval_neighbors_dir"):  # URLs staged to local disk (retro_jax/remote.py)
+    if remote.is_url(cfg.data[key]):
+      cfg.data[key] = remote.stage_in(cfg.data[key])
+  if remote.is_url(cfg.retrofit.checkpoint):
+    cfg.retrofit.checkpoint = remote.stage_in(cfg.retrofit.checkpoint)
+  summary = trainer.run(cfg, _WORKDIR.value, coordinator_address=_COORDINATOR.value,
                         num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   logging.info("finished at step %d%s", summary["step"],
                " (preempted: checkpoint saved)" if summary["preempted"] else "")
 
 
 if __name__ == "__main__":
-  _cli.run(main, "train", errors=_ERRORS, rewrite_argv=configs.rewrite_argv)
+  _cli.run(main, "train", errors=_ERRORS, rewrite_argv=configs.rewrite_argv,
+           outputs=("workdir",))

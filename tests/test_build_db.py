@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from retro_jax import fileio as manifest_lib
+from retro_jax import provenance
 from retro_jax.retrieval.db import database as database_lib
 from retro_jax.retrieval.embed import hashing as hashing_lib
 from retro_jax.retrieval.jobs import build as build_lib
@@ -140,11 +141,12 @@ def test_database_refuses_foreign_chunk_store_and_chunk_size(tmp_path):
   man_path = os.path.join(db_dir, "manifest.json")
   man = manifest_lib.read_json(man_path)
   with pytest.raises(manifest_lib.ManifestMismatchError, match="chunk size"):
-    database_lib.check_database(man, chunk_size=64)
-  database_lib.check_database(man, chunk_size=16, tokenizer=man["tokenizer"])
+    provenance.check(man, provenance.Expected(chunk_size=64), "the database")
+  provenance.check(man, provenance.Expected(chunk_size=16, tokenizer=man["tokenizer"]),
+                   "the database")
   other_tok = dict(man["tokenizer"], sha256="0" * 64)
   with pytest.raises(manifest_lib.ManifestMismatchError, match="tokenizer"):
-    database_lib.check_database(man, tokenizer=other_tok)
+    provenance.check(man, provenance.Expected(tokenizer=other_tok), "the database")
   man["chunk_store"]["manifest_hash"] = "f" * 64
   manifest_lib.atomic_write_json(man_path, man)
   with pytest.raises(manifest_lib.ManifestMismatchError) as e:

@@ -134,6 +134,10 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("  check_equal(what, exp, act, expected_source, actual_source)", "  del exp, act"),
     ], "tests/test_evaluate.py::test_tokenizer_mismatch_is_refused_naming_both",
        "tests/test_precompute.py::test_manifest_mismatches_are_refused"),
+    _m("provenance check ignores the tokenizer", "retro_jax/provenance.py", [
+        ("  if expected.tokenizer and tok:", "  if False:"),
+    ], "tests/test_evaluate.py::test_tokenizer_mismatch_is_refused_naming_both",
+       "tests/test_build_db.py::test_database_refuses_foreign_chunk_store_and_chunk_size"),
     # --- training --------------------------------------------------------------------------
     _m("gradient accumulation averages per microbatch (scale 1/A)",
        "retro_jax/training/trainer.py", [

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from retro_jax import fileio
+from retro_jax import provenance
 from retro_jax.config import RetroConfig
 from retro_jax.generation import generate_config
 from retro_jax.inference import checkpoints as ckpt_lib
@@ -113,7 +114,7 @@ class Generator:
   """Samples from a RETRO (or baseline) model, retrieving live every completed chunk.
 
   Args:
-    params, config: the model (see evaluation.checkpoints.load_model).
+    params, config: the model (see inference.checkpoints.load_model).
     tokenizer: the LM tokenizer (encode/decode, eos_id).
     retriever: object with `retrieve_chunks(tokens [Q, m], k)` (Retriever or
       RemoteRetriever); None runs a RETRO model without retrieval.
@@ -322,7 +323,7 @@ def generate(config: GenerateConfig) -> list[Generation]:
                                 chunk_size=retrieves)
   retriever = session.retriever
   tok = session.tokenizer(config.tokenizer)
-  ckpt_lib.check_against_database(model, {"tokenizer": tok.identity()},
-                                  f"tokenizer {tok.path}", chunk_size=False)
+  provenance.check({"tokenizer": tok.identity()}, model.expected(chunk_size=False),
+                   f"tokenizer {tok.path}")
   gen = Generator(model.params, model.config, tok, retriever, config.num_neighbors)
   return gen.generate(prompts, config.sampling)

@@ -45,9 +45,8 @@ from retro_jax import config as model_config_lib
 from retro_jax import fileio as manifest_lib
 from retro_jax import model as model_lib
 from retro_jax.model import sharding as sharding_lib
-from retro_jax.retrieval.db import sharded
+from retro_jax.retrieval.db import access
 from retro_jax.retrieval.store import align as align_lib
-from retro_jax.retrieval.store import chunk_store as chunk_store_lib
 from retro_jax.training import checkpoint as checkpoint_lib
 from retro_jax.training import data as data_lib
 from retro_jax.training import metrics as metrics_lib
@@ -85,9 +84,9 @@ def open_data(cfg, model_cfg, process_index: int = 0, process_count: int = 1) ->
   d = cfg.data
   train_dir = d.train_chunks_dir or os.path.join(d.db_dir, "chunks")
   if d.db_dir:  # the database's manifest must exist and agree with its chunks (as elsewhere)
-    db_store = sharded.open_database_store(d.db_dir)
+    db_store = access.open_database(d.db_dir, tokens_only=True)
   store = db_store if d.db_dir and not d.train_chunks_dir else (
-      sharded.open_chunk_store(train_dir))
+      access.open_database(train_dir, tokens_only=True))
   k = model_cfg.num_neighbors if model_cfg.uses_retrieval else 0
   shown = align_lib.Presentation.of(model_cfg)
   neighbors = retrieval = None
@@ -101,7 +100,7 @@ def open_data(cfg, model_cfg, process_index: int = 0, process_count: int = 1) ->
                                     process_count, shuffle=True)
   eval_ds = bpt = None
   if d.eval_chunks_dir:
-    eval_store = chunk_store_lib.ChunkStore.open(d.eval_chunks_dir)
+    eval_store = access.open_database(d.eval_chunks_dir, tokens_only=True)
     eval_nb = eval_retrieval = None
     if k:
       if not d.eval_neighbors_dir:
@@ -405,9 +404,9 @@ def _training_store_manifest(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   """The manifest of the chunk store the config trains on ({} when none is named)."""
   d = cfg.data
   if d.train_chunks_dir:
-    return dict(sharded.open_chunk_store(d.train_chunks_dir).manifest)
+    return dict(access.open_database(d.train_chunks_dir, tokens_only=True).manifest)
   if d.db_dir:
-    return dict(sharded.open_database_store(d.db_dir).manifest)
+    return dict(access.open_database(d.db_dir, tokens_only=True).manifest)
   return {}
 
 
