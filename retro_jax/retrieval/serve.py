@@ -9,10 +9,11 @@ Loads the database, index, tokenizer and embedder once, then answers POST /retri
 POST /search, GET /health and GET /manifest until interrupted.  One such service per shard
 of a sharded database, and `python -m retro_jax.retrieval.router` in front, serve it
 sharded (router.py).  The database is opened with the checks every consumer runs
-(manifests against chunks, shapes, index file sizes), but memory-mapped, not hashed whole:
-`python -m retro_jax.verify DB_DIR` is the complete check.  Binds 127.0.0.1 unless told
-otherwise:
-there is no authentication.
+(manifests against chunks, shapes, index file sizes), then the recorded sha256 of the chunk
+store and index files it serves from is recomputed (`integrity.check_contents`: rows
+reordered in place would otherwise change every answer silently; --skip_content_check skips
+it); `python -m retro_jax.verify DB_DIR` is the complete check.  Binds 127.0.0.1 unless
+told otherwise: there is no authentication.
 """
 
 from absl import flags
@@ -45,6 +46,9 @@ _REQUEST = flags.DEFINE_float("request_timeout", _DEFAULTS.request_timeout,
                               "Seconds for a request's body to arrive.", lower_bound=0.001)
 _WARM_UP = flags.DEFINE_bool("warm_up", True, "Compile BERT for one row at every bucket "
                              "length before serving (no effect with a hashing embedder).")
+_SKIP_CONTENT_CHECK = flags.DEFINE_bool(
+    "skip_content_check", False, "Do not recompute the recorded sha256 of the chunk store and "
+    "index files at start (seconds per GB; for files `verify` has just checked).")
 _WORKERS = flags.DEFINE_integer("workers", _DEFAULTS.workers,
                                 "Threads that parse, validate and tokenise requests.",
                                 lower_bound=1)
@@ -63,7 +67,11 @@ def main(argv):
   del argv
   config = service_config()
   embedder = retriever_lib.load_embedder(_BERT.value) if _BERT.value else None
-  retriever = retriever_lib.Retriever.open(sharded.open_database(_DB.value), embedder=embedder)
+  from retro_jax import integrity  # pylint: disable=g-import-not-at-top
+  db = sharded.open_database(_DB.value)
+  integrity.check_contents(db=db, db_parts=("chunks", "index"),
+                           skip=_SKIP_CONTENT_CHECK.value, job="serve")
+  retriever = retriever_lib.Retriever.open(db, embedder=embedder)
   server = service_lib.RetrievalServer(retriever, _HOST.value, _PORT.value, config=config)
   print(f"retrieval service on {server.url} ({retriever.store.num_chunks} chunks)", flush=True)
   try:
