@@ -19,7 +19,7 @@ INSTALL_REQUIRES = [
     "tensorboardX",
     "matplotlib",  # the quickstart's and experiments' plots (required: reporting.py)
     "grain",  # the training data order: its random-access index shuffle (training/data.py)
-    "h11",  # HTTP/1.1 parsing of the retrieval service (retrieval/service.py)
+    "h11",  # HTTP/1.1 parsing of the retrieval service (retrieval/serve/server.py)
 ]
 
 EXTRAS = {

@@ -10,7 +10,7 @@ but imperfect neighbor, as retrieval gives on real data); --distractors=1 adds a
 random neighbor beside it.  The floor is the entropy of the best predictor (copy with
 probability 1 - c + c/V); the target is the loss halfway between ln V and the floor.
 
-Variants (model options of retro_jax.config, the data option through retro_jax.retrieval.align):
+Variants (model options of retro_jax.config, the data option through retro_jax.retrieval.store.align):
   paper       the paper's model
   rank_bias   cca_rank_bias=True: a learned per-head logit per neighbor rank
   min_match   neighbors sharing no run of >= 2 tokens with the retrieving chunk are
@@ -39,11 +39,11 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from retro_jax import fileio as manifest_lib  # pylint: disable=wrong-import-position
 from retro_jax import pipeline  # pylint: disable=wrong-import-position
 from retro_jax.config import get_preset  # pylint: disable=wrong-import-position
 from retro_jax.model import Retro  # pylint: disable=wrong-import-position
-from retro_jax.retrieval import align  # pylint: disable=wrong-import-position
-from retro_jax.retrieval import manifest as manifest_lib  # pylint: disable=wrong-import-position
+from retro_jax.retrieval.store import align  # pylint: disable=wrong-import-position
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VOCAB = 128

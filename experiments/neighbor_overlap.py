@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from retro_jax import pipeline  # pylint: disable=wrong-import-position
 from retro_jax.evaluation import leakage  # pylint: disable=wrong-import-position
-from retro_jax.retrieval import chunk_store  # pylint: disable=wrong-import-position
+from retro_jax.retrieval.store import chunk_store  # pylint: disable=wrong-import-position
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

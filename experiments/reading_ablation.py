@@ -23,8 +23,8 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from retro_jax import fileio as manifest_lib  # pylint: disable=wrong-import-position
 from retro_jax import pipeline  # pylint: disable=wrong-import-position
-from retro_jax.retrieval import manifest as manifest_lib  # pylint: disable=wrong-import-position
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OFF = dict(align_neighbors=False, neighbor_min_match=0, copy_head=False, cca_rank_bias=False,
@@ -52,7 +52,7 @@ _OUT = flags.DEFINE_string("results_dir", os.path.join(HERE, "results"), "Output
 
 def quickstart_run_config(workdir: str) -> dict:
   """The training config the quickstart's RETRO run recorded in its last checkpoint."""
-  from retro_jax.evaluation import checkpoints as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from retro_jax.inference import checkpoints as ckpt_lib  # pylint: disable=g-import-not-at-top
   try:
     return ckpt_lib.load_model(os.path.join(workdir, "runs", "retro")).train_config
   except ckpt_lib.CheckpointError as e:

@@ -15,7 +15,7 @@ databases, neighbor files and runs are reused).
 copies its bits-per-byte curves; `neighbors_k` evaluates the trained RETRO with k neighbors
 (paper Fig. 4 / §4.1: gains grow up to k ~ 10 for small models); `db_size` evaluates the same
 RETRO against databases made of 1%, 10% and 100% of the training documents
-(`build_db.subset_database`, same embeddings, nested subsets; paper Table 4 / Fig. 1);
+(`build_lib.subset_database`, same embeddings, nested subsets; paper Table 4 / Fig. 1);
 `retrofit` freezes the trained baseline, adds an encoder and CCA and trains only those for
 `--retrofit_steps` (paper §4.2), then evaluates it next to RETRO trained from scratch.
 """
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 
@@ -34,8 +33,8 @@ from absl import logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from retro_jax import fileio as manifest_lib  # pylint: disable=wrong-import-position
 from retro_jax import pipeline  # pylint: disable=wrong-import-position
-from retro_jax.retrieval import manifest as manifest_lib  # pylint: disable=wrong-import-position
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -184,7 +183,7 @@ def _extended_database(work: str, frac: float) -> str:
   """A database `frac` (> 1) times the training documents' bytes: the training documents plus
   documents of the same corpus that the split left unused, never one on the held-out side
   (for a split by directory, no file of a held-out directory).  Same tokenizer and embedder."""
-  from retro_jax.retrieval import build_db  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval.jobs import build as build_lib  # pylint: disable=g-import-not-at-top
   db_dir = os.path.join(work, "db_extended", f"{frac:g}")
   if os.path.exists(os.path.join(db_dir, manifest_lib.MANIFEST)):
     return db_dir
@@ -214,17 +213,17 @@ def _extended_database(work: str, frac: float) -> str:
   manifest_lib.atomic_write_bytes(extra, "".join(
       json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8"))
   src = manifest_lib.read_manifest(os.path.join(work, "db"))
-  build_db.build_database([train_jsonl, extra], _data(work).tokenizer, db_dir,
+  build_lib.build_database([train_jsonl, extra], _data(work).tokenizer, db_dir,
                           chunk_size=int(src["chunk_size"]), bert=src["embedder_source"],
                           embed_batch_size=64)
   return db_dir
 
 
 def db_size(work: str, name: str) -> None:
-  from retro_jax.retrieval import build_db  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval import precompute_neighbors as pn  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval import retriever as retriever_lib  # pylint: disable=g-import-not-at-top
-  embedder = retriever_lib.load_embedder(
+  from retro_jax.retrieval.embed import hashing as hashing_lib
+  from retro_jax.retrieval.jobs import build as build_lib  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval.jobs import precompute as pn  # pylint: disable=g-import-not-at-top
+  embedder = hashing_lib.load_embedder(
       manifest_lib.read_manifest(os.path.join(work, "db"))["embedder_source"])
   rows = []
   for frac in sorted(float(f) for f in _FRACTIONS.value):
@@ -235,7 +234,7 @@ def db_size(work: str, name: str) -> None:
     else:
       db_dir = os.path.join(work, "db_subsets", f"{frac:g}")
       if not os.path.exists(os.path.join(db_dir, manifest_lib.MANIFEST)):
-        build_db.subset_database(os.path.join(work, "db"), db_dir, frac)
+        build_lib.subset_database(os.path.join(work, "db"), db_dir, frac)
     nb = os.path.join(work, "neighbors", "eval" if frac == 1.0 else f"eval_db{frac:g}")
     if not os.path.exists(os.path.join(nb, manifest_lib.MANIFEST)):
       # The held-out chunks are embedded as the full database's were (a subset database

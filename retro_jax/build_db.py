@@ -8,14 +8,14 @@ r"""Build a retrieval database: corpus -> chunk store -> embeddings -> ScaNN ind
       [--runner=DirectRunner|DataflowRunner|FlinkRunner|SparkRunner|PortableRunner \
        --num_shards=S --beam_options="--direct_num_workers=2 ..."]
 
-(`python -m retro_jax.retrieval.build_db` is the same command.)  Every step resumes; see
-retro_jax/retrieval/build_db.py for the steps and build_config.py for the settings.  With
+Every step resumes; see retro_jax/retrieval/jobs/build.py for the steps and
+jobs/build_config.py for the settings.  With
 --runner the build is an Apache Beam pipeline writing a sharded database
-(retro_jax/retrieval/beam_pipelines.py).
+(retro_jax/retrieval/jobs/beam.py).
 """
 
 from retro_jax import _cli
-from retro_jax.retrieval import build_config
+from retro_jax.retrieval.jobs import build_config
 
 _CONFIG = _cli.define_flags(build_config.BuildConfig)
 
@@ -24,13 +24,13 @@ def main(argv):
   del argv
   config = _CONFIG()
   if config.runner is not None:
-    from retro_jax.retrieval import beam_pipelines  # pylint: disable=g-import-not-at-top  (Beam only when asked for)
-    man = beam_pipelines.build_database(config)
+    from retro_jax.retrieval.jobs import beam as beam_lib  # pylint: disable=g-import-not-at-top  (Beam only when asked for)
+    man = beam_lib.build_database(config)
     print(f"wrote {config.output}: {man['num_chunks']} chunks of {man['chunk_size']} tokens "
           f"in {len(man['shards'])} shards, index {man['index']['settings']['mode']}")
     return
-  from retro_jax.retrieval import build_db  # pylint: disable=g-import-not-at-top  (after the malloc restart)
-  man = build_db.build(config)
+  from retro_jax.retrieval.jobs import build as build_lib  # pylint: disable=g-import-not-at-top  (after the malloc restart)
+  man = build_lib.build(config)
   recall = {k: v for k, v in (man["index"].get("recall") or {}).items() if "@" in k}
   print(f"wrote {config.output}: {man['num_chunks']} chunks of {man['chunk_size']} tokens, "
         f"index {man['index']['settings']['mode']}, recall {recall}")

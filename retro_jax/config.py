@@ -63,7 +63,7 @@ class RetroConfig:
   # decoder starts as the baseline and lets neighbors in as far as they help.
   cca_gate: bool = False
   # Shift each neighbor's 2m-token window inside its document so that its longest token run
-  # shared with the retrieving chunk lines up with the chunk (retrieval/align.py): a copy
+  # shared with the retrieving chunk lines up with the chunk (retrieval/store/align.py): a copy
   # is then one fixed relative distance away.  Applied in training, evaluation, generation.
   align_neighbors: bool = False
   # Drop neighbors whose longest token run shared with the retrieving chunk is shorter than

@@ -8,8 +8,8 @@ r"""Edit what a sharded database knows: add documents as a new shard, drop docum
 as the shards, read from their manifests) and rewrites DB/shards.json; `drop` lists the
 documents in shards.json's dropped_documents; `shard` makes a whole database (build_db's
 output) the one shard of a sharded database, which `add` needs.  A running router picks
-the edit up by itself (retro_jax/retrieval/router.py).  Details:
-retro_jax/retrieval/edit_db.py.
+the edit up by itself (retro_jax/retrieval/serve/router.py).  Details:
+retro_jax/retrieval/jobs/edit.py.
 """
 
 import sys
@@ -53,11 +53,11 @@ def main(argv):
     for name in names - used[command]:
       if flags.FLAGS[name].present:
         raise ValueError(f"--{name} belongs to `edit_db {other}`, not `edit_db {command}`")
-  from retro_jax.retrieval import edit_db  # pylint: disable=g-import-not-at-top  (after the malloc restart)
+  from retro_jax.retrieval.jobs import edit as edit_lib  # pylint: disable=g-import-not-at-top  (after the malloc restart)
   if command == "add":
     if not _CORPUS.value:
       raise ValueError("add needs --corpus=NEW_DOCS (the documents to add)")
-    man = edit_db.add_shard(_DB.value, list(_CORPUS.value), name=_NAME.value,
+    man = edit_lib.add_shard(_DB.value, list(_CORPUS.value), name=_NAME.value,
                             embed_dtype=_EMBED_DTYPE.value, text_field=_TEXT_FIELD.value)
     last = man["shards"][-1]
     print(f"added {last['name']} to {_DB.value}: {last['num_documents']} documents, "
@@ -68,13 +68,13 @@ def main(argv):
       ids = [int(d) for d in (_DOC_ID.value or [])]
     except ValueError:
       raise ValueError(f"--doc_id takes integers, got {','.join(_DOC_ID.value)}") from None
-    man, new = edit_db.drop_documents(_DB.value, _DOC_KEY.value or [], ids)
+    man, new = edit_lib.drop_documents(_DB.value, _DOC_KEY.value or [], ids)
     print(f"dropped {len(new)} documents {new} of {_DB.value}; "
           f"{len(man['dropped_documents'])} dropped in all")
   else:
     if not _OUTPUT.value:
       raise ValueError("shard needs --output=DB (the sharded database to create)")
-    man = edit_db.shard_whole(_DB.value, _OUTPUT.value, _HOW.value)
+    man = edit_lib.shard_whole(_DB.value, _OUTPUT.value, _HOW.value)
     print(f"wrote {_OUTPUT.value}: 1 shard ({_HOW.value} of {_DB.value}), "
           f"{man['num_chunks']} chunks")
 

@@ -5,7 +5,7 @@ r"""Evaluate perplexity and bits per byte of a RETRO checkpoint (and a baseline)
       [--seq_len=2048 --stride=1024] [--output=report.json]
 
 Retrieval source: --db (in-process index; --db_dir is the same flag), --retrieval_url (a
-running `python -m retro_jax.retrieval.serve`), or --neighbors_dir with --db (precomputed
+running `python -m retro_jax.serve`), or --neighbors_dir with --db (precomputed
 for --eval_chunks, an evaluation chunk store); --retrieval=off scores without neighbors.
 See retro_jax/evaluation/evaluate.py for the protocol and eval_config.py for the settings.
 Prints a table, writes JSON.
@@ -30,4 +30,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _cli.run(main, "evaluate", errors=["retro_jax.retrieval.service.RetrievalServiceError"])
+  _cli.run(main, "evaluate", errors=["retro_jax.retrieval.serve.client.RetrievalServiceError"])

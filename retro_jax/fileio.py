@@ -29,7 +29,7 @@ import numpy as np
 import tqdm
 
 MANIFEST = "manifest.json"
-SHARDS_FILE = "shards.json"  # a sharded database's list of shards (retrieval/sharded.py)
+SHARDS_FILE = "shards.json"  # a sharded database's list of shards (retrieval/db/sharded.py)
 
 # Fields that describe how or when an artefact was made, not what it contains; they are left
 # out of content hashes so that rebuilding the same thing gives the same hash.

@@ -5,7 +5,7 @@ r"""Sample text from a RETRO checkpoint, retrieving live every completed chunk.
       [--temperature=0.8 --top_k=50 --top_p=0.95 --seed=0 --num_neighbors=2]
 
 Retrieval: --db (in-process index; --db_dir is the same flag) or --retrieval_url (a
-running `python -m retro_jax.retrieval.serve`); --retrieval=off samples without neighbors.
+running `python -m retro_jax.serve`); --retrieval=off samples without neighbors.
 --temperature=0 is greedy.  See retro_jax/generation/sampler.py and generate_config.py.
 """
 
@@ -29,4 +29,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _cli.run(main, "generate", errors=["retro_jax.retrieval.service.RetrievalServiceError"])
+  _cli.run(main, "generate", errors=["retro_jax.retrieval.serve.client.RetrievalServiceError"])

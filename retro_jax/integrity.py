@@ -47,11 +47,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from retro_jax import fileio
-from retro_jax.retrieval import chunk_store as chunk_store_lib
-from retro_jax.retrieval import index as index_lib
-from retro_jax.retrieval import neighbors as neighbors_lib
-from retro_jax.retrieval import retriever as retriever_lib
-from retro_jax.retrieval import sharded
+from retro_jax.retrieval.db import database as database_lib
+from retro_jax.retrieval.db import sharded
+from retro_jax.retrieval.search import scann as index_lib
+from retro_jax.retrieval.store import chunk_store as chunk_store_lib
+from retro_jax.retrieval.store import neighbors as neighbors_lib
 from retro_jax.training import checkpoint as checkpoint_lib
 
 DATABASE, CHUNK_STORE, NEIGHBORS, WORKDIR = "database", "chunk store", "neighbors", "workdir"
@@ -90,7 +90,7 @@ def detect(path: str) -> str:
       fmt = fileio.read_json(mpath).get("format")
     except (ValueError, AttributeError):
       fmt = None
-    kinds = {retriever_lib.DATABASE_FORMAT: DATABASE, chunk_store_lib.FORMAT: CHUNK_STORE,
+    kinds = {database_lib.DATABASE_FORMAT: DATABASE, chunk_store_lib.FORMAT: CHUNK_STORE,
              neighbors_lib.NEIGHBORS_FORMAT: NEIGHBORS}
     if fmt in kinds:
       return kinds[fmt]
@@ -166,11 +166,11 @@ def check_chunk_store(path: str, fix: str | None = None) -> list[Finding]:
 
 def check_database(path: str) -> list[Finding]:
   """Every file of a database directory (see the module docstring)."""
-  fix = retriever_lib.rebuild_hint(path)
+  fix = database_lib.rebuild_hint(path)
   mpath = os.path.join(path, fileio.MANIFEST)
   out = []
   try:
-    man = fileio.read_manifest(path, "database manifest", retriever_lib.BUILD_COMMAND)
+    man = fileio.read_manifest(path, "database manifest", database_lib.BUILD_COMMAND)
   except ValueError as e:
     man = None
     out.append(Finding(mpath, False, " ".join(str(e).split())))
@@ -178,11 +178,11 @@ def check_database(path: str) -> list[Finding]:
   store_findings = check_chunk_store(chunks, fix)
   if man is not None:
     def manifest():
-      if man.get("format") != retriever_lib.DATABASE_FORMAT:
+      if man.get("format") != database_lib.DATABASE_FORMAT:
         raise fileio.ManifestMismatchError(f"format {man.get('format')!r}, expected "
-                                           f"{retriever_lib.DATABASE_FORMAT}; {fix}")
+                                           f"{database_lib.DATABASE_FORMAT}; {fix}")
       store = chunk_store_lib.ChunkStore.open(chunks)
-      retriever_lib.check_database_manifest(man, store, path)
+      database_lib.check_database_manifest(man, store, path)
     out.append(_one(mpath, manifest))
   out += store_findings
   man = man or {}
@@ -200,7 +200,7 @@ def check_database(path: str) -> list[Finding]:
 
   index_dir = os.path.join(path, "index")
   try:
-    index_man = fileio.read_manifest(index_dir, "index manifest", retriever_lib.BUILD_COMMAND)
+    index_man = fileio.read_manifest(index_dir, "index manifest", database_lib.BUILD_COMMAND)
     out.append(Finding(os.path.join(index_dir, fileio.MANIFEST), True))
   except ValueError as e:
     index_man = None
@@ -387,7 +387,7 @@ def check_contents(*, db: Any = None, db_parts: Sequence[str] = ("chunks",),
   seconds it took (0 when `skip`).
 
   Args:
-    db: an opened database (`retriever.Database` or `sharded.ShardedDatabase`); every shard.
+    db: an opened database (`database.Database` or `sharded.ShardedDatabase`); every shard.
     db_parts: which of its files the job reads: "chunks" (tokens.npy, doc_ids.npy),
       "embeddings" (embeddings.npy), "index" (every file under index/).
     neighbors: neighbors directories (whole or Beam-sharded layout).
@@ -428,7 +428,7 @@ def check_contents(*, db: Any = None, db_parts: Sequence[str] = ("chunks",),
 
   if db is not None:
     for shard in _shards(db):
-      fix = retriever_lib.rebuild_hint(shard.path)
+      fix = database_lib.rebuild_hint(shard.path)
       if "chunks" in db_parts:
         store_arrays(shard.store)
       if "embeddings" in db_parts:
@@ -436,7 +436,7 @@ def check_contents(*, db: Any = None, db_parts: Sequence[str] = ("chunks",),
             (shard.manifest.get("embedding") or {}).get("sha256"), fix)
       if "index" in db_parts:
         index_dir = os.path.join(shard.path, "index")
-        man = fileio.read_manifest(index_dir, "index manifest", retriever_lib.BUILD_COMMAND)
+        man = fileio.read_manifest(index_dir, "index manifest", database_lib.BUILD_COMMAND)
         for rel, want in sorted((man.get("files") or {}).items()):
           sha(os.path.join(index_dir, rel), (want or {}).get("sha256"), fix)
   for store in stores:

@@ -47,6 +47,10 @@ class ConfigError(ValueError):
   """A job config with an unusable value; the message names the setting."""
 
 
+class SourceError(ConfigError):
+  """Unusable evaluation/generation input (empty corpus, missing tokenizer, ...)."""
+
+
 def beam_argv(runner: str | None, beam_options: str | None, error=ConfigError) -> list[str]:
   """`--runner=R` plus the words of `beam_options` (Beam's own pipeline flags), checked for
   form only: a known runner, options given only with one, each word a `--flag[=value]`

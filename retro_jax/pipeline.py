@@ -25,12 +25,12 @@ from retro_jax import fileio
 from retro_jax import quickstart_config
 from retro_jax import reporting
 from retro_jax.evaluation import evaluate as evaluate_lib
-from retro_jax.retrieval import align as align_lib
-from retro_jax.retrieval import build_db as build_db_lib
-from retro_jax.retrieval import chunk_store as chunk_store_lib
-from retro_jax.retrieval import corpus as corpus_lib
-from retro_jax.retrieval import precompute_neighbors as pn
-from retro_jax.retrieval import tokenizer as tokenizer_lib
+from retro_jax.retrieval.jobs import build as build_db_lib
+from retro_jax.retrieval.jobs import precompute as pn
+from retro_jax.retrieval.store import align as align_lib
+from retro_jax.retrieval.store import chunk_store as chunk_store_lib
+from retro_jax.retrieval.store import corpus as corpus_lib
+from retro_jax.retrieval.store import tokenizer as tokenizer_lib
 from retro_jax.training import train_config as tc
 from retro_jax.training import trainer
 

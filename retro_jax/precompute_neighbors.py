@@ -6,14 +6,13 @@ r"""Precompute the neighbors of every chunk of a query store (training or evalua
       [--num_shards=1 --shard_index=I] [--leaves_to_search=N] [--bert=EMBEDDER] \
       [--runner=DirectRunner|DataflowRunner|... --beam_options="..."]
 
-(`python -m retro_jax.retrieval.precompute_neighbors` is the same command.)  Resumable and
-shardable over machines; see retro_jax/retrieval/precompute_neighbors.py for the output
-format and precompute_config.py for the settings.  With --runner it is an Apache Beam
-pipeline writing sharded neighbor files (retro_jax/retrieval/beam_pipelines.py).
+Resumable and shardable over machines; see retro_jax/retrieval/jobs/precompute.py for the
+output format and jobs/precompute_config.py for the settings.  With --runner it is an Apache Beam
+pipeline writing sharded neighbor files (retro_jax/retrieval/jobs/beam.py).
 """
 
 from retro_jax import _cli
-from retro_jax.retrieval import precompute_config
+from retro_jax.retrieval.jobs import precompute_config
 
 _CONFIG = _cli.define_flags(precompute_config.PrecomputeConfig)
 
@@ -22,13 +21,13 @@ def main(argv):
   del argv
   config = _CONFIG()
   if config.runner is not None:
-    from retro_jax.retrieval import beam_pipelines  # pylint: disable=g-import-not-at-top  (Beam only when asked for)
-    man = beam_pipelines.precompute_neighbors(config)
+    from retro_jax.retrieval.jobs import beam as beam_lib  # pylint: disable=g-import-not-at-top  (Beam only when asked for)
+    man = beam_lib.precompute_neighbors(config)
     print(f"wrote {config.output}: {man['num_queries']} x {man['k']} neighbors in "
           f"{len(man['shards'])} shards, {man['padded_entries']} padded entries")
     return
-  from retro_jax.retrieval import precompute_neighbors  # pylint: disable=g-import-not-at-top  (after the malloc restart)
-  man = precompute_neighbors.precompute(config)
+  from retro_jax.retrieval.jobs import precompute as precompute_lib  # pylint: disable=g-import-not-at-top  (after the malloc restart)
+  man = precompute_lib.precompute(config)
   if man is None:
     print(f"shard {config.shard_index} of {config.num_shards} done; other parts still missing")
   else:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
 import os
 import signal
 import subprocess
@@ -20,9 +19,9 @@ import sysconfig
 
 import numpy as np
 
-from retro_jax.retrieval import chunk_store as chunk_store_lib
-from retro_jax.retrieval import manifest as manifest_lib
-from retro_jax.retrieval import precompute_neighbors as pn_lib
+from retro_jax import fileio as manifest_lib
+from retro_jax.retrieval.jobs import precompute as pn_lib
+from retro_jax.retrieval.store import chunk_store as chunk_store_lib
 
 VOCAB = 260
 EOS = 3

@@ -15,8 +15,8 @@ import pytest
 from retro_jax import fileio
 from retro_jax import integrity
 from retro_jax.evaluation import sources
-from retro_jax.retrieval import edit_db
-from retro_jax.retrieval import sharded
+from retro_jax.retrieval.db import sharded
+from retro_jax.retrieval.jobs import edit as edit_db
 from test_build_db import write_corpus  # pylint: disable=g-bad-import-order
 from test_sharded import dbs  # pylint: disable=g-bad-import-order,unused-import
 

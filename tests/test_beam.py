@@ -17,16 +17,17 @@ import numpy as np
 import pytest
 
 from fixtures_data import stdlib_texts  # pylint: disable=g-bad-import-order
+from retro_jax import fileio as manifest_lib
 from retro_jax import integrity
-from retro_jax.retrieval import beam_pipelines
-from retro_jax.retrieval import build_config as build_config_lib
-from retro_jax.retrieval import build_db
-from retro_jax.retrieval import manifest as manifest_lib
-from retro_jax.retrieval import neighbors as neighbors_lib
-from retro_jax.retrieval import precompute_neighbors as pn
-from retro_jax.retrieval import retriever as retriever_lib
-from retro_jax.retrieval import sharded
-from retro_jax.retrieval.precompute_config import PrecomputeConfig
+from retro_jax.retrieval.db import database as database_lib
+from retro_jax.retrieval.db import sharded
+from retro_jax.retrieval.jobs import beam as beam_lib
+from retro_jax.retrieval.jobs import build as build_lib
+from retro_jax.retrieval.jobs import build_config as build_config_lib
+from retro_jax.retrieval.jobs import precompute as pn
+from retro_jax.retrieval.jobs.precompute_config import PrecomputeConfig
+from retro_jax.retrieval.store import neighbors as neighbors_lib
+from retro_jax.retrieval.store import rows as rows_lib
 from retro_jax.training import data as data_lib
 from test_build_db import make_tokenizer  # pylint: disable=g-bad-import-order
 
@@ -50,24 +51,24 @@ def built(tmp_path_factory):
       f.write(text)
   tok = make_tokenizer(os.path.join(root, "tok"))
   ref = os.path.join(root, "ref")
-  build_db.build_database(corpus, tok, ref, **SETTINGS)
+  build_lib.build_database(corpus, tok, ref, **SETTINGS)
   out = os.path.join(root, "beam")
   stats = {}
-  beam_pipelines.build_database(
+  beam_lib.build_database(
       _config(corpus, tok, out, runner="DirectRunner", num_shards=3, beam_options=TWO_WORKERS),
       stats=stats)
   return dict(root=root, corpus=corpus, tok=tok, ref=ref, beam=out, stats=stats)
 
 
 def test_shards_concatenate_to_the_in_process_database(built):
-  ref = retriever_lib.Database.open(built["ref"])
+  ref = database_lib.Database.open(built["ref"])
   db = sharded.open_database(built["beam"])
   man = manifest_lib.read_json(os.path.join(built["beam"], sharded.SHARDS_FILE))
   assert [s["name"] for s in man["shards"]] == ["shard-00000", "shard-00001", "shard-00002"]
   assert built["stats"]["shards_built"] == 3
   assert built["stats"]["embedded_chunks"] == ref.num_chunks
   assert man["num_chunks"] == ref.num_chunks and man["num_documents"] == ref.store.num_documents
-  shards = [retriever_lib.Database.open(os.path.join(built["beam"], s["name"]))
+  shards = [database_lib.Database.open(os.path.join(built["beam"], s["name"]))
             for s in man["shards"]]
   assert all(s.num_chunks > 0 for s in shards)
   # Every shard is a complete database directory, as build_db writes it.
@@ -93,18 +94,18 @@ def test_shards_concatenate_to_the_in_process_database(built):
   np.testing.assert_array_equal(np.asarray(db.store.tokens), ref.store.tokens)
   np.testing.assert_array_equal(np.asarray(db.store.doc_ids), ref.store.doc_ids)
   assert {s.manifest["index"]["settings"]["mode"] for s in shards} == {"brute_force"}
-  assert not any(name.endswith(beam_pipelines.PARTIAL) for name in os.listdir(built["beam"]))
+  assert not any(name.endswith(beam_lib.PARTIAL) for name in os.listdir(built["beam"]))
 
 
 def test_neighbors_equal_the_in_process_precompute(built, tmp_path):
   ref_out = str(tmp_path / "ref_nb")
   pn.precompute_neighbors(built["ref"], ref_out, k=3, part_size=50)
   out = str(tmp_path / "beam_nb")
-  man = beam_pipelines.precompute_neighbors(PrecomputeConfig(
+  man = beam_lib.precompute_neighbors(PrecomputeConfig(
       db=built["beam"], output=out, k=3, part_size=50, runner="DirectRunner"))
   assert len(man["shards"]) == 3 and man["exclude_same_document"] is True
   nb = neighbors_lib.load_neighbors(out, expected_db_manifest=built["beam"], k=3)
-  assert isinstance(nb.ids, sharded.ConcatRows)  # memory-mapped shards, not one copy
+  assert isinstance(nb.ids, rows_lib.ConcatRows)  # memory-mapped shards, not one copy
   ref_nb = neighbors_lib.load_neighbors(ref_out)
   ids, dist = np.asarray(nb.ids), np.asarray(nb.distances)
   # The in-process precompute on the same sharded database: byte-identical.
@@ -121,14 +122,14 @@ def test_neighbors_equal_the_in_process_precompute(built, tmp_path):
   want = np.asarray(ref_nb.ids)
   differ = ids != want
   assert differ.sum() <= 0.02 * ids.size
-  emb = np.asarray(retriever_lib.Database.open(built["ref"]).embeddings, np.float32)
+  emb = np.asarray(database_lib.Database.open(built["ref"]).embeddings, np.float32)
   rows = np.nonzero(differ)[0]
   np.testing.assert_allclose(1.0 - np.sum(emb[rows] * emb[want[differ]], axis=1),
                              dist[differ], atol=1e-6)
   assert (ids[differ] < want[differ]).all()  # a tie, taken from the earlier shard
   assert man["padded_entries"] == ref_nb.manifest["padded_entries"]
   # Same-document exclusion by global document id.
-  doc = np.asarray(retriever_lib.Database.open(built["ref"]).store.doc_ids)
+  doc = np.asarray(database_lib.Database.open(built["ref"]).store.doc_ids)
   assert (doc[ids[ids >= 0]] != np.broadcast_to(doc[:, None], ids.shape)[ids >= 0]).all()
   # The trainer's loader takes the sharded layout unchanged, rows gathered across shards.
   store = sharded.open_database(built["beam"]).store
@@ -144,13 +145,13 @@ def test_neighbors_hold_one_index_shard_per_worker(built, tmp_path, beam_options
   log = str(tmp_path / "loads.jsonl")
   out = str(tmp_path / "nb")
   stats = {}
-  beam_pipelines.precompute_neighbors(PrecomputeConfig(
+  beam_lib.precompute_neighbors(PrecomputeConfig(
       db=built["beam"], output=out, k=3, part_size=50, runner="DirectRunner",
       beam_options=beam_options), load_log=log, stats=stats)
   with open(log, encoding="utf-8") as f:
     loads = [json.loads(line) for line in f]
   assert sorted(r["shard"] for r in loads) == [0, 1, 2]  # each shard once, over all workers
-  assert max(r["live"] for r in loads) == beam_pipelines.MAX_INDEX_SHARDS_PER_PROCESS == 1
+  assert max(r["live"] for r in loads) == beam_lib.MAX_INDEX_SHARDS_PER_PROCESS == 1
   if beam_options is None:
     assert len({r["pid"] for r in loads}) == 1  # one process met every shard, one at a time
     assert stats["index_loads"] == 3
@@ -169,7 +170,7 @@ def test_neighbors_hold_one_index_shard_per_worker(built, tmp_path, beam_options
 
 def test_verify_checks_every_shard_of_sharded_neighbors(built, tmp_path):
   out = str(tmp_path / "nb")
-  beam_pipelines.precompute_neighbors(PrecomputeConfig(db=built["beam"], output=out, k=2,
+  beam_lib.precompute_neighbors(PrecomputeConfig(db=built["beam"], output=out, k=2,
                                                        runner="DirectRunner"))
   man = manifest_lib.read_json(os.path.join(out, "manifest.json"))
   assert all(set(e["sha256"]) == {"neighbors", "distances"} for e in man["shards"])
@@ -208,13 +209,13 @@ def test_killed_build_resumes_without_redoing_shards(built, tmp_path):
       raise RuntimeError("killed after shard-00000")
 
   with pytest.raises(Exception, match="killed after shard-00000"):
-    beam_pipelines.build_database(config, after_shard=die_after_first)
+    beam_lib.build_database(config, after_shard=die_after_first)
   assert not os.path.exists(os.path.join(out, sharded.SHARDS_FILE))
   first = os.path.join(out, "shard-00000", "manifest.json")
   assert os.path.exists(first)
   mtime = os.stat(first).st_mtime_ns
   stats = {}
-  beam_pipelines.build_database(config, stats=stats)
+  beam_lib.build_database(config, stats=stats)
   assert os.stat(first).st_mtime_ns == mtime  # the finished shard was not rebuilt
   assert stats["shards_built"] == 2 and stats["chunk_stores"] == 2
   for name in ("shard-00000", "shard-00001", "shard-00002"):
@@ -223,14 +224,14 @@ def test_killed_build_resumes_without_redoing_shards(built, tmp_path):
            open(os.path.join(built["beam"], name, f), "rb") as b:
         assert a.read() == b.read(), (name, f)
   again = {}
-  beam_pipelines.build_database(config, stats=again)  # complete: nothing runs
+  beam_lib.build_database(config, stats=again)  # complete: nothing runs
   assert "shards_built" not in again
 
 
 def test_neighbors_rerun_redoes_only_missing_shards(built, tmp_path):
   out = str(tmp_path / "nb")
   config = PrecomputeConfig(db=built["beam"], output=out, k=2, runner="DirectRunner")
-  beam_pipelines.precompute_neighbors(config)
+  beam_lib.precompute_neighbors(config)
   ref = np.asarray(neighbors_lib.load_neighbors(out).ids)
   # A run killed after shards 0 and 2: their files exist, shard 1's and the manifest not.
   os.remove(os.path.join(out, "manifest.json"))
@@ -240,31 +241,31 @@ def test_neighbors_rerun_redoes_only_missing_shards(built, tmp_path):
     neighbors_lib.load_neighbors(out)
   kept = os.stat(os.path.join(out, "neighbors-00000.npy")).st_mtime_ns
   stats = {}
-  beam_pipelines.precompute_neighbors(config, stats=stats)
+  beam_lib.precompute_neighbors(config, stats=stats)
   assert stats["query_shards_written"] == 1
   assert os.stat(os.path.join(out, "neighbors-00000.npy")).st_mtime_ns == kept
   np.testing.assert_array_equal(np.asarray(neighbors_lib.load_neighbors(out).ids), ref)
   # Other settings on the finished output are refused, not mixed.
   with pytest.raises(manifest_lib.ManifestMismatchError):
-    beam_pipelines.precompute_neighbors(PrecomputeConfig(
+    beam_lib.precompute_neighbors(PrecomputeConfig(
         db=built["beam"], output=out, k=3, runner="DirectRunner"))
 
 
 def test_bad_runner_and_options_are_refused():
-  with pytest.raises(build_db.BuildError, match="runner must be one of.*'Nope'"):
+  with pytest.raises(build_lib.BuildError, match="runner must be one of.*'Nope'"):
     _config("c", "t", "o", runner="Nope")
-  with pytest.raises(build_db.BuildError, match="need a runner"):
+  with pytest.raises(build_lib.BuildError, match="need a runner"):
     _config("c", "t", "o", beam_options="--direct_num_workers=2")
-  with pytest.raises(build_db.BuildError, match="num_shards=2 .*runner"):
+  with pytest.raises(build_lib.BuildError, match="num_shards=2 .*runner"):
     _config("c", "t", "o", num_shards=2)
   with pytest.raises(pn.PrecomputeError, match="runner must be one of"):
     PrecomputeConfig(db="d", output="o", runner="DirectRuner")
-  with pytest.raises(beam_pipelines.BeamError, match="unknown Beam pipeline option "
+  with pytest.raises(beam_lib.BeamError, match="unknown Beam pipeline option "
                                                      "'--direct_num_wrkers=2'"):
-    beam_pipelines.pipeline_options("DirectRunner", "--direct_num_wrkers=2")
-  with pytest.raises(beam_pipelines.BeamError, match="direct_num_workers"):
-    beam_pipelines.pipeline_options("DirectRunner", "--direct_num_workers=two")
-  opts = beam_pipelines.pipeline_options("DirectRunner", TWO_WORKERS).get_all_options()
+    beam_lib.pipeline_options("DirectRunner", "--direct_num_wrkers=2")
+  with pytest.raises(beam_lib.BeamError, match="direct_num_workers"):
+    beam_lib.pipeline_options("DirectRunner", "--direct_num_workers=two")
+  opts = beam_lib.pipeline_options("DirectRunner", TWO_WORKERS).get_all_options()
   assert opts["runner"] == "DirectRunner" and opts["direct_num_workers"] == 2
 
 

@@ -6,11 +6,11 @@ import sysconfig
 import numpy as np
 import pytest
 
-from retro_jax.retrieval import bert as bert_lib
-from retro_jax.retrieval import chunk_store as cs
-from retro_jax.retrieval import corpus
-from retro_jax.retrieval import embedder as embedder_lib
-from retro_jax.retrieval import tokenizer as tokenizer_lib
+from retro_jax.retrieval.embed import bert as bert_lib
+from retro_jax.retrieval.embed import embedder as embedder_lib
+from retro_jax.retrieval.store import chunk_store as cs
+from retro_jax.retrieval.store import corpus
+from retro_jax.retrieval.store import tokenizer as tokenizer_lib
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",

@@ -14,9 +14,10 @@ import sys
 import numpy as np
 import pytest
 
-from retro_jax.retrieval import build_db
-from retro_jax.retrieval import manifest as manifest_lib
-from retro_jax.retrieval import retriever as retriever_lib
+from retro_jax import fileio as manifest_lib
+from retro_jax.retrieval.db import database as database_lib
+from retro_jax.retrieval.embed import hashing as hashing_lib
+from retro_jax.retrieval.jobs import build as build_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,7 +65,7 @@ def make_db(tmp_path, name="db", num_docs=12, chunk_size=16, dim=32, sizes=None,
   tok = make_tokenizer(os.path.join(tmp_path, "tok"))
   out = os.path.join(tmp_path, name)
   kwargs.setdefault("shard_size", 50)
-  build_db.build_database(corpus, tok, out, chunk_size=chunk_size, bert=f"hashing:{dim}",
+  build_lib.build_database(corpus, tok, out, chunk_size=chunk_size, bert=f"hashing:{dim}",
                           **kwargs)
   return out
 
@@ -72,16 +73,16 @@ def make_db(tmp_path, name="db", num_docs=12, chunk_size=16, dim=32, sizes=None,
 def test_build_database_pieces_agree(tmp_path):
   db_dir = make_db(str(tmp_path))
   man = manifest_lib.read_manifest(db_dir)
-  db = retriever_lib.Database.open(db_dir)
+  db = database_lib.Database.open(db_dir)
   assert man["num_chunks"] == db.store.num_chunks > 50
   assert man["chunk_size"] == 16
   emb = np.asarray(db.embeddings)
   norms = np.linalg.norm(emb, axis=1)
   assert np.allclose(norms[norms > 0], 1.0, atol=1e-5)  # dot_product index: unit vectors.
   # The embeddings are the embedder's output for every chunk, in chunk order.
-  again = retriever_lib.HashingEmbedder(32).embed_chunks(np.asarray(db.store.tokens[:7]),
+  again = hashing_lib.HashingEmbedder(32).embed_chunks(np.asarray(db.store.tokens[:7]),
                                                          db.tokenizer)
-  from retro_jax.retrieval import index as index_lib  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval.search import scann as index_lib  # pylint: disable=g-import-not-at-top
   np.testing.assert_allclose(emb[:7], index_lib.normalize(again), atol=1e-6)
   assert man["index"]["recall"]["recall@2"] == 1.0  # brute force below 1e5 chunks.
   assert man["index"]["settings"]["mode"] == "brute_force"
@@ -139,28 +140,28 @@ def test_database_refuses_foreign_chunk_store_and_chunk_size(tmp_path):
   man_path = os.path.join(db_dir, "manifest.json")
   man = manifest_lib.read_json(man_path)
   with pytest.raises(manifest_lib.ManifestMismatchError, match="chunk size"):
-    retriever_lib.check_database(man, chunk_size=64)
-  retriever_lib.check_database(man, chunk_size=16, tokenizer=man["tokenizer"])
+    database_lib.check_database(man, chunk_size=64)
+  database_lib.check_database(man, chunk_size=16, tokenizer=man["tokenizer"])
   other_tok = dict(man["tokenizer"], sha256="0" * 64)
   with pytest.raises(manifest_lib.ManifestMismatchError, match="tokenizer"):
-    retriever_lib.check_database(man, tokenizer=other_tok)
+    database_lib.check_database(man, tokenizer=other_tok)
   man["chunk_store"]["manifest_hash"] = "f" * 64
   manifest_lib.atomic_write_json(man_path, man)
   with pytest.raises(manifest_lib.ManifestMismatchError) as e:
-    retriever_lib.Database.open(db_dir)
+    database_lib.Database.open(db_dir)
   assert "f" * 64 in str(e.value) and "chunk store" in str(e.value)
 
 
 def test_missing_database_names_the_build_command(tmp_path):
   with pytest.raises(manifest_lib.ManifestError, match="build_db"):
-    retriever_lib.Database.open(str(tmp_path / "nothing"))
+    database_lib.Database.open(str(tmp_path / "nothing"))
 
 
 def test_cli_bad_input_exits_cleanly(tmp_path):
   tok = make_tokenizer(str(tmp_path / "tok"))
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
   proc = subprocess.run(
-      [sys.executable, "-m", "retro_jax.retrieval.build_db",
+      [sys.executable, "-m", "retro_jax.build_db",
        f"--corpus={tmp_path}/does_not_exist", f"--tokenizer={tok}",
        f"--output={tmp_path}/db", "--bert=hashing:8"],
       capture_output=True, text=True, env=env, cwd=ROOT, timeout=120, check=False)
@@ -171,19 +172,19 @@ def test_cli_bad_input_exits_cleanly(tmp_path):
 
 
 def test_soar_with_squared_l2_is_refused_before_any_work(tmp_path):
-  with pytest.raises(build_db.BuildError, match="soar.*dot_product"):
+  with pytest.raises(build_lib.BuildError, match="soar.*dot_product"):
     make_db(tmp_path, distance="squared_l2", soar=True, index_mode="tree_ah")
   assert not os.path.exists(os.path.join(tmp_path, "db"))
 
 
 def test_subset_database_copies_rows_and_nests(tmp_path):
   src_dir = make_db(str(tmp_path), num_docs=30)
-  src = retriever_lib.Database.open(src_dir)
+  src = database_lib.Database.open(src_dir)
   subsets = {}
   for frac in (0.3, 0.6):
     out = os.path.join(str(tmp_path), f"sub{frac}")
-    man = build_db.subset_database(src_dir, out, frac, seed=1)
-    sub = retriever_lib.Database.open(out)
+    man = build_lib.subset_database(src_dir, out, frac, seed=1)
+    sub = database_lib.Database.open(out)
     keys = sub.store.doc_keys
     assert 0 < len(keys) < src.store.num_documents
     # Whole documents until the chunk budget is met: at least it, at most one document more.
@@ -203,8 +204,8 @@ def test_subset_database_copies_rows_and_nests(tmp_path):
     subsets[frac] = set(keys)
   assert subsets[0.3] < subsets[0.6]  # nested: a smaller database lies inside a larger one.
   # Rerunning reuses everything (and still agrees).
-  again = build_db.subset_database(src_dir, os.path.join(str(tmp_path), "sub0.3"), 0.3, seed=1)
-  assert again["chunk_store"] == build_db.subset_database(
+  again = build_lib.subset_database(src_dir, os.path.join(str(tmp_path), "sub0.3"), 0.3, seed=1)
+  assert again["chunk_store"] == build_lib.subset_database(
       src_dir, os.path.join(str(tmp_path), "sub0.3"), 0.3, seed=1)["chunk_store"]
-  with pytest.raises(build_db.BuildError, match="fraction"):
-    build_db.subset_database(src_dir, os.path.join(str(tmp_path), "bad"), 0.0)
+  with pytest.raises(build_lib.BuildError, match="fraction"):
+    build_lib.subset_database(src_dir, os.path.join(str(tmp_path), "bad"), 0.0)

@@ -7,10 +7,11 @@ import sysconfig
 import numpy as np
 import pytest
 
-from retro_jax.retrieval import chunk_store as cs
-from retro_jax.retrieval import corpus
-from retro_jax.retrieval import tokenizer as tokenizer_lib
-from retro_jax.retrieval.manifest import ManifestError, ManifestMismatchError
+from retro_jax.fileio import ManifestError
+from retro_jax.fileio import ManifestMismatchError
+from retro_jax.retrieval.store import chunk_store as cs
+from retro_jax.retrieval.store import corpus
+from retro_jax.retrieval.store import tokenizer as tokenizer_lib
 
 STDLIB_JSON = os.path.join(sysconfig.get_paths()["stdlib"], "json", "*.py")
 M = 8  # small chunks so documents span many chunks and end at every offset.

@@ -13,22 +13,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = [
     ("retro_jax.build_db", "build_db",
      ["--corpus=c", "--tokenizer=t", "--output=o", "--chunk_size=abc"], "--chunk_size"),
-    ("retro_jax.retrieval.build_db", "build_db",
+    ("retro_jax.build_db", "build_db",
      ["--corpus=c", "--tokenizer=t", "--output=o", "--index_mode=fast"], "--index_mode"),
     ("retro_jax.precompute_neighbors", "precompute_neighbors",
      ["--db=d", "--output=o", "--k=0"], "k must be >= 1"),
-    ("retro_jax.retrieval.precompute_neighbors", "precompute_neighbors",
+    ("retro_jax.precompute_neighbors", "precompute_neighbors",
      ["--db=d", "--output=o", "--exclude_same_document=maybe"], "--exclude_same_document"),
     ("retro_jax.evaluate", "evaluate", ["--workdir=w", "--corpus=c", "--ks=1,two"], "--ks"),
     ("retro_jax.generate", "generate", ["--workdir=w", "--prompt=p", "--top_p=2"], "top_p"),
     ("retro_jax.quickstart", "quickstart", ["--scale=big"], "--scale"),
-    ("retro_jax.retrieval.train_tokenizer", "train_tokenizer",
+    ("retro_jax.train_tokenizer", "train_tokenizer",
      ["--corpus=c", "--output=o", "--vocab_size=many"], "--vocab_size"),
-    ("retro_jax.retrieval.inspect", "inspect", ["--db=d", "--k=many"], "--k"),
-    ("retro_jax.retrieval.serve", "serve", ["--db=d", "--port=70000"], "--port"),
-    ("retro_jax.retrieval.router", "router", ["--db=d", "--shards=a=http://h:1",
+    ("retro_jax.show_neighbors", "show_neighbors", ["--db=d", "--k=many"], "--k"),
+    ("retro_jax.serve", "serve", ["--db=d", "--port=70000"], "--port"),
+    ("retro_jax.serve", "serve", ["--db=d", "--shards=a=http://h:1",
                                              "--reload_interval=-1"], "--reload_interval"),
-    ("retro_jax.retrieval.router", "router", ["--db=d", "--shards=a"], "NAME=URL"),
+    ("retro_jax.serve", "serve", ["--db=d", "--shards=a"], "NAME=URL"),
     ("retro_jax.edit_db", "edit_db", ["shard", "--db=d", "--output=o", "--how=hardlink"],
      "--how"),
     ("retro_jax.edit_db", "edit_db", ["add", "--db=d"], "--corpus"),
@@ -79,8 +79,8 @@ def _configs():
   from retro_jax import quickstart_config  # pylint: disable=g-import-not-at-top
   from retro_jax.evaluation import eval_config  # pylint: disable=g-import-not-at-top
   from retro_jax.generation import generate_config  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval import build_config  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval import precompute_config  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval.jobs import build_config  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval.jobs import precompute_config  # pylint: disable=g-import-not-at-top
   return [
       (build_config.BuildConfig, dict(corpus=("c",), tokenizer="t", output="o")),
       (precompute_config.PrecomputeConfig, dict(db="d", output="o")),
@@ -113,7 +113,7 @@ def test_flag_defaults_are_the_config_defaults(index):
 
 def test_flags_reach_nested_fields_and_the_old_name_is_an_alias():
   from retro_jax.evaluation import eval_config  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval import build_config  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval.jobs import build_config  # pylint: disable=g-import-not-at-top
   ev = _parse(eval_config.EvalConfig, ["--workdir=w", "--corpus=a", "--corpus=b",
                                        "--db_dir=D", "--ks=1,3", "--retrieval=off",
                                        "--noprogress"], aliases={"db_dir": "db"})

@@ -23,7 +23,7 @@ from retro_jax import integrity
 from retro_jax.evaluation import evaluate as eval_lib
 from retro_jax.generation import sampler
 from retro_jax.inference import checkpoints as ckpt_lib
-from retro_jax.retrieval import retriever as retriever_lib
+from retro_jax.retrieval.db import database as database_lib
 from retro_jax.training import checkpoint as checkpoint_lib
 from retro_jax.training import train_config
 from retro_jax.training import trainer
@@ -79,7 +79,7 @@ def test_reordered_index_file_stops_live_retrieval(clean, tmp_path):
   db = copy_db(clean, tmp_path)
   victim = reorder_rows(dataset_file(db))
   with pytest.raises(ValueError) as e:
-    integrity.check_contents(db=retriever_lib.Database.open(db), db_parts=("chunks", "index"))
+    integrity.check_contents(db=database_lib.Database.open(db), db_parts=("chunks", "index"))
   one_line(e.value, victim, "sha256")
   workdir = save_workdir(str(tmp_path / "retro"), TINY, _params(TINY), db)
   with pytest.raises(ValueError) as e:
@@ -106,7 +106,7 @@ def test_serve_cli_refuses_a_reordered_index_in_one_line(clean, tmp_path):
   db = copy_db(clean, tmp_path)
   victim = reorder_rows(dataset_file(db))
   proc = subprocess.run(
-      [sys.executable, "-m", "retro_jax.retrieval.serve", f"--db={db}", "--port=0"],
+      [sys.executable, "-m", "retro_jax.serve", f"--db={db}", "--port=0"],
       capture_output=True, text=True, cwd=ROOT, env=_cli_env(), timeout=300, check=False)
   assert proc.returncode == 1, proc.stderr[-2000:]
   last = proc.stderr.strip().splitlines()[-1]

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from retro_jax.retrieval import corpus
+from retro_jax.retrieval.store import corpus
 
 
 def _write(path, data: bytes):

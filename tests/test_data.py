@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import fixtures_data as fx
-from retro_jax.retrieval import chunk_store as chunk_store_lib
-from retro_jax.retrieval import manifest as manifest_lib
+from retro_jax import fileio as manifest_lib
+from retro_jax.retrieval.store import chunk_store as chunk_store_lib
 from retro_jax.training import data as data_lib
 from retro_jax.training import train_config
 from retro_jax.training import trainer
@@ -218,7 +218,7 @@ def test_neighbor_count_mismatch_names_both_values(paths):
 
 def test_missing_neighbors_file_says_which_command_builds_it(paths, tmp_path):
   with pytest.raises(data_lib.DataError,
-                     match=r"not found.*python -m retro_jax.retrieval.precompute_neighbors"):
+                     match=r"not found.*python -m retro_jax.precompute_neighbors"):
     _open(paths, **{"data.neighbors_dir": str(tmp_path / "nowhere")})
 
 

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from retro_jax import fileio
-from retro_jax.retrieval import build_db
-from retro_jax.retrieval import chunk_store as chunk_store_lib
-from retro_jax.retrieval import precompute_neighbors as pn
+from retro_jax.retrieval.jobs import build as build_db
+from retro_jax.retrieval.jobs import precompute as pn
+from retro_jax.retrieval.store import chunk_store as chunk_store_lib
 from retro_jax.training import checkpoint as checkpoint_lib
 from test_build_db import make_tokenizer, write_corpus  # pylint: disable=g-bad-import-order
 

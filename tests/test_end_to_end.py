@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 
 import fixtures_data as fx
+from retro_jax import fileio as manifest_lib
 from retro_jax.evaluation import evaluate as eval_lib
-from retro_jax.retrieval import build_db
-from retro_jax.retrieval import manifest as manifest_lib
-from retro_jax.retrieval import precompute_neighbors as pn_lib
-from retro_jax.retrieval import retriever as retriever_lib
+from retro_jax.retrieval.db import database as database_lib
+from retro_jax.retrieval.jobs import build as build_lib
+from retro_jax.retrieval.jobs import precompute as pn_lib
 from retro_jax.training import trainer
 from test_build_db import make_tokenizer  # pylint: disable=g-bad-import-order
 from test_build_db import write_corpus  # pylint: disable=g-bad-import-order
@@ -37,7 +37,7 @@ def real_db(tmp_path_factory):
   corpus = write_corpus(os.path.join(root, "corpus"), num_docs=10, words_per_doc=(60, 120))
   tok = make_tokenizer(os.path.join(root, "tok"))
   db_dir = os.path.join(root, "db")
-  build_db.build_database(corpus, tok, db_dir, chunk_size=M)  # bert=None: offline MiniLM
+  build_lib.build_database(corpus, tok, db_dir, chunk_size=M)  # bert=None: offline MiniLM
   nb_dir = os.path.join(root, "neighbors")
   pn_lib.precompute_neighbors(db_dir, nb_dir, k=2)
   return dict(root=root, corpus=corpus, tok=tok, db_dir=db_dir, nb_dir=nb_dir)
@@ -54,7 +54,7 @@ def test_real_path_from_minilm_to_evaluation(real_db):
 
   # The precomputed neighbors are the exact nearest chunks of other documents by the
   # stored (unit-norm, dot-product) MiniLM embeddings.
-  db = retriever_lib.Database.open(db_dir)
+  db = database_lib.Database.open(db_dir)
   emb = np.asarray(db.embeddings, np.float32)
   docs = np.asarray(db.store.doc_ids)
   ids = np.load(os.path.join(nb_dir, "neighbors.npy"))

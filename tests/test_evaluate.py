@@ -18,12 +18,13 @@ import numpy as np
 import pytest
 
 from retro_jax import config as config_lib
-from retro_jax.evaluation import checkpoints as ckpt_lib
+from retro_jax import fileio as manifest_lib
+from retro_jax import options as options_lib
 from retro_jax.evaluation import evaluate as eval_lib
 from retro_jax.evaluation import scoring
 from retro_jax.evaluation import sources
+from retro_jax.inference import checkpoints as ckpt_lib
 from retro_jax.model import abstract_params
-from retro_jax.retrieval import manifest as manifest_lib
 from fixtures_data import enable_compilation_cache  # pylint: disable=g-bad-import-order
 from test_build_db import make_db  # pylint: disable=g-bad-import-order
 from test_build_db import write_corpus  # pylint: disable=g-bad-import-order
@@ -268,17 +269,17 @@ def test_live_service_and_precomputed_retrieval_give_the_same_report(world, tmp_
   """The three neighbor sources the README offers (local index, --retrieval_url, neighbors
   precomputed for an evaluation chunk store) score the same likelihoods; r(C) is computed
   from the 10 nearest chunks in every case."""
-  from retro_jax.retrieval import chunk_store as chunk_store_lib  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval import precompute_neighbors as pn_lib  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval import retriever as retriever_lib  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval import service as service_lib  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval.db import retriever as retriever_lib  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval.jobs import precompute as pn_lib  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval.serve import server as server_lib  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval.store import chunk_store as chunk_store_lib  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval.store import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
   settings = eval_lib.EvalSettings(seq_len=2 * M, stride=M, ks=(1, 2), batch_size=4,
                                    progress=False, retrieval_off=False)
   live = eval_lib.run_evaluation(world["retro"], corpus=world["corpus"],
                                  db_dir=world["db_dir"], settings=settings)
   retriever = retriever_lib.Retriever.open(world["db_dir"])
-  server = service_lib.RetrievalServer(retriever, "127.0.0.1", 0, max_batch=256, max_k=10,
+  server = server_lib.RetrievalServer(retriever, "127.0.0.1", 0, max_batch=256, max_k=10,
                                        max_body_bytes=1 << 22).start()
   try:
     remote = eval_lib.run_evaluation(world["retro"], corpus=world["corpus"],
@@ -311,10 +312,10 @@ def test_live_service_and_precomputed_retrieval_give_the_same_report(world, tmp_
 def test_a_sharded_database_gives_the_whole_ones_report(tmp_path):
   """Evaluation reads a sharded database (live retrieval over every shard, and neighbors
   precomputed on it) as it reads the same corpus built whole."""
-  from retro_jax.retrieval import chunk_store as chunk_store_lib  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval import precompute_neighbors as pn_lib  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval import sharded  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval.db import sharded  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval.jobs import precompute as pn_lib  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval.store import chunk_store as chunk_store_lib  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval.store import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
   from test_sharded import make_whole_and_sharded  # pylint: disable=g-import-not-at-top
   whole, sharded_dir, _ = make_whole_and_sharded(str(tmp_path), 8, (3, 6), chunk_size=M)
   corpus = write_corpus(str(tmp_path / "eval_corpus"), 3, seed=7)
@@ -380,18 +381,18 @@ def test_empty_corpus_is_a_clear_error(world, tmp_path):
   empty = tmp_path / "empty"
   empty.mkdir()
   (empty / "blank.txt").write_text("   \n")
-  with pytest.raises(sources.SourceError, match="no usable document"):
+  with pytest.raises(options_lib.SourceError, match="no usable document"):
     eval_lib.run_evaluation(world["retro"], corpus=str(empty), db_dir=world["db_dir"],
                             settings=eval_lib.EvalSettings(progress=False))
 
 
 def test_service_down_is_a_clear_error_fast(world):
   import socket  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval import service as service_lib  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval.serve import client as client_lib  # pylint: disable=g-import-not-at-top
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]  # closed when the block ends: nobody listens there
-  with pytest.raises(service_lib.ServiceUnavailableError, match="not reachable"):
+  with pytest.raises(client_lib.ServiceUnavailableError, match="not reachable"):
     eval_lib.run_evaluation(world["retro"], corpus=world["corpus"],
                             retrieval_url=f"http://127.0.0.1:{port}",
                             settings=eval_lib.EvalSettings(progress=False),

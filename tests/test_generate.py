@@ -1,7 +1,6 @@
 """Generation: KV-cache decoding with live retrieval equals the full forward pass; sampling
 filters; bad input."""
 
-import os
 import subprocess
 import sys
 
@@ -10,11 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from retro_jax.evaluation import sources
+from retro_jax import fileio as manifest_lib
+from retro_jax import options as options_lib
 from retro_jax.generation import sampler
+from retro_jax.inference import session as session_lib
 from retro_jax.model import Retro
-from retro_jax.retrieval import manifest as manifest_lib
-from retro_jax.retrieval import retriever as retriever_lib
+from retro_jax.retrieval.db import retriever as retriever_lib
 from test_evaluate import M, ROOT, TINY, _cli_env, _params, save_workdir, world  # pylint: disable=g-bad-import-order,unused-import
 
 K = 2
@@ -112,11 +112,11 @@ def test_empty_prompt_is_a_clear_error(world):  # pylint: disable=redefined-oute
 
 def test_service_down_is_a_clear_error(world):  # pylint: disable=redefined-outer-name
   import socket  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval import service as service_lib  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval.serve import client as client_lib
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  with pytest.raises(service_lib.ServiceUnavailableError, match="not reachable"):
+  with pytest.raises(client_lib.ServiceUnavailableError, match="not reachable"):
     sampler.run_generation(world["retro"], ["alpha beta"],
                            retrieval_url=f"http://127.0.0.1:{port}", service_timeout=5)
 
@@ -144,5 +144,5 @@ def test_cli_generates_and_exits_cleanly_on_bad_input(world):  # pylint: disable
 
 
 def test_sources_refuse_two_retrieval_sources():
-  with pytest.raises(sources.SourceError, match="exactly one"):
-    sources.open_live_retriever("a", "http://b")
+  with pytest.raises(options_lib.SourceError, match="exactly one"):
+    session_lib.open_live_retriever("a", "http://b")

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from retro_jax.retrieval import index as index_lib
-from retro_jax.retrieval import manifest as manifest_lib
+from retro_jax import fileio as manifest_lib
+from retro_jax.retrieval.search import scann as index_lib
 
 
 def _clustered(n=3000, dim=32, clusters=40, noise=0.35, seed=0):

@@ -20,13 +20,14 @@ import pytest
 
 from retro_jax import fileio
 from retro_jax import integrity
+from retro_jax import show_neighbors
 from retro_jax.evaluation import evaluate as eval_lib
 from retro_jax.evaluation import sources
 from retro_jax.generation import sampler
-from retro_jax.retrieval import inspect as inspect_lib
-from retro_jax.retrieval import neighbors as neighbors_lib
-from retro_jax.retrieval import precompute_neighbors as pn
-from retro_jax.retrieval import retriever as retriever_lib
+from retro_jax.retrieval.db import database as database_lib
+from retro_jax.retrieval.db import retriever as retriever_lib
+from retro_jax.retrieval.jobs import precompute as pn
+from retro_jax.retrieval.store import neighbors as neighbors_lib
 from retro_jax.training import data as data_lib
 from retro_jax.training import train_config
 from retro_jax.training import trainer
@@ -36,7 +37,7 @@ from test_build_db import write_corpus  # pylint: disable=g-bad-import-order
 from test_evaluate import M, ROOT, TINY, _cli_env, _params, save_workdir  # pylint: disable=g-bad-import-order
 
 VOCAB = TINY.vocab_size
-flags.FLAGS.mark_as_parsed()  # inspect() reads its --width flag (default) in-process
+flags.FLAGS.mark_as_parsed()  # show_neighbors.show() reads its --width flag (default) in-process
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +198,7 @@ def test_reversed_embeddings_are_refused_by_precompute(clean, tmp_path):
   db = copy_db(clean, tmp_path)
   emb = reverse_embeddings(db)
   before = tree_hash(db)
-  retriever_lib.Database.open(db)  # same shape: opening (memory-mapping) alone cannot tell
+  database_lib.Database.open(db)  # same shape: opening (memory-mapping) alone cannot tell
   with pytest.raises(ValueError) as e:
     pn.precompute_neighbors(db, str(tmp_path / "nb"), k=2)
   one_line(e.value, emb, "sha256", "build_db")
@@ -206,17 +207,17 @@ def test_reversed_embeddings_are_refused_by_precompute(clean, tmp_path):
 
 
 def test_build_recomputes_damaged_embeddings_instead_of_reusing_them(clean, tmp_path):
-  from retro_jax.retrieval import build_db  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval.jobs import build as build_lib  # pylint: disable=g-import-not-at-top
   db = copy_db(clean, tmp_path)
   reverse_embeddings(db)
   truncate(largest_index_file(db))
   tok = os.path.join(clean["root"], "tok", "tokenizer.json")
-  build_db.build_database(os.path.join(clean["root"], "db_corpus"), tok, db, chunk_size=M,
+  build_lib.build_database(os.path.join(clean["root"], "db_corpus"), tok, db, chunk_size=M,
                           bert="hashing:32", shard_size=50)
   with open(os.path.join(db, "embeddings.npy"), "rb") as f, \
        open(os.path.join(clean["db"], "embeddings.npy"), "rb") as g:
     assert f.read() == g.read()
-  retriever_lib.Database.open(db, verify=True)  # the index was rebuilt, not reused
+  database_lib.Database.open(db, verify=True)  # the index was rebuilt, not reused
 
 
 # --- 3. one manifest check for every consumer ---------------------------------------------
@@ -246,10 +247,10 @@ def test_chunk_size_disagreement_is_refused_by_every_consumer(clean, tmp_path):
   mpath = edit_manifest(db, chunk_size=2 * M)
   before = tree_hash(db)
   consumers = {
-      "shared open": lambda: retriever_lib.Database.open(db),
-      "train": lambda: retriever_lib.open_database_chunks(db),
+      "shared open": lambda: database_lib.Database.open(db),
+      "train": lambda: database_lib.open_database_chunks(db),
       "serve": lambda: retriever_lib.Retriever.open(db),
-      "inspect": lambda: inspect_lib.inspect(db, chunk_id=0),
+      "show_neighbors": lambda: show_neighbors.show(db, chunk_id=0),
       "precompute": lambda: pn.precompute_neighbors(db, str(tmp_path / "nb"), k=2),
   }
   for name, consume in consumers.items():
@@ -259,15 +260,15 @@ def test_chunk_size_disagreement_is_refused_by_every_consumer(clean, tmp_path):
     assert tree_hash(db) == before, name
 
 
-def test_inspect_cli_refuses_a_chunk_size_disagreement_in_one_line(clean, tmp_path):
+def test_show_neighbors_cli_refuses_a_chunk_size_disagreement_in_one_line(clean, tmp_path):
   db = copy_db(clean, tmp_path)
   mpath = edit_manifest(db, chunk_size=2 * M)
   proc = subprocess.run(
-      [sys.executable, "-m", "retro_jax.retrieval.inspect", f"--db={db}", "--chunk_id=0"],
+      [sys.executable, "-m", "retro_jax.show_neighbors", f"--db={db}", "--chunk_id=0"],
       capture_output=True, text=True, cwd=ROOT, env=_cli_env(), timeout=300, check=False)
   assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
   last = proc.stderr.strip().splitlines()[-1]
-  assert last.startswith("inspect: error: chunk size mismatch") and mpath in last, last
+  assert last.startswith("show_neighbors: error: chunk size mismatch") and mpath in last, last
 
 
 def test_edited_tokenizer_hash_is_refused_by_precompute(clean, tmp_path):
@@ -297,7 +298,7 @@ def test_truncated_index_file_names_the_index_and_the_rebuild(clean, tmp_path, r
   before = tree_hash(db)
   consumers = {
       "serve": lambda: retriever_lib.Retriever.open(db),
-      "inspect": lambda: inspect_lib.inspect(db, chunk_id=0),
+      "show_neighbors": lambda: show_neighbors.show(db, chunk_id=0),
       "precompute": lambda: pn.precompute_neighbors(db, str(tmp_path / "nb"), k=2),
   }
   for name, consume in consumers.items():
@@ -314,7 +315,7 @@ def test_truncated_embeddings_name_the_file(clean, tmp_path):
   db = copy_db(clean, tmp_path)
   emb = truncate(os.path.join(db, "embeddings.npy"))
   before = tree_hash(db)
-  for consume in (lambda: retriever_lib.Database.open(db),
+  for consume in (lambda: database_lib.Database.open(db),
                   lambda: pn.precompute_neighbors(db, str(tmp_path / "nb"), k=2)):
     with pytest.raises(ValueError) as e:
       consume()
@@ -334,7 +335,7 @@ def test_truncated_eval_neighbors_name_the_file_and_the_command(clean, tmp_path)
     with pytest.raises(ValueError) as e:
       consume()
     one_line(e.value, path, "truncated", f"delete {nb} and rebuild it with python -m "
-             "retro_jax.retrieval.precompute_neighbors")
+             "retro_jax.precompute_neighbors")
   assert tree_hash(nb, clean["db"]) == before
 
 

@@ -5,10 +5,11 @@ import os
 import numpy as np
 import pytest
 
-from retro_jax.retrieval import chunk_store as chunk_store_lib
-from retro_jax.retrieval import manifest as manifest_lib
-from retro_jax.retrieval import precompute_neighbors as pn
-from retro_jax.retrieval import retriever as retriever_lib
+from retro_jax import fileio as manifest_lib
+from retro_jax.retrieval.db import database as database_lib
+from retro_jax.retrieval.embed import hashing as hashing_lib
+from retro_jax.retrieval.jobs import precompute as pn
+from retro_jax.retrieval.store import chunk_store as chunk_store_lib
 from test_build_db import make_db, make_tokenizer, write_corpus  # pylint: disable=g-bad-import-order
 
 
@@ -19,7 +20,7 @@ def db_dir(tmp_path_factory):
 
 def _reference(db_dir, k, exclude=True):
   """Brute-force numpy neighbors with same-document exclusion (the definition)."""
-  db = retriever_lib.Database.open(db_dir)
+  db = database_lib.Database.open(db_dir)
   x = np.asarray(db.embeddings, np.float32)
   doc = np.asarray(db.store.doc_ids)
   d = 1.0 - x @ x.T
@@ -35,7 +36,7 @@ def test_same_document_exclusion_every_row(db_dir, tmp_path):
   man = pn.precompute_neighbors(db_dir, out, k=3, part_size=40, extra_candidates=1)
   nb = pn.load_neighbors(out, expected_db_manifest=db_dir,
                          expected_query_manifest=os.path.join(db_dir, "chunks"))
-  db = retriever_lib.Database.open(db_dir)
+  db = database_lib.Database.open(db_dir)
   doc = np.asarray(db.store.doc_ids)
   ids = np.asarray(nb.neighbors)
   assert ids.shape == (db.num_chunks, 3) and ids.dtype == np.int64
@@ -62,7 +63,7 @@ def test_padding_when_fewer_than_k_remain(tmp_path):
   out = str(tmp_path / "nb")
   man = pn.precompute_neighbors(db_dir, out, k=4)
   nb = pn.load_neighbors(out)
-  db = retriever_lib.Database.open(db_dir)
+  db = database_lib.Database.open(db_dir)
   doc = np.asarray(db.store.doc_ids)
   ids, dist = np.asarray(nb.neighbors), np.asarray(nb.distances)
   big = doc == 0
@@ -157,8 +158,8 @@ def test_manifest_mismatches_are_refused(db_dir, tmp_path):
 
 def test_separate_query_store_and_embedder_check(db_dir, tmp_path):
   tok_path = make_tokenizer(str(tmp_path / "tok"))
-  from retro_jax.retrieval import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval.store import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval.store import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   tok = tokenizer_lib.load_tokenizer(tok_path)
   corpus = corpus_lib.Corpus(write_corpus(str(tmp_path / "eval"), 3, seed=11))
   qdir = str(tmp_path / "eval_store")
@@ -169,15 +170,15 @@ def test_separate_query_store_and_embedder_check(db_dir, tmp_path):
   nb = pn.load_neighbors(out, expected_db_manifest=db_dir, expected_query_manifest=qdir)
   assert nb.neighbors.shape == (qstore.num_chunks, 2)
   # Same answer as embedding the queries directly and searching exactly.
-  db = retriever_lib.Database.open(db_dir)
-  q = db.prepare_queries(retriever_lib.HashingEmbedder(32).embed_chunks(
+  db = database_lib.Database.open(db_dir)
+  q = db.prepare_queries(hashing_lib.HashingEmbedder(32).embed_chunks(
       np.asarray(qstore.tokens), tok))
   d = 1.0 - q @ np.asarray(db.embeddings, np.float32).T
   np.testing.assert_allclose(np.asarray(nb.distances), np.sort(d, axis=1)[:, :2], atol=1e-5)
   # An embedder other than the index's is refused, naming both.
   with pytest.raises(manifest_lib.ManifestMismatchError) as e:
     pn.precompute_neighbors(db_dir, str(tmp_path / "nb2"), k=2, query_store=qdir,
-                            embedder=retriever_lib.HashingEmbedder(64))
+                            embedder=hashing_lib.HashingEmbedder(64))
   assert "embedder" in str(e.value) and "32" in str(e.value) and "64" in str(e.value)
   # A query store chunked differently is refused.
   qdir8 = str(tmp_path / "eval_store8")

@@ -1,6 +1,6 @@
 """The options that make neighbors readable: alignment, the min-match filter, the rank bias.
 
-retrieval/align.py is checked against a naive per-shift, per-position reference; the CCA
+retrieval/store/align.py is checked against a naive per-shift, per-position reference; the CCA
 rank bias against the model without it and against masking a neighbor out.
 """
 
@@ -11,8 +11,8 @@ import pytest
 
 from retro_jax import config as config_lib
 from retro_jax.model import Retro, init_params
-from retro_jax.retrieval import align
-from retro_jax.retrieval import chunk_store
+from retro_jax.retrieval.store import align
+from retro_jax.retrieval.store import chunk_store
 
 M = 8
 

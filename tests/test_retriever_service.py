@@ -10,9 +10,11 @@ import sys
 import numpy as np
 import pytest
 
-from retro_jax.retrieval import manifest as manifest_lib
-from retro_jax.retrieval import retriever as retriever_lib
-from retro_jax.retrieval import service as service_lib
+from retro_jax import fileio as manifest_lib
+from retro_jax.retrieval.db import retriever as retriever_lib
+from retro_jax.retrieval.embed import hashing as hashing_lib
+from retro_jax.retrieval.serve import client as client_lib
+from retro_jax.retrieval.serve import server as server_lib
 import fixtures_data  # pylint: disable=g-bad-import-order
 from test_build_db import make_db  # pylint: disable=g-bad-import-order
 
@@ -29,7 +31,7 @@ def retriever(db_dir):
 
 @pytest.fixture(scope="module")
 def server(retriever):
-  srv = service_lib.RetrievalServer(retriever, "127.0.0.1", 0, max_batch=8, max_k=5,
+  srv = server_lib.RetrievalServer(retriever, "127.0.0.1", 0, max_batch=8, max_k=5,
                                     max_body_bytes=1 << 16).start()
   yield srv
   srv.stop()
@@ -76,12 +78,12 @@ def test_retriever_validates_inputs(retriever):
 
 def test_retriever_refuses_another_embedder(db_dir):
   with pytest.raises(manifest_lib.ManifestMismatchError) as e:
-    retriever_lib.Retriever.open(db_dir, embedder=retriever_lib.HashingEmbedder(16))
+    retriever_lib.Retriever.open(db_dir, embedder=hashing_lib.HashingEmbedder(16))
   assert "embedder" in str(e.value) and "16" in str(e.value) and "32" in str(e.value)
 
 
 def test_remote_equals_local(server, retriever):
-  remote = service_lib.RemoteRetriever(server.url, timeout=30)
+  remote = client_lib.RemoteRetriever(server.url, timeout=30)
   assert remote.health()["num_chunks"] == retriever.store.num_chunks
   assert remote.manifest == json.loads(json.dumps(retriever.manifest))
   tokens = np.asarray(retriever.store.tokens[10:14])
@@ -130,12 +132,12 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, retriever):
     got_status, data = _post(server.url, body)
     assert got_status == status, (body[:80], data)
     assert fragment in data["error"], (fragment, data)
-    assert service_lib.RemoteRetriever(server.url).health()["status"] == "ok"
+    assert client_lib.RemoteRetriever(server.url).health()["status"] == "ok"
   status, data = _post(server.url, b"{}", path="/nowhere")
   assert status == 404 and "/retrieve" in data["error"]
   # The client surfaces the server's message.
-  with pytest.raises(service_lib.RetrievalServiceError) as e:
-    service_lib.RemoteRetriever(server.url).retrieve_texts(["a"], 6)
+  with pytest.raises(client_lib.RetrievalServiceError) as e:
+    client_lib.RemoteRetriever(server.url).retrieve_texts(["a"], 6)
   assert e.value.status == 413 and "limit of 5" in e.value.message
   # And a good request still works after all of that.
   status, data = _post(server.url, json.dumps({"chunks": [good_chunk], "k": 2,
@@ -148,8 +150,8 @@ def test_remote_fails_fast_when_service_is_down():
   with socket.socket() as s:  # A port that was free a moment ago: nothing listens there.
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  remote = service_lib.RemoteRetriever(f"http://127.0.0.1:{port}", timeout=5)
-  with pytest.raises(service_lib.ServiceUnavailableError, match="not reachable"):
+  remote = client_lib.RemoteRetriever(f"http://127.0.0.1:{port}", timeout=5)
+  with pytest.raises(client_lib.ServiceUnavailableError, match="not reachable"):
     remote.health()
   with pytest.raises(ConnectionError):
     remote.retrieve_texts(["a"], 1)
@@ -160,28 +162,28 @@ def test_remote_times_out_instead_of_hanging():
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     s.listen(1)
-    remote = service_lib.RemoteRetriever(f"http://127.0.0.1:{s.getsockname()[1]}",
+    remote = client_lib.RemoteRetriever(f"http://127.0.0.1:{s.getsockname()[1]}",
                                          timeout=0.5)
-    with pytest.raises(service_lib.ServiceUnavailableError, match="not reachable"):
+    with pytest.raises(client_lib.ServiceUnavailableError, match="not reachable"):
       remote.health()
 
 
-# --- the inspect and serve CLIs ------------------------------------------------------------
+# --- the show_neighbors and serve CLIs--------------------------------------------------------
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _shown_ids(output: str) -> list[int]:
-  """Neighbor chunk ids of an inspect report ("[rank] chunk ID  distance ...")."""
+  """Neighbor chunk ids of a show_neighbors report ("[rank] chunk ID  distance ...")."""
   return [int(line.split()[2]) for line in output.splitlines()
           if line.startswith("[") and " chunk " in line]
 
 
-def test_inspect_cli_shows_what_the_model_reads(db_dir, retriever, tmp_path):
-  from retro_jax.retrieval import precompute_neighbors as pn_lib  # pylint: disable=g-import-not-at-top
+def test_show_neighbors_cli_shows_what_the_model_reads(db_dir, retriever, tmp_path):
+  from retro_jax.retrieval.jobs import precompute as pn_lib  # pylint: disable=g-import-not-at-top
 
   def run(*flags):
-    proc = subprocess.run([sys.executable, "-m", "retro_jax.retrieval.inspect",
+    proc = subprocess.run([sys.executable, "-m", "retro_jax.show_neighbors",
                            f"--db={db_dir}", *flags], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -203,13 +205,13 @@ def test_inspect_cli_shows_what_the_model_reads(db_dir, retriever, tmp_path):
   text = retriever.tokenizer.decode(np.asarray(store.tokens[c]))
   assert _shown_ids(run(f"--text={text}", "--k=2")) == (
       retriever.retrieve_texts([text], 2).ids[0].tolist())
-  bad = subprocess.run([sys.executable, "-m", "retro_jax.retrieval.inspect", f"--db={db_dir}",
+  bad = subprocess.run([sys.executable, "-m", "retro_jax.show_neighbors", f"--db={db_dir}",
                         "--chunk_id=-1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert bad.returncode != 0 and "outside the database" in bad.stderr
 
 
 def test_serve_cli_answers_like_the_local_retriever(db_dir, retriever):
-  proc = subprocess.Popen([sys.executable, "-m", "retro_jax.retrieval.serve", f"--db={db_dir}",
+  proc = subprocess.Popen([sys.executable, "-m", "retro_jax.serve", f"--db={db_dir}",
                            "--port=0"], cwd=ROOT, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   try:
@@ -217,7 +219,7 @@ def test_serve_cli_answers_like_the_local_retriever(db_dir, retriever):
     assert line.startswith("retrieval service on "), (line, proc.stderr.read()[-2000:]
                                                       if proc.poll() is not None else "")
     url = line.split()[3]
-    remote = service_lib.RemoteRetriever(url, timeout=60)
+    remote = client_lib.RemoteRetriever(url, timeout=60)
     assert remote.health()["status"] == "ok"
     chunks = np.asarray(retriever.store.tokens[[0, 9, 20]])
     got, want = remote.retrieve_chunks(chunks, 2), retriever.retrieve_chunks(chunks, 2)
@@ -235,10 +237,10 @@ def test_damaged_chunk_store_answer_names_tokens_npy_and_the_fix(tmp_path, caplo
   tokens = np.load(path)
   vocab = retriever_lib.Retriever.open(db).store.vocab_size
   np.save(path, np.where(tokens >= 0, vocab + 7, tokens).astype(np.int32))
-  srv = service_lib.RetrievalServer(retriever_lib.Retriever.open(db), "127.0.0.1", 0).start()
+  srv = server_lib.RetrievalServer(retriever_lib.Retriever.open(db), "127.0.0.1", 0).start()
   try:
-    client = service_lib.RemoteRetriever(srv.url)
-    with pytest.raises(service_lib.RetrievalServiceError) as e:
+    client = client_lib.RemoteRetriever(srv.url)
+    with pytest.raises(client_lib.RetrievalServiceError) as e:
       client.retrieve_texts(["alpha beta gamma"], k=2)
     assert e.value.status == 500
     line = str(e.value)

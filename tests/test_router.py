@@ -13,12 +13,13 @@ import time
 import numpy as np
 import pytest
 
-from retro_jax.retrieval import build_db
-from retro_jax.retrieval import edit_db
-from retro_jax.retrieval import retriever as retriever_lib
-from retro_jax.retrieval import router as router_lib
-from retro_jax.retrieval import service as service_lib
-from retro_jax.retrieval import sharded
+from retro_jax.retrieval.db import database as database_lib
+from retro_jax.retrieval.db import retriever as retriever_lib
+from retro_jax.retrieval.db import sharded
+from retro_jax.retrieval.jobs import edit as edit_lib
+from retro_jax.retrieval.serve import client as client_lib
+from retro_jax.retrieval.serve import router as router_lib
+from retro_jax.retrieval.serve import server as server_lib
 from fixtures_data import stop_process  # pylint: disable=g-bad-import-order
 from test_sharded import make_whole_and_sharded  # pylint: disable=g-bad-import-order
 
@@ -43,7 +44,7 @@ class _Shards:
     for entry in man["shards"]:
       if names is None or entry["name"] in names:
         r = retriever_lib.Retriever.open(os.path.join(db_dir, entry["name"]))
-        self.servers[entry["name"]] = service_lib.RetrievalServer(r, port=0).start()
+        self.servers[entry["name"]] = server_lib.RetrievalServer(r, port=0).start()
 
   @property
   def addresses(self):
@@ -66,7 +67,7 @@ def _queries(store, step=5):
 def test_search_endpoint_answers_the_index_and_refuses_bad_input(dbs):
   _, db, _ = dbs
   r = retriever_lib.Retriever.open(os.path.join(db, "shard-00000"))
-  server = service_lib.RetrievalServer(r, port=0, config=service_lib.ServiceConfig(
+  server = server_lib.RetrievalServer(r, port=0, config=server_lib.ServiceConfig(
       max_batch=8, max_search_k=200)).start()
   try:
     x = r.embed_chunks(np.asarray(r.store.tokens[:3]))
@@ -79,7 +80,7 @@ def test_search_endpoint_answers_the_index_and_refuses_bad_input(dbs):
     # k beyond the shard: padded with -1 / inf like ScannIndex.search.
     big_ids, big_dist = remote.search(x, r.store.num_chunks + 3)
     assert (big_ids[:, -3:] == -1).all() and np.isinf(big_dist[:, -3:]).all()
-    client = service_lib.RemoteRetriever(server.url)
+    client = client_lib.RemoteRetriever(server.url)
     dim = r.db.dim
     # The plain JSON form answers the same as the base64 float32 one RemoteIndex sends.
     ans = client._request("/search", {"embeddings": x.tolist(), "k": 4})  # pylint: disable=protected-access
@@ -104,7 +105,7 @@ def test_search_endpoint_answers_the_index_and_refuses_bad_input(dbs):
            ({"embeddings_f32": 5, "k": 2}, 400, "base64 string"),
            ({"embeddings": "x", "k": 2}, 400, "list of vectors")]
     for body, status, text in bad:
-      with pytest.raises(service_lib.RetrievalServiceError) as e:
+      with pytest.raises(client_lib.RetrievalServiceError) as e:
         client._request("/search", body)  # pylint: disable=protected-access
       assert e.value.status == status and text in e.value.message, (body, e.value)
     assert client.health()["status"] == "ok"  # Still serving.
@@ -118,7 +119,7 @@ def test_router_answers_like_one_index_over_the_union(dbs):
   router = None
   try:
     router = router_lib.RouterServer(db, shards.addresses, reload_interval=0).start()
-    remote = service_lib.RemoteRetriever(router.url, timeout=60)
+    remote = client_lib.RemoteRetriever(router.url, timeout=60)
     local = retriever_lib.Retriever.open(sharded.open_database(db))
     ref = retriever_lib.Retriever.open(whole)
     queries, docs = _queries(local.store)
@@ -183,12 +184,12 @@ def test_a_shard_that_is_down_is_named_or_left_out(dbs):
     queries, _ = _queries(local.store)
     down_url = shards.servers["shard-00001"].url
     shards.servers.pop("shard-00001").stop()
-    with pytest.raises(service_lib.ServiceUnavailableError) as e:  # One line, names it.
-      service_lib.RemoteRetriever(strict.url).retrieve_chunks(queries, 3)
-    assert isinstance(e.value, service_lib.ServiceUnavailableAnswer) and e.value.status == 503
+    with pytest.raises(client_lib.ServiceUnavailableError) as e:  # One line, names it.
+      client_lib.RemoteRetriever(strict.url).retrieve_chunks(queries, 3)
+    assert isinstance(e.value, client_lib.ServiceUnavailableAnswer) and e.value.status == 503
     assert f"shard shard-00001 at {down_url} is not available" in str(e.value)
     assert "\n" not in str(e.value)
-    got = service_lib.RemoteRetriever(partial.url).retrieve_chunks(queries, 3)
+    got = client_lib.RemoteRetriever(partial.url).retrieve_chunks(queries, 3)
     assert got.missing_shards == ["shard-00001"]
     # What is left is the exact top k of the shard that is up.
     up = retriever_lib.Retriever.open(os.path.join(db, "shard-00000"))
@@ -213,19 +214,19 @@ def test_a_shard_error_answer_reaches_the_client_as_its_one_line(dbs):
   try:
     for name in ("shard-00000", "shard-00001"):
       r = retriever_lib.Retriever.open(os.path.join(db, name))
-      servers[name] = service_lib.RetrievalServer(r, port=0, config=service_lib.ServiceConfig(
+      servers[name] = server_lib.RetrievalServer(r, port=0, config=server_lib.ServiceConfig(
           max_search_k=2 if name == "shard-00001" else 4096)).start()
     router = router_lib.RouterServer(db, {n: s.url for n, s in servers.items()},
                                      reload_interval=0).start()
     local = retriever_lib.Retriever.open(sharded.open_database(db))
     queries, _ = _queries(local.store)
-    with pytest.raises(service_lib.RetrievalServiceError) as e:
-      service_lib.RemoteRetriever(router.url).retrieve_chunks(queries, 3)
+    with pytest.raises(client_lib.RetrievalServiceError) as e:
+      client_lib.RemoteRetriever(router.url).retrieve_chunks(queries, 3)
     assert e.value.status == 500 and "internal error" not in e.value.message
     assert f"shard shard-00001 at {servers['shard-00001'].url}" in e.value.message
     assert "search limit" in e.value.message and "\n" not in e.value.message
     # The router still serves what its shards accept.
-    got = service_lib.RemoteRetriever(router.url).retrieve_chunks(queries, 2)
+    got = client_lib.RemoteRetriever(router.url).retrieve_chunks(queries, 2)
     np.testing.assert_array_equal(got.ids, local.retrieve_chunks(queries, 2).ids)
   finally:
     if router is not None:
@@ -265,16 +266,16 @@ def test_add_then_drop_updates_the_retriever_and_a_running_router(dbs, tmp_path)
   router = None
   try:
     router = router_lib.RouterServer(db, address_file=addr_file, reload_interval=0.1).start()
-    remote = service_lib.RemoteRetriever(router.url, timeout=60)
+    remote = client_lib.RemoteRetriever(router.url, timeout=60)
     old_chunks = remote.health()["num_chunks"]
     new_docs = tmp_path / "new"
     new_docs.mkdir()
     (new_docs / "news.txt").write_text(NEW_TEXT + "\n", encoding="utf-8")
-    man = edit_db.add_shard(db, str(new_docs))
+    man = edit_lib.add_shard(db, str(new_docs))
     assert [s["name"] for s in man["shards"]][-1] == "shard-00002"
     for name, hashes in before.items():  # The other shards are untouched.
       assert _hashes(os.path.join(db, name)) == hashes, name
-    new_shard = retriever_lib.Database.open(os.path.join(db, "shard-00002"))
+    new_shard = database_lib.Database.open(os.path.join(db, "shard-00002"))
     assert new_shard.manifest["index"]["settings"] == man["index"]["settings"]
     offset = man["shards"][-1]["chunk_offset"]
     new_doc = man["shards"][-1]["doc_offset"]
@@ -294,7 +295,7 @@ def test_add_then_drop_updates_the_retriever_and_a_running_router(dbs, tmp_path)
       json.dump(dict(shards.addresses, **{"shard-00002": f"http://127.0.0.1:{port}"}), f)
     assert _wait(lambda: "shard-00002 at http://127.0.0.1:%d is not available" % port
                  in (remote.health()["reload_error"] or ""))
-    shards.servers["shard-00002"] = service_lib.RetrievalServer(
+    shards.servers["shard-00002"] = server_lib.RetrievalServer(
         retriever_lib.Retriever.open(os.path.join(db, "shard-00002")), port=port).start()
     assert _wait(lambda: remote.health()["num_chunks"] == man["num_chunks"])
     assert remote.health()["reload_error"] is None
@@ -302,7 +303,7 @@ def test_add_then_drop_updates_the_retriever_and_a_running_router(dbs, tmp_path)
     np.testing.assert_array_equal(got.ids, local.retrieve_texts([NEW_TEXT], 3).ids)
     assert int(got.ids[0, 0]) >= offset
     # Drop the new document (by its file name): never retrieved again, here or there.
-    man, dropped = edit_db.drop_documents(db, doc_keys=["news.txt"])
+    man, dropped = edit_lib.drop_documents(db, doc_keys=["news.txt"])
     assert dropped == [new_doc] and man["dropped_documents"] == [new_doc]
     local = retriever_lib.Retriever.open(sharded.open_database(db))
     queries, _ = _queries(local.store, step=1)
@@ -314,10 +315,10 @@ def test_add_then_drop_updates_the_retriever_and_a_running_router(dbs, tmp_path)
       assert new_doc not in doc_ids[res.ids[res.ids >= 0]]
       res = r.retrieve_chunks(queries, 5)
       assert new_doc not in doc_ids[res.ids[res.ids >= 0]]
-    with pytest.raises(edit_db.EditError, match="'nope.txt' is not in"):
-      edit_db.drop_documents(db, doc_keys=["nope.txt"])
-    with pytest.raises(edit_db.EditError, match="document id 99 is not in"):
-      edit_db.drop_documents(db, doc_ids=[99])
+    with pytest.raises(edit_lib.EditError, match="'nope.txt' is not in"):
+      edit_lib.drop_documents(db, doc_keys=["nope.txt"])
+    with pytest.raises(edit_lib.EditError, match="document id 99 is not in"):
+      edit_lib.drop_documents(db, doc_ids=[99])
   finally:
     if router is not None:
       router.stop()
@@ -343,15 +344,15 @@ def test_serve_and_router_commands_on_loopback(dbs, tmp_path):
   procs = []
   try:
     for name in ("shard-00000", "shard-00001"):
-      procs.append(_start(["retro_jax.retrieval.serve", f"--db={os.path.join(db, name)}",
+      procs.append(_start(["retro_jax.serve", f"--db={os.path.join(db, name)}",
                            "--port=0"], "retrieval service on "))
     urls = [_url(*p) for p in procs]
     addr = str(tmp_path / "addr.json")
     with open(addr, "w", encoding="utf-8") as f:
       json.dump({"shard-00000": urls[0], "shard-00001": urls[1]}, f)
-    procs.append(_start(["retro_jax.retrieval.router", f"--db={db}",
+    procs.append(_start(["retro_jax.serve", f"--db={db}",
                          f"--shard_addresses={addr}", "--port=0"], "retrieval router on "))
-    remote = service_lib.RemoteRetriever(_url(*procs[-1]), timeout=60)
+    remote = client_lib.RemoteRetriever(_url(*procs[-1]), timeout=60)
     local = retriever_lib.Retriever.open(sharded.open_database(db))
     queries, docs = _queries(local.store, step=3)
     got = remote.retrieve_chunks(queries, 4, exclude_doc_ids=docs)
@@ -360,7 +361,7 @@ def test_serve_and_router_commands_on_loopback(dbs, tmp_path):
     np.testing.assert_array_equal(got.tokens, want.tokens)
     # A shard process ended: the router names it, in one line.
     stop_process(procs[1][0])
-    with pytest.raises(service_lib.ServiceUnavailableError,
+    with pytest.raises(client_lib.ServiceUnavailableError,
                        match=f"shard shard-00001 at {urls[1]}"):
       remote.retrieve_chunks(queries, 4)
   finally:
@@ -380,7 +381,7 @@ def test_edit_db_command(dbs, tmp_path):
   proc = run("add", f"--db={whole}", "--corpus=x")
   assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
       f"edit_db: error: {whole} is not a sharded database (no shards.json); convert a whole "
-      f"one first: `{edit_db.SHARD_COMMAND}`"], proc.stderr
+      f"one first: `{edit_lib.SHARD_COMMAND}`"], proc.stderr
   proc = run("shard", f"--db={whole}", f"--output={db}")
   assert proc.returncode == 0, proc.stderr
   assert os.path.islink(os.path.join(db, "shard-00000"))

@@ -6,8 +6,8 @@ import socket
 
 import pytest
 
-from retro_jax.retrieval import retriever as retriever_lib
-from retro_jax.retrieval import service as service_lib
+from retro_jax.retrieval.db import retriever as retriever_lib
+from retro_jax.retrieval.serve import server as server_lib
 from test_build_db import make_db  # pylint: disable=g-bad-import-order
 
 LIMIT = 1 << 20
@@ -17,9 +17,9 @@ LIMIT = 1 << 20
 def server(tmp_path_factory):
   retriever = retriever_lib.Retriever.open(make_db(str(tmp_path_factory.mktemp("fuzz")),
                                                    num_docs=6))
-  config = service_lib.ServiceConfig(max_batch=8, max_k=5, max_body_bytes=LIMIT,
+  config = server_lib.ServiceConfig(max_batch=8, max_k=5, max_body_bytes=LIMIT,
                                      idle_timeout=1.0, request_timeout=1.0)
-  srv = service_lib.RetrievalServer(retriever, config=config).start()
+  srv = server_lib.RetrievalServer(retriever, config=config).start()
   yield srv
   srv.stop()
 

@@ -12,10 +12,12 @@ import time
 import numpy as np
 import pytest
 
-from retro_jax.retrieval import build_db
-from retro_jax.retrieval import embedder as embedder_lib
-from retro_jax.retrieval import retriever as retriever_lib
-from retro_jax.retrieval import service as service_lib
+from retro_jax.retrieval.db import retriever as retriever_lib
+from retro_jax.retrieval.embed import embedder as embedder_lib
+from retro_jax.retrieval.jobs import build as build_lib
+from retro_jax.retrieval.serve import client as client_lib
+from retro_jax.retrieval.serve import handler as handler_lib
+from retro_jax.retrieval.serve import server as server_lib
 from test_build_db import make_db, make_tokenizer, write_corpus  # pylint: disable=g-bad-import-order
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,7 +34,7 @@ def bert_retriever(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("bert"))
   corpus = write_corpus(os.path.join(root, "corpus"), num_docs=4, words_per_doc=(30, 60))
   out = os.path.join(root, "db")
-  build_db.build_database(corpus, make_tokenizer(os.path.join(root, "tok")), out,
+  build_lib.build_database(corpus, make_tokenizer(os.path.join(root, "tok")), out,
                           chunk_size=16, bert=None, shard_size=50)  # the offline MiniLM
   return retriever_lib.Retriever.open(out)
 
@@ -60,10 +62,10 @@ def check_concurrent_equals_alone(retriever, count, clients):
   requests = requests_of(retriever, np.random.default_rng(0), count)
   want = [retriever.retrieve_texts(p, k) if kind == "texts"
           else retriever.retrieve_chunks(p, k, exclude_doc_ids=e) for kind, p, k, e in requests]
-  config = service_lib.ServiceConfig(max_k=5, workers=4)
-  server = service_lib.RetrievalServer(retriever, config=config).start()
+  config = server_lib.ServiceConfig(max_k=5, workers=4)
+  server = server_lib.RetrievalServer(retriever, config=config).start()
   try:
-    remote = service_lib.RemoteRetriever(server.url, timeout=120)
+    remote = client_lib.RemoteRetriever(server.url, timeout=120)
     start = threading.Barrier(clients)
 
     def send(i):
@@ -130,17 +132,17 @@ def test_usable_prefix_keeps_the_bert_tokens_of_the_whole_text():
   for _ in range(150):
     texts.append("".join(rng.choice(pieces, size=int(rng.integers(50, 3000)))))
   for text in texts:
-    prefix = service_lib.usable_prefix(text, tokenizer, max_length, start=256)
+    prefix = handler_lib.usable_prefix(text, tokenizer, max_length, start=256)
     assert text.startswith(prefix)
     full = tokenizer([text], truncation=True, max_length=max_length)["input_ids"]
     cut = tokenizer([prefix], truncation=True, max_length=max_length)["input_ids"]
     assert cut == full, (len(text), len(prefix))
-  assert len(service_lib.usable_prefix(texts[0], tokenizer, max_length, start=256)) == 1024
+  assert len(handler_lib.usable_prefix(texts[0], tokenizer, max_length, start=256)) == 1024
 
 
 def test_idle_and_stalled_connections_are_closed(hashing_retriever):
-  config = service_lib.ServiceConfig(idle_timeout=0.5, request_timeout=0.5)
-  server = service_lib.RetrievalServer(hashing_retriever, config=config).start()
+  config = server_lib.ServiceConfig(idle_timeout=0.5, request_timeout=0.5)
+  server = server_lib.RetrievalServer(hashing_retriever, config=config).start()
   host, port = server.url.replace("http://", "").split(":")
   threads = threading.active_count()
   socks = [socket.create_connection((host, int(port)), timeout=10) for _ in range(60)]
@@ -160,7 +162,7 @@ def test_idle_and_stalled_connections_are_closed(hashing_retriever):
     assert time.monotonic() - t0 < 5.0
     assert all(a == b"" for a in answers[:50])  # idle or headers unfinished: closed.
     assert all(a.startswith(b"HTTP/1.1 408 ") for a in answers[50:])
-    assert service_lib.RemoteRetriever(server.url).health()["status"] == "ok"
+    assert client_lib.RemoteRetriever(server.url).health()["status"] == "ok"
   finally:
     for s in socks:
       s.close()
@@ -168,18 +170,18 @@ def test_idle_and_stalled_connections_are_closed(hashing_retriever):
 
 
 def test_connections_over_the_limit_get_503(hashing_retriever):
-  config = service_lib.ServiceConfig(max_connections=3)
-  server = service_lib.RetrievalServer(hashing_retriever, config=config).start()
+  config = server_lib.ServiceConfig(max_connections=3)
+  server = server_lib.RetrievalServer(hashing_retriever, config=config).start()
   host, port = server.url.replace("http://", "").split(":")
   socks = [socket.create_connection((host, int(port)), timeout=10) for _ in range(3)]
   try:
     time.sleep(0.2)
-    with pytest.raises(service_lib.RetrievalServiceError) as e:
-      service_lib.RemoteRetriever(server.url).health()
+    with pytest.raises(client_lib.RetrievalServiceError) as e:
+      client_lib.RemoteRetriever(server.url).health()
     assert e.value.status == 503 and "too many connections" in e.value.message
     socks.pop().close()
     time.sleep(0.2)
-    assert service_lib.RemoteRetriever(server.url).health()["status"] == "ok"
+    assert client_lib.RemoteRetriever(server.url).health()["status"] == "ok"
   finally:
     for s in socks:
       s.close()
@@ -187,7 +189,7 @@ def test_connections_over_the_limit_get_503(hashing_retriever):
 
 
 def test_serve_cli_refuses_a_bad_port_in_one_line(hashing_retriever):
-  proc = subprocess.run([sys.executable, "-m", "retro_jax.retrieval.serve",
+  proc = subprocess.run([sys.executable, "-m", "retro_jax.serve",
                          f"--db={hashing_retriever.db.path}", "--port=70000"], cwd=ROOT,
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0 and "Traceback" not in proc.stderr
@@ -195,9 +197,9 @@ def test_serve_cli_refuses_a_bad_port_in_one_line(hashing_retriever):
 
 
 def test_bodies_over_the_buffer_budget_get_503(hashing_retriever):
-  config = service_lib.ServiceConfig(max_body_bytes=1000, max_buffered_bytes=1000,
+  config = server_lib.ServiceConfig(max_body_bytes=1000, max_buffered_bytes=1000,
                                      request_timeout=5.0)
-  server = service_lib.RetrievalServer(hashing_retriever, config=config).start()
+  server = server_lib.RetrievalServer(hashing_retriever, config=config).start()
   host, port = server.url.replace("http://", "").split(":")
   head = b"POST /retrieve HTTP/1.1\r\nHost: x\r\nContent-Length: 900\r\n\r\n"
   try:
@@ -210,7 +212,7 @@ def test_bodies_over_the_buffer_budget_get_503(hashing_retriever):
     assert answer.startswith(b"HTTP/1.1 503 ") and b"retry later" in answer
     first.close()
     time.sleep(0.3)  # the first connection's bytes are released when it ends
-    remote = service_lib.RemoteRetriever(server.url)
+    remote = client_lib.RemoteRetriever(server.url)
     assert remote.retrieve_texts(["alpha"], 1).ids.shape == (1, 1)
   finally:
     server.stop()

@@ -8,10 +8,12 @@ import pytest
 
 from retro_jax import fileio
 from retro_jax import integrity
-from retro_jax.retrieval import build_db
-from retro_jax.retrieval import precompute_neighbors as pn
-from retro_jax.retrieval import retriever as retriever_lib
-from retro_jax.retrieval import sharded
+from retro_jax.retrieval.db import database as database_lib
+from retro_jax.retrieval.db import retriever as retriever_lib
+from retro_jax.retrieval.db import sharded
+from retro_jax.retrieval.jobs import build as build_lib
+from retro_jax.retrieval.jobs import precompute as pn
+from retro_jax.retrieval.store import rows as rows_lib
 from retro_jax.training import data as data_lib
 from test_build_db import make_tokenizer, write_corpus  # pylint: disable=g-bad-import-order
 
@@ -20,7 +22,7 @@ SPLIT = (5, 9)  # shard 0: docs 0-4, shard 1: docs 5-8, shard 2: docs 9-11
 
 
 def _build(corpus, tok, out, chunk_size=16):
-  build_db.build_database(corpus, tok, out, chunk_size=chunk_size, bert="hashing:32",
+  build_lib.build_database(corpus, tok, out, chunk_size=chunk_size, bert="hashing:32",
                           shard_size=50)
   return out
 
@@ -57,7 +59,7 @@ def test_concat_rows_indexes_like_the_concatenated_array():
   rng = np.random.default_rng(0)
   parts = [rng.integers(0, 100, size=(n, 3)).astype(np.int32) for n in (4, 1, 6)]
   offsets = [0, 1000, 2000]
-  view = sharded.ConcatRows(parts, value_offsets=offsets)
+  view = rows_lib.ConcatRows(parts, value_offsets=offsets)
   full = np.concatenate([p + o for p, o in zip(parts, offsets)])
   assert view.shape == full.shape and len(view) == 11 and view.dtype == np.int32
   np.testing.assert_array_equal(np.asarray(view), full)
@@ -72,7 +74,7 @@ def test_concat_rows_indexes_like_the_concatenated_array():
 
 def test_sharded_store_equals_the_whole_store(dbs):
   whole, sharded_dir = dbs
-  a = retriever_lib.Database.open(whole).store
+  a = database_lib.Database.open(whole).store
   b = sharded.open_database(sharded_dir).store
   assert len(sharded.ShardedDatabase.open(sharded_dir).shards) == 3
   assert (b.num_chunks, b.num_documents, b.chunk_size) == (
@@ -127,7 +129,7 @@ def test_precompute_on_sharded_equals_whole(dbs, tmp_path):
   same = (np.asarray(b.ids) == np.asarray(a.ids)) | np.isclose(
       np.asarray(b.distances), np.asarray(a.distances), atol=1e-6)
   assert same.all()
-  x = np.asarray(retriever_lib.Database.open(whole).embeddings, np.float32)
+  x = np.asarray(database_lib.Database.open(whole).embeddings, np.float32)
   ids = np.asarray(b.ids)
   np.testing.assert_allclose(1.0 - np.einsum("qd,qkd->qk", x, x[ids]), np.asarray(b.distances),
                              atol=1e-5)
@@ -135,7 +137,7 @@ def test_precompute_on_sharded_equals_whole(dbs, tmp_path):
   store = sharded.open_chunk_store(os.path.join(sharded_dir, "chunks"))
   nb = data_lib.open_neighbors(str(tmp_path / "b"), query_store=store, db_dir=sharded_dir)
   assert nb.ids.shape == a.ids.shape
-  whole_store = retriever_lib.Database.open(whole).store
+  whole_store = database_lib.Database.open(whole).store
   nb_a = data_lib.open_neighbors(str(tmp_path / "a"), query_store=whole_store, db_dir=whole)
   batches = []
   for st, n in ((whole_store, nb_a), (store, nb)):
@@ -182,7 +184,7 @@ def test_disagreeing_shards_and_stale_lists_are_refused(dbs, tmp_path):
   # A shard chunked differently.
   corpus = write_corpus(str(tmp_path / "c"), 3, seed=5)
   tok = make_tokenizer(str(tmp_path / "tok"))
-  build_db.build_database(corpus, tok, os.path.join(bad, "odd"), chunk_size=8,
+  build_lib.build_database(corpus, tok, os.path.join(bad, "odd"), chunk_size=8,
                           bert="hashing:32", shard_size=50)
   with pytest.raises(fileio.ManifestMismatchError, match="chunk size"):
     sharded.write_shards_manifest(bad, ["shard-00000", "odd"])

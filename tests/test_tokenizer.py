@@ -8,8 +8,8 @@ import sysconfig
 
 import pytest
 
-from retro_jax.retrieval import corpus
-from retro_jax.retrieval import tokenizer as tokenizer_lib
+from retro_jax.retrieval.store import corpus
+from retro_jax.retrieval.store import tokenizer as tokenizer_lib
 
 STDLIB_JSON = os.path.join(sysconfig.get_paths()["stdlib"], "json", "*.py")
 HARD_TEXTS = [
@@ -118,7 +118,7 @@ def test_unknown_or_missing_files_are_clear_errors(tmp_path):
 
 def test_cli_trains_and_fails_cleanly(tmp_path):
   env = dict(os.environ, PYTHONPATH=os.getcwd())
-  cmd = [sys.executable, "-m", "retro_jax.retrieval.train_tokenizer",
+  cmd = [sys.executable, "-m", "retro_jax.train_tokenizer",
          f"--corpus={STDLIB_JSON}", f"--output={tmp_path / 'cli'}", "--vocab_size=450"]
   res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
   assert res.returncode == 0, res.stderr

@@ -10,9 +10,9 @@ import optax
 import pytest
 
 import fixtures_data as fx
-from retro_jax.retrieval import chunk_store
-from retro_jax.training import data as data_lib
 from retro_jax.model import sharding as sharding_lib
+from retro_jax.retrieval.store import chunk_store
+from retro_jax.training import data as data_lib
 from retro_jax.training import train_config
 from retro_jax.training import trainer
 

@@ -24,10 +24,10 @@ import pytest
 from tensorboardX.proto import event_pb2
 
 import fixtures_data as fx
-from retro_jax.evaluation import checkpoints as eval_checkpoints
-from retro_jax.evaluation import sources
-from retro_jax.retrieval import manifest as manifest_lib
-from retro_jax.retrieval import tokenizer as tokenizer_lib
+from retro_jax import fileio as manifest_lib
+from retro_jax.inference import checkpoints as eval_checkpoints
+from retro_jax.inference import session as session_lib
+from retro_jax.retrieval.store import tokenizer as tokenizer_lib
 from retro_jax.training import checkpoint as checkpoint_lib
 from retro_jax.training import data as data_lib
 from retro_jax.training import train_config
@@ -225,7 +225,7 @@ def test_a_truncated_neighbors_file_is_named_with_the_command_that_rebuilds_it(
   assert "\n" not in msg
   assert msg.startswith(f"{path} is unreadable (truncated")
   assert f"delete {broken[which]} and rebuild it with python -m " \
-         "retro_jax.retrieval.precompute_neighbors" in msg
+         "retro_jax.precompute_neighbors" in msg
 
 
 # --- a self-contained workdir -----------------------------------------------------------------
@@ -256,7 +256,7 @@ def test_the_workdir_carries_its_tokenizer_and_absolute_provenance(tmp_path, mon
   os.rename("data", "gone")  # the training database is no longer where it was
   model = eval_checkpoints.load_model(str(tmp_path / "run"))
   assert model.data_provenance["tokenizer"] == identity
-  tok = sources.resolve_tokenizer(None, model=model)
+  tok = session_lib.resolve_tokenizer(None, model=model)
   assert tok.path == str(tmp_path / "run" / "tokenizer" / "spm.model")
   assert tok.identity() == identity
   np.testing.assert_array_equal(tok.encode("def f(x): return x"),

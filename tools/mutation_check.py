@@ -113,11 +113,11 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("    lo = self.process_index * self.local_batch_size", "    lo = 0"),
     ], "tests/test_data.py::test_process_shards_concatenate_to_the_global_batch"),
     # --- retrieval -------------------------------------------------------------------------
-    _m("precompute: no same-document exclusion", "retro_jax/retrieval/precompute_neighbors.py", [
+    _m("precompute: no same-document exclusion", "retro_jax/retrieval/jobs/precompute.py", [
         ("      elif self.query_is_db:\n        groups = q_doc",
          "      elif self.query_is_db:\n        groups = np.full(q_doc.shape, -1, np.int64)"),
     ], "tests/test_precompute.py"),
-    _m("search_excluding keeps the excluded group", "retro_jax/retrieval/exact_search.py", [
+    _m("search_excluding keeps the excluded group", "retro_jax/retrieval/search/exact.py", [
         ("keep = (ids >= 0) & (groups != exclude_groups[rows][:, None])", "keep = ids >= 0"),
     ], "tests/test_index.py"),
     _m("tokenizer identity check skipped", "retro_jax/fileio.py", [
@@ -173,11 +173,11 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("probs = jax.nn.softmax(desc, axis=-1)",
          "probs = jax.nn.softmax(desc * jnp.maximum(temperature, 1e-6), axis=-1)"),
     ], "tests/test_generate.py::test_sampling_frequencies_follow_temperature_and_top_p"),
-    # --- reading options (retrieval/align.py, model/copy.py, the CCA gate) -----------------
-    _m("alignment ignores the best shift", "retro_jax/retrieval/align.py", [
+    # --- reading options (retrieval/store/align.py, model/copy.py, the CCA gate) -----------------
+    _m("alignment ignores the best shift", "retro_jax/retrieval/store/align.py", [
         ("starts = m + shifts[pick]", "starts = m + 0 * shifts[pick]"),
     ], "tests/test_reading.py"),
-    _m("min-match filter keeps neighbors with short matches", "retro_jax/retrieval/align.py", [
+    _m("min-match filter keeps neighbors with short matches", "retro_jax/retrieval/store/align.py", [
         ("keep &= best >= presentation.min_match", "keep &= best >= 0"),
     ], "tests/test_reading.py"),
     _m("the loader ignores the neighbor presentation", "retro_jax/training/data.py", [
@@ -199,15 +199,18 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("    if not self.config.cca_gate:\n      return y", "    if True:\n      return y"),
     ], "tests/test_reading.py"),
     # --- retrieval: sharded databases ---------------------------------------------------------
-    _m("sharded search returns shard-local ids", "retro_jax/retrieval/sharded.py", [
+    _m("ScaNN SIMD raises a kernel level the CPU lacks", "retro_jax/retrieval/search/scann_simd.py", [
+        ("and all(f in have for f in REQUIRES[level])", "and True"),
+    ], "tests/test_scann_simd.py"),
+    _m("sharded search returns shard-local ids", "retro_jax/retrieval/db/sharded.py", [
         ("return (np.where(gone, -1, ids + offset),", "return (np.where(gone, -1, ids),"),
     ], "tests/test_sharded.py"),
-    _m("sharded doc ids not offset per shard", "retro_jax/retrieval/sharded.py", [
+    _m("sharded doc ids not offset per shard", "retro_jax/retrieval/db/sharded.py", [
         ('ConcatRows([s.doc_ids for s in self.stores], value_offsets=doc_offsets)',
          'ConcatRows([s.doc_ids for s in self.stores])'),
     ], "tests/test_sharded.py"),
     _m("sharded search asks each shard for k only (dropped chunks eat the top k)",
-       "retro_jax/retrieval/sharded.py", [
+       "retro_jax/retrieval/db/sharded.py", [
         ("kk = min(k + len(dropped), ix.num_vectors)", "kk = min(k, ix.num_vectors)"),
     ], "tests/test_sharded.py::test_dropped_documents_are_never_retrieved"),
     # --- no silent wrong answer (issue #36) ---------------------------------------------------
@@ -219,7 +222,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     _m("live retrieval skips the index files' hashes", "retro_jax/inference/session.py", [
         ('db_parts=("chunks", "index") if local else ("chunks",)', 'db_parts=("chunks",)'),
     ], "tests/test_content_check.py::test_reordered_index_file_stops_live_retrieval"),
-    _m("serve starts without the content check", "retro_jax/retrieval/serve.py", [
+    _m("serve starts without the content check", "retro_jax/serve.py", [
         ('skip=_SKIP_CONTENT_CHECK.value, job="serve"', 'skip=True, job="serve"'),
     ], "tests/test_content_check.py::test_serve_cli_refuses_a_reordered_index_in_one_line"),
     _m("train checks neither neighbors file", "retro_jax/training/trainer.py", [
@@ -242,7 +245,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)", "_FULL_ERRNOS = (errno.EDQUOT,)"),
     ], "tests/test_disk_full.py"),
     _m("embeddings assembled through a writable memory map (SIGBUS on a full disk)",
-       "retro_jax/retrieval/build_db.py", [
+       "retro_jax/retrieval/jobs/build.py", [
         ("          for lo in range(0, len(part), 1 << 16):",
          "          np.lib.format.open_memmap(tmp + '.m', mode='w+', dtype=dtype, shape=(1, dim))\n"
          "          for lo in range(0, len(part), 1 << 16):"),
@@ -255,25 +258,25 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("  host_malloc.reexec_with_tuned_malloc()\n  _quiet_after_disk_full()\n",
          "  host_malloc.reexec_with_tuned_malloc()\n"),
     ], "tests/test_disk_full.py::test_a_command_on_a_full_disk_prints_one_line"),
-    _m("DirectRunner left to Beam (Prism download attempted)", "retro_jax/retrieval/beam_pipelines.py", [
+    _m("DirectRunner left to Beam (Prism download attempted)", "retro_jax/retrieval/jobs/beam.py", [
         ('runner = _classic_direct_runner(options) if standard.runner == "DirectRunner" else None',
          "runner = None"),
     ], "tests/test_beam_local.py::test_direct_runner_opens_no_socket_beyond_loopback"),
-    _m("Beam workers outlive a killed driver", "retro_jax/retrieval/beam_pipelines.py", [
+    _m("Beam workers outlive a killed driver", "retro_jax/retrieval/jobs/beam.py", [
         ('      kwargs.setdefault("preexec_fn", _die_with_parent)\n', ""),
     ], "tests/test_beam_local.py::test_workers_end_with_a_killed_driver"),
-    _m("shard names may leave the database (../)", "retro_jax/retrieval/sharded.py", [
+    _m("shard names may leave the database (../)", "retro_jax/retrieval/db/sharded.py", [
         ('  if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name\n',
          '  if (not isinstance(name, str) or not name\n'),
     ], "tests/test_artefact_edges.py::test_shard_names_cannot_leave_the_database"),
-    _m("dropped_documents beyond the database accepted", "retro_jax/retrieval/sharded.py", [
+    _m("dropped_documents beyond the database accepted", "retro_jax/retrieval/db/sharded.py", [
         ("    if self.dropped_documents.size and (self.dropped_documents.min() < 0 or",
          "    if False and (self.dropped_documents.min() < 0 or"),
     ], "tests/test_artefact_edges.py::test_dropped_documents_out_of_range_fail_open_and_verify"),
-    _m("a rerun of a finished edit_db add adds the documents again", "retro_jax/retrieval/edit_db.py", [
+    _m("a rerun of a finished edit_db add adds the documents again", "retro_jax/retrieval/jobs/edit.py", [
         ("  same = _same_documents(db, new)\n", "  same = None\n"),
     ], "tests/test_artefact_edges.py::test_failed_add_leaves_nothing_and_a_finished_add_is_not_repeated"),
-    _m("a failed edit_db add keeps its half-built shard", "retro_jax/retrieval/edit_db.py", [
+    _m("a failed edit_db add keeps its half-built shard", "retro_jax/retrieval/jobs/edit.py", [
         ("  except Exception:\n    shutil.rmtree(stage, ignore_errors=True)\n    raise\n",
          "  except Exception:\n    os.replace(stage, out)\n    raise\n"),
     ], "tests/test_artefact_edges.py::test_failed_add_leaves_nothing_and_a_finished_add_is_not_repeated"),

@@ -3,7 +3,7 @@ r"""The offline jobs on Beam's DirectRunner against the in-process path, on real
 Same corpus (the Python docs' reST sources, or the stdlib when they are not installed), same
 LM tokenizer (the offline MiniLM tokenizer.json, padding off), same embedder (the offline
 all-MiniLM-L6-v2 unless --bert), same index options.  Runs, each into a fresh directory:
-  inproc     build_db.build: one database directory;
+  inproc     build_lib.build: one database directory;
   beam_1     the Beam build, DirectRunner in process (one worker), --shards shards;
   beam_2     the Beam build, DirectRunner with 2 worker processes (multi_processing);
 then neighbors (k=2, exact index): the in-process precompute vs the Beam one (1 worker),
@@ -77,13 +77,13 @@ def main(argv):
   del argv
   import numpy as np  # pylint: disable=g-import-not-at-top
   from retro_jax import fileio  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval import beam_pipelines  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval import build_config  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval import build_db  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval import neighbors as neighbors_lib  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval import precompute_neighbors as pn  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval import sharded  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval.precompute_config import PrecomputeConfig  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval.db import sharded  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval.jobs import beam as beam_lib  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval.jobs import build as build_lib  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval.jobs import build_config  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval.jobs import precompute as pn  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval.jobs.precompute_config import PrecomputeConfig  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval.store import neighbors as neighbors_lib  # pylint: disable=g-import-not-at-top
 
   work = FLAGS.workdir
   shutil.rmtree(work, ignore_errors=True)
@@ -100,7 +100,7 @@ def main(argv):
                                      **kw)
 
   t0 = time.time()
-  man = build_db.build(config("inproc"))
+  man = build_lib.build(config("inproc"))
   results["inproc_build_s"] = round(time.time() - t0, 1)
   num_chunks = man["num_chunks"]
   emb = fileio.read_json(os.path.join(work, "inproc", "embeddings.json"))
@@ -115,7 +115,7 @@ def main(argv):
             "--direct_num_workers=2 --direct_running_mode=multi_processing")
     stats = {}
     t0 = time.time()
-    beam_pipelines.build_database(config(f"beam_{workers}", runner="DirectRunner",
+    beam_lib.build_database(config(f"beam_{workers}", runner="DirectRunner",
                                          num_shards=FLAGS.shards, beam_options=opts),
                                   stats=stats)
     wall = time.time() - t0
@@ -131,7 +131,7 @@ def main(argv):
   pn.precompute_neighbors(os.path.join(work, "inproc"), os.path.join(work, "nb_inproc"), k=2)
   results["inproc_neighbors_s"] = round(time.time() - t0, 1)
   t0 = time.time()
-  beam_pipelines.precompute_neighbors(PrecomputeConfig(
+  beam_lib.precompute_neighbors(PrecomputeConfig(
       db=os.path.join(work, "beam_1"), output=os.path.join(work, "nb_beam"), k=2,
       runner="DirectRunner"))
   results["beam_neighbors_s"] = round(time.time() - t0, 1)
@@ -153,15 +153,15 @@ def main(argv):
     shard = os.path.join(approx, sharded.shard_name(i))
     shutil.rmtree(os.path.join(shard, "index"))
     os.remove(os.path.join(shard, "manifest.json"))
-    os.replace(shard, shard + beam_pipelines.PARTIAL)
+    os.replace(shard, shard + beam_lib.PARTIAL)
   t0 = time.time()
   stats = {}
-  beam_pipelines.build_database(config("beam_tree", runner="DirectRunner",
+  beam_lib.build_database(config("beam_tree", runner="DirectRunner",
                                        num_shards=FLAGS.shards, index_mode="tree_ah"),
                                 stats=stats)
   results["tree_reindex_s"] = round(time.time() - t0, 1)
   assert "embedded_chunks" not in stats, stats  # nothing was embedded again
-  beam_pipelines.precompute_neighbors(PrecomputeConfig(
+  beam_lib.precompute_neighbors(PrecomputeConfig(
       db=approx, output=os.path.join(work, "nb_tree"), k=2, runner="DirectRunner"))
   tree = neighbors_lib.load_neighbors(os.path.join(work, "nb_tree"))
   tree_d = np.asarray(tree.distances)

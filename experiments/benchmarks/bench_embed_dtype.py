@@ -43,7 +43,7 @@ def main(argv):
     raise app.UsageError("--keys must be >= 10 and --queries >= 1")
   common.pin_threads(FLAGS.threads)
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval import embedder as embedder_lib  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval.embed import embedder as embedder_lib  # pylint: disable=g-import-not-at-top
 
   f32 = embedder_lib.Embedder.from_pretrained(None, batch_size=FLAGS.batch_size)
   bf16 = f32.with_settings(dtype="bfloat16", batch_size=FLAGS.batch_size)

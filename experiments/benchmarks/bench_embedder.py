@@ -50,7 +50,7 @@ def main(argv):
   import torch
   import transformers
   torch.set_num_threads(FLAGS.threads)
-  from retro_jax.retrieval import embedder as embedder_lib
+  from retro_jax.retrieval.embed import embedder as embedder_lib
 
   batch_sizes = [int(b) for b in FLAGS.batch_sizes]
   ours = embedder_lib.Embedder.from_pretrained(None, dtype=FLAGS.dtype)

@@ -7,7 +7,7 @@ vectors by adding, to randomly chosen real rows, Gaussian noise as long as the t
 nearest-neighbor distance (`--augment_noise` times it) and renormalising: SYNTHETIC,
 labelled as such in the output, for a 1e6-scale run when no real 1e6 database exists.
 
-Protocol (the project's recall convention, retro_jax.retrieval.index.measure_recall): 1000
+Protocol (the project's recall convention, retro_jax.retrieval.search.exact.measure_recall): 1000
 database rows are the queries; each query's own row is dropped from every result list (the
 precompute job's situation); a returned id is a hit when its exact distance is within the
 exact k-th distance (ties from duplicate chunks count).  Queries/s: all queries in one
@@ -271,7 +271,7 @@ def main(argv):
   common.pin_threads(FLAGS.build_threads)
   import faiss  # pylint: disable=g-import-not-at-top
   import numpy as np
-  from retro_jax.retrieval import index as index_lib
+  from retro_jax.retrieval.search import scann as index_lib
 
   emb, source = load_embeddings()
   n, d = emb.shape

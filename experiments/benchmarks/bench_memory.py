@@ -3,11 +3,11 @@ device memory of a train step.
 
 1. Disk: every file of a database directory (chunk store, embeddings, ScaNN index) divided by
    the number of chunks, per component.
-2. RAM: a fresh subprocess opens the database (retro_jax.retrieval.retriever.Database + its
+2. RAM: a fresh subprocess opens the database (retro_jax.retrieval.db.database.Database + its
    ScaNN index), then touches every page of the memory-mapped tokens and embeddings; its
    RSS is read before, after loading the index, and after touching (ScaNN holds its index
    in anonymous memory; tokens/embeddings are page cache shared between processes).
-3. Precompute: `python -m retro_jax.retrieval.precompute_neighbors` on the database as a
+3. Precompute: `python -m retro_jax.precompute_neighbors` on the database as a
    subprocess (one shard of --precompute_shards, i.e. one part of queries: the peak is the
    index + embeddings + one part, not the number of queries); peak RSS from
    resource.getrusage(RUSAGE_CHILDREN).ru_maxrss, wall time, queries/s.
@@ -53,9 +53,10 @@ def rss():
       if line.startswith('VmRSS:'):
         return int(line.split()[1]) * 1024
 out = {'rss_python_bytes': rss()}
-from retro_jax.retrieval import retriever
+from retro_jax.retrieval.db import database as database_lib
+from retro_jax.retrieval.db import retriever
 out['rss_after_imports_bytes'] = rss()
-db = retriever.Database.open(sys.argv[1])
+db = database_lib.Database.open(sys.argv[1])
 out['rss_after_open_bytes'] = rss()
 _ = db.index
 out['rss_after_index_bytes'] = rss()
@@ -173,7 +174,7 @@ def main(argv):
   if "precompute" not in FLAGS.skip:
     shards = FLAGS.precompute_shards or max(1, -(-c // FLAGS.precompute_part_size))
     with tempfile.TemporaryDirectory() as tmp:
-      cmd = [sys.executable, "-m", "retro_jax.retrieval.precompute_neighbors",
+      cmd = [sys.executable, "-m", "retro_jax.precompute_neighbors",
              f"--db={FLAGS.db}", f"--output={tmp}/nb", "--k=2",
              f"--part_size={FLAGS.precompute_part_size}", f"--num_shards={shards}",
              "--shard_index=0"]

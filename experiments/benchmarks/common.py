@@ -57,7 +57,7 @@ def pin_threads(n: int) -> None:
 def simd_info() -> dict[str, Any]:
   """The SIMD kernels ScaNN and faiss run with, for those this process has used."""
   info: dict[str, Any] = {}
-  simd = sys.modules.get("retro_jax.retrieval.scann_simd")
+  simd = sys.modules.get("retro_jax.retrieval.search.scann_simd")
   if simd is not None and simd.state() is not None:
     info["scann_simd"] = simd.state()
   faiss = sys.modules.get("faiss")

@@ -75,7 +75,7 @@ def main(argv):
   plan, efs = _parse()
   common.pin_threads(2)
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval import index as index_lib  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval.search import scann as index_lib  # pylint: disable=g-import-not-at-top
 
   emb, source = bench_index.load_embeddings()
   n = len(emb)

@@ -12,12 +12,9 @@ import dataclasses
 from retro_jax.evaluation import leakage as leakage_lib
 from retro_jax.options import ConfigError
 from retro_jax.options import option
+from retro_jax.options import SourceError
 
 DEFAULT_KS = (1, 2, 5, 10)
-
-
-class SourceError(ConfigError):
-  """Unusable evaluation/generation input (empty corpus, missing tokenizer, ...)."""
 
 
 @dataclasses.dataclass(frozen=True)

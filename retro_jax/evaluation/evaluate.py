@@ -35,6 +35,7 @@ import tqdm
 
 from retro_jax import fileio
 from retro_jax import integrity
+from retro_jax import options as options_lib
 from retro_jax import tables
 from retro_jax.evaluation import copy_model as copy_model_lib
 from retro_jax.evaluation import eval_config as eval_config_lib
@@ -43,9 +44,9 @@ from retro_jax.evaluation import scoring
 from retro_jax.evaluation import sources
 from retro_jax.inference import checkpoints as ckpt_lib
 from retro_jax.inference import session as session_lib
-from retro_jax.retrieval import align as align_lib
-from retro_jax.retrieval import chunk_store as chunk_store_lib
-from retro_jax.retrieval import service as service_lib
+from retro_jax.retrieval.serve import client as client_lib
+from retro_jax.retrieval.store import align as align_lib
+from retro_jax.retrieval.store import chunk_store as chunk_store_lib
 
 # The job's configuration lives in eval_config.py; these names stay importable here.
 DEFAULT_KS = eval_config_lib.DEFAULT_KS
@@ -53,7 +54,7 @@ EvalConfig = eval_config_lib.EvalConfig
 EvalSettings = eval_config_lib.EvalSettings
 
 # Bad input, unreachable services, missing files: what a CLI reports in one line.
-USER_ERRORS = (ValueError, OSError, service_lib.RetrievalServiceError)
+USER_ERRORS = (ValueError, OSError, client_lib.RetrievalServiceError)
 
 
 @dataclasses.dataclass
@@ -63,7 +64,7 @@ class Contender:
   logits_fn: scoring.LogitsFn
   params: Any
   uses_retrieval: bool
-  # How the model was trained to see its neighbors (aligned / filtered; retrieval/align.py).
+  # How the model was trained to see its neighbors (aligned / filtered; retrieval/store/align.py).
   presentation: align_lib.Presentation = align_lib.Presentation()
   train_k: int = 0  # neighbors per chunk in training (the copy model reads that many)
 
@@ -191,7 +192,7 @@ def evaluate_contenders(contenders: Sequence[Contender], docs: sources.EvalDocs,
       shown = table
       if kk and not c.presentation.is_paper:
         if store is None:
-          raise sources.SourceError(
+          raise options_lib.SourceError(
               f"{c.name} was trained with aligned/filtered neighbors (align_neighbors, "
               "neighbor_min_match), which reads the database's tokens: pass --db_dir")
         ids, toks = align_lib.present(store, table.ids, docs.chunks, c.presentation, kk)
@@ -284,7 +285,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
                                         config.max_documents)
     eos_id = tok.eos_id
   if eos_id is None:
-    raise sources.SourceError("the evaluation data records no eos id")
+    raise options_lib.SourceError("the evaluation data records no eos id")
   sources.check_eval_docs(docs, m, None, f"checkpoint {model.workdir}")
   ckpt_lib.check_against_database(model, docs.manifest, "the evaluation data")
   if db_manifest is not None:
@@ -309,7 +310,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
   exclude = None
   if settings.exclude_same_document:
     if store is None:
-      raise sources.SourceError("--exclude_same_document needs a local database (the "
+      raise options_lib.SourceError("--exclude_same_document needs a local database (the "
                                 "evaluation documents are matched against its documents)")
     exclude = sources.exclusion_ids(docs, matches)
 

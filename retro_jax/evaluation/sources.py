@@ -4,8 +4,6 @@
   (needed to use precomputed neighbors, whose rows are that store's chunks) or a corpus
   (files, .jsonl, HF dataset dir; same readers as the retrieval side) tokenised and chunked
   in memory with `chunk_store.chunk_text`, exactly as a chunk store build would.
-- (`open_live_retriever`, `resolve_tokenizer`: moved to retro_jax/inference/session.py,
-  which evaluation and generation share.)
 - `NeighborTable`: ids and [N, F] tokens of the K nearest database chunks of every
   evaluation chunk, retrieved live with the chunk's own tokens, or read from a precomputed
   neighbors directory.
@@ -21,16 +19,15 @@ import numpy as np
 import tqdm
 
 from retro_jax import fileio
-from retro_jax.evaluation import eval_config
 from retro_jax.inference import session as session_lib
-from retro_jax.retrieval import chunk_store as chunk_store_lib
-from retro_jax.retrieval import corpus as corpus_lib
-from retro_jax.retrieval import neighbors as neighbors_lib
-from retro_jax.retrieval import retriever as retriever_lib
-from retro_jax.retrieval import sharded
+from retro_jax.options import SourceError
+from retro_jax.retrieval.db import database as database_lib
+from retro_jax.retrieval.db import sharded
+from retro_jax.retrieval.store import chunk_store as chunk_store_lib
+from retro_jax.retrieval.store import corpus as corpus_lib
+from retro_jax.retrieval.store import neighbors as neighbors_lib
 
 
-SourceError = eval_config.SourceError  # defined with the configs it validates
 
 
 # --- Evaluation documents -----------------------------------------------------------------
@@ -103,13 +100,6 @@ class EvalDocs:
                np.asarray(nbytes, np.int64), keys, manifest)
 
 
-# --- Live retrieval: moved to inference/session.py, importable here --------------------
-
-open_live_retriever = session_lib.open_live_retriever
-resolve_tokenizer = session_lib.resolve_tokenizer
-retriever_name = session_lib.retriever_name
-
-
 # --- Neighbor tables ----------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -143,10 +133,10 @@ def retrieve_table(retriever, docs: EvalDocs, k: int,
     if vocab is not None and toks[-1].size and (toks[-1].min() < -1 or
                                                 toks[-1].max() >= int(vocab)):
       fileio.check_token_ids(toks[-1], vocab,
-                             f"the neighbor tokens from {retriever_name(retriever)}",
+                             f"the neighbor tokens from {session_lib.retriever_name(retriever)}",
                              "its chunk store is damaged: rebuild the database with "
                              "python -m retro_jax.build_db")
-  return NeighborTable(np.concatenate(ids), np.concatenate(toks), retriever_name(retriever))
+  return NeighborTable(np.concatenate(ids), np.concatenate(toks), session_lib.retriever_name(retriever))
 
 
 def precomputed_table(neighbors_dir: str, db, docs: EvalDocs, k: int,
@@ -158,7 +148,7 @@ def precomputed_table(neighbors_dir: str, db, docs: EvalDocs, k: int,
   if docs.store_path is None:
     raise SourceError("precomputed neighbors belong to a chunk store: pass the evaluation "
                       "data as that chunk store (--eval_chunks=DIR), not as a corpus")
-  if not isinstance(db, retriever_lib.Database):
+  if not isinstance(db, database_lib.Database):
     db = sharded.open_database(db)
   nb = neighbors_lib.load_neighbors(neighbors_dir, expected_db_manifest=db.manifest,
                              expected_query_manifest=docs.manifest)
@@ -225,6 +215,5 @@ def check_eval_docs(docs: EvalDocs, chunk_size: int, tokenizer_identity=None,
                                     "evaluation data", name)
 
 
-__all__ = ["EvalDocs", "NeighborTable", "SourceError", "open_live_retriever",
-           "retrieve_table", "precomputed_table", "find_in_database", "exclusion_ids",
-           "resolve_tokenizer", "check_eval_docs"]
+__all__ = ["EvalDocs", "NeighborTable", "retrieve_table", "precomputed_table",
+           "find_in_database", "exclusion_ids", "check_eval_docs"]

@@ -44,7 +44,7 @@ from retro_jax.generation import generate_config
 from retro_jax.inference import checkpoints as ckpt_lib
 from retro_jax.inference import session as session_lib
 from retro_jax.model import Retro
-from retro_jax.retrieval import align as align_lib
+from retro_jax.retrieval.store import align as align_lib
 
 
 # The job's configuration lives in generate_config.py; these names stay importable here.

@@ -27,7 +27,7 @@ import jax
 from retro_jax import config as model_config_lib
 from retro_jax import fileio
 from retro_jax import model as model_lib
-from retro_jax.retrieval import chunk_store as chunk_store_lib
+from retro_jax.retrieval.store import chunk_store as chunk_store_lib
 from retro_jax.training import checkpoint as checkpoint_lib
 
 

@@ -15,20 +15,21 @@ import dataclasses
 import os
 from typing import Any
 
-from retro_jax.evaluation.eval_config import SourceError
 from retro_jax.inference import checkpoints as ckpt_lib
-from retro_jax.retrieval import chunk_store as chunk_store_lib
-from retro_jax.retrieval import retriever as retriever_lib
-from retro_jax.retrieval import sharded
-from retro_jax.retrieval import service as service_lib
-from retro_jax.retrieval import tokenizer as tokenizer_lib
+from retro_jax.options import SourceError
+from retro_jax.retrieval.db import database as database_lib
+from retro_jax.retrieval.db import retriever as retriever_lib
+from retro_jax.retrieval.db import sharded
+from retro_jax.retrieval.serve import client as client_lib
+from retro_jax.retrieval.store import chunk_store as chunk_store_lib
+from retro_jax.retrieval.store import tokenizer as tokenizer_lib
 
 
 @dataclasses.dataclass
 class Session:
   """A loaded model, the database (opened once, or None) and the live retriever (or None)."""
   model: ckpt_lib.LoadedModel
-  database: retriever_lib.Database | None = None
+  database: database_lib.Database | None = None
   retriever: Any = None  # a Retriever over `database`, a RemoteRetriever, or None
 
   @property
@@ -103,7 +104,7 @@ def open_live_retriever(db=None, url: str | None = None, timeout: float = 30.0):
     raise SourceError("give exactly one of a database directory or a retrieval service URL")
   if db:
     return retriever_lib.Retriever.open(sharded.open_database(db))
-  remote = service_lib.RemoteRetriever(url, timeout=timeout)
+  remote = client_lib.RemoteRetriever(url, timeout=timeout)
   remote.health()  # raises ServiceUnavailableError at once when the service is down.
   return remote
 

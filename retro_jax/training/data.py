@@ -55,10 +55,10 @@ import grain
 import numpy as np
 
 from retro_jax import fileio as manifest_lib
-from retro_jax.retrieval import align as align_lib
-from retro_jax.retrieval import neighbors as neighbors_lib
+from retro_jax.retrieval.store import align as align_lib
+from retro_jax.retrieval.store import neighbors as neighbors_lib
 
-PRECOMPUTE_COMMAND = "python -m retro_jax.retrieval.precompute_neighbors"
+PRECOMPUTE_COMMAND = "python -m retro_jax.precompute_neighbors"
 ORDER = "grain-index-shuffle"  # in the iterator state: which order its positions refer to
 
 

@@ -9,7 +9,7 @@ Every checkpoint's `config` item is {"train": the training config with absolute 
 "model": the resolved RetroConfig, "provenance": `provenance(...)`}: the tokenizer identity
 and chunk size of the data trained on, the absolute data paths, and where the tokenizer copy
 lies relative to the workdir.  With these, evaluation and generation need only the workdir
-(retro_jax/evaluation/checkpoints.py falls back to them when the database is gone).
+(retro_jax/inference/checkpoints.py falls back to them when the database is gone).
 
 Resuming: `check_resumable` compares a checkpoint's saved config with this run's before its
 state is read.  A train state of other shapes (another emb_dim, layer count, optimizer

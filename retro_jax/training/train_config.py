@@ -116,7 +116,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     raise err("data.db_dir (or data.train_chunks_dir) must name the training data")
   if model.uses_retrieval and not cfg.data.neighbors_dir:
     raise err("retrieval is on but data.neighbors_dir is empty; build it with "
-              "python -m retro_jax.retrieval.precompute_neighbors")
+              "python -m retro_jax.precompute_neighbors")
 
 
 def to_jsonable(cfg: ml_collections.ConfigDict) -> dict[str, Any]:

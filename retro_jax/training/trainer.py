@@ -45,9 +45,9 @@ from retro_jax import config as model_config_lib
 from retro_jax import fileio as manifest_lib
 from retro_jax import model as model_lib
 from retro_jax.model import sharding as sharding_lib
-from retro_jax.retrieval import align as align_lib
-from retro_jax.retrieval import chunk_store as chunk_store_lib
-from retro_jax.retrieval import sharded
+from retro_jax.retrieval.db import sharded
+from retro_jax.retrieval.store import align as align_lib
+from retro_jax.retrieval.store import chunk_store as chunk_store_lib
 from retro_jax.training import checkpoint as checkpoint_lib
 from retro_jax.training import data as data_lib
 from retro_jax.training import metrics as metrics_lib

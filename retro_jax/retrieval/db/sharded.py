@@ -39,9 +39,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from retro_jax import fileio
-from retro_jax.retrieval import chunk_store as chunk_store_lib
-from retro_jax.retrieval import exact_search
-from retro_jax.retrieval import retriever as retriever_lib
+from retro_jax.retrieval.db import database as database_lib
+from retro_jax.retrieval.search import exact as exact_lib
+from retro_jax.retrieval.store import chunk_store as chunk_store_lib
+from retro_jax.retrieval.store import rows as rows_lib
 
 FORMAT = "retro_jax.sharded_database"
 FORMAT_VERSION = 1
@@ -61,77 +62,6 @@ def is_sharded(path: str) -> bool:
 # ------------------------------------------------------------------------------------------
 # Rows of several arrays, end to end, without copying them.
 # ------------------------------------------------------------------------------------------
-
-
-class ConcatRows:
-  """Read-only view of arrays joined along axis 0; rows are read from the part holding them.
-
-  `value_offsets[p]` is added to every value read from part p (global document ids from
-  per-shard ones).  Indexing: an int, a slice, an integer array (any shape), or a tuple whose
-  first element is one of those.  `np.asarray(view)` materialises the whole array.
-  """
-
-  def __init__(self, parts: Sequence[np.ndarray], value_offsets: Sequence[int] | None = None):
-    if not parts:
-      raise ValueError("ConcatRows needs at least one part")
-    self._parts = list(parts)
-    first = self._parts[0]
-    for p in self._parts[1:]:
-      if p.shape[1:] != first.shape[1:] or p.dtype != first.dtype:
-        raise ValueError(f"ConcatRows parts disagree: {first.dtype} {first.shape[1:]} vs "
-                         f"{p.dtype} {p.shape[1:]}")
-    lengths = np.array([len(p) for p in self._parts], np.int64)
-    self._starts = np.concatenate([[0], np.cumsum(lengths)])
-    self._offsets = (None if value_offsets is None
-                     else np.asarray(value_offsets, np.int64))
-    self.dtype = first.dtype
-    self.shape = (int(self._starts[-1]),) + tuple(first.shape[1:])
-    self.ndim = len(self.shape)
-
-  def __len__(self) -> int:
-    return self.shape[0]
-
-  def _part(self, p: int, rows) -> np.ndarray:
-    out = np.asarray(self._parts[p][rows])
-    if self._offsets is not None and self._offsets[p]:
-      out = (out + self._offsets[p]).astype(self.dtype)
-    return out
-
-  def _gather(self, rows: np.ndarray) -> np.ndarray:
-    flat = rows.reshape(-1).astype(np.int64)
-    n = self.shape[0]
-    flat = np.where(flat < 0, flat + n, flat)
-    if flat.size and (flat.min() < 0 or flat.max() >= n):
-      bad = flat[(flat < 0) | (flat >= n)][0]
-      raise IndexError(f"row {int(bad)} out of range for {n} rows")
-    out = np.empty((flat.size,) + self.shape[1:], self.dtype)
-    which = np.searchsorted(self._starts, flat, side="right") - 1
-    for p in np.unique(which):
-      sel = which == p
-      out[sel] = self._part(int(p), flat[sel] - self._starts[p])
-    return out.reshape(rows.shape + self.shape[1:])
-
-  def __getitem__(self, key):
-    rest = ()
-    if isinstance(key, tuple):
-      key, rest = key[0], key[1:]
-    if isinstance(key, (int, np.integer)):
-      out = self._gather(np.asarray(key, np.int64))
-    elif isinstance(key, slice):
-      start, stop, step = key.indices(self.shape[0])
-      out = self._gather(np.arange(start, stop, step, dtype=np.int64))
-    else:
-      rows = np.asarray(key)
-      if rows.dtype == bool or not np.issubdtype(rows.dtype, np.integer):
-        if rows.size:
-          raise TypeError(f"ConcatRows takes integer row indices, got {rows.dtype}")
-        rows = rows.astype(np.int64)
-      out = self._gather(rows)
-    return out[(Ellipsis,) + rest] if rest else out
-
-  def __array__(self, dtype=None, copy=None):
-    out = np.concatenate([self._part(p, slice(None)) for p in range(len(self._parts))])
-    return out if dtype is None else out.astype(dtype)
 
 
 # ------------------------------------------------------------------------------------------
@@ -163,8 +93,8 @@ class ShardedChunkStore(chunk_store_lib.ChunkStore):
     doc_off = [np.asarray(s.doc_offsets[:-1], np.int64) + c
                for s, c in zip(self.stores, chunk_offsets)]
     arrays = {
-        "tokens": ConcatRows([s.tokens for s in self.stores]),
-        "doc_ids": ConcatRows([s.doc_ids for s in self.stores], value_offsets=doc_offsets),
+        "tokens": rows_lib.ConcatRows([s.tokens for s in self.stores]),
+        "doc_ids": rows_lib.ConcatRows([s.doc_ids for s in self.stores], value_offsets=doc_offsets),
         "doc_offsets": np.concatenate(doc_off + [[manifest["num_chunks"]]]).astype(np.int64),
         "doc_bytes": np.concatenate([np.asarray(s.doc_bytes, np.int64)
                                      for s in self.stores]),
@@ -195,7 +125,7 @@ def search_options(leaves_to_search: int | None, pre_reorder: int | None) -> dic
 class ShardedIndex:
   """Every shard's index searched, their results in global ids merged into one top k.
 
-  Ties in distance go to the earlier shard (`exact_search.merge_topk`, a stable sort), so
+  Ties in distance go to the earlier shard (`exact_lib.merge_topk`, a stable sort), so
   the merge is deterministic.  Chunks of dropped documents are never returned.
   """
 
@@ -219,7 +149,7 @@ class ShardedIndex:
     kwargs = search_options(leaves_to_search, pre_reorder)
     found = [self.search_shard(s, queries, k, kwargs) for s in range(len(self.shards))]
     found = [f for f in found if f is not None]
-    return exact_search.merge_topk([f[0] for f in found], [f[1] for f in found], k)
+    return exact_lib.merge_topk([f[0] for f in found], [f[1] for f in found], k)
 
   def search_shard(self, s: int, queries: np.ndarray, k: int, kwargs: Mapping[str, Any]
                    ) -> tuple[np.ndarray, np.ndarray] | None:
@@ -244,7 +174,7 @@ class ShardedIndex:
 # ------------------------------------------------------------------------------------------
 
 
-def _check_same(shards: Sequence[retriever_lib.Database]) -> None:
+def _check_same(shards: Sequence[database_lib.Database]) -> None:
   """Shards must agree on everything a query or a neighbor id depends on."""
   a = shards[0]
   for b in shards[1:]:
@@ -263,7 +193,7 @@ def _check_same(shards: Sequence[retriever_lib.Database]) -> None:
                        src_a, src_b)
 
 
-def _store_manifest_hash(shards: Sequence[retriever_lib.Database]) -> str:
+def _store_manifest_hash(shards: Sequence[database_lib.Database]) -> str:
   return fileio.stable_hash([s.store.manifest_hash for s in shards])
 
 
@@ -296,7 +226,7 @@ def write_shards_manifest(db_dir: str, shard_names: Sequence[str],
     raise fileio.ManifestError(f"{db_dir}: a shard is listed twice in {list(shard_names)}")
   for n in shard_names:
     checked_shard_name({"name": n}, db_dir)
-  shards = [retriever_lib.Database.open(os.path.join(db_dir, n)) for n in shard_names]
+  shards = [database_lib.Database.open(os.path.join(db_dir, n)) for n in shard_names]
   _check_same(shards)
   entries, chunks, docs = [], 0, 0
   for name, db in zip(shard_names, shards):
@@ -331,7 +261,7 @@ def write_shards_manifest(db_dir: str, shard_names: Sequence[str],
   return man
 
 
-class ShardedDatabase(retriever_lib.Database):
+class ShardedDatabase(database_lib.Database):
   """The shards of DB/shards.json, checked against it; reads like a `Database`."""
 
   def __init__(self, path: str, manifest: dict):  # pylint: disable=super-init-not-called
@@ -342,7 +272,7 @@ class ShardedDatabase(retriever_lib.Database):
       raise fileio.ManifestError(f"{where} lists no shards")
     self.shards = []
     for entry in entries:
-      shard = retriever_lib.Database.open(
+      shard = database_lib.Database.open(
           os.path.join(path, checked_shard_name(entry, where)))
       fileio.check_equal("shard manifest hash", entry.get("manifest_hash"),
                          fileio.manifest_hash(shard.manifest), where,
@@ -370,7 +300,7 @@ class ShardedDatabase(retriever_lib.Database):
                                  "sharded.write_shards_manifest (python -m retro_jax.edit_db)")
     self.store = ShardedChunkStore(path, [s.store for s in self.shards], self.chunk_offsets,
                                    self.doc_offsets)
-    self.embeddings = ConcatRows([s.embeddings for s in self.shards])
+    self.embeddings = rows_lib.ConcatRows([s.embeddings for s in self.shards])
     self._index = None
     self._tokenizer = None
 
@@ -423,23 +353,23 @@ class ShardedDatabase(retriever_lib.Database):
     return self.shards[0].tokenizer
 
 
-def open_database(path, verify: bool = False) -> retriever_lib.Database:
+def open_database(path, verify: bool = False) -> database_lib.Database:
   """A database directory, whole or sharded (DB/shards.json), opened and checked; `verify`
   recomputes every recorded hash (batch jobs that read it whole)."""
-  if isinstance(path, retriever_lib.Database):
+  if isinstance(path, database_lib.Database):
     if verify:
       path.verify()
     return path
   if is_sharded(path):
     return ShardedDatabase.open(path, verify=verify)
-  return retriever_lib.Database.open(path, verify=verify)
+  return database_lib.Database.open(path, verify=verify)
 
 
 def open_database_store(path: str) -> chunk_store_lib.ChunkStore:
   """The chunk store of database DB, whole or sharded, checked against its manifest."""
   if is_sharded(path):
     return ShardedDatabase.open(path).store
-  return retriever_lib.open_database_chunks(path)[1]
+  return database_lib.open_database_chunks(path)[1]
 
 
 def open_chunk_store(path: str) -> chunk_store_lib.ChunkStore:
@@ -455,4 +385,4 @@ def database_manifest(path: str) -> Mapping[str, Any]:
   """DB/manifest.json, or DB/shards.json of a sharded database."""
   if is_sharded(path):
     return fileio.read_json(os.path.join(path, SHARDS_FILE), "sharded database manifest")
-  return fileio.read_manifest(path, "database manifest", retriever_lib.BUILD_COMMAND)
+  return fileio.read_manifest(path, "database manifest", database_lib.BUILD_COMMAND)

@@ -1,14 +1,8 @@
-"""In-process retrieval: open a database once, answer batched neighbor queries.
+"""A database directory opened for search: its manifest, chunk store, embeddings and index,
+and the checks that tie them together (queries: db/retriever.py).
 
-    r = Retriever.open("DB_DIR")                 # chunk store, index, tokenizer, embedder
-    res = r.retrieve_texts(["def main():"], k=2)
-    res.ids        # [Q, k] int64 database chunk ids, nearest first, -1 = none
-    res.distances  # [Q, k] float32, smaller is nearer (1 - cosine for dot_product DBs)
-    res.tokens     # [Q, k, 2m] int32: neighbor chunk N then its continuation F, -1 padded
-    r.retrieve_chunks(tokens_Qxm, k=2, exclude_doc_ids=doc_of_each_query)
-
-A database directory (built by `python -m retro_jax.retrieval.build_db`):
-    DB_DIR/chunks/           chunk store of the database (see chunk_store.py)
+A database directory (built by `python -m retro_jax.build_db`):
+    DB_DIR/chunks/           chunk store of the database (see store/chunk_store.py)
     DB_DIR/embeddings.npy    [C, D] float32 or float16 embeddings, unit-normalised when the
                              index distance is dot_product (memory-mapped on open)
     DB_DIR/index/            ScaNN searcher + manifest.json (settings, recall, embedder)
@@ -18,88 +12,32 @@ A database directory (built by `python -m retro_jax.retrieval.build_db`):
 shape, index id and embedder identity) and refuses a mismatch naming both values.  What
 the manifest says of its chunks (chunk size, counts, tokenizer) is checked by
 `check_database_manifest`, the one check every consumer of a database goes through (train
-through `open_database_chunks`, serve, precompute, inspect, evaluate and generate through
+through `open_database_chunks`, serve, precompute, show_neighbors, evaluate and generate through
 `Database.open`).  Opening memory-maps and checks sizes, not contents: services and
 interactive tools stop there; batch jobs that read files whole (precompute) open with
 `verify=True`, which also recomputes every recorded sha256 (chunk store, embeddings,
 index files, tokenizer copy) and checks every token id against the vocabulary.
-
-Queries are embedded with the same `Embedder.embed_chunks` that embedded the keys; a
-caller-supplied embedder must have the index's identity.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import re
-from typing import Any, Mapping, Sequence
-import zlib
+from typing import Any, Mapping
 
 import numpy as np
 
 from retro_jax import fileio
-from retro_jax.retrieval import chunk_store as chunk_store_lib
-from retro_jax.retrieval import embedder as embedder_lib
-from retro_jax.retrieval import index as index_lib
-from retro_jax.retrieval import tokenizer as tokenizer_lib
+from retro_jax.retrieval.embed import hashing as hashing_lib
+from retro_jax.retrieval.search import scann as index_lib
+from retro_jax.retrieval.store import chunk_store as chunk_store_lib
+from retro_jax.retrieval.store import tokenizer as tokenizer_lib
+
 
 DATABASE_FORMAT = "retro_jax.database.v1"
-BUILD_COMMAND = ("python -m retro_jax.retrieval.build_db --corpus=... --tokenizer=... "
+
+
+BUILD_COMMAND = ("python -m retro_jax.build_db --corpus=... --tokenizer=... "
                  "--output=DB_DIR")
-
-
-class RetrievalError(ValueError):
-  """Bad retrieval input (shape, k, ids); the message names the problem."""
-
-
-@dataclasses.dataclass
-class RetrievalResult:
-  """Neighbors of Q queries: ids [Q, k] int64, distances [Q, k] f32, tokens [Q, k, 2m] i32."""
-  ids: np.ndarray
-  distances: np.ndarray
-  tokens: np.ndarray
-
-
-class HashingEmbedder:
-  """A deterministic, model-free embedder: signed feature hashing of words and word pairs.
-
-  Lexical retrieval keys (cosine of hashed word and word-pair counts): the quickstart's
-  default on code, where the gain comes from shared text (`--bert=hashing:4096`), and the
-  smoke-test embedder of CI (`build_db --bert=hashing:256`).  Same interface as
-  `embedder.Embedder`; its neighbors are lexical, not semantic.
-  """
-
-  def __init__(self, dim: int = 256):
-    if dim < 2:
-      raise ValueError(f"hashing embedder dim must be >= 2, got {dim}")
-    self.dim = int(dim)
-
-  def identity(self) -> dict:
-    return {"kind": "hashing", "dim": self.dim, "version": 1}
-
-  def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
-    out = np.zeros((len(texts), self.dim), np.float32)
-    for i, text in enumerate(texts):
-      words = re.findall(r"\w+", text.lower())
-      for feat in words + [a + " " + b for a, b in zip(words, words[1:])]:
-        h = zlib.crc32(feat.encode("utf-8"))
-        out[i, h % self.dim] += 1.0 if (h >> 31) & 1 else -1.0
-    return out
-
-  def embed_chunks(self, tokens, lm_tokenizer) -> np.ndarray:
-    return self.embed_texts([lm_tokenizer.decode(row) for row in np.asarray(tokens)])
-
-
-def load_embedder(source: str | None = None, **kwargs):
-  """An embedder by source: "hashing:D" (model-free) or a BERT path/name (None = MiniLM)."""
-  if source is not None and str(source).startswith("hashing"):
-    _, _, dim = str(source).partition(":")
-    if dim and not dim.isdigit():
-      raise ValueError(f"embedder {source!r}: the hashing embedder is 'hashing:D' with D an "
-                       "integer >= 2 dimensions, e.g. hashing:4096")
-    return HashingEmbedder(int(dim) if dim else 256)
-  return embedder_lib.Embedder.from_pretrained(source, **kwargs)
 
 
 def check_database(db_manifest: Mapping[str, Any], chunk_size: int | None = None,
@@ -198,7 +136,7 @@ class Database:
     path = os.path.abspath(os.fspath(path))
     if os.path.isfile(os.path.join(path, fileio.SHARDS_FILE)):
       raise fileio.ManifestError(f"{path} is a sharded database: open it with "
-                                 "retro_jax.retrieval.sharded.open_database")
+                                 "retro_jax.retrieval.db.sharded.open_database")
     man = fileio.read_manifest(path, "database manifest", BUILD_COMMAND)
     if man.get("format") != DATABASE_FORMAT:
       raise fileio.ManifestMismatchError(
@@ -270,7 +208,7 @@ class Database:
 
   def load_embedder(self):
     """The embedder that made the keys (recorded source; None = the offline default)."""
-    emb = load_embedder(self.manifest.get("embedder_source"))
+    emb = hashing_lib.load_embedder(self.manifest.get("embedder_source"))
     self.check_embedder(emb)
     return emb
 
@@ -286,118 +224,3 @@ class Database:
     if self.manifest.get("embedding", {}).get("normalized"):
       x = index_lib.normalize(x)
     return x
-
-
-class Retriever:
-  """Loads a database, its index and an embedder once; answers batched queries."""
-
-  def __init__(self, db: Database, embedder=None, extra_candidates: int = 8,
-               max_candidates: int = 4096):
-    self.db = db
-    self._embedder = embedder
-    if embedder is not None:
-      db.check_embedder(embedder)
-    self.extra_candidates = extra_candidates
-    self.max_candidates = max_candidates
-
-  @classmethod
-  def open(cls, db_dir, embedder=None, **kwargs) -> "Retriever":
-    """Opens DB_DIR (or takes an opened `Database`) and loads what a query needs now;
-    `embedder` defaults to the one recorded in the database manifest."""
-    db = db_dir if isinstance(db_dir, Database) else Database.open(db_dir)
-    _ = db.index  # Load (and check) now, not on the first query.
-    _ = db.tokenizer
-    r = cls(db, embedder, **kwargs)
-    _ = r.embedder
-    return r
-
-  # Contract attributes.
-  @property
-  def store(self):
-    return self.db.store
-
-  @property
-  def tokenizer(self):
-    return self.db.tokenizer
-
-  @property
-  def manifest(self) -> dict:
-    return self.db.manifest
-
-  @property
-  def chunk_size(self) -> int:
-    return self.db.chunk_size
-
-  @property
-  def embedder(self):
-    if self._embedder is None:
-      self._embedder = self.db.load_embedder()
-    return self._embedder
-
-  def _check_k(self, k) -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-      raise RetrievalError(f"k must be a positive integer, got {k!r}")
-    if k > self.db.num_chunks:
-      raise RetrievalError(f"k={k} exceeds the database size ({self.db.num_chunks} chunks)")
-    return int(k)
-
-  def embed_chunks(self, tokens: np.ndarray) -> np.ndarray:
-    """[Q, m] LM token chunks -> [Q, D] query embeddings in the index's convention."""
-    x = self.embedder.embed_chunks(np.asarray(tokens), self.tokenizer)
-    return self.db.prepare_queries(x)
-
-  def search_embeddings(self, queries: np.ndarray, k: int,
-                        exclude_doc_ids: Sequence[int] | np.ndarray | None = None
-                        ) -> RetrievalResult:
-    """Neighbors of precomputed query embeddings [Q, D]."""
-    k = self._check_k(k)
-    queries = np.asarray(queries, dtype=np.float32)
-    num_q = queries.shape[0]
-    exclude = None
-    if exclude_doc_ids is not None:
-      exclude = np.asarray(exclude_doc_ids)
-      if exclude.shape != (num_q,) or not np.issubdtype(exclude.dtype, np.integer):
-        raise RetrievalError(f"exclude_doc_ids must be {num_q} integers (one per query, -1 "
-                             f"for none), got shape {exclude.shape} dtype {exclude.dtype}")
-      if np.any((exclude < -1) | (exclude >= self.db.store.num_documents)):
-        raise RetrievalError(f"exclude_doc_ids must lie in [-1, "
-                             f"{self.db.store.num_documents}), got {exclude.tolist()}")
-    ids, dist, _ = index_lib.search_excluding(
-        self.db.index, queries, k,
-        candidate_groups=np.asarray(self.db.store.doc_ids) if exclude is not None else None,
-        exclude_groups=exclude, extra=self.extra_candidates if exclude is not None else 0,
-        max_candidates=self.max_candidates)
-    return RetrievalResult(ids, dist, self.db.store.neighbor_tokens(ids))
-
-  def retrieve_chunks(self, tokens, k: int,
-                      exclude_doc_ids: Sequence[int] | np.ndarray | None = None
-                      ) -> RetrievalResult:
-    """Neighbors of token chunks [Q, m] (LM ids, -1 padding allowed)."""
-    tokens = np.asarray(tokens)
-    m = self.db.chunk_size
-    if tokens.ndim != 2 or tokens.shape[1] != m:
-      raise RetrievalError(f"chunks must have shape [Q, {m}] (the database chunk size), got "
-                           f"{list(tokens.shape)}")
-    if tokens.size and not np.issubdtype(tokens.dtype, np.integer):
-      raise RetrievalError(f"chunk tokens must be integers, got {tokens.dtype}")
-    vocab = self.tokenizer.vocab_size
-    if tokens.size and (tokens.min() < -1 or tokens.max() >= vocab):
-      raise RetrievalError(f"chunk token ids must lie in [-1, {vocab}), got "
-                           f"{int(tokens.min())}..{int(tokens.max())}")
-    k = self._check_k(k)
-    if tokens.shape[0] == 0:
-      return RetrievalResult(np.zeros((0, k), np.int64), np.zeros((0, k), np.float32),
-                             np.zeros((0, k, 2 * m), np.int32))
-    return self.search_embeddings(self.embed_chunks(tokens), k, exclude_doc_ids)
-
-  def retrieve_texts(self, texts: Sequence[str], k: int) -> RetrievalResult:
-    """Neighbors of free texts (each embedded whole, as one query)."""
-    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-      raise RetrievalError("texts must be a list of strings")
-    k = self._check_k(k)
-    if not texts:
-      m = self.db.chunk_size
-      return RetrievalResult(np.zeros((0, k), np.int64), np.zeros((0, k), np.float32),
-                             np.zeros((0, k, 2 * m), np.int32))
-    x = self.db.prepare_queries(self.embedder.embed_texts(list(texts)))
-    return self.search_embeddings(x, k)

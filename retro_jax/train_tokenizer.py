@@ -1,11 +1,11 @@
 r"""Trains the LM's SentencePiece tokenizer on a corpus.
 
-  python -m retro_jax.retrieval.train_tokenizer \
+  python -m retro_jax.train_tokenizer \
       --corpus='/data/docs/**/*.txt' --output=/data/spm/retro --vocab_size=32000
 
 writes /data/spm/retro.model and /data/spm/retro.vocab (pad=0, unk=1, bos=2, eos=3, byte
-fallback; see retro_jax.retrieval.tokenizer).  `--corpus` takes what
-`retro_jax.retrieval.corpus.iter_documents` takes (comma-separated paths, globs,
+fallback; see retro_jax.retrieval.store.tokenizer).  `--corpus` takes what
+`retro_jax.retrieval.store.corpus.iter_documents` takes (comma-separated paths, globs,
 directories, .jsonl[.gz] files, a `datasets` directory).
 """
 
@@ -13,8 +13,8 @@ from absl import flags
 from absl import logging
 
 from retro_jax import _cli
-from retro_jax.retrieval import corpus as corpus_lib
-from retro_jax.retrieval import tokenizer as tokenizer_lib
+from retro_jax.retrieval.store import corpus as corpus_lib
+from retro_jax.retrieval.store import tokenizer as tokenizer_lib
 
 _CORPUS = flags.DEFINE_list("corpus", None, "Corpus paths/globs/directories.", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "Output prefix (writes PREFIX.model/.vocab).",

@@ -1,8 +1,8 @@
 r"""Prints a chunk (or a piece of text) and its retrieved neighbors as text.
 
-    python -m retro_jax.retrieval.inspect --db=DB_DIR --chunk_id=1234 [--k=4]
-    python -m retro_jax.retrieval.inspect --db=DB_DIR --text="def parse_args(" [--k=4]
-    python -m retro_jax.retrieval.inspect --db=DB_DIR --chunk_id=1234 --neighbors=NB_DIR
+    python -m retro_jax.show_neighbors --db=DB_DIR --chunk_id=1234 [--k=4]
+    python -m retro_jax.show_neighbors --db=DB_DIR --text="def parse_args(" [--k=4]
+    python -m retro_jax.show_neighbors --db=DB_DIR --chunk_id=1234 --neighbors=NB_DIR
 
 With --chunk_id the query is that database chunk and neighbors from its own document are
 excluded (as in training; --noexclude_same_document to see them); with --neighbors the
@@ -21,9 +21,9 @@ from absl import flags
 import numpy as np
 
 from retro_jax import _cli
-from retro_jax.retrieval import neighbors as neighbors_lib
-from retro_jax.retrieval import retriever as retriever_lib
-from retro_jax.retrieval import sharded
+from retro_jax.retrieval.db import retriever as retriever_lib
+from retro_jax.retrieval.db import sharded
+from retro_jax.retrieval.store import neighbors as neighbors_lib
 
 _DB = flags.DEFINE_string("db", None, "Database directory.", required=True)
 _CHUNK = flags.DEFINE_integer("chunk_id", None, "Database chunk to inspect.")
@@ -47,7 +47,7 @@ def _show(text: str, indent: str = "    ") -> str:
   return textwrap.indent(text, indent, lambda _: True)
 
 
-def inspect(db_dir: str, chunk_id: int | None = None, text: str | None = None, k: int = 4,
+def show(db_dir: str, chunk_id: int | None = None, text: str | None = None, k: int = 4,
             neighbors_dir: str | None = None, exclude_same_document: bool = True) -> str:
   """Returns the report as a string (the CLI prints it)."""
   if (chunk_id is None) == (text is None):
@@ -102,9 +102,9 @@ def inspect(db_dir: str, chunk_id: int | None = None, text: str | None = None, k
 
 def main(argv):
   del argv
-  print(inspect(_DB.value, _CHUNK.value, _TEXT.value, _K.value, _NEIGHBORS.value,
-                _EXCLUDE.value))
+  print(show(_DB.value, _CHUNK.value, _TEXT.value, _K.value, _NEIGHBORS.value,
+             _EXCLUDE.value))
 
 
 if __name__ == "__main__":
-  _cli.run(main, "inspect")
+  _cli.run(main, "show_neighbors")

@@ -1,8 +1,7 @@
 r"""Neighbor precompute: the k nearest database chunks of every chunk of a query chunk store.
 
-`precompute(PrecomputeConfig)` is what `python -m retro_jax.precompute_neighbors` (or, the
-same command, `python -m retro_jax.retrieval.precompute_neighbors`) calls; the settings
-and their defaults are in precompute_config.py.
+`precompute(PrecomputeConfig)` is what `python -m retro_jax.precompute_neighbors` calls; the
+settings and their defaults are in jobs/precompute_config.py.
 
 Output directory (the "neighbors file" of the team contract):
   neighbors.npy  int64 [Q, k]    database chunk ids, nearest first, -1 padded.
@@ -45,7 +44,6 @@ from __future__ import annotations
 
 import math
 import os
-import runpy
 import shutil
 from typing import Callable
 
@@ -53,13 +51,13 @@ from absl import logging
 import numpy as np
 
 from retro_jax import fileio
-from retro_jax.retrieval import chunk_store as chunk_store_lib
-from retro_jax.retrieval import index as index_lib
-from retro_jax.retrieval import neighbors as neighbors_lib
-from retro_jax.retrieval import retriever as retriever_lib
-from retro_jax.retrieval import sharded
-from retro_jax.retrieval.precompute_config import PrecomputeConfig
-from retro_jax.retrieval.precompute_config import PrecomputeError  # pylint: disable=unused-import
+from retro_jax.retrieval.db import sharded
+from retro_jax.retrieval.embed import hashing as hashing_lib
+from retro_jax.retrieval.jobs.precompute_config import PrecomputeConfig
+from retro_jax.retrieval.jobs.precompute_config import PrecomputeError  # pylint: disable=unused-import
+from retro_jax.retrieval.search import scann as index_lib
+from retro_jax.retrieval.store import chunk_store as chunk_store_lib
+from retro_jax.retrieval.store import neighbors as neighbors_lib
 
 # The file format and its reader live in neighbors.py; these names stay importable here.
 NEIGHBORS_FORMAT = neighbors_lib.NEIGHBORS_FORMAT
@@ -177,7 +175,7 @@ class _Job:
 
   def embedder(self):
     if self._embedder is None:
-      self._embedder = (retriever_lib.load_embedder(self._bert) if self._bert
+      self._embedder = (hashing_lib.load_embedder(self._bert) if self._bert
                         else self.db.load_embedder())
     self.db.check_embedder(self._embedder)
     return self._embedder
@@ -370,6 +368,3 @@ def _merge(output_dir, parts_dir, num_parts, settings, num_q) -> dict:
                man["padded_entries"])
   return man
 
-
-if __name__ == "__main__":  # the old path of `python -m retro_jax.precompute_neighbors`
-  runpy.run_module("retro_jax.precompute_neighbors", run_name="__main__")

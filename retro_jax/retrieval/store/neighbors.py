@@ -1,6 +1,6 @@
 """The neighbors file: its format and the one reader every consumer uses.
 
-A neighbors directory (written by `retro_jax.retrieval.precompute_neighbors`):
+A neighbors directory (written by `retro_jax.precompute_neighbors`):
   neighbors.npy  int64 [Q, k]    database chunk ids, nearest first, -1 padded.
   distances.npy  float32 [Q, k]  distances (index convention: smaller is nearer), +inf pad.
   manifest.json  k, database manifest hash and chunk count, query chunk store manifest hash,
@@ -8,7 +8,7 @@ A neighbors directory (written by `retro_jax.retrieval.precompute_neighbors`):
 Row q belongs to chunk q of the query store.  The Beam job (beam_pipelines.py) writes the
 same arrays cut into row shards, neighbors-QQQQQ.npy / distances-QQQQQ.npy, listed in the
 manifest's "shards"; `load_neighbors` opens them as one memory-mapped [Q, k] view
-(`sharded.ConcatRows`), so consumers read either layout alike.  `load_neighbors` refuses a file made for
+(`rows_lib.ConcatRows`), so consumers read either layout alike.  `load_neighbors` refuses a file made for
 another database, query store or tokenizer, naming both values.
 """
 
@@ -21,10 +21,10 @@ from typing import Any, Mapping
 import numpy as np
 
 from retro_jax import fileio
-from retro_jax.retrieval import sharded
+from retro_jax.retrieval.store import rows as rows_lib
 
 NEIGHBORS_FORMAT = "retro_jax.neighbors.v1"
-BUILD_COMMAND = ("python -m retro_jax.retrieval.precompute_neighbors --db=DB_DIR "
+BUILD_COMMAND = ("python -m retro_jax.precompute_neighbors --db=DB_DIR "
                  "--output=NEIGHBORS_DIR [--query_store=CHUNK_STORE_DIR] --k=K")
 
 
@@ -118,7 +118,7 @@ def load_neighbors(directory: str, expected_db_manifest: Any = None,
   fix = f"delete {directory} and rebuild it with {BUILD_COMMAND}"
   arrays = [fileio.load_npy(p, fix, mmap_mode=mode) for p in paths]
   if "shards" in man:  # Beam output: one memory-mapped view over the shard files.
-    neighbors, distances = sharded.ConcatRows(arrays[0::2]), sharded.ConcatRows(arrays[1::2])
+    neighbors, distances = rows_lib.ConcatRows(arrays[0::2]), rows_lib.ConcatRows(arrays[1::2])
   else:
     neighbors, distances = arrays
   if neighbors.shape != (man["num_queries"], man["k"]) or distances.shape != neighbors.shape:

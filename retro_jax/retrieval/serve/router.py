@@ -1,10 +1,10 @@
 r"""Sharded serving: one retrieval service per shard, a router in front with the same HTTP API.
 
     # one service per shard of a sharded database (sharded.py), each on its own port:
-    python -m retro_jax.retrieval.serve --db=DB/shard-00000 --port=8801
-    python -m retro_jax.retrieval.serve --db=DB/shard-00001 --port=8802
-    # the router: GET /health, GET /manifest, POST /retrieve, POST /search, as service.py
-    python -m retro_jax.retrieval.router --db=DB --shard_addresses=ADDR.json --port=8765
+    python -m retro_jax.serve --db=DB/shard-00000 --port=8801
+    python -m retro_jax.serve --db=DB/shard-00001 --port=8802
+    # the router (the same command given shard addresses): the endpoints of server.py
+    python -m retro_jax.serve --db=DB --shard_addresses=ADDR.json --port=8765
     # ADDR.json: {"shard-00000": "http://127.0.0.1:8801", "shard-00001": "http://..."}
     # (or --shards=shard-00000=http://127.0.0.1:8801,shard-00001=http://127.0.0.1:8802)
 
@@ -23,14 +23,20 @@ values).  A shard that does not answer makes the request fail with 503 and a mes
 the shard and its URL (`ServiceUnavailableAnswer` in `RemoteRetriever`); with
 `--allow_partial` the router answers from the shards that are up and marks the answer
 `"partial": true, "missing_shards": [names]` (`result.missing_shards` in the client).  A
-shard that failed is not asked again for `retry_after` seconds (1 s).
+shard that failed is not asked again for `retry_after` seconds (1 s).  Every /search answer
+carries the index id it came from; one that is not the listed shard's (another database
+started on that address) or that holds an id outside the shard's chunks counts as that
+shard being down (503 naming it, or partial), never as an answer.  GET /health asks every
+shard now and reports each one's state ("ok", "down", "wrong index"): status "ok",
+"partial" or "unavailable" (503).
 
 Editing without a restart: the router re-reads DB/shards.json and the address file every
 `--reload_interval` seconds; when either changed it opens the new shard list (a shard added
 by `edit_db add`, documents dropped by `edit_db drop`), checks the shard services again and
 swaps it in between requests.  A reload that fails (say, a new shard with no address yet)
 is logged and shown in /health as "reload_error"; the router keeps serving the old list and
-tries again at every look until it succeeds.
+tries again at every look until it succeeds (or the files are put back as they were, which
+clears it).
 """
 
 from __future__ import annotations
@@ -50,15 +56,17 @@ from absl import logging
 import numpy as np
 
 from retro_jax import fileio
-from retro_jax.retrieval import exact_search
-from retro_jax.retrieval import retriever as retriever_lib
-from retro_jax.retrieval import service as service_lib
-from retro_jax.retrieval import sharded
+from retro_jax.retrieval.db import retriever as retriever_lib
+from retro_jax.retrieval.db import sharded
+from retro_jax.retrieval.search import exact as exact_lib
+from retro_jax.retrieval.serve import client as client_lib
+from retro_jax.retrieval.serve import handler as handler_lib
+from retro_jax.retrieval.serve import server as server_lib
 
-SERVE_COMMAND = "python -m retro_jax.retrieval.serve --db=DB/{name} --port=PORT"
+SERVE_COMMAND = "python -m retro_jax.serve --db=DB/{name} --port=PORT"
 
 
-class ShardUnavailableError(service_lib.ServiceUnavailableError):
+class ShardUnavailableError(client_lib.ServiceUnavailableError):
   """A shard service did not answer (or answered 503); the message names shard and URL."""
 
 
@@ -173,7 +181,7 @@ class RemoteIndex:
         message = resp.reason
       if resp.status == 503:
         raise self._unavailable(f"it answered 503: {message}")
-      raise service_lib.RetrievalServiceError(
+      raise client_lib.RetrievalServiceError(
           resp.status, f"shard {self.name} at {self.url}: {message}")
     return json.loads(raw.decode("utf-8"))
 
@@ -212,10 +220,39 @@ class RemoteIndex:
     if pre_reorder is not None:
       body["pre_reorder"] = int(pre_reorder)
     answer = self._call("POST", "/search", body)
+    # Every answer must come from the index the shard list names (a service replaced on
+    # this address, e.g. another shard's, answers well-formed but wrong ids) and hold ids
+    # of this shard only; otherwise the shard counts as down (503, or left out: partial).
+    want = self._expected["index"]["index_id"] if self._expected is not None else None
+    if want is not None and answer.get("index_id") != want:
+      self.verified = False
+      raise self._unavailable(f"it answered from index {answer.get('index_id')!r}, not the "
+                              f"listed {want!r}: another database is served on its address")
     ids = np.asarray(answer["ids"], np.int64).reshape(q.shape[0], int(k))
+    n = self.num_vectors
+    if ids.size and (int(ids.min()) < -1 or int(ids.max()) >= n):
+      bad = int(ids.max()) if int(ids.max()) >= n else int(ids.min())
+      raise self._unavailable(f"it answered chunk id {bad}, outside its {n} chunks")
     dist = np.asarray([[np.inf if v is None else v for v in row]
                        for row in answer["distances"]], np.float32).reshape(ids.shape)
     return ids, dist
+
+  def state(self) -> dict:
+    """This shard's state for the router's /health: its service asked now (GET /health)."""
+    out = {"name": self.name, "url": self.url, "num_chunks": self.num_vectors}
+    try:
+      health = self._call("GET", "/health")
+    except (ShardUnavailableError, client_lib.RetrievalServiceError) as e:
+      return dict(out, state="down", error=" ".join(str(e).split())[:300])
+    if self._expected is not None:
+      want = (self._expected["index"]["index_id"], int(self._expected["num_chunks"]))
+      got = (health.get("index_id"), health.get("num_chunks"))
+      if got != want:
+        self.verified = False
+        return dict(out, state="wrong index", error=(
+            f"serves index {got[0]!r} of {got[1]} chunks, not the listed {want[0]!r} of "
+            f"{want[1]}: start `{SERVE_COMMAND.format(name=self.name)}` on {self.url}"))
+    return dict(out, state="ok")
 
   def close(self) -> None:
     conn = getattr(self._local, "conn", None)
@@ -278,7 +315,7 @@ class RouterIndex(sharded.ShardedIndex):
       record = getattr(self._local, "missing", None)
       if record is not None:
         record.update(missing)
-    return exact_search.merge_topk([f[0] for f in found], [f[1] for f in found], k)
+    return exact_lib.merge_topk([f[0] for f in found], [f[1] for f in found], k)
 
 
 class RouterRetriever(retriever_lib.Retriever):
@@ -302,7 +339,7 @@ def _mark_partial(answer: dict, missing: Sequence[str]) -> dict:
   return answer
 
 
-class RouterHandler(service_lib.RetrievalHandler):
+class RouterHandler(handler_lib.RetrievalHandler):
   """Answers like `RetrievalHandler`, plus "partial"/"missing_shards" when shards were down;
   searches need no lock here (each shard service serialises its own)."""
 
@@ -396,7 +433,7 @@ def open_router_retriever(db_dir: str, addresses: Mapping[str, str], *,
   return RouterRetriever.open(db, embedder=embedder)
 
 
-class RouterServer(service_lib.RetrievalServer):
+class RouterServer(server_lib.RetrievalServer):
   """The retrieval service over a sharded database's shard services; reloads on edits.
 
   Args:
@@ -413,7 +450,7 @@ class RouterServer(service_lib.RetrievalServer):
                address_file: str | None = None, allow_partial: bool = False,
                reload_interval: float = 1.0, timeout: float = 30.0, embedder=None,
                host: str = "127.0.0.1", port: int = 0,
-               config: service_lib.ServiceConfig | None = None):
+               config: server_lib.ServiceConfig | None = None):
     if (addresses is None) == (address_file is None):
       raise AddressError("give the shard addresses as a table or an address file (one)")
     self.db_dir = os.path.abspath(os.fspath(db_dir))
@@ -421,7 +458,7 @@ class RouterServer(service_lib.RetrievalServer):
     self._static = dict(addresses) if addresses is not None else None
     self.allow_partial, self.timeout = bool(allow_partial), float(timeout)
     self.reload_interval = float(reload_interval)
-    config = config or service_lib.ServiceConfig()
+    config = config or server_lib.ServiceConfig()
     self._fanout = concurrent.futures.ThreadPoolExecutor(
         min(64, 4 * config.workers), thread_name_prefix="router-fanout")
     self._seen = self._files()
@@ -465,6 +502,22 @@ class RouterServer(service_lib.RetrievalServer):
         "reload_error": self.reload_error}).encode("utf-8")
     self._manifest = json.dumps(r.manifest).encode("utf-8")
 
+  def health(self) -> tuple[int, bytes]:
+    """Every shard asked now: 200 "ok" when all serve their listed index, "partial" (200,
+    with --allow_partial and one up) or "unavailable" (503) otherwise; each shard's state,
+    and the last reload error if the files on disk still cannot be served."""
+    index = self.handler.retriever.db.index
+    states = list(self._fanout.map(lambda s: s.state(), index.shards))
+    up = sum(s["state"] == "ok" for s in states)
+    status = ("ok" if up == len(states) else
+              "partial" if up and self.allow_partial else "unavailable")
+    r = self.handler.retriever
+    body = {"status": status, "num_chunks": int(r.store.num_chunks),
+            "chunk_size": int(r.store.chunk_size), "shards": states,
+            "allow_partial": self.allow_partial, "reloads": self.reloads,
+            "reload_error": self.reload_error}
+    return (200 if status != "unavailable" else 503), json.dumps(body).encode("utf-8")
+
   def reload(self) -> bool:
     """Opens shards.json and the addresses afresh and swaps them in; False (old list kept,
     `reload_error` set) when that fails."""
@@ -492,6 +545,9 @@ class RouterServer(service_lib.RetrievalServer):
     again at every look while that reload fails: the new shard's service may be starting)."""
     files = self._files()
     if files == self._seen:
+      if self.reload_error is not None:  # repaired back to what is served: not stale
+        self.reload_error = None
+        self._describe()
       return False
     if not self.reload():
       return False
@@ -517,61 +573,3 @@ class RouterServer(service_lib.RetrievalServer):
       if watcher is not None:
         watcher.join(timeout=5)
       self._fanout.shutdown(wait=False, cancel_futures=True)
-
-
-# ------------------------------------------------------------------------------------------
-# The command line.
-# ------------------------------------------------------------------------------------------
-
-_FLAGS = {}
-
-
-def _define_flags() -> None:
-  """serve's flags (--db, --host, --port, --bert and the service limits) plus the router's;
-  defined only when this module runs as the command."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval import serve  # pylint: disable=g-import-not-at-top  (its flags)
-  _FLAGS["serve"] = serve
-  _FLAGS["addresses"] = flags.DEFINE_string(
-      "shard_addresses", None, "JSON file mapping shard name to its service URL, e.g. "
-      '{"shard-00000": "http://127.0.0.1:8801"}; re-read when it changes.')
-  _FLAGS["shards"] = flags.DEFINE_string(
-      "shards", None, "Instead of --shard_addresses: NAME=URL,NAME=URL,...")
-  _FLAGS["partial"] = flags.DEFINE_bool(
-      "allow_partial", False, "Answer from the shards that are up (marked \"partial\": true, "
-      "\"missing_shards\") instead of failing with 503 when one is down.")
-  _FLAGS["reload"] = flags.DEFINE_float(
-      "reload_interval", 1.0, "Seconds between looks at DB/shards.json and the address file "
-      "for edits (0 = never reload).", lower_bound=0.0)
-  _FLAGS["timeout"] = flags.DEFINE_float(
-      "shard_timeout", 30.0, "Seconds a shard service may take to answer.", lower_bound=0.001)
-
-
-def main(argv):
-  del argv
-  serve = _FLAGS["serve"]
-  file, table = _FLAGS["addresses"].value, _FLAGS["shards"].value
-  if (file is None) == (table is None):
-    raise AddressError("give the shard services as --shard_addresses=FILE.json or "
-                       "--shards=NAME=URL,... (exactly one)")
-  embedder = (retriever_lib.load_embedder(serve._BERT.value)  # pylint: disable=protected-access
-              if serve._BERT.value else None)  # pylint: disable=protected-access
-  server = RouterServer(
-      serve._DB.value, parse_shards(table) if table is not None else None,  # pylint: disable=protected-access
-      address_file=file, allow_partial=_FLAGS["partial"].value,
-      reload_interval=_FLAGS["reload"].value, timeout=_FLAGS["timeout"].value,
-      embedder=embedder, host=serve._HOST.value, port=serve._PORT.value,  # pylint: disable=protected-access
-      config=serve.service_config())
-  shards = server.handler.retriever.db.index.shards
-  print(f"retrieval router on {server.url} ({server.handler.retriever.store.num_chunks} "
-        f"chunks, {len(shards)} shards)", flush=True)
-  try:
-    server.serve_forever()
-  except KeyboardInterrupt:
-    logging.info("retrieval router stopped")
-
-
-if __name__ == "__main__":
-  from retro_jax import _cli  # pylint: disable=g-import-not-at-top
-  _define_flags()
-  _cli.run(main, "router", errors=["retro_jax.retrieval.service.RetrievalServiceError"])

@@ -1,8 +1,7 @@
 r"""Builds a retrieval database: corpus -> chunk store -> embeddings -> ScaNN index.
 
-`build(BuildConfig)` is what `python -m retro_jax.build_db` (or, the same command, `python -m
-retro_jax.retrieval.build_db`) calls; the settings and their defaults are in
-build_config.py.
+`build(BuildConfig)` is what `python -m retro_jax.build_db` calls; the settings and their
+defaults are in jobs/build_config.py.
 
 Steps, each resumable (a rerun skips what is finished and complete):
   1. DB_DIR/chunks: the chunk store (`chunk_store.build_chunk_store`, atomic).
@@ -27,7 +26,6 @@ import contextlib
 import hashlib
 import itertools
 import os
-import runpy
 import shutil
 import time
 from typing import Any
@@ -36,14 +34,15 @@ from absl import logging
 import numpy as np
 
 from retro_jax import fileio
-from retro_jax.retrieval import build_config as build_config_lib
-from retro_jax.retrieval import chunk_store as chunk_store_lib
-from retro_jax.retrieval import corpus as corpus_lib
-from retro_jax.retrieval import index as index_lib
-from retro_jax.retrieval import retriever as retriever_lib
-from retro_jax.retrieval import tokenizer as tokenizer_lib
-from retro_jax.retrieval.build_config import BuildConfig
-from retro_jax.retrieval.build_config import BuildError
+from retro_jax.retrieval.db import database as database_lib
+from retro_jax.retrieval.embed import hashing as hashing_lib
+from retro_jax.retrieval.jobs import build_config as build_config_lib
+from retro_jax.retrieval.jobs.build_config import BuildConfig
+from retro_jax.retrieval.jobs.build_config import BuildError
+from retro_jax.retrieval.search import scann as index_lib
+from retro_jax.retrieval.store import chunk_store as chunk_store_lib
+from retro_jax.retrieval.store import corpus as corpus_lib
+from retro_jax.retrieval.store import tokenizer as tokenizer_lib
 
 
 class _Limited:
@@ -223,7 +222,7 @@ def documents(config: BuildConfig):
 def load_embedder(config: BuildConfig):
   """The embedder `config.bert` names, in `config.embed_dtype`."""
   kwargs = {"dtype": config.embed_dtype} if config.embed_dtype else {}
-  return retriever_lib.load_embedder(config.bert, **kwargs)
+  return hashing_lib.load_embedder(config.bert, **kwargs)
 
 
 def build(config: BuildConfig, *, embedder=None, after_shard=None) -> dict:
@@ -306,7 +305,7 @@ def build_directory(docs, output: str, config: BuildConfig, *, embedder=None,
            "index": _dir_bytes(index_dir)}
   n = max(store.num_chunks, 1)
   man = {
-      "format": retriever_lib.DATABASE_FORMAT,
+      "format": database_lib.DATABASE_FORMAT,
       "chunk_size": store.chunk_size,
       "num_chunks": store.num_chunks,
       "num_documents": store.num_documents,
@@ -416,7 +415,7 @@ def subset_database(source_db: str, output: str, fraction: float, *, seed: int =
   """
   if not 0.0 < fraction <= 1.0:
     raise BuildError(f"fraction must be in (0, 1], got {fraction}")
-  src = retriever_lib.Database.open(source_db)
+  src = database_lib.Database.open(source_db)
   store = src.store
   source = corpus if corpus is not None else store.manifest.get("source", {}).get("paths")
   if not source:
@@ -465,6 +464,3 @@ def subset_database(source_db: str, output: str, fraction: float, *, seed: int =
                                         **index_kwargs)
   return build(config, embedder=_FrozenEmbedder(emb_meta["embedder"]))
 
-
-if __name__ == "__main__":  # the old path of `python -m retro_jax.build_db`
-  runpy.run_module("retro_jax.build_db", run_name="__main__")

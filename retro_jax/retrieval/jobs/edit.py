@@ -31,9 +31,10 @@ from typing import Any, Sequence
 from absl import logging
 
 from retro_jax import fileio
-from retro_jax.retrieval import build_db
-from retro_jax.retrieval import retriever as retriever_lib
-from retro_jax.retrieval import sharded
+from retro_jax.retrieval.db import database as database_lib
+from retro_jax.retrieval.db import sharded
+from retro_jax.retrieval.embed import hashing as hashing_lib
+from retro_jax.retrieval.jobs import build as build_lib
 
 SHARD_COMMAND = "python -m retro_jax.edit_db shard --db=WHOLE_DB --output=SHARDED_DB"
 HOWS = ("symlink", "move", "copy")
@@ -111,7 +112,7 @@ def add_shard(db_dir: str, corpus: Any, *, name: str | None = None, embedder=Non
   tokenizer = settings.pop("tokenizer")
   if embedder is None:
     kwargs = {"dtype": embed_dtype} if embed_dtype else {}
-    embedder = retriever_lib.load_embedder(settings["bert"], **kwargs)
+    embedder = hashing_lib.load_embedder(settings["bert"], **kwargs)
   # Before any embedding: the new shard's keys must be comparable with the old ones'.
   fileio.check_identity("embedder", db.manifest.get("embedder"), embedder.identity(),
                         f"{db.path}/{sharded.SHARDS_FILE}",
@@ -126,10 +127,10 @@ def add_shard(db_dir: str, corpus: Any, *, name: str | None = None, embedder=Non
     os.replace(out, stage)
   logging.info("edit_db: building shard %s of %s with %s", name, db.path, settings)
   try:
-    man = build_db.build_database(corpus, tokenizer, stage, embedder=embedder,
+    man = build_lib.build_database(corpus, tokenizer, stage, embedder=embedder,
                                   max_documents=max_documents, shard_size=shard_size,
                                   **settings)
-    new = retriever_lib.Database.open(stage)
+    new = database_lib.Database.open(stage)
   except Exception:
     shutil.rmtree(stage, ignore_errors=True)
     raise
@@ -140,7 +141,7 @@ def add_shard(db_dir: str, corpus: Any, *, name: str | None = None, embedder=Non
                     "before); nothing added", corpus, same, db.path)
     return dict(db.manifest)
   os.replace(stage, out)
-  new = retriever_lib.Database.open(out)
+  new = database_lib.Database.open(out)
   keys = set(db.store.doc_keys)
   again = [k for k in new.store.doc_keys if k in keys]
   if again:
@@ -154,7 +155,7 @@ def add_shard(db_dir: str, corpus: Any, *, name: str | None = None, embedder=Non
   return result
 
 
-def _same_documents(db: sharded.ShardedDatabase, new: retriever_lib.Database) -> str | None:
+def _same_documents(db: sharded.ShardedDatabase, new: database_lib.Database) -> str | None:
   """The listed shard whose chunk store holds exactly `new`'s documents (same keys, same
   token content), or None."""
   want = (new.store.manifest.get("sha256") or {}).get("tokens")
@@ -225,7 +226,7 @@ def shard_whole(whole_db: str, output: str, how: str = "symlink") -> dict:
   whole_db, output = os.path.abspath(whole_db), os.path.abspath(output)
   if sharded.is_sharded(whole_db):
     raise EditError(f"{whole_db} is already a sharded database")
-  retriever_lib.Database.open(whole_db)  # A complete, consistent database, or refused.
+  database_lib.Database.open(whole_db)  # A complete, consistent database, or refused.
   if os.path.exists(output) and os.listdir(output):
     raise EditError(f"output {output} exists and is not empty; choose a new directory")
   os.makedirs(output, exist_ok=True)

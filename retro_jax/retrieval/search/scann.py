@@ -24,21 +24,21 @@ from typing import Any, Mapping
 import numpy as np
 
 from retro_jax import fileio
-from retro_jax.retrieval import scann_simd
-from retro_jax.retrieval.exact_search import ExactSearcher
-from retro_jax.retrieval.exact_search import check_k as _check_k
-from retro_jax.retrieval.exact_search import check_queries as _check_queries
-from retro_jax.retrieval.exact_search import measure_recall
-from retro_jax.retrieval.exact_search import merge_topk  # pylint: disable=unused-import
-from retro_jax.retrieval.exact_search import normalize  # pylint: disable=unused-import
-from retro_jax.retrieval.exact_search import search_excluding  # pylint: disable=unused-import
-from retro_jax.retrieval.index_settings import DISTANCES  # pylint: disable=unused-import
-from retro_jax.retrieval.index_settings import IndexError_
-from retro_jax.retrieval.index_settings import IndexOptions
-from retro_jax.retrieval.index_settings import IndexSettings
-from retro_jax.retrieval.index_settings import MODES  # pylint: disable=unused-import
-from retro_jax.retrieval.index_settings import SOAR_LAMBDA  # pylint: disable=unused-import
-from retro_jax.retrieval.index_settings import SOAR_OVERRETRIEVE  # pylint: disable=unused-import
+from retro_jax.retrieval.search import scann_simd
+from retro_jax.retrieval.search.exact import check_k as _check_k
+from retro_jax.retrieval.search.exact import check_queries as _check_queries
+from retro_jax.retrieval.search.exact import ExactSearcher
+from retro_jax.retrieval.search.exact import measure_recall
+from retro_jax.retrieval.search.exact import merge_topk  # pylint: disable=unused-import
+from retro_jax.retrieval.search.exact import normalize  # pylint: disable=unused-import
+from retro_jax.retrieval.search.exact import search_excluding  # pylint: disable=unused-import
+from retro_jax.retrieval.search.settings import DISTANCES  # pylint: disable=unused-import
+from retro_jax.retrieval.search.settings import IndexError_
+from retro_jax.retrieval.search.settings import IndexOptions
+from retro_jax.retrieval.search.settings import IndexSettings
+from retro_jax.retrieval.search.settings import MODES  # pylint: disable=unused-import
+from retro_jax.retrieval.search.settings import SOAR_LAMBDA  # pylint: disable=unused-import
+from retro_jax.retrieval.search.settings import SOAR_OVERRETRIEVE  # pylint: disable=unused-import
 
 INDEX_FORMAT = "retro_jax.scann_index.v1"
 
@@ -217,7 +217,7 @@ class ScannIndex:
     fix = fix or (f"rebuild it: rerun python -m retro_jax.build_db ... --output=DB_DIR for "
                   f"the database holding {directory} (a rerun rebuilds a damaged index)")
     manifest = fileio.read_manifest(
-        directory, "index manifest", "python -m retro_jax.retrieval.build_db ...")
+        directory, "index manifest", "python -m retro_jax.build_db ...")
     if manifest.get("format") != INDEX_FORMAT:
       raise fileio.ManifestMismatchError(
           f"index format mismatch: expected {INDEX_FORMAT} but {directory} has "
