@@ -81,7 +81,7 @@ def service_config() -> server_lib.ServiceConfig:
   """The service limits from the flags (the router takes the same ones)."""
   return server_lib.ServiceConfig(
       max_batch=_MAX_BATCH.value, max_k=_MAX_K.value, max_body_bytes=_MAX_BODY.value,
-      max_buffered_bytes=max(_DEFAULTS.max_buffered_bytes, 4 * _MAX_BODY.value),
+      max_buffered_bytes=_MAX_BODY.value + (4 << 20),
       max_connections=_MAX_CONN.value, idle_timeout=_IDLE.value,
       request_timeout=_REQUEST.value, workers=_WORKERS.value, warm_up=_WARM_UP.value)
 

@@ -111,3 +111,21 @@ def test_a_repaired_shard_list_clears_the_reload_error(dbs, tmp_path):  # pylint
     if router is not None:
       router.stop()
     shards.stop()
+
+
+def test_ids_outside_a_shard_are_refused(dbs):  # pylint: disable=redefined-outer-name
+  """Defence in depth: even from the listed index, an id beyond the shard's chunks (which
+  would index past the database, the probe's 500 IndexError) is that shard failing."""
+  _, db, _ = dbs
+  shards = _Shards(db, names=["shard-00001"])
+  try:
+    man = sharded.ShardedDatabase.open(db).shards[1].manifest
+    remote = router_lib.RemoteIndex(shards.servers["shard-00001"].url, "shard-00001",
+                                    dict(man, num_chunks=2))
+    remote.verified = True  # as if checked before the shard grew under the router
+    x = np.zeros((1, int(man["embedding"]["dim"])), np.float32)
+    x[0, 0] = 1.0
+    with pytest.raises(router_lib.ShardUnavailableError, match="outside its 2 chunks"):
+      remote.search(x, 3)
+  finally:
+    shards.stop()

@@ -258,6 +258,33 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("  host_malloc.reexec_with_tuned_malloc()\n  _quiet_after_disk_full()\n",
          "  host_malloc.reexec_with_tuned_malloc()\n"),
     ], "tests/test_disk_full.py::test_a_command_on_a_full_disk_prints_one_line"),
+    _m("router merges an answer from another index (a service replaced on a shard address)",
+       "retro_jax/retrieval/serve/router.py", [
+        ('    if want is not None and answer.get("index_id") != want:', "    if False:"),
+    ], "tests/test_router_guard.py::test_a_service_replaced_on_a_shard_address_is_never_merged"),
+    _m("router passes on ids beyond a shard", "retro_jax/retrieval/serve/router.py", [
+        ("    if ids.size and (int(ids.min()) < -1 or int(ids.max()) >= n):", "    if False:"),
+    ], "tests/test_router_guard.py::test_ids_outside_a_shard_are_refused"),
+    _m("router /health does not ask the shards", "retro_jax/retrieval/serve/router.py", [
+        ("    states = list(self._fanout.map(lambda s: s.state(), index.shards))",
+         "    states = [dict(name=s.name, state=\"ok\") for s in index.shards]"),
+    ], "tests/test_router_guard.py::test_health_names_a_shard_that_is_down"),
+    _m("router keeps a stale reload_error", "retro_jax/retrieval/serve/router.py", [
+        ("      if self.reload_error is not None:  # repaired back", "      if False:  # repaired back"),
+    ], "tests/test_router_guard.py::test_a_repaired_shard_list_clears_the_reload_error"),
+    _m("service admits every big body at once (a burst of huge texts takes every worker)",
+       "retro_jax/retrieval/serve/server.py", [
+        ('object.__setattr__(self, "max_buffered_bytes", self.max_body_bytes + (4 << 20))',
+         'object.__setattr__(self, "max_buffered_bytes", 64 << 20)'),
+    ], "tests/test_service_burst.py::test_big_texts_leave_workers_to_a_small_query"),
+    _m("JSON bodies parsed whatever they hold (a 16 MiB bomb costs ~20x its size)",
+       "retro_jax/retrieval/serve/handler.py", [
+        ("    if values > limit:\n      raise BadRequest(413,", "    if False:\n      raise BadRequest(413,"),
+    ], "tests/test_service_burst.py::test_a_json_bomb_costs_a_fraction_of_its_size"),
+    _m("absolute corpus paths in /manifest and return_texts", "retro_jax/retrieval/serve/handler.py", [
+        ('    if not isinstance(text, str) or not os.path.isabs(text.split(":", 1)[0]):',
+         "    if True:"),
+    ], "tests/test_service_burst.py::test_no_absolute_corpus_path_leaves_the_service"),
     _m("DirectRunner left to Beam (Prism download attempted)", "retro_jax/retrieval/jobs/beam.py", [
         ('runner = _classic_direct_runner(options) if standard.runner == "DirectRunner" else None',
          "runner = None"),

@@ -144,8 +144,8 @@ class RemoteIndex:
         f"`{SERVE_COMMAND.format(name=self.name)}` and list its address, or run the router "
         "with --allow_partial")
 
-  def _call(self, method: str, path: str, body: Any = None) -> Any:
-    if time.monotonic() < self._down_until:
+  def _call(self, method: str, path: str, body: Any = None, probe: bool = False) -> Any:
+    if not probe and time.monotonic() < self._down_until:
       raise ShardUnavailableError(
           f"shard {self.name} at {self.url} is not available ({self._last_error}; not "
           f"retried for {self.retry_after:g} s); start it with "
@@ -241,7 +241,7 @@ class RemoteIndex:
     """This shard's state for the router's /health: its service asked now (GET /health)."""
     out = {"name": self.name, "url": self.url, "num_chunks": self.num_vectors}
     try:
-      health = self._call("GET", "/health")
+      health = self._call("GET", "/health", probe=True)  # asked now, even if lately down
     except (ShardUnavailableError, client_lib.RetrievalServiceError) as e:
       return dict(out, state="down", error=" ".join(str(e).split())[:300])
     if self._expected is not None:
@@ -500,7 +500,7 @@ class RouterServer(server_lib.RetrievalServer):
                    for s in index.shards],
         "allow_partial": self.allow_partial, "reloads": self.reloads,
         "reload_error": self.reload_error}).encode("utf-8")
-    self._manifest = json.dumps(r.manifest).encode("utf-8")
+    self._manifest = json.dumps(self.handler.public_manifest(r.manifest)).encode("utf-8")
 
   def health(self) -> tuple[int, bytes]:
     """Every shard asked now: 200 "ok" when all serve their listed index, "partial" (200,
@@ -532,6 +532,7 @@ class RouterServer(server_lib.RetrievalServer):
       self._describe()
       return False
     self.handler.retriever = new  # Requests already running finish on the old one.
+    self.handler._roots = None  # pylint: disable=protected-access  (the new shards' corpora)
     self.reloads += 1
     self.reload_error = None
     self._describe()

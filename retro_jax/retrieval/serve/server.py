@@ -42,6 +42,10 @@ How it holds load (`ServiceConfig` has the numbers):
   `idle_timeout` of the connection opening (or of the previous answer), the body within
   `request_timeout` of the headers; at most `max_connections` are open (503 beyond), and a
   body over `max_body_bytes` is refused unread (413).
+* The bytes of bodies being read or handled at once are bounded (`max_buffered_bytes`,
+  by default one largest body plus 4 MiB; 503 beyond), so a burst of huge texts is handled
+  one at a time and leaves the other workers to small queries; a body holding more JSON
+  values than a valid request can (a "JSON bomb") is refused (413) before it is parsed.
 * A request is parsed, validated and prepared in one of `workers` threads: a BERT embedder
   tokenises there (each free text first cut to the prefix whose BERT tokens, truncated to
   the embedder's `max_length`, are those of the whole text: the rest cannot change the
@@ -95,7 +99,10 @@ class ServiceConfig:
   max_batch: int = 256            # Most queries in one request (413 beyond).
   max_k: int = 100                # Largest k a request may ask for (413 beyond).
   max_body_bytes: int = 16 << 20  # Largest request body (413 beyond, not read).
-  max_buffered_bytes: int = 64 << 20  # Bodies being read or handled at once (503 beyond).
+  # Bytes of bodies being read or handled at once, texts included (503 beyond); default
+  # max_body_bytes + 4 MiB: one body of the largest size at a time beside small queries, so
+  # a burst of huge texts cannot take every worker (and their memory) from a small query.
+  max_buffered_bytes: int | None = None
   max_connections: int = 512      # Open connections at once (503 beyond).
   idle_timeout: float = 10.0      # s: a connection's next request line + headers must come.
   request_timeout: float = 30.0   # s: the body must arrive, and the answer be taken.
@@ -106,6 +113,8 @@ class ServiceConfig:
   max_search_k: int = 4096        # Largest k of a POST /search (a router's candidates).
 
   def __post_init__(self):
+    if self.max_buffered_bytes is None and isinstance(self.max_body_bytes, int):
+      object.__setattr__(self, "max_buffered_bytes", self.max_body_bytes + (4 << 20))
     for name in ("max_batch", "max_k", "max_body_bytes", "max_buffered_bytes",
                  "max_connections", "workers", "batch_rows", "max_queued_rows",
                  "max_search_k"):
@@ -184,7 +193,8 @@ class RetrievalServer:
         "status": "ok", "num_chunks": int(retriever.store.num_chunks),
         "chunk_size": int(retriever.store.chunk_size),
         "index_id": (retriever.manifest.get("index") or {}).get("index_id")}).encode()
-    self._manifest = json.dumps(retriever.manifest).encode("utf-8")
+    self._manifest = json.dumps(self.handler.public_manifest(retriever.manifest)).encode(
+        "utf-8")  # no absolute path of this machine
     self._warm_up()
     self._sock = socket.create_server((host, port), backlog=1024)
     self._sock.setblocking(False)
