@@ -279,12 +279,16 @@ MUTATIONS: tuple[Mutation, ...] = (
     ], "tests/test_service_burst.py::test_big_texts_leave_workers_to_a_small_query"),
     _m("JSON bodies parsed whatever they hold (a 16 MiB bomb costs ~20x its size)",
        "retro_jax/retrieval/serve/handler.py", [
-        ("    if values > limit:\n      raise BadRequest(413,", "    if False:\n      raise BadRequest(413,"),
+        ("    if values > limit:\n      brackets =", "    if False:\n      brackets ="),
     ], "tests/test_service_burst.py::test_a_json_bomb_costs_a_fraction_of_its_size"),
     _m("absolute corpus paths in /manifest and return_texts", "retro_jax/retrieval/serve/handler.py", [
         ('    if not isinstance(text, str) or not os.path.isabs(text.split(":", 1)[0]):',
          "    if True:"),
     ], "tests/test_service_burst.py::test_no_absolute_corpus_path_leaves_the_service"),
+    _m("warm-up compiles one row per length only (a first burst waits for compiles)",
+       "retro_jax/retrieval/serve/server.py", [
+        ("    todo = [(size, length) for size in sizes for length in emb.buckets]", "    todo = []"),
+    ], "tests/test_service_burst.py::test_warm_up_covers_the_batch_shapes_or_health_says_so"),
     _m("DirectRunner left to Beam (Prism download attempted)", "retro_jax/retrieval/jobs/beam.py", [
         ('runner = _classic_direct_runner(options) if standard.runner == "DirectRunner" else None',
          "runner = None"),

@@ -177,6 +177,9 @@ class RetrievalHandler:
           values = max(values, n)
           break
     if values > limit:
+      brackets = raw.count(b"[") + raw.count(b"{")
+      if brackets > limit and 2 * raw.count(b",") < brackets:  # "[[[[...": depth, not width
+        raise BadRequest(400, "malformed JSON: nested too deeply")
       raise BadRequest(413, f"the body holds about {values} JSON values; a request of this "
                        f"service holds at most {limit}")
     try:

@@ -209,25 +209,52 @@ class RetrievalServer:
     self._buffered = 0  # Body bytes being read or handled (the event loop's count).
     self._tasks: set[asyncio.Task] = set()  # One per open connection.
 
-  def health(self) -> tuple[int, bytes]:
-    """(HTTP status, body) of GET /health."""
-    return 200, self._health
-
   def _warm_up(self) -> None:
     """Sets the BERT tokenizer's truncation state once, before threads share it (a call
     with other settings would mutate it under a concurrent one); with config.warm_up, also
-    compiles BERT for one row at every bucket length, so that a query's first long text
-    does not wait for a compile (~1 s each on CPU; other row counts compile on first use)."""
+    compiles BERT for one row at every bucket length before serving, then, in a background
+    thread, for every row count the batcher can send (powers of two up to `batch_rows`) at
+    every length: until that is done /health says "warming up" (the first burst of
+    concurrent queries would otherwise wait for those compiles, 2-6x slower than warm)."""
+    self._warming = None
     if not self.handler.batched_embedder:
       return
     emb = self.handler.retriever.embedder
     emb.tokenize(["warm up"])
-    if self.config.warm_up:
-      t0 = time.perf_counter()
-      for length in emb.buckets:
-        emb.embed_token_ids([[0, 0]], pad_lengths=np.asarray([length]))
-      logging.info("retrieval service: BERT compiled for lengths %s in %.1f s",
-                   list(emb.buckets), time.perf_counter() - t0)
+    if not self.config.warm_up:
+      return
+    t0 = time.perf_counter()
+    for length in emb.buckets:
+      emb.embed_token_ids([[0, 0]], pad_lengths=np.asarray([length]))
+    logging.info("retrieval service: BERT compiled for lengths %s in %.1f s",
+                 list(emb.buckets), time.perf_counter() - t0)
+    most = min(int(self.config.batch_rows), int(getattr(emb, "batch_size", 1)))
+    sizes = sorted({emb._row_bucket(n) for n in range(2, most + 1)})  # pylint: disable=protected-access
+    todo = [(size, length) for size in sizes for length in emb.buckets]
+    if not todo:
+      return
+    self._warming = [0, len(todo)]
+
+    def compile_rest():
+      t1 = time.perf_counter()
+      for size, length in todo:
+        emb.embed_token_ids([[0, 0]] * size, pad_lengths=np.full(size, length))
+        self._warming[0] += 1
+      logging.info("retrieval service: BERT compiled for %d more shapes (rows %s) in %.1f s",
+                   len(todo), sizes, time.perf_counter() - t1)
+      self._warming = None
+
+    threading.Thread(target=compile_rest, name="retrieval-warm-up", daemon=True).start()
+
+  def health(self) -> tuple[int, bytes]:
+    """(HTTP status, body) of GET /health: "warming up" while BERT still compiles the
+    batch shapes a burst would use (answers are right meanwhile, only slower)."""
+    warming = self._warming
+    if warming is None:
+      return 200, self._health
+    body = dict(json.loads(self._health), status="warming up",
+                warm_up={"compiled": warming[0], "of": warming[1]})
+    return 200, json.dumps(body).encode()
 
   @property
   def url(self) -> str:
