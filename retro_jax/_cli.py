@@ -11,6 +11,8 @@
   `aliases` keeps an older name working (`--db_dir` for `--db`).
 
 Heavy modules (JAX, the job's library) are imported by `main`, after the restart.
+Every command also takes `--orbax_logs` (orbax-checkpoint's INFO lines are hidden unless
+given).
 """
 
 from __future__ import annotations
@@ -28,8 +30,36 @@ from absl import app
 from absl import flags
 
 from retro_jax import host_malloc
+from retro_jax import remote
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+
+_ORBAX_LOGS = flags.DEFINE_bool(
+    "orbax_logs", False, "Show orbax-checkpoint's INFO lines (dozens per checkpoint); its "
+    "warnings and errors are always shown.")
+
+
+class QuietLibraryInfo:
+  """A logging filter that drops the INFO (and DEBUG) records of the named packages, found
+  by the source file's path; their warnings and errors pass."""
+
+  def __init__(self, packages=("orbax",)):
+    self._parts = tuple(f"{os.sep}{p}{os.sep}" for p in packages)
+
+  def filter(self, record) -> bool:
+    import logging  # pylint: disable=g-import-not-at-top
+    return record.levelno >= logging.WARNING or not any(
+        p in record.pathname for p in self._parts)
+
+
+def quiet_orbax(enabled: bool = True) -> None:
+  """Installs (or removes) the orbax INFO filter on absl's logger, which orbax logs to."""
+  import logging  # pylint: disable=g-import-not-at-top
+  logger = logging.getLogger("absl")
+  for f in [f for f in logger.filters if isinstance(f, QuietLibraryInfo)]:
+    logger.removeFilter(f)
+  if enabled:
+    logger.addFilter(QuietLibraryInfo())
 
 
 def fail(prog: str, error: BaseException | str) -> typing.NoReturn:
@@ -49,13 +79,58 @@ def _loaded(names: Sequence[str]) -> tuple[type[BaseException], ...]:
   return tuple(out)
 
 
+def config_flag_error(argv: Sequence[str], error: BaseException) -> str:
+  """One line for an error ml_collections raised while parsing --config.* flags, naming the
+  flag (KeyError/AttributeError carry only the unknown field and a "did you mean")."""
+  while (isinstance(error, (KeyError, AttributeError)) and error.args
+         and isinstance(error.args[0], BaseException)):
+    error = error.args[0]  # AttributeError(KeyError(...)) for a nested field
+  if isinstance(error, (KeyError, AttributeError)) and error.args:
+    text = str(error.args[0])
+    field = text.split("\n", 1)[0].strip("'\"")
+    hint = " ".join(text.split("\n")[1:]).strip()
+    flag = next((a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")
+                 and f".{field}" in a.split("=", 1)[0]), None)
+    where = f"{flag}: " if flag else ""
+    return (f"{where}no config field {field!r}" + (f" ({hint})" if hint else "") +
+            "; the fields are listed in retro_jax/training/train_config.py")
+  return " ".join(str(error).split())
+
+
+def stage_url_flags(argv: list[str], outputs: Sequence[str] = ("output",),
+                    flag_values=flags.FLAGS) -> tuple[list[str], list[tuple[str, str]]]:
+  """Flags (and positional arguments) whose values are URLs (gs://, memory://: see
+  retro_jax/remote.py) are staged to local disk before the job runs: inputs copied in, and
+  the flags named in `outputs` given a local path (a copy of what is already there, so a
+  rerun resumes), to be copied out when the job ends.  Returns (argv, [(local, url)])."""
+  uploads = []
+  for name in list(flag_values):
+    value = flag_values[name].value
+    if isinstance(value, str) and remote.is_url(value):
+      if name in outputs:
+        local = remote.stage_in(value) if remote.exists(value) else remote.new_local(value)
+        uploads.append((local, value))
+      else:
+        local = remote.stage_in(value)
+      flag_values[name].value = local
+    elif isinstance(value, list) and any(isinstance(v, str) and remote.is_url(v)
+                                         for v in value):
+      flag_values[name].value = remote.stage_paths(value)
+  argv = [argv[0]] + remote.stage_paths(argv[1:]) if len(argv) > 1 else argv
+  return argv, uploads
+
+
 def run(main: Callable[[list[str]], Any], prog: str, errors: Sequence[str] = (),
-        positional: bool = False) -> None:
+        positional: bool = False,
+        rewrite_argv: Callable[[list[str]], list[str]] | None = None,
+        outputs: Sequence[str] = ("output",)) -> None:
   """Restarts with the malloc settings, parses flags, runs `main`, reports user errors.
 
   `errors`: the job's own user-facing error classes beyond ValueError and OSError, as
   "module.Class" names (e.g. the retrieval service's).  `positional`: `main` takes
-  positional arguments (argv[1:]); otherwise any is refused.
+  positional arguments (argv[1:]); otherwise any is refused.  `rewrite_argv`: applied to
+  argv before parsing (train: `--config=small` names a packaged config).  `outputs`: the
+  flags naming what the job writes (a URL there is written locally, then copied out).
   """
   try:
     host_malloc.tuned_environ(os.environ)  # a misspelt RETRO_JAX_MALLOC, in this format
@@ -66,15 +141,25 @@ def run(main: Callable[[list[str]], Any], prog: str, errors: Sequence[str] = (),
 
   def parse(argv: list[str]) -> list[str]:
     try:
+      if rewrite_argv is not None:
+        argv = rewrite_argv(argv)
       return flags.FLAGS(argv)
     except flags.Error as e:
       fail(prog, e)
+    except (KeyError, AttributeError, TypeError, ValueError, OSError) as e:
+      # ml_collections' config flags raise these for a missing file or a mistyped field.
+      fail(prog, config_flag_error(argv, e))
 
   def guarded(argv: list[str]) -> Any:
     if len(argv) > 1 and not positional:
       fail(prog, f"unexpected arguments: {argv[1:]}")
+    quiet_orbax(not _ORBAX_LOGS.value)
     try:
-      return main(argv)
+      argv, uploads = stage_url_flags(argv, outputs)
+      result = main(argv)
+      for local, url in uploads:
+        remote.stage_out(local, url)
+      return result
     except USER_ERRORS + (app.UsageError,) as e:
       fail(prog, e)
     except Exception as e:  # pylint: disable=broad-except

@@ -20,6 +20,10 @@ def every_third_from(start: int, num_layers: int, every: int = 3) -> tuple[int, 
 
 
 _DTYPES = ("float32", "bfloat16", "float16")
+POSITIONALS = ("xl", "rope", "learned_absolute")
+NORMS = ("rmsnorm", "layernorm")
+MLPS = ("gelu", "swiglu", "squared_relu")
+BIASES = ("none", "qkv", "all")
 ATTENTION_IMPLS = ("einsum", "sdpa_xla", "sdpa_cudnn", "auto")
 # jax.checkpoint_policies names offered for remat.
 REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
@@ -74,9 +78,29 @@ class RetroConfig:
   # be learned through encoder, CCA and unembedding.
   copy_head: bool = False
 
+  # --- Decoder family (defaults: the paper's decoder; see tests/test_families.py) -----------
+  # Positions of the decoder self-attention: "xl" (Transformer-XL relative, the paper),
+  # "rope" (rotary, Llama's rotate-half layout) or "learned_absolute" (GPT-2's table added
+  # to the token embedding).  The encoder and CCA keep their relative positions.
+  positional: str = "xl"
+  rope_base: float = 10_000.0          # rope: wavelength base (Llama 1e4, SmolLM2 1e5).
+  # rope: fraction of each head's dimensions rotated (the first ones; Megatron's
+  # rotary_percent, HF's partial_rotary_factor); the rest pass unchanged.
+  rope_fraction: float = 1.0
+  max_len: int = 2048                  # learned_absolute: positions in the table.
+  norm: str = "rmsnorm"                # "rmsnorm" | "layernorm" (every norm of the model).
+  # Norm weights stored as w - 1 and applied as 1 + w (Megatron's layernorm-1p): weight
+  # decay pulls them to 1, not 0.
+  norm_zero_centered: bool = False
+  mlp: str = "gelu"                    # "gelu" (tanh approx.) | "swiglu" | "squared_relu".
+  num_kv_heads: int = 0                # grouped-query attention: key/value heads (0 = num_heads).
+  tie_embeddings: bool = False         # the unembedding is the token embedding transposed.
+  # Linear biases: "none" (paper, Llama), "qkv" (query/key/value only, Qwen2), "all" (also
+  # the attention output and MLP: GPT-2, Megatron).  Not with positional "xl".
+  bias: str = "none"
+
   # --- Numerics and memory -------------------------------------------------------------------
-  positional: str = "xl"               # "xl": Transformer-XL relative positions (paper).
-  norm_eps: float = 1e-6               # RMSNorm epsilon.
+  norm_eps: float = 1e-6               # norm epsilon.
   dtype: str = "float32"               # compute dtype; parameters are always float32.
   remat: bool = False                  # rematerialise each block in the backward pass.
   init_std: float = 0.02               # stddev of the truncated-normal weight init.
@@ -160,8 +184,7 @@ class RetroConfig:
     if self.scan_layers and len(steps) > 1:
       raise ConfigError(f"scan_layers needs evenly spaced cca_layers (one scanned period), "
                         f"got {self.cca_layers}")
-    if self.positional not in ("xl",):
-      raise ConfigError(f"positional must be 'xl', got {self.positional!r}")
+    self._check_family()
     if self.dtype not in _DTYPES:
       raise ConfigError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
     if not self.norm_eps > 0:
@@ -173,7 +196,48 @@ class RetroConfig:
         raise ConfigError(f"{name} must be even (sinusoidal position features), got "
                           f"{getattr(self, name)}")
 
+  def _check_family(self):
+    def one_of(name, values):
+      if getattr(self, name) not in values:
+        raise ConfigError(f"{name} must be one of {values}, got {getattr(self, name)!r}")
+
+    one_of("positional", POSITIONALS)
+    one_of("norm", NORMS)
+    one_of("mlp", MLPS)
+    one_of("bias", BIASES)
+    for name in ("norm_zero_centered", "tie_embeddings"):
+      if not isinstance(getattr(self, name), bool):
+        raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+    if not self.rope_base > 1:
+      raise ConfigError(f"rope_base must be > 1, got {self.rope_base}")
+    if not 0 < self.rope_fraction <= 1:
+      raise ConfigError(f"rope_fraction must be in (0, 1], got {self.rope_fraction}")
+    if self.positional == "rope" and (self.rotary_dim < 2 or self.rotary_dim % 2):
+      raise ConfigError(f"rope rotates int(head_dim * rope_fraction) = {self.rotary_dim} "
+                        f"dimensions per head: it must be even and >= 2")
+    if not isinstance(self.max_len, int) or isinstance(self.max_len, bool) or self.max_len < 1:
+      raise ConfigError(f"max_len must be a positive integer, got {self.max_len!r}")
+    kv = self.num_kv_heads
+    if not isinstance(kv, int) or isinstance(kv, bool) or kv < 0:
+      raise ConfigError(f"num_kv_heads must be an integer >= 0 (0 = num_heads), got {kv!r}")
+    if self.num_heads % self.kv_heads:
+      raise ConfigError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads="
+                        f"{self.kv_heads}")
+    if self.positional == "xl" and (self.kv_heads != self.num_heads or self.bias != "none"):
+      raise ConfigError("positional='xl' supports neither num_kv_heads < num_heads nor "
+                        "linear biases; use positional='rope' or 'learned_absolute'")
+
   # --- Derived quantities --------------------------------------------------------------------
+  @property
+  def kv_heads(self) -> int:
+    """Key/value heads of the decoder self-attention."""
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def rotary_dim(self) -> int:
+    """rope: dimensions of each head that are rotated."""
+    return int(self.head_dim * self.rope_fraction)
+
   @property
   def uses_retrieval(self) -> bool:
     return bool(self.cca_layers)
@@ -215,7 +279,9 @@ class RetroConfig:
 
 
 _LATER_FIELDS = dict(attention_impl="einsum", low_precision_grads=True, scan_layers=False,
-                     remat_policy="nothing_saveable")
+                     remat_policy="nothing_saveable", rope_base=10_000.0, rope_fraction=1.0,
+                     max_len=2048, norm="rmsnorm", norm_zero_centered=False, mlp="gelu",
+                     num_kv_heads=0, tie_embeddings=False, bias="none")
 
 
 # --- Presets ------------------------------------------------------------------------------
@@ -246,6 +312,10 @@ _TINY = dict(vocab_size=128, chunk_size=8, num_neighbors=2, emb_dim=32, num_laye
              enc_num_layers=2, enc_num_heads=2, enc_head_dim=12, enc_mlp_dim=48)
 PRESETS["tiny"] = _TINY
 PRESETS["tiny-baseline"] = dict(_TINY, cca_layers=())
+# `tiny` with a Llama-family decoder (rotary positions, SwiGLU, grouped-query attention with
+# 2 key/value heads, tied embeddings): the property tests run on both families.
+PRESETS["tiny-llama"] = dict(_TINY, positional="rope", mlp="swiglu", num_kv_heads=2,
+                             tie_embeddings=True, norm_eps=1e-5)
 # ~10M non-embedding parameters: the quickstart's model, trainable in minutes on 2 cores.
 _SMALL = dict(vocab_size=4096, chunk_size=32, num_neighbors=2, emb_dim=256, num_layers=6,
               num_heads=4, head_dim=64, mlp_dim=1024, cca_layers=(3, 6), enc_emb_dim=256,

@@ -331,7 +331,7 @@ def check_workdir(path: str) -> list[Finding]:
       def restore(step=step):
         try:
           configs[step] = ckpt.restore_config(step)
-          meta = ckpt.manager.item_metadata(step)["state"]
+          meta = ckpt.item_metadata(step)["state"]
           cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
           target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu),
                                 meta)

@@ -15,6 +15,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import sys
 import sysconfig
 from typing import Sequence
 
@@ -314,6 +315,10 @@ def check_workdir_data(workdir: str, settings: dict) -> None:
   path = os.path.join(workdir, "data_settings.json")
   if os.path.exists(path):
     old = fileio.read_json(path)
+    if "corpus_version" not in old and "corpus_version" in settings:
+      # Workdirs from before the version was recorded: this run's is recorded, not compared.
+      old["corpus_version"] = settings["corpus_version"]
+      fileio.atomic_write_json(path, old)
     changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
     if changed:
       what = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in changed)
@@ -338,6 +343,16 @@ def corpus_source(config: QuickstartConfig) -> tuple[str, tuple[str, ...], str]:
   return root, tuple(config.suffixes or suffixes), config.split_by or split_by
 
 
+def corpus_version(config: QuickstartConfig) -> str:
+  """Which text the corpus is: the held-out set depends on the installed version."""
+  if config.corpus_root:
+    return f"directory {os.path.abspath(config.corpus_root)}"
+  if config.corpus == "transformers":
+    import transformers  # pylint: disable=g-import-not-at-top
+    return f"transformers {transformers.__version__} (modeling_*.py)"
+  return f"Python {sys.version.split()[0]} standard library"
+
+
 def quickstart(config: QuickstartConfig) -> dict:
   """Everything the quickstart does (see retro_jax/quickstart.py); returns the table, the
   results per model and the artefacts' paths."""
@@ -357,7 +372,7 @@ def quickstart(config: QuickstartConfig) -> dict:
       twin_eval=bool(config.twin_eval), eval_percent=config.eval_percent, scale=scale,
       train_bytes=config.train_bytes, eval_bytes=config.eval_bytes, seed=seed,
       vocab_size=config.vocab_size,
-      chunk_size=model.chunk_size, bert=bert))
+      chunk_size=model.chunk_size, bert=bert, corpus_version=corpus_version(config)))
   steps = max(1, int(round(config.steps * scale)))
   stage = lambda name: logging.info("=== quickstart: %s ===", name)
 
@@ -399,5 +414,9 @@ def quickstart(config: QuickstartConfig) -> dict:
                "baseline run": runs["baseline"],
                "held-out bits/byte curves": plot_curves(
                    runs, os.path.join(workdir, "bpb_curves.png"))}
-  fileio.atomic_write_bytes(os.path.join(workdir, "summary.txt"), (table + "\n").encode())
-  return dict(table=table, results=results, artifacts=artifacts)
+  recorded = fileio.read_json(os.path.join(workdir, "data_settings.json"))["corpus_version"]
+  corpus_line = (f"corpus: {recorded}; {split.num_train} files in the database, "
+                 f"{split.num_eval} held out")
+  fileio.atomic_write_bytes(os.path.join(workdir, "summary.txt"),
+                            (corpus_line + "\n" + table + "\n").encode())
+  return dict(table=table, results=results, artifacts=artifacts, corpus=corpus_line)

@@ -20,7 +20,6 @@ Every stage resumes: run the command again after a kill and finished stages are 
 from __future__ import annotations
 
 import json
-import logging as pylogging
 import os
 import time
 
@@ -32,20 +31,13 @@ from retro_jax import quickstart_config
 _CONFIG = _cli.define_flags(quickstart_config.QuickstartConfig)
 
 
-class _QuietLibraries(pylogging.Filter):
-  """Keeps orbax's per-checkpoint INFO chatter out of the quickstart's progress log."""
-
-  def filter(self, record):
-    return record.levelno >= pylogging.WARNING or "orbax" not in record.pathname
-
-
 def main(argv):
   del argv
-  logging.get_absl_handler().addFilter(_QuietLibraries())
   config, start = _CONFIG(), time.time()
   from retro_jax import pipeline  # pylint: disable=g-import-not-at-top  (after the malloc restart)
   summary = pipeline.quickstart(config)
   print()
+  print(summary["corpus"])
   print(summary["table"])
   print()
   print(f"wall time {time.time() - start:.0f} s; artifacts in {os.path.abspath(config.workdir)}")

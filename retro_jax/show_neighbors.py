@@ -21,8 +21,8 @@ from absl import flags
 import numpy as np
 
 from retro_jax import _cli
+from retro_jax.retrieval.db import access
 from retro_jax.retrieval.db import retriever as retriever_lib
-from retro_jax.retrieval.db import sharded
 from retro_jax.retrieval.store import neighbors as neighbors_lib
 
 _DB = flags.DEFINE_string("db", None, "Database directory.", required=True)
@@ -52,7 +52,7 @@ def show(db_dir: str, chunk_id: int | None = None, text: str | None = None, k: i
   """Returns the report as a string (the CLI prints it)."""
   if (chunk_id is None) == (text is None):
     raise ValueError("give exactly one of --chunk_id or --text")
-  db = sharded.open_database(db_dir)
+  db = access.open_database(db_dir)
   store, m = db.store, db.chunk_size
   tok = db.tokenizer
   keys = store.doc_keys

@@ -1,8 +1,12 @@
 r"""Train RETRO (or its retrieval-free baseline, or RETRO-fit a baseline).
 
-  python -m retro_jax.train --config=experiments/configs/small.py --workdir=runs/small \
+  retro-train --config=quickstart --workdir=runs/retro \
       --config.data.db_dir=DB --config.data.neighbors_dir=NEIGHBORS \
       [--config.model.num_layers=4 --config.retrieval=False ...]
+
+(`python -m retro_jax.train` is the same command.)  --config is a packaged config's name
+(quickstart, quickstart_baseline, small, small_baseline, tiny, retro_172m, ...: see
+retro_jax/configs/) or a path to your own config file.
 
 Every field of the config file can be overridden with --config.FIELD=VALUE (see
 retro_jax/training/train_config.py for the list).  Re-running the same command with the same
@@ -17,6 +21,8 @@ from absl import logging
 from ml_collections import config_flags
 
 from retro_jax import _cli
+from retro_jax import configs
+from retro_jax import remote
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
                                           lock_config=True)
@@ -39,7 +45,14 @@ _ERRORS = ["retro_jax.training.trainer.TrainingDiverged",
 def main(argv):
   del argv
   from retro_jax.training import trainer  # pylint: disable=g-import-not-at-top  (after the malloc restart)
-  summary = trainer.run(_CONFIG.value, _WORKDIR.value, coordinator_address=_COORDINATOR.value,
+  cfg = _CONFIG.value
+  for key in ("db_dir", "train_chunks_dir", "neighbors_dir", "eval_chunks_dir",
+              "eval_neighbors_dir"):  # URLs staged to local disk (retro_jax/remote.py)
+    if remote.is_url(cfg.data[key]):
+      cfg.data[key] = remote.stage_in(cfg.data[key])
+  if remote.is_url(cfg.retrofit.checkpoint):
+    cfg.retrofit.checkpoint = remote.stage_in(cfg.retrofit.checkpoint)
+  summary = trainer.run(cfg, _WORKDIR.value, coordinator_address=_COORDINATOR.value,
                         num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
                         check_contents=not _SKIP_CONTENT_CHECK.value)
   logging.info("finished at step %d%s", summary["step"],
@@ -47,4 +60,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _cli.run(main, "train", errors=_ERRORS)
+  _cli.run(main, "train", errors=_ERRORS, rewrite_argv=configs.rewrite_argv,
+           outputs=("workdir",))

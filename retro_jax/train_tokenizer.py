@@ -23,6 +23,8 @@ _VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 32000, "Pieces in the vocabular
 _MODEL_TYPE = flags.DEFINE_enum("model_type", "unigram", ["unigram", "bpe"],
                                 "SentencePiece model type.")
 _TEXT_FIELD = flags.DEFINE_string("text_field", "text", "JSON Lines key / datasets column.")
+_SPLIT = flags.DEFINE_string("split", None, "The split of a datasets DatasetDict to read "
+                             "(required when it has several).")
 _INPUT_SENTENCE_SIZE = flags.DEFINE_integer(
     "input_sentence_size", 2_000_000, "Sample at most this many training sentences.")
 _MAX_DOCUMENTS = flags.DEFINE_integer("max_documents", 0,
@@ -36,7 +38,8 @@ _VIA_FILE = flags.DEFINE_bool("via_file", False,
 
 def main(argv):
   del argv
-  docs = corpus_lib.iter_documents(_CORPUS.value, _TEXT_FIELD.value)
+  corpus_lib.check_split(_CORPUS.value, _SPLIT.value)  # before reading anything
+  docs = corpus_lib.iter_documents(_CORPUS.value, _TEXT_FIELD.value, split=_SPLIT.value)
   texts = corpus_lib.texts(docs)
   if _MAX_DOCUMENTS.value:
     texts = (t for _, t in zip(range(_MAX_DOCUMENTS.value), texts))

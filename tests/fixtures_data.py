@@ -179,9 +179,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(name: str):
-  """experiments/configs/<name>.py's get_config(), loaded by path (as config_flags does)."""
+  """retro_jax/configs/<name>.py's get_config(), loaded by path (as config_flags does)."""
   import importlib.util  # pylint: disable=g-import-not-at-top
-  path = os.path.join(ROOT, "experiments", "configs", name + ".py")
+  path = os.path.join(ROOT, "retro_jax", "configs", name + ".py")
   spec = importlib.util.spec_from_file_location(f"_config_{name}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -189,7 +189,7 @@ def load_config(name: str):
 
 
 def tiny_config(paths: dict[str, str], **changes):
-  """experiments/configs/tiny.py pointed at the fixture data, vocabulary 260.
+  """retro_jax/configs/tiny.py pointed at the fixture data, vocabulary 260.
 
   The decoder is cut to 2 layers (both with CCA) and the encoder to 1: XLA:CPU compile time
   dominates these tests and grows with depth, while the training machinery does not care.

@@ -15,6 +15,7 @@ import pytest
 from retro_jax import fileio
 from retro_jax import integrity
 from retro_jax.evaluation import sources
+from retro_jax.retrieval.db import access
 from retro_jax.retrieval.db import sharded
 from retro_jax.retrieval.jobs import edit as edit_db
 from test_build_db import write_corpus  # pylint: disable=g-bad-import-order
@@ -43,7 +44,7 @@ def test_non_utf8_shards_file_is_named(dbs, tmp_path):  # pylint: disable=redefi
   with open(where, "wb") as f:
     f.write(data.replace(b"shard-00001", b"shard-\xff\xfe001", 1))
   with pytest.raises(fileio.ManifestError) as e:
-    sharded.open_database(db)
+    access.open_database(db)
   assert where in str(e.value) and "UTF-8" in str(e.value) and "\n" not in str(e.value)
   bad = [f for f in integrity.check(db)[1] if not f.ok]
   assert bad and bad[0].path == where
@@ -59,7 +60,7 @@ def test_shard_names_cannot_leave_the_database(dbs, tmp_path, name):  # pylint: 
     man["shards"][1]["name"] = name
   where = _edit_shards(db, edit)
   with pytest.raises(fileio.ManifestError) as e:
-    sharded.open_database(db)
+    access.open_database(db)
   assert where in str(e.value) and "plain directory name" in str(e.value)
   findings = integrity.check(db)[1]
   assert all(os.path.abspath(f.path).startswith(db + os.sep) for f in findings), findings
@@ -70,13 +71,13 @@ def test_shard_names_cannot_leave_the_database(dbs, tmp_path, name):  # pylint: 
 
 def test_dropped_documents_out_of_range_fail_open_and_verify(dbs, tmp_path):  # pylint: disable=redefined-outer-name
   db = _copy(dbs, tmp_path)
-  num_docs = sharded.open_database(db).store.num_documents
+  num_docs = access.open_database(db).store.num_documents
 
   def edit(man):
     man["dropped_documents"] = [1, num_docs + 5]
   where = _edit_shards(db, edit)
   with pytest.raises(fileio.ManifestError) as e:
-    sharded.open_database(db)
+    access.open_database(db)
   assert where in str(e.value) and str(num_docs + 5) in str(e.value)
   bad = [f for f in integrity.check(db)[1] if not f.ok]
   assert [f.path for f in bad] == [where], bad
@@ -98,7 +99,7 @@ def test_failed_add_leaves_nothing_and_a_finished_add_is_not_repeated(dbs, tmp_p
   again = edit_db.add_shard(db, corpus)  # the same command rerun: nothing added
   assert again["shards"] == first["shards"]
   assert sorted(os.listdir(db)) == sorted(before + ["shard-00003"])
-  assert sharded.open_database(db).store.num_documents == first["num_documents"]
+  assert access.open_database(db).store.num_documents == first["num_documents"]
 
 
 def test_verify_names_a_missing_tokenizer_copy(tmp_path):

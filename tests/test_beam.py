@@ -19,6 +19,7 @@ import pytest
 from fixtures_data import stdlib_texts  # pylint: disable=g-bad-import-order
 from retro_jax import fileio as manifest_lib
 from retro_jax import integrity
+from retro_jax.retrieval.db import access
 from retro_jax.retrieval.db import database as database_lib
 from retro_jax.retrieval.db import sharded
 from retro_jax.retrieval.jobs import beam as beam_lib
@@ -62,7 +63,7 @@ def built(tmp_path_factory):
 
 def test_shards_concatenate_to_the_in_process_database(built):
   ref = database_lib.Database.open(built["ref"])
-  db = sharded.open_database(built["beam"])
+  db = access.open_database(built["beam"])
   man = manifest_lib.read_json(os.path.join(built["beam"], sharded.SHARDS_FILE))
   assert [s["name"] for s in man["shards"]] == ["shard-00000", "shard-00001", "shard-00002"]
   assert built["stats"]["shards_built"] == 3
@@ -132,7 +133,7 @@ def test_neighbors_equal_the_in_process_precompute(built, tmp_path):
   doc = np.asarray(database_lib.Database.open(built["ref"]).store.doc_ids)
   assert (doc[ids[ids >= 0]] != np.broadcast_to(doc[:, None], ids.shape)[ids >= 0]).all()
   # The trainer's loader takes the sharded layout unchanged, rows gathered across shards.
-  store = sharded.open_database(built["beam"]).store
+  store = access.open_database(built["beam"]).store
   loaded = data_lib.open_neighbors(out, store, db_dir=built["beam"])
   rows = np.array([0, len(ids) - 1, len(ids) // 2])
   np.testing.assert_array_equal(loaded.ids[rows, :2], ids[rows, :2])

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from retro_jax import fileio as manifest_lib
+from retro_jax import provenance
 from retro_jax.retrieval.db import database as database_lib
 from retro_jax.retrieval.embed import hashing as hashing_lib
 from retro_jax.retrieval.jobs import build as build_lib
@@ -140,11 +141,12 @@ def test_database_refuses_foreign_chunk_store_and_chunk_size(tmp_path):
   man_path = os.path.join(db_dir, "manifest.json")
   man = manifest_lib.read_json(man_path)
   with pytest.raises(manifest_lib.ManifestMismatchError, match="chunk size"):
-    database_lib.check_database(man, chunk_size=64)
-  database_lib.check_database(man, chunk_size=16, tokenizer=man["tokenizer"])
+    provenance.check(man, provenance.Expected(chunk_size=64), "the database")
+  provenance.check(man, provenance.Expected(chunk_size=16, tokenizer=man["tokenizer"]),
+                   "the database")
   other_tok = dict(man["tokenizer"], sha256="0" * 64)
   with pytest.raises(manifest_lib.ManifestMismatchError, match="tokenizer"):
-    database_lib.check_database(man, tokenizer=other_tok)
+    provenance.check(man, provenance.Expected(tokenizer=other_tok), "the database")
   man["chunk_store"]["manifest_hash"] = "f" * 64
   manifest_lib.atomic_write_json(man_path, man)
   with pytest.raises(manifest_lib.ManifestMismatchError) as e:
@@ -175,6 +177,40 @@ def test_soar_with_squared_l2_is_refused_before_any_work(tmp_path):
   with pytest.raises(build_lib.BuildError, match="soar.*dot_product"):
     make_db(tmp_path, distance="squared_l2", soar=True, index_mode="tree_ah")
   assert not os.path.exists(os.path.join(tmp_path, "db"))
+
+
+def test_what_can_be_refused_is_refused_before_any_work(tmp_path):
+  """A missing embedder checkpoint, a DatasetDict without --split, an --output holding
+  another build: one error naming the fix, and nothing written."""
+  tok = make_tokenizer(str(tmp_path / "tok"))
+  corpus = write_corpus(str(tmp_path / "corpus"), 3)
+  out = str(tmp_path / "db")
+  with pytest.raises(build_lib.BuildError, match="not a BERT checkpoint directory"):
+    build_lib.build_database(corpus, tok, out, bert=str(tmp_path / "no_bert"))
+  assert not os.path.exists(out)
+  build_lib.build_database(corpus, tok, out, chunk_size=16, bert="hashing:16")
+  with pytest.raises(build_lib.BuildError,
+                     match="chunk size 16, not --chunk_size=32: delete it or choose another "
+                           "--output"):
+    build_lib.build_database(corpus, tok, out, chunk_size=32, bert="hashing:16")
+  (tmp_path / "notes").mkdir()
+  (tmp_path / "notes" / "mine.txt").write_text("x")
+  with pytest.raises(build_lib.BuildError, match="holds no database: delete it or choose"):
+    build_lib.build_database(corpus, tok, str(tmp_path / "notes"), bert="hashing:16")
+  datasets = pytest.importorskip("datasets", reason="optional extra retro_jax[datasets]")
+  texts = [open(os.path.join(corpus, f), encoding="utf-8").read()
+           for f in sorted(os.listdir(corpus))]
+  dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": texts[:2]}),
+                             "test": datasets.Dataset.from_dict({"text": texts[2:]})})
+  dd.save_to_disk(str(tmp_path / "hf"))
+  hf_out = str(tmp_path / "hf_db")
+  with pytest.raises(ValueError, match=r"splits \['test', 'train'\]: choose one with "
+                                       r"--split \(e.g. --split=train"):
+    build_lib.build_database(str(tmp_path / "hf"), tok, hf_out, bert="hashing:16")
+  assert not os.path.exists(hf_out)
+  man = build_lib.build_database(str(tmp_path / "hf"), tok, hf_out, bert="hashing:16",
+                                 split="train", chunk_size=16)
+  assert man["num_documents"] == 2
 
 
 def test_subset_database_copies_rows_and_nests(tmp_path):

@@ -7,6 +7,7 @@ import sysconfig
 import numpy as np
 import pytest
 
+from retro_jax import provenance
 from retro_jax.fileio import ManifestError
 from retro_jax.fileio import ManifestMismatchError
 from retro_jax.retrieval.store import chunk_store as cs
@@ -215,13 +216,13 @@ def test_open_rejects_corrupt_or_mismatched(store, tok, tmp_path):
 
 def test_check_compatible_names_both_sides(store, tok):
   other_tok = dict(tok.identity(), sha256="0" * 64, file_name="other.model")
-  cs.check_compatible(store.manifest, {"chunk_size": M, "tokenizer": tok.identity()})
+  provenance.check_compatible(store.manifest, {"chunk_size": M, "tokenizer": tok.identity()})
   with pytest.raises(ManifestMismatchError,
                      match=r"tokenizer mismatch: database uses .*lm.model.* but query set "
                            r"uses .*other.model"):
-    cs.check_compatible(store.manifest, {"tokenizer": other_tok}, ("database", "query set"))
+    provenance.check_compatible(store.manifest, {"tokenizer": other_tok}, ("database", "query set"))
   with pytest.raises(ManifestMismatchError, match="database has chunk_size=8 but model has"):
-    cs.check_compatible(store.manifest, {"chunk_size": 64}, "database vs model")
+    provenance.check_compatible(store.manifest, {"chunk_size": 64}, "database vs model")
   with pytest.raises(ManifestMismatchError, match="tokenizer mismatch"):
     cs.ChunkStore.open(store.path, tokenizer=other_tok)
 

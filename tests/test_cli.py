@@ -1,6 +1,7 @@
 """Every job's command line ends a bad flag value the same way: exit status 1 and one line,
 `<prog>: error: <message>`, before any work (and before JAX is imported)."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -34,6 +35,14 @@ CASES = [
     ("retro_jax.edit_db", "edit_db", ["add", "--db=d"], "--corpus"),
     ("retro_jax.train", "train", ["--config=experiments/configs/tiny.py", "--workdir=w",
                                   "--config.seq_len=abc"], "--config.seq_len"),
+    ("retro_jax.chunk_store", "chunk_store", ["--corpus=c", "--output=o"], "give --db=DB"),
+    # ml_collections' own errors: a mistyped field, a missing config file.
+    ("retro_jax.train", "train", ["--config=tiny", "--workdir=w",
+                                  "--config.modle.chunk_size=64"], "--config.modle.chunk_size"),
+    ("retro_jax.train", "train", ["--config=tiny", "--workdir=w",
+                                  "--config.model.chunk_siz=64"], 'Did you mean "chunk_size"'),
+    ("retro_jax.train", "train", ["--config=no/such/config.py", "--workdir=w"],
+     "one of: quickstart"),
 ]
 
 
@@ -49,6 +58,38 @@ def test_a_bad_flag_value_is_one_line_and_status_1(module, prog, args, names):
   assert proc.returncode == 1, proc.stderr
   assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), proc.stderr
   assert names in lines[0]
+
+
+def test_packaged_configs_load_by_name_and_by_repository_path_from_any_directory(tmp_path):
+  """Outside the repository, --config=small and --config=retro_jax/configs/small.py both
+  find the installed file (the run then stops at the missing data, in one line)."""
+  for value in ("small", "retro_jax/configs/small.py", "quickstart.py"):
+    proc = subprocess.run([sys.executable, "-m", "retro_jax.train", f"--config={value}",
+                           "--workdir=w"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, check=False, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "train: error: data.db_dir (or data.train_chunks_dir) must name the training data"]
+
+
+def test_config_resolution(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # as outside the repository
+  from retro_jax import configs  # pylint: disable=g-import-not-at-top
+  packaged = os.path.join(configs.DIRECTORY, "small.py")
+  assert configs.resolve("small") == packaged
+  assert configs.resolve("retro_jax/configs/small.py:x") == packaged + ":x"
+  own = os.path.join(ROOT, "experiments", "configs", "small.py")
+  assert configs.resolve(own) == own  # an existing file is taken as given
+  with pytest.raises(ValueError, match="one of: quickstart, quickstart_baseline"):
+    configs.resolve("elsewhere/small.py")  # not a packaged path: never silently swapped
+  assert configs.rewrite_argv(["p", "--config", "tiny", "--x=1"]) == [
+      "p", "--config", os.path.join(configs.DIRECTORY, "tiny.py"), "--x=1"]
+  # experiments/configs/ keeps working and gives the packaged config.
+  import fixtures_data  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("_old_small", own)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  assert module.get_config().to_dict() == fixtures_data.load_config("small").to_dict()
 
 
 def test_a_misspelt_malloc_setting_gets_the_same_format():
@@ -124,3 +165,20 @@ def test_flags_reach_nested_fields_and_the_old_name_is_an_alias():
                                         "--index_mode=tree_ah", "--nospherical_tree",
                                         "--reorder=50"])
   assert (b.index.mode, b.index.spherical, b.index.reorder) == ("tree_ah", False, 50)
+
+
+def test_orbax_info_is_quiet_by_default_and_its_warnings_pass():
+  import logging  # pylint: disable=g-import-not-at-top
+  from retro_jax import _cli  # pylint: disable=g-import-not-at-top
+  quiet = _cli.QuietLibraryInfo()
+  rec = lambda level, path: logging.LogRecord("absl", level, path, 1, "m", (), None)
+  orbax_file = os.path.join("site-packages", "orbax", "checkpoint", "checkpoint_manager.py")
+  assert not quiet.filter(rec(logging.INFO, orbax_file))
+  assert quiet.filter(rec(logging.WARNING, orbax_file))
+  assert quiet.filter(rec(logging.INFO, os.path.join("retro_jax", "training", "trainer.py")))
+  logger = logging.getLogger("absl")
+  _cli.quiet_orbax(True)
+  _cli.quiet_orbax(True)  # installed once
+  assert sum(isinstance(f, _cli.QuietLibraryInfo) for f in logger.filters) == 1
+  _cli.quiet_orbax(False)  # --orbax_logs
+  assert not any(isinstance(f, _cli.QuietLibraryInfo) for f in logger.filters)

@@ -41,3 +41,4 @@ def test_retro_copies_held_out_documents_whose_twins_are_in_the_database(tmp_pat
   # The gain is the neighbors': without them the same model is no better than the baseline.
   assert off > 0.9 * base, (off, base)
   assert "RETRO, k=2" in summary["table"] and "r(C) 0.5-1" in summary["table"]
+  assert summary["corpus"].startswith(f"corpus: directory {os.path.abspath(root)};")

@@ -88,15 +88,25 @@ def test_hf_datasets_directory(tmp_path):
       "test": datasets.Dataset.from_dict({"content": ["three"]})})
   dd.save_to_disk(str(tmp_path / "hf"))
   assert corpus.is_hf_dataset_dir(str(tmp_path / "hf"))
+  # Several splits and none chosen: refused, naming them (the test split would otherwise
+  # land in the database), before any document is read.
+  for attempt in (lambda: corpus.Corpus(str(tmp_path / "hf"), "content"),
+                  lambda: list(corpus.iter_documents(str(tmp_path / "hf"), "content"))):
+    with pytest.raises(corpus.CorpusError, match=r"splits \['test', 'train'\]: choose one "
+                       r"with --split"):
+      attempt()
+  with pytest.raises(corpus.CorpusError, match=r"--split=dev: .* has the splits"):
+    corpus.Corpus(str(tmp_path / "hf"), "content", split="dev")
   stats = corpus.CorpusStats()
-  docs = list(corpus.iter_documents(str(tmp_path / "hf"), text_field="content", stats=stats))
-  assert [d.text for d in docs] == ["three", "one", "two"]  # splits sorted by name
-  assert docs[2].key.endswith("[train]:2")
-  assert dict(stats.skipped) == {corpus.WHITESPACE: 1}
-  only = list(corpus.iter_documents(str(tmp_path / "hf"), "content", split="train"))
+  only = list(corpus.iter_documents(str(tmp_path / "hf"), "content", split="train",
+                                    stats=stats))
   assert [d.text for d in only] == ["one", "two"]
+  assert only[1].key.endswith("[train]:2")
+  assert dict(stats.skipped) == {corpus.WHITESPACE: 1}
+  assert [d.text for d in corpus.Corpus(str(tmp_path / "hf"), "content", split="test")] == [
+      "three"]
   with pytest.raises(corpus.CorpusError, match="Column 'text' not in"):
-    list(corpus.iter_documents(str(tmp_path / "hf")))
+    list(corpus.iter_documents(str(tmp_path / "hf"), split="train"))
 
 
 def test_hf_directory_without_datasets_says_how_to_install(tmp_path, monkeypatch):

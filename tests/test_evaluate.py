@@ -312,7 +312,7 @@ def test_live_service_and_precomputed_retrieval_give_the_same_report(world, tmp_
 def test_a_sharded_database_gives_the_whole_ones_report(tmp_path):
   """Evaluation reads a sharded database (live retrieval over every shard, and neighbors
   precomputed on it) as it reads the same corpus built whole."""
-  from retro_jax.retrieval.db import sharded  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval.db import access
   from retro_jax.retrieval.jobs import precompute as pn_lib  # pylint: disable=g-import-not-at-top
   from retro_jax.retrieval.store import chunk_store as chunk_store_lib  # pylint: disable=g-import-not-at-top
   from retro_jax.retrieval.store import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
@@ -325,7 +325,7 @@ def test_a_sharded_database_gives_the_whole_ones_report(tmp_path):
   reports = [eval_lib.run_evaluation(workdir, corpus=corpus, db_dir=db, settings=settings)
              for db in (whole, sharded_dir)]
   store_dir, nb_dir = str(tmp_path / "eval_chunks"), str(tmp_path / "eval_neighbors")
-  tok = sharded.open_database(sharded_dir).tokenizer
+  tok = access.open_database(sharded_dir).tokenizer
   chunk_store_lib.build_chunk_store(corpus_lib.Corpus(corpus), tok, store_dir, M)
   pn_lib.precompute_neighbors(sharded_dir, nb_dir, k=10, query_store=store_dir)
   reports.append(eval_lib.run_evaluation(workdir, eval_chunks=store_dir, db_dir=sharded_dir,

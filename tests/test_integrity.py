@@ -24,6 +24,7 @@ from retro_jax import show_neighbors
 from retro_jax.evaluation import evaluate as eval_lib
 from retro_jax.evaluation import sources
 from retro_jax.generation import sampler
+from retro_jax.retrieval.db import access
 from retro_jax.retrieval.db import database as database_lib
 from retro_jax.retrieval.db import retriever as retriever_lib
 from retro_jax.retrieval.jobs import precompute as pn
@@ -248,7 +249,7 @@ def test_chunk_size_disagreement_is_refused_by_every_consumer(clean, tmp_path):
   before = tree_hash(db)
   consumers = {
       "shared open": lambda: database_lib.Database.open(db),
-      "train": lambda: database_lib.open_database_chunks(db),
+      "train": lambda: access.open_database(db, tokens_only=True),
       "serve": lambda: retriever_lib.Retriever.open(db),
       "show_neighbors": lambda: show_neighbors.show(db, chunk_id=0),
       "precompute": lambda: pn.precompute_neighbors(db, str(tmp_path / "nb"), k=2),

@@ -130,3 +130,18 @@ def test_a_rerun_with_other_data_settings_is_refused_not_mixed(tmp_path):
   pipeline.check_workdir_data(work, dict(settings))  # same settings: resumes
   with pytest.raises(pipeline.PipelineError, match=r"bert: 'hashing:4096' -> None"):
     pipeline.check_workdir_data(work, dict(settings, bert=None))
+
+
+def test_the_held_out_set_names_the_transformers_version_it_came_from(tmp_path):
+  import transformers  # pylint: disable=g-import-not-at-top
+  from retro_jax import quickstart_config  # pylint: disable=g-import-not-at-top
+  version = pipeline.corpus_version(quickstart_config.QuickstartConfig())
+  assert version == f"transformers {transformers.__version__} (modeling_*.py)"
+  # A workdir from before versions were recorded resumes, and records this one.
+  work = str(tmp_path / "w")
+  os.makedirs(work)
+  settings = dict(corpus_root="/a", bert=None)
+  pipeline.check_workdir_data(work, settings)
+  pipeline.check_workdir_data(work, dict(settings, corpus_version=version))
+  with pytest.raises(pipeline.PipelineError, match="corpus_version"):
+    pipeline.check_workdir_data(work, dict(settings, corpus_version="transformers 0.0"))

@@ -257,3 +257,32 @@ def test_damaged_chunk_store_answer_names_tokens_npy_and_the_fix(tmp_path, caplo
     assert client.health()["status"] == "ok"  # the server keeps serving
   finally:
     srv.stop()
+
+
+def test_each_request_is_logged_at_the_chosen_level(retriever, caplog):
+  import logging  # pylint: disable=g-import-not-at-top
+  import urllib.error  # pylint: disable=g-import-not-at-top
+  import urllib.request  # pylint: disable=g-import-not-at-top
+  for level, want in (("info", logging.INFO), ("debug", logging.DEBUG), ("off", None)):
+    srv = server_lib.RetrievalServer(retriever, "127.0.0.1", 0, config=server_lib.ServiceConfig(
+        log_requests=level)).start()
+    caplog.clear()
+    try:
+      with caplog.at_level(logging.DEBUG):
+        urllib.request.urlopen(srv.url + "/health", timeout=30).read()
+        body = json.dumps({"texts": ["def f(x):"], "k": 2}).encode()
+        urllib.request.urlopen(urllib.request.Request(srv.url + "/retrieve", data=body),
+                               timeout=60).read()
+        with pytest.raises(urllib.error.HTTPError):
+          urllib.request.urlopen(srv.url + "/nowhere", timeout=30)
+    finally:
+      srv.stop()
+    lines = [r for r in caplog.records if r.getMessage().startswith("RetrievalServer ")]
+    if want is None:
+      assert not lines
+      continue
+    got = [" ".join(r.getMessage().split()[1:4]) for r in lines]
+    assert got == ["GET /health 200", "POST /retrieve 200", "GET /nowhere 404"], got
+    assert all(r.levelno == want and " ms " in r.getMessage() for r in lines)
+  with pytest.raises(ValueError, match="log_requests"):
+    server_lib.ServiceConfig(log_requests="loud")

@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 
+from retro_jax.retrieval.db import access
 from retro_jax.retrieval.db import database as database_lib
 from retro_jax.retrieval.db import retriever as retriever_lib
 from retro_jax.retrieval.db import sharded
@@ -120,7 +121,7 @@ def test_router_answers_like_one_index_over_the_union(dbs):
   try:
     router = router_lib.RouterServer(db, shards.addresses, reload_interval=0).start()
     remote = client_lib.RemoteRetriever(router.url, timeout=60)
-    local = retriever_lib.Retriever.open(sharded.open_database(db))
+    local = retriever_lib.Retriever.open(access.open_database(db))
     ref = retriever_lib.Retriever.open(whole)
     queries, docs = _queries(local.store)
     for exclude in (None, docs):
@@ -182,7 +183,7 @@ def test_a_shard_that_is_down_is_named_or_left_out(dbs):
     strict = router_lib.RouterServer(db, shards.addresses, reload_interval=0).start()
     partial = router_lib.RouterServer(db, shards.addresses, reload_interval=0,
                                       allow_partial=True).start()
-    local = retriever_lib.Retriever.open(sharded.open_database(db))
+    local = retriever_lib.Retriever.open(access.open_database(db))
     queries, _ = _queries(local.store)
     down_url = shards.servers["shard-00001"].url
     shards.servers.pop("shard-00001").stop()
@@ -220,7 +221,7 @@ def test_a_shard_error_answer_reaches_the_client_as_its_one_line(dbs):
           max_search_k=2 if name == "shard-00001" else 4096)).start()
     router = router_lib.RouterServer(db, {n: s.url for n, s in servers.items()},
                                      reload_interval=0).start()
-    local = retriever_lib.Retriever.open(sharded.open_database(db))
+    local = retriever_lib.Retriever.open(access.open_database(db))
     queries, _ = _queries(local.store)
     with pytest.raises(client_lib.RetrievalServiceError) as e:
       client_lib.RemoteRetriever(router.url).retrieve_chunks(queries, 3)
@@ -281,7 +282,7 @@ def test_add_then_drop_updates_the_retriever_and_a_running_router(dbs, tmp_path)
     assert new_shard.manifest["index"]["settings"] == man["index"]["settings"]
     offset = man["shards"][-1]["chunk_offset"]
     new_doc = man["shards"][-1]["doc_offset"]
-    local = retriever_lib.Retriever.open(sharded.open_database(db))
+    local = retriever_lib.Retriever.open(access.open_database(db))
     assert int(local.retrieve_texts([NEW_TEXT], 3).ids[0, 0]) >= offset  # Rank 1.
     # The router cannot reload until the new shard's service is listed: it says so, and
     # keeps serving the two shards.
@@ -307,7 +308,7 @@ def test_add_then_drop_updates_the_retriever_and_a_running_router(dbs, tmp_path)
     # Drop the new document (by its file name): never retrieved again, here or there.
     man, dropped = edit_lib.drop_documents(db, doc_keys=["news.txt"])
     assert dropped == [new_doc] and man["dropped_documents"] == [new_doc]
-    local = retriever_lib.Retriever.open(sharded.open_database(db))
+    local = retriever_lib.Retriever.open(access.open_database(db))
     queries, _ = _queries(local.store, step=1)
     doc_ids = np.asarray(local.store.doc_ids)
     for r in (local, remote):
@@ -355,7 +356,7 @@ def test_serve_and_router_commands_on_loopback(dbs, tmp_path):
     procs.append(_start(["retro_jax.serve", f"--db={db}",
                          f"--shard_addresses={addr}", "--port=0"], "retrieval router on "))
     remote = client_lib.RemoteRetriever(_url(*procs[-1]), timeout=60)
-    local = retriever_lib.Retriever.open(sharded.open_database(db))
+    local = retriever_lib.Retriever.open(access.open_database(db))
     queries, docs = _queries(local.store, step=3)
     got = remote.retrieve_chunks(queries, 4, exclude_doc_ids=docs)
     want = local.retrieve_chunks(queries, 4, exclude_doc_ids=docs)
@@ -392,7 +393,7 @@ def test_edit_db_command(dbs, tmp_path):
   (new_docs / "news.txt").write_text(NEW_TEXT + "\n", encoding="utf-8")
   proc = run("add", f"--db={db}", f"--corpus={new_docs}")
   assert proc.returncode == 0 and "added shard-00001" in proc.stdout, proc.stderr
-  r = retriever_lib.Retriever.open(sharded.open_database(db))
+  r = retriever_lib.Retriever.open(access.open_database(db))
   offset = r.db.chunk_offsets[1]
   assert int(r.retrieve_texts([NEW_TEXT], 2).ids[0, 0]) >= offset
   for args, text in ((("drop", f"--db={db}", "--doc_key=missing.txt"), "'missing.txt' is not in"),
@@ -405,5 +406,5 @@ def test_edit_db_command(dbs, tmp_path):
     assert text in lines[0], lines
   proc = run("drop", f"--db={db}", "--doc_key=news.txt")
   assert proc.returncode == 0 and "dropped 1 documents" in proc.stdout, proc.stderr
-  r = retriever_lib.Retriever.open(sharded.open_database(db))
+  r = retriever_lib.Retriever.open(access.open_database(db))
   assert (r.retrieve_texts([NEW_TEXT], 2).ids < offset).all()

@@ -14,6 +14,7 @@ import urllib.request
 import numpy as np
 import pytest
 
+from retro_jax.retrieval.db import access
 from retro_jax.retrieval.db import retriever as retriever_lib
 from retro_jax.retrieval.db import sharded
 from retro_jax.retrieval.serve import client as client_lib
@@ -41,7 +42,7 @@ def test_a_service_replaced_on_a_shard_address_is_never_merged(dbs):  # pylint: 
     status, health = _health(strict.url)
     assert status == 200 and health["status"] == "ok"
     assert [s["state"] for s in health["shards"]] == ["ok", "ok"]
-    local = retriever_lib.Retriever.open(sharded.open_database(db))
+    local = retriever_lib.Retriever.open(access.open_database(db))
     queries, _ = _queries(local.store)
     before = client_lib.RemoteRetriever(strict.url).retrieve_chunks(queries, 3)
     # shard-00000's service goes; shard-00001's database is served on its address.

@@ -8,6 +8,7 @@ import pytest
 
 from retro_jax import fileio
 from retro_jax import integrity
+from retro_jax.retrieval.db import access
 from retro_jax.retrieval.db import database as database_lib
 from retro_jax.retrieval.db import retriever as retriever_lib
 from retro_jax.retrieval.db import sharded
@@ -75,7 +76,7 @@ def test_concat_rows_indexes_like_the_concatenated_array():
 def test_sharded_store_equals_the_whole_store(dbs):
   whole, sharded_dir = dbs
   a = database_lib.Database.open(whole).store
-  b = sharded.open_database(sharded_dir).store
+  b = access.open_database(sharded_dir).store
   assert len(sharded.ShardedDatabase.open(sharded_dir).shards) == 3
   assert (b.num_chunks, b.num_documents, b.chunk_size) == (
       a.num_chunks, a.num_documents, a.chunk_size)
@@ -89,14 +90,14 @@ def test_sharded_store_equals_the_whole_store(dbs):
   np.testing.assert_array_equal(b.neighbor_tokens(ids), a.neighbor_tokens(ids))
   np.testing.assert_array_equal(b.document_tokens(7), a.document_tokens(7))
   # DB/chunks of a sharded database opens as its sharded store (what training reads).
-  c = sharded.open_chunk_store(os.path.join(sharded_dir, "chunks"))
+  c = access.open_database(os.path.join(sharded_dir, "chunks"), tokens_only=True)
   assert c.manifest_hash == b.manifest_hash
 
 
 def test_sharded_search_equals_one_index_over_the_union(dbs):
   whole, sharded_dir = dbs
   ra = retriever_lib.Retriever.open(whole)
-  rb = retriever_lib.Retriever.open(sharded.open_database(sharded_dir))
+  rb = retriever_lib.Retriever.open(access.open_database(sharded_dir))
   assert isinstance(rb.db, sharded.ShardedDatabase)
   queries = np.asarray(ra.db.store.tokens[::7])
   docs = np.asarray(ra.db.store.doc_ids[::7]).astype(np.int64)
@@ -134,7 +135,7 @@ def test_precompute_on_sharded_equals_whole(dbs, tmp_path):
   np.testing.assert_allclose(1.0 - np.einsum("qd,qkd->qk", x, x[ids]), np.asarray(b.distances),
                              atol=1e-5)
   # Training opens the sharded database like a whole one: same windows, same neighbors.
-  store = sharded.open_chunk_store(os.path.join(sharded_dir, "chunks"))
+  store = access.open_database(os.path.join(sharded_dir, "chunks"), tokens_only=True)
   nb = data_lib.open_neighbors(str(tmp_path / "b"), query_store=store, db_dir=sharded_dir)
   assert nb.ids.shape == a.ids.shape
   whole_store = database_lib.Database.open(whole).store
@@ -155,7 +156,7 @@ def test_dropped_documents_are_never_retrieved(dbs, tmp_path):
   whole, sharded_dir = dbs
   edited = str(tmp_path / "edited")
   shutil.copytree(sharded_dir, edited)
-  r = retriever_lib.Retriever.open(sharded.open_database(edited))
+  r = retriever_lib.Retriever.open(access.open_database(edited))
   queries = np.asarray(r.db.store.tokens[::5])
   before = r.retrieve_chunks(queries, k=4)
   hit_docs = np.asarray(r.db.store.doc_ids)[before.ids[before.ids >= 0]]
@@ -165,7 +166,7 @@ def test_dropped_documents_are_never_retrieved(dbs, tmp_path):
                                                    edited, sharded.SHARDS_FILE))["shards"]],
                                       dropped_documents=drop)
   assert man["dropped_documents"] == drop
-  r2 = retriever_lib.Retriever.open(sharded.open_database(edited))
+  r2 = retriever_lib.Retriever.open(access.open_database(edited))
   after = r2.retrieve_chunks(queries, k=4)
   assert (after.ids >= 0).all()
   assert not np.isin(np.asarray(r2.db.store.doc_ids)[after.ids], drop).any()
@@ -194,17 +195,17 @@ def test_disagreeing_shards_and_stale_lists_are_refused(dbs, tmp_path):
   shutil.rmtree(os.path.join(bad, "shard-00001"))
   shutil.copytree(os.path.join(bad, "odd"), os.path.join(bad, "shard-00001"))
   with pytest.raises(fileio.ManifestMismatchError, match="shard manifest hash"):
-    sharded.open_database(bad)
+    access.open_database(bad)
   # A cut or hand-edited shards.json: one error naming the file, not a JSON traceback.
   where = os.path.join(bad, sharded.SHARDS_FILE)
   with open(where, "r+", encoding="utf-8") as f:
     f.truncate(40)
   with pytest.raises(fileio.ManifestError) as e:
-    sharded.open_database(bad)
+    access.open_database(bad)
   assert where in str(e.value) and "\n" not in str(e.value)
   fileio.atomic_write_json(where, {"format": "something.else"})
   with pytest.raises(fileio.ManifestMismatchError, match="sharded database format"):
-    sharded.open_database(bad)
+    access.open_database(bad)
 
 
 def test_verify_checks_the_list_and_every_shard(dbs, tmp_path):

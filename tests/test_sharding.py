@@ -9,6 +9,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 import jax
 
 from retro_jax import config as config_lib
@@ -57,13 +59,13 @@ def test_golden_partition_specs_of_tiny_preset():
 
 
 SCRIPT = textwrap.dedent("""
-    import json
+    import json, sys
     import jax, jax.numpy as jnp, numpy as np
     import flax.linen as nn
     from retro_jax import config as config_lib
     from retro_jax.model import Retro, init_params, sharding
     assert len(jax.devices()) == 8, jax.devices()
-    cfg = config_lib.get_preset("tiny")
+    cfg = config_lib.get_preset(sys.argv[1])
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
     key = jax.random.PRNGKey(0)
     sharded = sharding.init_sharded_params(cfg, key, mesh)
@@ -109,11 +111,13 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_sharded_forward_equals_single_device():
+# tiny-llama: the Llama-family decoder (rope, SwiGLU, grouped-query heads, tied embeddings).
+@pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])
+def test_sharded_forward_equals_single_device(preset):
   env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
              + " --xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
+  proc = subprocess.run([sys.executable, "-c", SCRIPT, preset], env=env, capture_output=True,
                         text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][0]

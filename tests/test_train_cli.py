@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -37,10 +38,28 @@ def test_cli_trains_and_resumes(paths, tmp_path):
   assert steps == list(range(1, 9))
   again = _train(paths, tmp_path, "--config.num_steps=8")
   assert again.returncode == 0 and "resumed from" in again.stderr
+  # The log: progress with steps/s and an ETA, MFU against a stated fixed peak, none of
+  # orbax's INFO lines (dozens per checkpoint) unless --orbax_logs.
+  assert re.search(r"step 8 of 8 \(100%\), [0-9.e+]+ steps/s, ETA", proc.stderr), proc.stderr
+  assert "MFU against a fixed peak" in proc.stderr
+  assert all(float(m) <= 1.0 for m in re.findall(r"mfu=([0-9.e+-]+)", proc.stderr))
+  orbax_info = [l for l in proc.stderr.splitlines() if l.startswith("I") and (
+      "checkpoint_manager.py" in l or "atomicity.py" in l)]
+  assert not orbax_info, orbax_info[:3]
+  # verify on the healthy workdir: every file ok, and not one warning from orbax.
+  ver = subprocess.run([sys.executable, "-m", "retro_jax.verify", str(tmp_path)], cwd=ROOT,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                       text=True, timeout=300)
+  assert ver.returncode == 0, ver.stdout + ver.stderr
+  warnings = [l for l in ver.stderr.splitlines() if l[:1] in ("W", "E")]
+  assert not warnings, warnings
 
 
 @pytest.mark.parametrize("override, message", [
-    ("--config.model.chunk_size=16", r"chunk size mismatch: .* has 16 but .* has 8"),
+    ("--config.model.chunk_size=16", r"chunk size mismatch: .* has 16 but .* has 8; fix: "
+     r"train with --config.model.chunk_size=8 .* build_db --chunk_size=16"),
+    ("--config.model.vocab_size=100", r"vocabulary size mismatch: .* 100 .* 260; fix: "
+     r"train with --config.model.vocab_size=260"),
     ("--config.model.num_neighbors=4", r"num_neighbors 4 .* k 2"),
     ("--config.seq_len=30", r"seq_len 30 must be a positive multiple of the chunk size 8"),
 ])
@@ -75,3 +94,17 @@ def test_distributed_flag_initialises_jax_distributed_before_training(monkeypatc
   trainer.run(cfg, "/w", coordinator_address="10.0.0.1:1234", num_processes=2, process_id=1)
   assert calls[0] == ("initialize", dict(coordinator_address="10.0.0.1:1234",
                                          num_processes=2, process_id=1))
+
+
+def test_model_from_data_takes_unset_chunk_size_and_vocabulary_from_the_store():
+  from retro_jax.training import train_config  # pylint: disable=g-import-not-at-top
+  manifest = {"chunk_size": 16, "tokenizer": {"vocab_size": 300}}
+  cfg = train_config.default_config()
+  assert train_config.fill_model_from_data(cfg, manifest) is cfg  # off: unchanged
+  cfg.model_from_data = True
+  filled = train_config.fill_model_from_data(cfg, manifest)
+  assert (filled.model.chunk_size, filled.model.vocab_size) == (16, 300)
+  assert train_config.model_config(filled).chunk_size == 16
+  assert cfg.model.chunk_size is None  # the caller's config is not changed
+  cfg.model.vocab_size = 512  # set explicitly: kept
+  assert train_config.fill_model_from_data(cfg, manifest).model.vocab_size == 512

@@ -16,8 +16,8 @@ What it counts (by reading the sources with `ast`; nothing is imported):
   or folder);
 - identity-check functions: functions named `check*`/`_check*` outside fileio.py (which
   holds the comparison primitives) and integrity.py (content checks of files on disk) that
-  compare recorded identities: they call `check_equal`, `check_identity`, `check_tokenizer`
-  or `check_chunk_size`, or are one of the latter two.
+  compare recorded identities: they call `check_equal`, `check_identity`, `check_tokenizer`,
+  `check_chunk_size` or `check_vocab`, or are one of the latter three.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import ast
 import collections
 import os
 
-PRIMITIVES = {"check_equal", "check_identity", "check_tokenizer", "check_chunk_size"}
+PRIMITIVES = {"check_equal", "check_identity", "check_tokenizer", "check_chunk_size", "check_vocab"}
 
 
 def _py_files(root: str):
@@ -172,7 +172,10 @@ def report(root: str) -> str:
   out.append(f"database-opening entry points: {len(opens)}")
   out.extend(f"  {o}" for o in sorted(opens))
   check_modules = {c.split(":")[0] for c in checks}
-  out.append(f"identity-check functions: {len(checks)} in {len(check_modules)} modules")
+  outside = [c for c in checks if not c.startswith("retro_jax/provenance.py")]
+  out.append(f"identity-check functions: {len(checks)} in {len(check_modules)} modules "
+             f"({len(outside)} outside retro_jax/provenance.py, in "
+             f"{len({c.split(':')[0] for c in outside})} modules)")
   out.extend(f"  {c}" for c in sorted(checks))
   return "\n".join(out)
 

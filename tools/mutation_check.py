@@ -84,6 +84,16 @@ MUTATIONS: tuple[Mutation, ...] = (
     _m("decoder self-attention not causal", "retro_jax/model/attention.py", [
         ("      mask = jnp.tril(mask)", "      mask = mask"),
     ], "tests/test_model.py"),
+    _m("grouped-query (rope) self-attention not causal", "retro_jax/model/gqa.py", [
+        ("mask = jnp.tril(jnp.ones((n, n), bool))", "mask = jnp.ones((n, n), bool)"),
+    ], "tests/test_families.py::test_future_tokens_and_later_neighbors_do_not_change_past_logits"),
+    _m("rope rotates the other way (sin sign flipped)", "retro_jax/model/gqa.py", [
+        ("jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s]",
+         "jnp.concatenate([x1 * c + x2 * s, x2 * c - x1 * s]"),
+    ], "tests/test_lm_import.py::test_hf_import_matches_transformers_logits"),
+    _m("GGUF llama q/k left in llama.cpp's permuted layout", "retro_jax/pretrained/gguf_file.py", [
+        ('if self.arch == "llama" and hf.endswith', 'if False and hf.endswith'),
+    ], "tests/test_lm_import.py::test_gguf_import_matches_transformers_gguf_loading"),
     _m("-1 neighbor tokens not masked in the encoder", "retro_jax/model/encoder.py", [
         ("mask = neighbors >= 0", "mask = neighbors > -1000"),
     ], "tests/test_model.py"),
@@ -124,6 +134,10 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("  check_equal(what, exp, act, expected_source, actual_source)", "  del exp, act"),
     ], "tests/test_evaluate.py::test_tokenizer_mismatch_is_refused_naming_both",
        "tests/test_precompute.py::test_manifest_mismatches_are_refused"),
+    _m("provenance check ignores the tokenizer", "retro_jax/provenance.py", [
+        ("  if expected.tokenizer and tok:", "  if False:"),
+    ], "tests/test_evaluate.py::test_tokenizer_mismatch_is_refused_naming_both",
+       "tests/test_build_db.py::test_database_refuses_foreign_chunk_store_and_chunk_size"),
     # --- training --------------------------------------------------------------------------
     _m("gradient accumulation averages per microbatch (scale 1/A)",
        "retro_jax/training/trainer.py", [
@@ -223,7 +237,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         ('db_parts=("chunks", "index") if local else ("chunks",)', 'db_parts=("chunks",)'),
     ], "tests/test_content_check.py::test_reordered_index_file_stops_live_retrieval"),
     _m("serve starts without the content check", "retro_jax/serve.py", [
-        ('skip=_SKIP_CONTENT_CHECK.value, job="serve"', 'skip=True, job="serve"'),
+        ('skip=config.skip_content_check, job="serve"', 'skip=True, job="serve"'),
     ], "tests/test_content_check.py::test_serve_cli_refuses_a_reordered_index_in_one_line"),
     _m("train checks neither neighbors file", "retro_jax/training/trainer.py", [
         ("      neighbors=[n for n in (k and d.neighbors_dir,", "      neighbors=[n for n in (None,"),

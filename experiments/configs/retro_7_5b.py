@@ -1,13 +1,3 @@
-"""Paper-size retro-7.5b (Table 2; training settings of App. C.1).
+"""Kept for older commands: the config is packaged as retro_jax/configs/retro_7_5b.py."""
 
-Retrieval off: --config.retrieval=False gives the baseline.  See
-`train_config.paper_config` for the recipe.
-"""
-
-from retro_jax.training import train_config
-
-
-def get_config():
-  return train_config.paper_config("retro-7.5b", batch_size=1024,
-                                   learning_rate=0.0001, fsdp=32,
-                                   tensor=4)
+from retro_jax.configs.retro_7_5b import get_config  # pylint: disable=unused-import

@@ -1,26 +1,3 @@
-"""The `small` preset (~7.8M non-embedding parameters, m = 32) for CPU runs.
+"""Kept for older commands: the config is packaged as retro_jax/configs/small.py."""
 
-  python -m retro_jax.train --config=experiments/configs/small.py --workdir=runs/small \
-      --config.data.db_dir=DB --config.data.neighbors_dir=NEIGHBORS \
-      [--config.data.eval_chunks_dir=HELDOUT --config.data.eval_neighbors_dir=HELDOUT_NB]
-
-The tokenizer's vocabulary must match model.vocab_size (4096 by default; override with
---config.model.vocab_size=V).
-"""
-
-from retro_jax.training import train_config
-
-
-def get_config():
-  c = train_config.default_config()
-  c.model.preset = "small"
-  c.seq_len = 256              # l = 8 chunks of 32.
-  c.batch_size = 8
-  c.num_steps = 2000
-  c.optimizer.learning_rate = 1e-3
-  c.optimizer.warmup_steps = 100
-  c.log_every = 20
-  c.eval_every = 200
-  c.eval_batches = 8
-  c.checkpoint_every = 200
-  return c
+from retro_jax.configs.small import get_config  # pylint: disable=unused-import

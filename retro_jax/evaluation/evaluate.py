@@ -36,6 +36,7 @@ import tqdm
 from retro_jax import fileio
 from retro_jax import integrity
 from retro_jax import options as options_lib
+from retro_jax import provenance
 from retro_jax import tables
 from retro_jax.evaluation import copy_model as copy_model_lib
 from retro_jax.evaluation import eval_config as eval_config_lib
@@ -267,10 +268,12 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
   if config.baseline_workdir:
     baseline = ckpt_lib.load_model(config.baseline_workdir, config.baseline_step,
                                    not config.skip_content_check)
-    ckpt_lib.check_same_data(model, baseline)
+    if model.data_provenance and baseline.data_provenance:  # both read the same tokens
+      provenance.check_tokenizer(model.data_provenance["tokenizer"],
+                                 baseline.data_provenance["tokenizer"],
+                                 f"checkpoint {model.workdir}", f"checkpoint {baseline.workdir}")
     if db_manifest is not None and baseline.data_provenance:
-      ckpt_lib.check_against_database(baseline, db_manifest, db_name,
-                                      chunk_size=baseline.config.uses_retrieval)
+      provenance.check(db_manifest, baseline.expected(baseline.config.uses_retrieval), db_name)
 
   # Evaluation documents.
   if config.eval_chunks:
@@ -286,11 +289,12 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     eos_id = tok.eos_id
   if eos_id is None:
     raise options_lib.SourceError("the evaluation data records no eos id")
-  sources.check_eval_docs(docs, m, None, f"checkpoint {model.workdir}")
-  ckpt_lib.check_against_database(model, docs.manifest, "the evaluation data")
+  eval_name = f"evaluation data {docs.store_path or ''}".strip()
+  provenance.check(docs.manifest, model.expected(), eval_name)
   if db_manifest is not None:
-    sources.check_eval_docs(docs, int(db_manifest["chunk_size"]), db_manifest.get("tokenizer"),
-                            db_name)
+    provenance.check(docs.manifest, provenance.Expected(
+        chunk_size=int(db_manifest["chunk_size"]), tokenizer=db_manifest.get("tokenizer"),
+        source=db_name), eval_name)
 
   seq_len = settings.seq_len or int(model.train_config.get("seq_len") or 2048)
   stride = settings.stride or scoring.default_stride(seq_len, m)

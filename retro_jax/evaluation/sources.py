@@ -21,8 +21,8 @@ import tqdm
 from retro_jax import fileio
 from retro_jax.inference import session as session_lib
 from retro_jax.options import SourceError
+from retro_jax.retrieval.db import access
 from retro_jax.retrieval.db import database as database_lib
-from retro_jax.retrieval.db import sharded
 from retro_jax.retrieval.store import chunk_store as chunk_store_lib
 from retro_jax.retrieval.store import corpus as corpus_lib
 from retro_jax.retrieval.store import neighbors as neighbors_lib
@@ -149,7 +149,7 @@ def precomputed_table(neighbors_dir: str, db, docs: EvalDocs, k: int,
     raise SourceError("precomputed neighbors belong to a chunk store: pass the evaluation "
                       "data as that chunk store (--eval_chunks=DIR), not as a corpus")
   if not isinstance(db, database_lib.Database):
-    db = sharded.open_database(db)
+    db = access.open_database(db)
   nb = neighbors_lib.load_neighbors(neighbors_dir, expected_db_manifest=db.manifest,
                              expected_query_manifest=docs.manifest)
   if nb.k < k:
@@ -205,15 +205,5 @@ def exclusion_ids(docs: EvalDocs, matches: Sequence[Mapping[str, Any]]) -> np.nd
   return np.repeat(per_doc, np.diff(docs.doc_offsets))
 
 
-def check_eval_docs(docs: EvalDocs, chunk_size: int, tokenizer_identity=None,
-                    name: str = "the model") -> None:
-  """Evaluation chunks must be cut like the model's (chunk size) with its tokenizer."""
-  chunk_store_lib.check_chunk_size(docs.chunk_size, chunk_size,
-                                   f"evaluation data {docs.store_path or ''}".strip(), name)
-  if tokenizer_identity:
-    chunk_store_lib.check_tokenizer(docs.manifest.get("tokenizer", {}), tokenizer_identity,
-                                    "evaluation data", name)
-
-
 __all__ = ["EvalDocs", "NeighborTable", "retrieve_table", "precomputed_table",
-           "find_in_database", "exclusion_ids", "check_eval_docs"]
+           "find_in_database", "exclusion_ids"]

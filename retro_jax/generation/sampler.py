@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from retro_jax import fileio
+from retro_jax import provenance
 from retro_jax.config import RetroConfig
 from retro_jax.generation import generate_config
 from retro_jax.inference import checkpoints as ckpt_lib
@@ -113,7 +114,7 @@ class Generator:
   """Samples from a RETRO (or baseline) model, retrieving live every completed chunk.
 
   Args:
-    params, config: the model (see evaluation.checkpoints.load_model).
+    params, config: the model (see inference.checkpoints.load_model).
     tokenizer: the LM tokenizer (encode/decode, eos_id).
     retriever: object with `retrieve_chunks(tokens [Q, m], k)` (Retriever or
       RemoteRetriever); None runs a RETRO model without retrieval.
@@ -169,6 +170,11 @@ class Generator:
       for i, g in zip(idx, self._generate_group(tokens, idx, sampling, return_logits)):
         out[i] = g
     return out  # type: ignore[return-value]
+
+  def retrieve(self, chunks: np.ndarray):
+    """The neighbors the model reads for complete chunks [Q, m] of its input: ids [Q, k],
+    tokens [Q, k, r], presented as it was trained (aligned / filtered, or the paper's)."""
+    return self._retrieve(chunks)
 
   # --- internals ----------------------------------------------------------------------
   def _retrieve(self, chunks: np.ndarray):
@@ -318,7 +324,7 @@ def generate(config: GenerateConfig) -> list[Generation]:
                                 check_contents=not config.skip_content_check)
   retriever = session.retriever
   tok = session.tokenizer(config.tokenizer)
-  ckpt_lib.check_against_database(model, {"tokenizer": tok.identity()},
-                                  f"tokenizer {tok.path}", chunk_size=False)
+  provenance.check({"tokenizer": tok.identity()}, model.expected(chunk_size=False),
+                   f"tokenizer {tok.path}")
   gen = Generator(model.params, model.config, tok, retriever, config.num_neighbors)
   return gen.generate(prompts, config.sampling)

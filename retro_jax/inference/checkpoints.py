@@ -9,9 +9,10 @@ checkpoint's own provenance, with `source` the run directory, which holds the co
 tokenizer that training made (WORKDIR/tokenizer/<file_name>).  `load_model` reads only the
 `params` subtree of the train state (no optimizer state is materialised) onto one device.
 
-`check_against_database` refuses a database (for retrieval or tokenisation) whose chunk
-size or tokenizer differs from the checkpoint's, naming both values: the model would read
-neighbors and tokens it has never seen.
+`LoadedModel.expected()` says what the model can read; `provenance.check` refuses a
+database (for retrieval or tokenisation) whose chunk size or tokenizer differs from the
+checkpoint's, naming both values: the model would read neighbors and tokens it has never
+seen.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import jax
 from retro_jax import config as model_config_lib
 from retro_jax import fileio
 from retro_jax import model as model_lib
-from retro_jax.retrieval.store import chunk_store as chunk_store_lib
+from retro_jax import provenance
 from retro_jax.training import checkpoint as checkpoint_lib
 
 
@@ -50,6 +51,18 @@ class LoadedModel:
   @property
   def name(self) -> str:
     return f"{os.path.basename(self.workdir.rstrip('/'))}@{self.step}"
+
+  def expected(self, chunk_size: bool = True) -> provenance.Expected:
+    """What the model can read: its chunk size (unless `chunk_size` is False: a model that
+    does not retrieve only tokenises), the tokenizer it was trained with, ids within its
+    vocabulary.  Check data against it with `provenance.check`."""
+    what = f"checkpoint {self.workdir}"
+    data = self.data_provenance
+    return provenance.Expected(
+        chunk_size=self.config.chunk_size if chunk_size else None,
+        tokenizer=data["tokenizer"] if data else None, vocab_size=self.config.vocab_size,
+        source=f"{what} (model config)",
+        tokenizer_source=f"{what} (trained on {data['source']})" if data else None)
 
 
 def _training_db_manifest(train_cfg: Mapping[str, Any]) -> tuple[dict | None, str | None]:
@@ -121,15 +134,15 @@ def load_model(workdir: str, step: int | None = None,
     ckpt.close()
   train_cfg = dict(saved.get("train") or {})
   man, path = _training_db_manifest(train_cfg)
-  provenance = None
+  data = None
   if man is not None:
-    provenance = {"tokenizer": man["tokenizer"], "chunk_size": int(man["chunk_size"]),
-                  "source": path}
+    data = {"tokenizer": man["tokenizer"], "chunk_size": int(man["chunk_size"]),
+            "source": path}
   elif isinstance(saved.get("provenance"), Mapping) and saved["provenance"].get("tokenizer"):
     # The run's own record (retro_jax.train writes it); its tokenizer copy is WORKDIR/tokenizer/.
-    provenance = {"tokenizer": saved["provenance"]["tokenizer"],
-                  "chunk_size": int(saved["provenance"]["chunk_size"]),
-                  "source": os.path.dirname(ckdir)}
+    data = {"tokenizer": saved["provenance"]["tokenizer"],
+            "chunk_size": int(saved["provenance"]["chunk_size"]),
+            "source": os.path.dirname(ckdir)}
   else:
     logging.warning("The training data of %s (train.data.db_dir = %r) is not readable: the "
                     "tokenizer identity cannot be checked, only chunk size and vocabulary.",
@@ -138,7 +151,7 @@ def load_model(workdir: str, step: int | None = None,
                "with" if cfg.uses_retrieval else "without", cfg.chunk_size, cfg.vocab_size)
   return LoadedModel(params=params, config=cfg, step=int(step),
                      workdir=os.path.abspath(workdir), train_config=train_cfg,
-                     data_provenance=provenance)
+                     data_provenance=data)
 
 
 def _restore_model(ckpt, step: int):
@@ -152,36 +165,3 @@ def _restore_model(ckpt, step: int):
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
       nn.unbox(model_lib.abstract_params(cfg)))
   return saved, cfg, ckpt.restore_params(step, abstract)
-
-
-def check_against_database(model: LoadedModel, db_manifest: Mapping[str, Any],
-                           db_source: str, chunk_size: bool = True) -> None:
-  """Refuses a database (or chunk store) the model cannot read, naming both values.
-
-  Compared: chunk size (model config vs the database's), tokenizer identity (the
-  training data's vs the database's), vocabulary (the tokenizer's ids must fit the model).
-  """
-  what = f"checkpoint {model.workdir}"
-  if chunk_size and db_manifest.get("chunk_size") is not None:
-    chunk_store_lib.check_chunk_size(model.config.chunk_size, db_manifest["chunk_size"],
-                                     f"{what} (model config)", db_source)
-  tok = db_manifest.get("tokenizer")
-  if model.data_provenance is not None and tok:
-    chunk_store_lib.check_tokenizer(
-        model.data_provenance["tokenizer"], tok,
-        f"{what} (trained on {model.data_provenance['source']})", db_source)
-  if tok and tok.get("vocab_size") is not None and int(tok["vocab_size"]) > model.config.vocab_size:
-    raise fileio.ManifestMismatchError(
-        f"vocabulary size mismatch: {what} has vocab_size {model.config.vocab_size} but "
-        f"{db_source} uses a tokenizer with vocab_size {tok['vocab_size']}")
-
-
-def check_same_data(a: LoadedModel, b: LoadedModel) -> None:
-  """Two models compared side by side must read the same tokens (same tokenizer).
-
-  Chunk sizes may differ (a baseline does not retrieve); windows follow the RETRO model's.
-  """
-  if a.data_provenance and b.data_provenance:
-    chunk_store_lib.check_tokenizer(a.data_provenance["tokenizer"],
-                                    b.data_provenance["tokenizer"],
-                                    f"checkpoint {a.workdir}", f"checkpoint {b.workdir}")

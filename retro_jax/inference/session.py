@@ -15,13 +15,13 @@ import dataclasses
 import os
 from typing import Any
 
+from retro_jax import provenance
 from retro_jax.inference import checkpoints as ckpt_lib
 from retro_jax.options import SourceError
+from retro_jax.retrieval.db import access
 from retro_jax.retrieval.db import database as database_lib
 from retro_jax.retrieval.db import retriever as retriever_lib
-from retro_jax.retrieval.db import sharded
 from retro_jax.retrieval.serve import client as client_lib
-from retro_jax.retrieval.store import chunk_store as chunk_store_lib
 from retro_jax.retrieval.store import tokenizer as tokenizer_lib
 
 
@@ -80,7 +80,7 @@ def connect(model: ckpt_lib.LoadedModel, *, db: str | None = None,
     check_contents: recompute the recorded hashes of the database files it will read (the
       chunk store; the index too for live retrieval): `integrity.check_contents`.
   """
-  database = sharded.open_database(db) if db else None
+  database = access.open_database(db) if db else None
   retriever = None
   if live and (retrieval_url or database is not None):
     retriever = open_live_retriever(None if retrieval_url else database, retrieval_url,
@@ -92,8 +92,7 @@ def connect(model: ckpt_lib.LoadedModel, *, db: str | None = None,
                              skip=not check_contents, job="database")
   session = Session(model, database, retriever)
   if session.manifest is not None:
-    ckpt_lib.check_against_database(model, session.manifest, session.source_name,
-                                    chunk_size=chunk_size)
+    provenance.check(session.manifest, model.expected(chunk_size), session.source_name)
   return session
 
 
@@ -103,7 +102,7 @@ def open_live_retriever(db=None, url: str | None = None, timeout: float = 30.0):
   if bool(db) == bool(url):
     raise SourceError("give exactly one of a database directory or a retrieval service URL")
   if db:
-    return retriever_lib.Retriever.open(sharded.open_database(db))
+    return retriever_lib.Retriever.open(access.open_database(db))
   remote = client_lib.RemoteRetriever(url, timeout=timeout)
   remote.health()  # raises ServiceUnavailableError at once when the service is down.
   return remote
@@ -139,6 +138,6 @@ def resolve_tokenizer(path: str | None, retriever=None, model=None):
     raise SourceError("no LM tokenizer: pass --tokenizer=FILE (SentencePiece .model or "
                       "tokenizer.json), or a database directory that holds one")
   if retriever is not None:
-    chunk_store_lib.check_tokenizer(retriever.manifest.get("tokenizer", {}), tok.identity(),
-                                    retriever_name(retriever), f"tokenizer {tok.path}")
+    provenance.check_tokenizer(retriever.manifest.get("tokenizer", {}), tok.identity(),
+                               retriever_name(retriever), f"tokenizer {tok.path}")
   return tok

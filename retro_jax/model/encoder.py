@@ -28,19 +28,19 @@ class EncoderLayer(nn.Module):
     c = self.config
     dtype = layers.dtype_of(c.dtype)
     out_std = layers.scaled_init_std(c.init_std, c.enc_num_layers)
-    self.self_norm = layers.RMSNorm(c.norm_eps, dtype)
+    self.self_norm = layers.make_norm(c, dtype)
     impl = attention.impl_kwargs(c)
     self.self_attn = RelativeAttention(
         c.enc_num_heads, c.enc_head_dim, q_dim=c.enc_emb_dim, kv_dim=c.enc_emb_dim,
         init_std=c.init_std, out_init_std=out_std, dtype=dtype, **impl)
     if self.cross_attends:
-      self.cross_norm = layers.RMSNorm(c.norm_eps, dtype)
-      self.context_norm = layers.RMSNorm(c.norm_eps, dtype)
+      self.cross_norm = layers.make_norm(c, dtype)
+      self.context_norm = layers.make_norm(c, dtype)
       self.cross_attn = RelativeAttention(
           c.enc_num_heads, c.enc_head_dim, q_dim=c.enc_emb_dim, kv_dim=c.emb_dim,
           init_std=c.init_std, out_init_std=out_std, dtype=dtype, **impl)
-    self.ffw_norm = layers.RMSNorm(c.norm_eps, dtype)
-    self.ffw = layers.FeedForward(c.enc_mlp_dim, c.init_std, dtype)
+    self.ffw_norm = layers.make_norm(c, dtype)
+    self.ffw = layers.make_mlp(c, c.enc_mlp_dim, dtype)
 
   def __call__(self, x, mask, context, context_mask, self_feats, cross_feats):
     """x [B, l, k, r, d'], mask [B, l, k, r]; context H [B, l, m, d], context_mask [B, l, m]."""
@@ -97,7 +97,7 @@ class NeighborEncoder(nn.Module):
       self.embed = layers.Embed(c.vocab_size, c.enc_emb_dim, c.init_std, dtype)
     self.layers = [EncoderLayer(c, (i + 1) in c.enc_cross_attention_layers, name=f"layer_{i}")
                    for i in range(c.enc_num_layers)]
-    self.final_norm = layers.RMSNorm(c.norm_eps, dtype)
+    self.final_norm = layers.make_norm(c, dtype)
 
   def __call__(self, neighbors, context, context_mask):
     """Returns (E [B, l, k, r, d'], mask [B, l, k, r])."""

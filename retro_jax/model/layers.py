@@ -115,39 +115,92 @@ def constrain(x, names):
   return nn.with_logical_constraint(x, names)
 
 
+def _norm_scale(module, dim: int, zero_centered: bool):
+  """The norm's weight [dim] as applied: stored w - 1 when zero_centered (layernorm-1p)."""
+  init = nn.initializers.zeros if zero_centered else nn.initializers.ones
+  scale = module.param("scale", nn.with_logical_partitioning(init, (NORM,)), (dim,), jnp.float32)
+  return 1.0 + scale if zero_centered else scale
+
+
 class RMSNorm(nn.Module):
   """Root-mean-square layer norm (no bias, no centring), statistics in float32."""
   eps: float = 1e-6
   dtype: jnp.dtype = jnp.float32
+  zero_centered: bool = False
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (NORM,)),
-                       (x.shape[-1],), jnp.float32)
+    scale = _norm_scale(self, x.shape[-1], self.zero_centered)
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
     return (y * scale).astype(self.dtype)
 
 
-class FeedForward(nn.Module):
-  """Two-matrix GELU MLP, d -> d_ffw -> d (the paper's FFW)."""
-  hidden_dim: int
-  init_std: float = 0.02
+class LayerNorm(nn.Module):
+  """Layer norm with a weight and a bias, statistics in float32."""
+  eps: float = 1e-5
   dtype: jnp.dtype = jnp.float32
+  zero_centered: bool = False
 
   @nn.compact
   def __call__(self, x):
-    d = x.shape[-1]
-    wi = self.param("wi", kernel_init(self.init_std, (EMBED, MLP)), (d, self.hidden_dim),
-                    jnp.float32)
-    wo = self.param("wo", kernel_init(self.init_std, (MLP, EMBED)), (self.hidden_dim, d),
-                    jnp.float32)
+    scale = _norm_scale(self, x.shape[-1], self.zero_centered)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (NORM,)),
+                      (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+    y = centred * jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + self.eps)
+    return (y * scale + bias).astype(self.dtype)
+
+
+def make_norm(config, dtype):
+  """The norm of config.norm (every norm of the model: decoder, CCA, encoder, final)."""
+  cls = LayerNorm if config.norm == "layernorm" else RMSNorm
+  return cls(config.norm_eps, dtype, config.norm_zero_centered)
+
+
+class FeedForward(nn.Module):
+  """The MLP d -> d_ffw -> d: "gelu" (the paper's FFW, two matrices wi, wo), "swiglu"
+  (silu(x wi_0) * (x wi_1), then wo: Llama) or "squared_relu" (relu(x wi)^2, then wo).
+  use_bias adds bi (bi_0, bi_1) and bo."""
+  hidden_dim: int
+  init_std: float = 0.02
+  dtype: jnp.dtype = jnp.float32
+  kind: str = "gelu"
+  use_bias: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    d, f = x.shape[-1], self.hidden_dim
+    ins = ("wi_0", "wi_1") if self.kind == "swiglu" else ("wi",)
+    wis = [self.param(name, kernel_init(self.init_std, (EMBED, MLP)), (d, f), jnp.float32)
+           for name in ins]
+    wo = self.param("wo", kernel_init(self.init_std, (MLP, EMBED)), (f, d), jnp.float32)
     lead = x.shape[:-1]
     # Tokens flattened to one (batch-major) axis: two plain 2-D matmuls (see `dense`).
-    h = dense(x.reshape(-1, d), wi.astype(self.dtype))
-    h = nn.gelu(h)
+    x2 = x.reshape(-1, d)
+    hs = [dense(x2, w.astype(self.dtype)) for w in wis]
+    if self.use_bias:
+      zeros = nn.with_logical_partitioning(nn.initializers.zeros, (MLP,))
+      hs = [h + self.param(name.replace("wi", "bi"), zeros, (f,), jnp.float32).astype(h.dtype)
+            for name, h in zip(ins, hs)]
+    if self.kind == "swiglu":
+      h = nn.silu(hs[0]) * hs[1]
+    elif self.kind == "squared_relu":
+      h = jnp.square(nn.relu(hs[0]))
+    else:
+      h = nn.gelu(hs[0])
     h = constrain(h, (BATCH, ACT_MLP))
-    return dense(h, wo.astype(self.dtype)).reshape(*lead, d)
+    y = dense(h, wo.astype(self.dtype))
+    if self.use_bias:
+      y = y + self.param("bo", nn.with_logical_partitioning(nn.initializers.zeros, (EMBED,)),
+                         (d,), jnp.float32).astype(y.dtype)
+    return y.reshape(*lead, d)
+
+
+def make_mlp(config, hidden_dim: int, dtype):
+  """The MLP of config.mlp (decoder and encoder), with biases when config.bias == "all"."""
+  return FeedForward(hidden_dim, config.init_std, dtype, config.mlp, config.bias == "all")
 
 
 class Embed(nn.Module):
@@ -164,6 +217,10 @@ class Embed(nn.Module):
 
   def __call__(self, ids):
     return jnp.take(self.embedding, jnp.maximum(ids, 0), axis=0).astype(self.dtype)
+
+  def table(self):
+    """The embedding matrix [V, d] (float32): the unembedding when embeddings are tied."""
+    return self.embedding
 
 
 def sinusoid_features(distances, dim: int, max_wavelength: float = 10_000.0):

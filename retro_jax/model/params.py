@@ -11,7 +11,7 @@ from retro_jax.config import RetroConfig
 from retro_jax.model.retro import Retro, scan_groups
 
 # Top-level parameter collections that hold token embeddings or the output projection.
-EMBEDDING_PATHS = (("embed",), ("encoder", "embed"), ("unembed",))
+EMBEDDING_PATHS = (("embed",), ("encoder", "embed"), ("unembed",), ("pos_embed",))
 
 
 def dummy_inputs(config: RetroConfig, batch_size: int = 1, seq_len: int | None = None):

@@ -5,6 +5,9 @@ length, d decoder width, d' encoder width, H heads, dh head width, T cache lengt
 
 Block p of the decoder computes, all residual and pre-norm (RMSNorm):
   H <- H + ATTN(norm(H))                       causal, Transformer-XL relative positions
+(the decoder family fields of RetroConfig swap the positions for rotary or learned absolute
+ones (model/gqa.py), the norm for a layer norm, the FFW for SwiGLU or squared ReLU; the
+structure stays.)
   if p is the first CCA layer: E <- Encoder(neighbors, chunks of H)   (once per call)
   if p is a CCA layer:         H <- H + CCA(norm(H), E)
   H <- H + FFW(norm(H))
@@ -38,6 +41,7 @@ from retro_jax.model.cca import ChunkedCrossAttention, cca_distances
 from retro_jax.model.copy import (COPY_DIM, MATCH_ORDERS, SCALAR_SCALE, NeighborCopy,
                                   recent_tokens)
 from retro_jax.model.encoder import NeighborEncoder
+from retro_jax.model.gqa import GroupedQueryAttention, rope_table
 
 Cache = dict[str, Any]
 
@@ -103,12 +107,19 @@ class DecoderLayer(nn.Module):
     c = self.config
     dtype = layers.dtype_of(c.dtype)
     out_std = layers.scaled_init_std(c.init_std, c.num_layers)
-    self.attn_norm = layers.RMSNorm(c.norm_eps, dtype)
+    self.attn_norm = layers.make_norm(c, dtype)
     impl = attention.impl_kwargs(c)
-    self.attn = RelativeAttention(c.num_heads, c.head_dim, q_dim=c.emb_dim, kv_dim=c.emb_dim,
-                                  init_std=c.init_std, out_init_std=out_std, dtype=dtype, **impl)
+    if c.positional == "xl":
+      self.attn = RelativeAttention(c.num_heads, c.head_dim, q_dim=c.emb_dim, kv_dim=c.emb_dim,
+                                    init_std=c.init_std, out_init_std=out_std, dtype=dtype,
+                                    **impl)
+    else:
+      self.attn = GroupedQueryAttention(
+          c.num_heads, c.kv_heads, c.head_dim, c.emb_dim, rope=c.positional == "rope",
+          qkv_bias=c.bias != "none", out_bias=c.bias == "all", init_std=c.init_std,
+          out_init_std=out_std, dtype=dtype, **impl)
     if self.has_cca:
-      self.cca_norm = layers.RMSNorm(c.norm_eps, dtype)
+      self.cca_norm = layers.make_norm(c, dtype)
       self.cca = ChunkedCrossAttention(
           c.num_heads, c.head_dim, c.emb_dim, c.enc_emb_dim, c.chunk_size,
           init_std=c.init_std, out_init_std=out_std, dtype=dtype,
@@ -118,8 +129,8 @@ class DecoderLayer(nn.Module):
         # can open within a few hundred steps.
         zero = nn.with_logical_partitioning(nn.initializers.zeros, ())
         self.cca_gate = self.param("cca_gate", zero, (), jnp.float32)
-    self.ffw_norm = layers.RMSNorm(c.norm_eps, dtype)
-    self.ffw = layers.FeedForward(c.mlp_dim, c.init_std, dtype)
+    self.ffw_norm = layers.make_norm(c, dtype)
+    self.ffw = layers.make_mlp(c, c.mlp_dim, dtype)
 
   def _constrain(self, x):
     return layers.constrain(x, (layers.BATCH, layers.LENGTH, layers.ACT_EMBED))
@@ -211,6 +222,10 @@ class Retro(nn.Module):
     c = self.config
     dtype = layers.dtype_of(c.dtype)
     self.embed = layers.Embed(c.vocab_size, c.emb_dim, c.init_std, dtype)
+    if c.positional == "learned_absolute":
+      self.pos_embed = self.param(
+          "pos_embed", layers.kernel_init(c.init_std, (None, layers.EMBED)),
+          (c.max_len, c.emb_dim), jnp.float32)
     layer_cls = DecoderLayer
     if c.remat:
       layer_cls = nn.remat(DecoderLayer, methods=["attention_block", "retrieval_ffw_block"],
@@ -226,10 +241,11 @@ class Retro(nn.Module):
           c, shared_embedding=self.embed if c.share_embeddings else None)
     if self._has_copy:
       self.copy = NeighborCopy(c.emb_dim, c.enc_emb_dim, c.chunk_size, c.init_std)
-    self.final_norm = layers.RMSNorm(c.norm_eps, dtype)
-    self.unembed = self.param("unembed", layers.kernel_init(c.init_std, (layers.EMBED,
-                                                                         layers.VOCAB)),
-                              (c.emb_dim, c.vocab_size), jnp.float32)
+    self.final_norm = layers.make_norm(c, dtype)
+    if not c.tie_embeddings:
+      self.unembed = self.param("unembed", layers.kernel_init(c.init_std, (layers.EMBED,
+                                                                           layers.VOCAB)),
+                                (c.emb_dim, c.vocab_size), jnp.float32)
 
   # --- helpers ---------------------------------------------------------------------------
   @property
@@ -242,10 +258,11 @@ class Retro(nn.Module):
     own logits go to aux["lm_logits"]."""
     x = self.final_norm(x)
     c = self.config
+    unembed = self.embed.table().T if c.tie_embeddings else self.unembed
     if layers.uses_low_precision_grads(x.dtype, c.low_precision_grads):
-      logits = layers.dense_f32(x, self.unembed.astype(x.dtype), low_precision_grad=True)
+      logits = layers.dense_f32(x, unembed.astype(x.dtype), low_precision_grad=True)
     else:
-      logits = layers.dense(x, self.unembed.astype(x.dtype), preferred_element_type=jnp.float32)
+      logits = layers.dense(x, unembed.astype(x.dtype), preferred_element_type=jnp.float32)
     logits = layers.constrain(logits, (layers.BATCH, layers.LENGTH, layers.ACT_VOCAB))
     if copy_fn is not None:
       if aux is not None:
@@ -261,6 +278,27 @@ class Retro(nn.Module):
   def _feats(self, distances, dim):
     return layers.sinusoid_features(distances, dim, self.config.pos_max_wavelength)
 
+  def _self_feats(self, positions, *, skewed: bool):
+    """What the decoder self-attention takes for positions 0..n-1 (positions [n]): xl, the
+    sinusoids of the distances of its skewed table (skewed=True) or of 0..n-1 (the decoding
+    cache's table); rope, the (cos, sin) table; learned_absolute, None."""
+    c = self.config
+    n = len(positions)
+    if c.positional == "rope":
+      return rope_table(positions, c.rotary_dim, c.rope_base)
+    if c.positional == "xl":
+      return self._feats(layers.skew_distances(n, n, 0, causal=True) if skewed else positions,
+                         c.emb_dim)
+    return None
+
+  def _embed(self, tokens, pos=0):
+    """Token embeddings [B, n, d], plus the learned position rows pos.. when that family."""
+    x = self.embed(tokens)
+    if self.config.positional == "learned_absolute":
+      rows = jax.lax.dynamic_slice_in_dim(self.pos_embed, pos, tokens.shape[1], axis=0)
+      x = x + rows.astype(x.dtype)
+    return x
+
   def _check_inputs(self, tokens, neighbors):
     c = self.config
     if tokens.ndim != 2:
@@ -270,6 +308,8 @@ class Retro(nn.Module):
     b, n = tokens.shape
     if n < 1:
       raise ValueError("tokens must hold at least one position (got length 0)")
+    if c.positional == "learned_absolute" and n > c.max_len:
+      raise ValueError(f"{n} tokens exceed the learned position table (max_len={c.max_len})")
     if not c.uses_retrieval or neighbors is None:
       return
     l, r = c.num_chunks(n), c.neighbor_len
@@ -308,8 +348,8 @@ class Retro(nn.Module):
     self._check_inputs(tokens, neighbors)
     c = self.config
     n = tokens.shape[1]
-    x = layers.constrain(self.embed(tokens), (layers.BATCH, layers.LENGTH, layers.ACT_EMBED))
-    self_feats = self._feats(layers.skew_distances(n, n, 0, causal=True), c.emb_dim)
+    x = layers.constrain(self._embed(tokens), (layers.BATCH, layers.LENGTH, layers.ACT_EMBED))
+    self_feats = self._self_feats(np.arange(n), skewed=True)
     cca_feats = self._feats(cca_distances(c.chunk_size, c.neighbor_len), c.emb_dim)
     use_retrieval = c.uses_retrieval and neighbors is not None
     enc = enc_mask = h_first = None
@@ -389,9 +429,9 @@ class Retro(nn.Module):
     c = self.config
     k = num_neighbors or c.num_neighbors
     dtype = layers.dtype_of(c.dtype)
-    self_feats = self._feats(np.arange(max_len), c.emb_dim)
+    self_feats = self._self_feats(np.arange(max_len), skewed=False)
     cca_feats = self._feats(cca_distances(c.chunk_size, c.neighbor_len), c.emb_dim)
-    kv_shape = (batch_size, max_len, c.num_heads, c.head_dim)
+    kv_shape = (batch_size, max_len, c.kv_heads, c.head_dim)
     cache: Cache = {"layers": {}, "cca": {}}
     for layer in self.layers:
       name = f"layer_{layer.index - 1}"
@@ -470,7 +510,7 @@ class Retro(nn.Module):
     if isinstance(pos, int) and neighbors is not None and (pos + 1) % m:
       raise ValueError(f"neighbors can only be given at the last token of a chunk "
                        f"(pos + 1 divisible by {m}), got pos = {pos}")
-    x = self.embed(token)
+    x = self._embed(token, pos)
     new_layers, new_cca = {}, {}
     h_first = cache.get("h_first")
     enc = enc_mask = None

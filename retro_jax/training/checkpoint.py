@@ -221,6 +221,19 @@ def _has_steps(path: str) -> bool:
   return os.path.isdir(path) and any(n.isdigit() for n in os.listdir(path))
 
 
+@contextlib.contextmanager
+def _without_orbax_warning(prefix: str):
+  """Drops absl log records starting with `prefix` while the block runs."""
+  logger = logging_std.getLogger("absl")
+  drop = lambda record: not (str(record.msg).startswith(prefix) and (
+      prefix != "Item " or "could not be restored" in str(record.msg)))
+  logger.addFilter(drop)
+  try:
+    yield
+  finally:
+    logger.removeFilter(drop)
+
+
 class Checkpointer:
   """A thin wrapper: save/restore the three items under one step."""
 
@@ -230,11 +243,20 @@ class Checkpointer:
     self.verify = verify  # compare restored arrays with the saved fingerprint
     _install_filter()
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep if keep and keep > 0 else None,
-        save_interval_steps=max(int(save_every), 1),
+        # Read-only: what orbax would otherwise reset with a warning each time.
+        max_to_keep=keep if keep and keep > 0 and not read_only else None,
+        save_interval_steps=0 if read_only else max(int(save_every), 1),
         enable_async_checkpointing=async_save,
         create=not read_only, read_only=read_only)
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+    with _without_orbax_warning("Given directory is read only"):  # read_only is on purpose
+      self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+  def item_metadata(self, step: int):
+    """The saved items' metadata.  Read before any restore, orbax has no handler for the
+    items yet and warns, per item, that it "was found in the checkpoint, but could not be
+    restored": expected here, so not shown (verify printed six such lines per workdir)."""
+    with _without_orbax_warning("Item "):
+      return self.manager.item_metadata(step)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

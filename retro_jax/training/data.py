@@ -121,13 +121,19 @@ def check_fits_model(model_cfg, store, store_dir: str,
   """
   cfg_src = "the training config (model.*)"
   store_src = f"chunk store {store_dir}/manifest.json"
-  manifest_lib.check_equal("chunk size", model_cfg.chunk_size, int(store.chunk_size),
-                           cfg_src, store_src)
+  if model_cfg.chunk_size != int(store.chunk_size):
+    raise manifest_lib.ManifestMismatchError(
+        f"chunk size mismatch: {cfg_src} has {model_cfg.chunk_size} but "
+        f"{store_src} has {int(store.chunk_size)}; fix: train with "
+        f"--config.model.chunk_size={int(store.chunk_size)} (or --config.model_from_data=True), "
+        f"or rebuild the database with build_db --chunk_size={model_cfg.chunk_size}")
   vocab = _tokenizer_vocab(store.manifest)
   if vocab is not None and vocab > model_cfg.vocab_size:
     raise manifest_lib.ManifestMismatchError(
         f"vocabulary size mismatch: {cfg_src} has vocab_size {model_cfg.vocab_size} but "
-        f"{store_src} has a tokenizer with vocab_size {vocab}")
+        f"{store_src} has a tokenizer with vocab_size {vocab}; fix: train with "
+        f"--config.model.vocab_size={vocab} (or --config.model_from_data=True), or train "
+        f"the tokenizer with --vocab_size={model_cfg.vocab_size} and rebuild the database")
   if neighbors is None:
     return
   nb_src = f"neighbors {neighbors.directory}/manifest.json"

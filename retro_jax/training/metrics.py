@@ -24,9 +24,10 @@ with N the parameters of rank >= 2 except the input token embeddings (the output
 counts), H = heads x head size.  Rematerialisation's recomputation is not counted (that
 would be hardware FLOPs, not model FLOPs).
 
-The peak is the datasheet's dense rate for accelerators (bf16) and, on CPU, where no
-datasheet describes a shared VM, the best float32 matmul rate measured once per process:
-a fixed CPU figure from one machine gave MFU 1.25 on a faster one.
+The peak is a fixed figure stated in the log: the datasheet's dense rate for accelerators
+(bf16) and, on CPU, the machine's theoretical float32 vector peak (cores x clock x FLOPs per
+cycle of its widest FMA units, `cpu_peak_flops`).  Earlier the CPU peak was the best matmul
+rate measured at start; a low measurement on a busy machine gave MFU 1.16.
 """
 
 from __future__ import annotations
@@ -72,18 +73,78 @@ def measured_matmul_flops(size: int = 1024, reps: int = 10) -> float:
   return _MEASURED_MATMUL_FLOPS[key]
 
 
-def peak_flops_per_device(configured: float = 0.0) -> float:
-  """Peak FLOP/s of one device for MFU: the configured value, else the device kind's
-  datasheet rate, else (CPU) the measured float32 matmul rate; 0.0 when unknown."""
+def format_duration(seconds: float) -> str:
+  """3725 -> '1h02m05s', 208 -> '3m28s', 7.4 -> '7s'."""
+  s = max(0, int(round(seconds)))
+  h, rest = divmod(s, 3600)
+  m, sec = divmod(rest, 60)
+  if h:
+    return f"{h}h{m:02d}m{sec:02d}s"
+  return f"{m}m{sec:02d}s" if m else f"{sec}s"
+
+
+def progress(step: int, total: int, steps_per_s: float | None) -> str:
+  """'step 12 of 120 (10%), 0.52 steps/s, ETA 3m28s' (no rate: no ETA)."""
+  out = f"step {step} of {total} ({100 * step / max(total, 1):.0f}%)"
+  if steps_per_s:
+    out += (f", {steps_per_s:.3g} steps/s, ETA {format_duration((total - step) / steps_per_s)}")
+  return out
+
+
+def cpu_peak_flops(cpuinfo: str, cores: int) -> tuple[float, str]:
+  """The theoretical float32 peak of `cores` cores described by /proc/cpuinfo's text:
+  cores x clock x FLOPs per cycle, with two vector FMA units per core (64 FLOPs/cycle with
+  AVX-512, 32 with AVX2+FMA, 16 with AVX, 8 otherwise) and the highest clock listed.  An
+  upper bound of what any matmul can reach, so MFU against it stays below 1."""
+  mhz = [float(m) for m in re.findall(r"^cpu MHz\s*:\s*([0-9.]+)", cpuinfo, re.M)]
+  mhz += [1000 * float(g) for g in re.findall(r"@\s*([0-9.]+)\s*GHz", cpuinfo)]
+  flags_line = re.search(r"^flags\s*:(.*)$", cpuinfo, re.M)
+  cpu_flags = set(flags_line.group(1).split()) if flags_line else set()
+  if "avx512f" in cpu_flags:
+    per_cycle, isa = 64, "AVX-512"
+  elif {"avx2", "fma"} <= cpu_flags:
+    per_cycle, isa = 32, "AVX2+FMA"
+  elif "avx" in cpu_flags:
+    per_cycle, isa = 16, "AVX"
+  else:
+    per_cycle, isa = 8, "SSE"
+  ghz = max(mhz) / 1000 if mhz else 5.0  # unknown clock: 5 GHz, above any shipping CPU
+  return (cores * ghz * 1e9 * per_cycle,
+          f"CPU theoretical float32 peak: {cores} cores x {ghz:.2f} GHz x {per_cycle} "
+          f"FLOPs/cycle ({isa}, 2 FMA units)")
+
+
+def peak_flops(configured: float = 0.0) -> tuple[float, str]:
+  """(peak FLOP/s of one device, where the figure comes from) for MFU.
+
+  The configured value, else the device kind's datasheet rate, else (CPU) the machine's
+  theoretical float32 peak (`cpu_peak_flops`) shared by the CPU devices; (0.0, ...) when
+  unknown.  A fixed figure, never a measurement, so MFU cannot exceed 1 because a
+  measurement came out low.
+  """
   if configured and configured > 0:
-    return float(configured)
+    return float(configured), "config peak_flops_per_device"
   dev = jax.devices()[0]
   for pattern, flops in PEAK_FLOPS:
     if re.search(pattern, dev.device_kind, re.IGNORECASE):
-      return flops
+      return flops, f"{dev.device_kind} datasheet dense bf16"
   if dev.platform == "cpu":
-    return measured_matmul_flops()
-  return 0.0
+    try:
+      with open("/proc/cpuinfo", encoding="utf-8") as f:
+        cpuinfo = f.read()
+    except OSError:
+      cpuinfo = ""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+    peak, where = cpu_peak_flops(cpuinfo, cores)
+    n = max(1, jax.local_device_count())
+    return peak / n, where + (f", shared by {n} CPU devices" if n > 1 else "")
+  return 0.0, f"unknown for {dev.device_kind} (set peak_flops_per_device)"
+
+
+def peak_flops_per_device(configured: float = 0.0) -> float:
+  """The peak of `peak_flops` alone."""
+  return peak_flops(configured)[0]
 
 
 def _is_encoder(path: tuple[str, ...]) -> bool:
@@ -198,10 +259,14 @@ class MetricWriter:
       except ImportError:
         logging.warning("tensorboardX is not installed: no TensorBoard event files")
 
-  def write(self, step: int, scalars: Mapping[str, Any], prefix: str = "train") -> None:
+  def write(self, step: int, scalars: Mapping[str, Any], prefix: str = "train",
+            progress: str = "") -> None:
+    """Logs one line (with `progress`, e.g. "0.52 steps/s, ETA 3m28s", appended) and, on
+    process 0, writes the scalars to TensorBoard and metrics.jsonl."""
     values = {k: float(v) for k, v in scalars.items()}
-    logging.info("[%s] step %d: %s", prefix, step,
-                 ", ".join(f"{k}={v:.6g}" for k, v in sorted(values.items())))
+    logging.info("[%s] step %d: %s%s", prefix, step,
+                 ", ".join(f"{k}={v:.6g}" for k, v in sorted(values.items())),
+                 f"; {progress}" if progress else "")
     if not self.enabled:
       return
     for key, value in values.items():

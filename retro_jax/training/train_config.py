@@ -1,6 +1,6 @@
 """The training configuration: one ml_collections ConfigDict, every field commented.
 
-Config files in experiments/configs/ call `default_config()` and change what they need;
+Config files in retro_jax/configs/ (and your own) call `default_config()` and change what they need;
 `python -m retro_jax.train --config=FILE --config.FIELD=VALUE` overrides any field.
 
 The model is a preset name from `retro_jax.config.PRESETS` plus optional overrides of any
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from typing import Any
+from typing import Any, Mapping
 
 import ml_collections
 from ml_collections import config_dict
@@ -36,6 +36,9 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.model = _model_fields()
   c.retrieval = True          # False: train without retrieval (cca_layers=()), no neighbors read.
+  # True: model.chunk_size and model.vocab_size, when not set, come from the training chunk
+  # store and its tokenizer instead of the preset (see `fill_model_from_data`).
+  c.model_from_data = False
 
   # --- Data ----------------------------------------------------------------------------------
   c.data = ml_collections.ConfigDict()
@@ -67,6 +70,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.retrofit.checkpoint = ""       # a baseline run's workdir (or its checkpoints/ dir); "" = off.
   c.retrofit.step = -1             # which baseline step; -1 = latest.
   c.retrofit.unfreeze_decoder = False  # also train the baseline's parameters.
+  # Take the decoder's fields (vocabulary, sizes, family: trainer._DECODER_FIELDS) from the
+  # baseline's checkpoint instead of model.*: how a pretrained LM imported with
+  # `python -m retro_jax.import_lm` is RETRO-fitted (encoder, CCA and reading options stay
+  # model.*'s).
+  c.retrofit.inherit_decoder = False
 
   # --- Parallelism ----------------------------------------------------------------------------
   c.mesh = ml_collections.ConfigDict()
@@ -84,7 +92,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.async_checkpointing = True
   c.compilation_cache_dir = ""  # persistent XLA compilation cache ("" = off).
-  c.peak_flops_per_device = 0.0  # for MFU; 0: the device kind's peak (CPU: measured matmul).
+  c.peak_flops_per_device = 0.0  # for MFU; 0: the device kind's peak (CPU: theoretical).
   return c
 
 
@@ -95,6 +103,26 @@ def model_config(cfg: ml_collections.ConfigDict) -> model_config_lib.RetroConfig
   if not cfg.retrieval:
     model = model.baseline()
   return model
+
+
+def fill_model_from_data(cfg: ml_collections.ConfigDict,
+                         store_manifest: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """With `model_from_data`, a copy of `cfg` whose unset model.chunk_size / model.vocab_size
+  are the chunk store's chunk size and its tokenizer's vocabulary; else `cfg` unchanged.
+
+  The values are written into the config, so the checkpoint records them and a resume or an
+  evaluation builds the same model.
+  """
+  if not cfg.get("model_from_data", False):
+    return cfg
+  out = cfg.copy_and_resolve_references()
+  if out.model.chunk_size is None and store_manifest.get("chunk_size") is not None:
+    out.model.chunk_size = int(store_manifest["chunk_size"])
+  tok = store_manifest.get("tokenizer")
+  if (out.model.vocab_size is None and isinstance(tok, Mapping)
+      and tok.get("vocab_size") is not None):
+    out.model.vocab_size = int(tok["vocab_size"])
+  return out
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:

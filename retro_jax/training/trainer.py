@@ -45,9 +45,8 @@ from retro_jax import config as model_config_lib
 from retro_jax import fileio as manifest_lib
 from retro_jax import model as model_lib
 from retro_jax.model import sharding as sharding_lib
-from retro_jax.retrieval.db import sharded
+from retro_jax.retrieval.db import access
 from retro_jax.retrieval.store import align as align_lib
-from retro_jax.retrieval.store import chunk_store as chunk_store_lib
 from retro_jax.training import checkpoint as checkpoint_lib
 from retro_jax.training import data as data_lib
 from retro_jax.training import metrics as metrics_lib
@@ -88,9 +87,9 @@ def open_data(cfg, model_cfg, process_index: int = 0, process_count: int = 1,
   d = cfg.data
   train_dir = d.train_chunks_dir or os.path.join(d.db_dir, "chunks")
   if d.db_dir:  # the database's manifest must exist and agree with its chunks (as elsewhere)
-    db_store = sharded.open_database_store(d.db_dir)
+    db_store = access.open_database(d.db_dir, tokens_only=True)
   store = db_store if d.db_dir and not d.train_chunks_dir else (
-      sharded.open_chunk_store(train_dir))
+      access.open_database(train_dir, tokens_only=True))
   k = model_cfg.num_neighbors if model_cfg.uses_retrieval else 0
   shown = align_lib.Presentation.of(model_cfg)
   neighbors = retrieval = None
@@ -104,7 +103,7 @@ def open_data(cfg, model_cfg, process_index: int = 0, process_count: int = 1,
                                     process_count, shuffle=True)
   eval_ds = bpt = None
   if d.eval_chunks_dir:
-    eval_store = chunk_store_lib.ChunkStore.open(d.eval_chunks_dir)
+    eval_store = access.open_database(d.eval_chunks_dir, tokens_only=True)
     eval_nb = eval_retrieval = None
     if k:
       if not d.eval_neighbors_dir:
@@ -154,9 +153,22 @@ def retrofit_labels(model_cfg, unfreeze_decoder: bool):
   """
   if unfreeze_decoder:
     return None
-  base = nn.unbox(model_lib.abstract_params(model_cfg.baseline()))
-  frozen = set(flax.traverse_util.flatten_dict(flax.core.unfreeze(base)))
+  base = nn.unbox(model_lib.abstract_params(model_cfg.baseline().replace(scan_layers=False)))
+  base = set(flax.traverse_util.flatten_dict(flax.core.unfreeze(base)))
   ours = nn.unbox(model_lib.abstract_params(model_cfg))
+  # A decoder layer's own parameters (attn/..., ffw/..., norms), whatever its index; with
+  # scan_layers they sit under scan_<g>/block_<t>/ (stacked), not under layer_<i>/.
+  in_layer = {p[1:] for p in base if p[0].startswith("layer_")}
+  frozen = set()
+  for path in flax.traverse_util.flatten_dict(flax.core.unfreeze(ours)):
+    if path[0].startswith("layer_"):
+      inside = path[1:]
+    elif path[0].startswith("scan_"):
+      inside = path[2:]
+    else:
+      inside = None
+    if (path in base) if inside is None else (inside in in_layer):
+      frozen.add(path)
   return optim.labels_from_paths(ours, frozen)
 
 
@@ -210,7 +222,17 @@ def make_train_step(model, tx, schedule, trainable, accum_steps: int, mesh, stat
   sharding.LOGICAL_RULES (the same as make_init's default).
   """
   rules = sharding_lib.LOGICAL_RULES
-  grad_fn = jax.value_and_grad(lambda p, b: _loss_sums(model, p, b), has_aux=True)
+
+  def frozen_constant(params):
+    # Frozen parameters (RETRO-fitting) enter the loss as constants: their gradients are
+    # zeros XLA never computes, and so is the backward pass below the first trainable layer.
+    if trainable is None:
+      return params
+    return jax.tree.map(lambda label, p: jax.lax.stop_gradient(p) if label == optim.FROZEN
+                        else p, trainable, params)
+
+  grad_fn = jax.value_and_grad(lambda p, b: _loss_sums(model, frozen_constant(p), b),
+                               has_aux=True)
 
   def step(state, batch):
     with nn.logical_axis_rules(rules):
@@ -283,10 +305,27 @@ def evaluate(eval_step, params, dataset, cfg, mesh, bytes_per_token) -> dict[str
 # --------------------------------------------------------------------------------------------
 
 _DECODER_FIELDS = ("vocab_size", "chunk_size", "emb_dim", "num_layers", "num_heads",
-                   "head_dim", "mlp_dim", "positional", "norm_eps", "pos_max_wavelength")
+                   "head_dim", "mlp_dim", "positional", "norm_eps", "pos_max_wavelength",
+                   "rope_base", "rope_fraction", "max_len", "norm", "norm_zero_centered", "mlp",
+                   "num_kv_heads", "tie_embeddings", "bias")
 
 
-def baseline_checkpoint(cfg, model_cfg):
+def inherit_decoder(cfg, model_cfg):
+  """model_cfg with the decoder fields of cfg.retrofit.checkpoint's model (the family and
+  sizes of an imported pretrained LM); CCA layers, encoder and reading options kept."""
+  path = cfg.retrofit.checkpoint
+  ckpt = checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_dir(path), read_only=True)
+  try:
+    step = ckpt.latest_step() if cfg.retrofit.step < 0 else int(cfg.retrofit.step)
+    if step is None:
+      raise FileNotFoundError(f"retrofit.checkpoint {path} holds no checkpoint")
+    base = model_config_lib.RetroConfig.from_dict(ckpt.restore_config(step)["model"])
+  finally:
+    ckpt.close()
+  return model_cfg.replace(**{name: getattr(base, name) for name in _DECODER_FIELDS})
+
+
+def baseline_checkpoint(cfg, model_cfg, data_provenance=None):
   """(checkpointer, step, baseline RetroConfig) of cfg.retrofit, checked against our decoder.
 
   Runs before anything is compiled, so a wrong baseline is refused at once.
@@ -296,7 +335,15 @@ def baseline_checkpoint(cfg, model_cfg):
   step = ckpt.latest_step() if cfg.retrofit.step < 0 else int(cfg.retrofit.step)
   if step is None:
     raise FileNotFoundError(f"retrofit.checkpoint {path} holds no checkpoint")
-  base_cfg = model_config_lib.RetroConfig.from_dict(ckpt.restore_config(step)["model"])
+  saved = ckpt.restore_config(step)
+  base_cfg = model_config_lib.RetroConfig.from_dict(saved["model"])
+  recorded = saved.get("provenance") or {}
+  if data_provenance is not None and recorded.get("tokenizer"):
+    # An imported LM reads only its own tokenizer's ids: the database must be built with it.
+    manifest_lib.check_identity("tokenizer", recorded["tokenizer"],
+                                data_provenance.get("tokenizer"),
+                                f"retrofit.checkpoint {path} (step {step})",
+                                f"the training chunk store {data_provenance.get('source')}")
   for name in _DECODER_FIELDS:
     a, b = getattr(base_cfg, name), getattr(model_cfg, name)
     if a != b:
@@ -362,6 +409,16 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._old)
 
 
+def _training_store_manifest(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The manifest of the chunk store the config trains on ({} when none is named)."""
+  d = cfg.data
+  if d.train_chunks_dir:
+    return dict(access.open_database(d.train_chunks_dir, tokens_only=True).manifest)
+  if d.db_dir:
+    return dict(access.open_database(d.db_dir, tokens_only=True).manifest)
+  return {}
+
+
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
                        stop_after: int | None = None,
                        on_step: Callable[[int, dict], None] | None = None,
@@ -375,8 +432,12 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   Returns a summary: final step, per-step losses of this call, last eval, preempted flag,
   final state.
   """
+  if cfg.get("model_from_data", False):
+    cfg = train_config.fill_model_from_data(cfg, _training_store_manifest(cfg))
   train_config.validate(cfg)
   model_cfg = train_config.model_config(cfg)
+  if cfg.retrofit.checkpoint and cfg.retrofit.get("inherit_decoder"):
+    model_cfg = inherit_decoder(cfg, model_cfg)
   if cfg.compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", cfg.compilation_cache_dir)
   data = open_data(cfg, model_cfg, jax.process_index(), jax.process_count(), check_contents)
@@ -412,7 +473,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   saved_config = resume_lib.saved_config(cfg, model_cfg, provenance)
   baseline = None
   if restored is None and cfg.retrofit.checkpoint:
-    baseline = baseline_checkpoint(cfg, model_cfg)
+    baseline = baseline_checkpoint(cfg, model_cfg, provenance)
   if restored is not None:
     latest, state, data_state, _ = restored
     data.train.set_state(data_state)
@@ -426,9 +487,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
 
   n_params = model_lib.count_params(model_cfg)
   flops_per_token = metrics_lib.flops_per_token(model_cfg, cfg.seq_len, abstract_state.params)
-  peak = metrics_lib.peak_flops_per_device(cfg.peak_flops_per_device)
-  logging.info("non-embedding parameters %d; model FLOPs/token %.4g; peak FLOP/s/device %.3g",
-               n_params, flops_per_token, peak)
+  peak, peak_source = metrics_lib.peak_flops(cfg.peak_flops_per_device)
+  logging.info("non-embedding parameters %d; model FLOPs/token %.4g; MFU against a fixed peak "
+               "of %.3g FLOP/s per device (%s)", n_params, flops_per_token, peak, peak_source)
 
   example = {k: v for k, v in data.train.dataset.batch(data.train.global_starts()[:1]).items()
              if k in BATCH_KEYS}
@@ -470,12 +531,14 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
     if s % cfg.log_every == 0 or s == last:
       out = dict(loss=timer["loss"] / timer["n"], learning_rate=m["learning_rate"],
                  grad_norm=m["grad_norm"])
+      steps_per_s = None
       if timer["steps"]:
         dt = (now - timer["t0"]) / timer["steps"]
-        out.update(step_time_s=dt, tokens_per_s=tokens_per_step / dt)
+        steps_per_s = 1.0 / dt
+        out.update(step_time_s=dt, tokens_per_s=tokens_per_step / dt, steps_per_s=steps_per_s)
         if peak:
           out["mfu"] = flops_per_token * tokens_per_step / dt / (peak * mesh.size)
-      writer.write(s, out, "train")
+      writer.write(s, out, "train", metrics_lib.progress(s, cfg.num_steps, steps_per_s))
       timer.update(t0=now, steps=0, loss=0.0, n=0)
 
   try:

@@ -58,6 +58,11 @@ TEST_OVERRIDES = {
     # Compile-bound (many small jitted models): two shards use both CI cores.  "large"
     # (900 s timeout) because on a busy machine a shard can pass 300 s without hanging.
     "test_model.py": {"size": "large", "shard_count": 2},
+    # They read setup.py and docs/your_corpus.md from the checkout (like test_build_coverage);
+    # the docs test runs the whole documented path in subprocesses.
+    "test_commands.py": {"tags": ["external"]},
+    "test_docs_commands.py": {"size": "large", "tags": ["external"]},
+    "test_harness.py": {"size": "large"},
 }
 
 HEADER = (

@@ -11,9 +11,9 @@ A database directory (built by `python -m retro_jax.build_db`):
 `Database.open` checks that those pieces belong together (chunk store hash, embeddings
 shape, index id and embedder identity) and refuses a mismatch naming both values.  What
 the manifest says of its chunks (chunk size, counts, tokenizer) is checked by
-`check_database_manifest`, the one check every consumer of a database goes through (train
-through `open_database_chunks`, serve, precompute, show_neighbors, evaluate and generate through
-`Database.open`).  Opening memory-maps and checks sizes, not contents: services and
+`check_database_manifest`, the one check every consumer of a database goes through (all
+open it with db/access.py's `open_database`: train for its tokens only; serve, precompute,
+show_neighbors, evaluate and generate for search).  Opening memory-maps and checks sizes, not contents: services and
 interactive tools stop there; batch jobs that read files whole (precompute) open with
 `verify=True`, which also recomputes every recorded sha256 (chunk store, embeddings,
 index files, tokenizer copy) and checks every token id against the vocabulary.
@@ -27,6 +27,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from retro_jax import fileio
+from retro_jax import provenance
 from retro_jax.retrieval.embed import hashing as hashing_lib
 from retro_jax.retrieval.search import scann as index_lib
 from retro_jax.retrieval.store import chunk_store as chunk_store_lib
@@ -38,24 +39,6 @@ DATABASE_FORMAT = "retro_jax.database.v1"
 
 BUILD_COMMAND = ("python -m retro_jax.build_db --corpus=... --tokenizer=... "
                  "--output=DB_DIR")
-
-
-def check_database(db_manifest: Mapping[str, Any], chunk_size: int | None = None,
-                   tokenizer: Mapping[str, Any] | None = None,
-                   source: str = "the database") -> None:
-  """For consumers (training, evaluation): the database must match the model's settings.
-
-  Args:
-    db_manifest: DB_DIR/manifest.json as a dict.
-    chunk_size: the model's m; refused if the database was chunked differently.
-    tokenizer: the tokenizer identity the model uses.
-  """
-  if chunk_size is not None:
-    fileio.check_equal("chunk size", int(chunk_size), db_manifest.get("chunk_size"),
-                       "the model", source)
-  if tokenizer is not None:
-    chunk_store_lib.check_tokenizer(tokenizer, db_manifest.get("tokenizer", {}),
-                                    "the model", source)
 
 
 def rebuild_hint(path: str) -> str:
@@ -76,30 +59,20 @@ def check_database_manifest(manifest: Mapping[str, Any], store, path: str) -> No
     if field not in manifest:
       raise fileio.ManifestError(f"{src} lacks the field {field!r}; {rebuild_hint(path)}")
   try:
-    chunk_store_lib.check_chunk_size(manifest["chunk_size"], store.chunk_size, src, store_src)
+    provenance.check_chunk_size(manifest["chunk_size"], store.chunk_size, src, store_src)
     fileio.check_equal("chunk count", manifest["num_chunks"], store.num_chunks, src,
                        store_src)
     if "num_documents" in manifest:
       fileio.check_equal("document count", manifest["num_documents"], store.num_documents,
                          src, store_src)
-    chunk_store_lib.check_tokenizer(manifest["tokenizer"], store.manifest["tokenizer"], src,
-                                    store_src)
+    provenance.check_tokenizer(manifest["tokenizer"], store.manifest["tokenizer"], src,
+                               store_src)
     recorded = (manifest.get("chunk_store") or {}).get("manifest_hash")
     if recorded is not None:
       fileio.check_equal("chunk store manifest hash", recorded,
                          fileio.manifest_hash(store.manifest), src, store_src)
   except fileio.ManifestMismatchError as e:
     raise fileio.ManifestMismatchError(f"{e}; {rebuild_hint(path)}") from None
-
-
-def open_database_chunks(path: str) -> tuple[dict, chunk_store_lib.ChunkStore]:
-  """(manifest, chunk store) of a database directory, checked against each other
-  (`check_database_manifest`); a directory without manifest.json is refused."""
-  path = os.path.abspath(os.fspath(path))
-  man = fileio.read_manifest(path, "database manifest", BUILD_COMMAND)
-  store = chunk_store_lib.ChunkStore.open(os.path.join(path, "chunks"))
-  check_database_manifest(man, store, path)
-  return man, store
 
 
 class Database:
@@ -136,7 +109,7 @@ class Database:
     path = os.path.abspath(os.fspath(path))
     if os.path.isfile(os.path.join(path, fileio.SHARDS_FILE)):
       raise fileio.ManifestError(f"{path} is a sharded database: open it with "
-                                 "retro_jax.retrieval.db.sharded.open_database")
+                                 "retro_jax.retrieval.db.access.open_database")
     man = fileio.read_manifest(path, "database manifest", BUILD_COMMAND)
     if man.get("format") != DATABASE_FORMAT:
       raise fileio.ManifestMismatchError(
@@ -201,22 +174,21 @@ class Database:
       tok_dir = os.path.join(self.path, "tokenizer")
       name = self.manifest.get("tokenizer", {}).get("file_name")
       tok = tokenizer_lib.load_tokenizer(os.path.join(tok_dir, name) if name else tok_dir)
-      chunk_store_lib.check_tokenizer(self.manifest.get("tokenizer", {}), tok.identity(),
-                                      f"database {self.path}", f"tokenizer in {tok_dir}")
+      provenance.check_tokenizer(self.manifest.get("tokenizer", {}), tok.identity(),
+                                 f"database {self.path}", f"tokenizer in {tok_dir}")
       self._tokenizer = tok
     return self._tokenizer
 
   def load_embedder(self):
     """The embedder that made the keys (recorded source; None = the offline default)."""
     emb = hashing_lib.load_embedder(self.manifest.get("embedder_source"))
-    self.check_embedder(emb)
+    provenance.check(self.manifest, self.expects_embedder(emb), f"database {self.path}")
     return emb
 
-  def check_embedder(self, embedder) -> None:
-    """Refuses an embedder whose identity differs from the one the index was built with."""
-    fileio.check_identity("embedder", self.manifest.get("embedder"),
-                          embedder.identity(), f"database {self.path}",
-                          "the query embedder")
+  @staticmethod
+  def expects_embedder(embedder) -> provenance.Expected:
+    """What a search with `embedder` expects of the database: the index's embedder."""
+    return provenance.Expected(embedder=embedder.identity(), source="the query embedder")
 
   def prepare_queries(self, x: np.ndarray) -> np.ndarray:
     """Query embeddings in the database's convention (unit-normalised if it is)."""

@@ -20,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
+from retro_jax import provenance
 from retro_jax.retrieval.db import database as database_lib
 from retro_jax.retrieval.search import scann as index_lib
 
@@ -44,7 +45,7 @@ class Retriever:
     self.db = db
     self._embedder = embedder
     if embedder is not None:
-      db.check_embedder(embedder)
+      provenance.check(db.manifest, db.expects_embedder(embedder), f"database {db.path}")
     self.extra_candidates = extra_candidates
     self.max_candidates = max_candidates
 

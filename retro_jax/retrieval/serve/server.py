@@ -93,6 +93,9 @@ from retro_jax.retrieval.serve import handler as handler_lib
 ENDPOINTS = {"/health": "GET", "/manifest": "GET", "/retrieve": "POST", "/search": "POST"}
 
 
+REQUEST_LOG_LEVELS = {"info": logging.INFO, "debug": logging.DEBUG, "off": None}
+
+
 @dataclasses.dataclass(frozen=True)
 class ServiceConfig:
   """Limits and timeouts of a `RetrievalServer`."""
@@ -111,6 +114,8 @@ class ServiceConfig:
   max_queued_rows: int = 4096     # Queries waiting for the batcher (503 beyond).
   warm_up: bool = False           # Compile BERT for one row at every length before serving.
   max_search_k: int = 4096        # Largest k of a POST /search (a router's candidates).
+  log_requests: str = "info"      # One line per request (method, path, status, ms) at this
+                                  # absl level: "info", "debug" or "off".
 
   def __post_init__(self):
     if self.max_buffered_bytes is None and isinstance(self.max_body_bytes, int):
@@ -125,6 +130,9 @@ class ServiceConfig:
       if not getattr(self, name) > 0:
         raise ValueError(f"ServiceConfig.{name} must be > 0 seconds, got "
                          f"{getattr(self, name)!r}")
+    if self.log_requests not in REQUEST_LOG_LEVELS:
+      raise ValueError(f"ServiceConfig.log_requests must be one of "
+                       f"{sorted(REQUEST_LOG_LEVELS)}, got {self.log_requests!r}")
     if self.max_buffered_bytes < self.max_body_bytes:
       raise ValueError(f"ServiceConfig.max_buffered_bytes ({self.max_buffered_bytes}) must be "
                        f">= max_body_bytes ({self.max_body_bytes})")
@@ -369,9 +377,21 @@ class RetrievalServer:
         raise _Timeout() from None
       conn.receive_data(data)  # b"" = the peer closed.
 
+  def _log_request(self, method: bytes, path: str, status: int, started: float,
+                   size: int) -> None:
+    level = REQUEST_LOG_LEVELS[self.config.log_requests]
+    if level is not None:
+      logging.log(level, "%s %s %s %d %.1f ms %d bytes", type(self).__name__,
+                  method.decode("latin-1"), path[:200], status,
+                  1000 * (self._loop.time() - started), size)
+
   async def _send(self, conn: h11.Connection, writer: asyncio.StreamWriter, status: int,
                   body: bytes, method: bytes, close: bool = False,
-                  extra: Sequence[tuple[str, str]] = ()) -> None:
+                  extra: Sequence[tuple[str, str]] = (),
+                  request: tuple[str, float] | None = None) -> None:
+    """Answers; `request` = (path, start time) logs the exchange (ServiceConfig.log_requests)."""
+    if request is not None:
+      self._log_request(method, request[0], status, request[1], len(body))
     headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
                *extra]
     if close:
@@ -389,9 +409,10 @@ class RetrievalServer:
     """Reads one request's body and answers it; False when the connection must close."""
     method = request.method
     path = request.target.decode("latin-1").split("?", 1)[0]
+    logged = (path, self._loop.time())
 
     async def error(status, message, extra=()):  # The body may be unread: close after.
-      await self._send(conn, writer, status, _error_body(message), method, True, extra)
+      await self._send(conn, writer, status, _error_body(message), method, True, extra, logged)
       return False
 
     if request.http_version not in (b"1.0", b"1.1"):
@@ -435,14 +456,14 @@ class RetrievalServer:
         if path == "/health":  # a router asks its shards: not in the event loop
           status, body = await asyncio.get_running_loop().run_in_executor(self._pool,
                                                                            self.health)
-        await self._send(conn, writer, status, body, method)
+        await self._send(conn, writer, status, body, method, request=logged)
         return True
       if path == "/search":
         status, body = await self._search(b"".join(parts))
       else:
         status, body = await self._retrieve(b"".join(parts))
       del parts
-      await self._send(conn, writer, status, body, method)
+      await self._send(conn, writer, status, body, method, request=logged)
       return True
     except _Timeout:
       return await error(408, f"request body not received within "

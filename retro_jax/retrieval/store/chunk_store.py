@@ -27,8 +27,8 @@ once `manifest.json` is written: a directory named `out_dir` is always complete.
 build leaves only the temporary directory (removed by the next build); a finished store with
 the same tokenizer, chunk size and source is reused, not rebuilt.
 
-Consumers compare manifests with `check_compatible` (tokenizer identity, chunk size) and get
-a `ManifestMismatchError` naming both values when they differ.
+Consumers compare manifests with `provenance.check_compatible` (tokenizer identity, chunk
+size) and get a `ManifestMismatchError` naming both values when they differ.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ import numpy as np
 import tqdm
 
 from retro_jax import fileio
+from retro_jax import provenance
 from retro_jax.fileio import ManifestError
 from retro_jax.fileio import ManifestMismatchError
 from retro_jax.retrieval.store import corpus as corpus_lib
@@ -66,8 +67,8 @@ ARRAYS = {  # name -> (dtype, number of dimensions)
 KEYS_FILE = "doc_keys.txt"
 
 __all__ = [
-    "ChunkStore", "build_chunk_store", "chunk_text", "chunk_tokens", "check_compatible",
-    "check_chunk_size", "check_tokenizer", "ManifestError", "ManifestMismatchError",
+    "ChunkStore", "build_chunk_store", "chunk_text", "chunk_tokens", "ManifestError",
+    "ManifestMismatchError",
 ]
 
 
@@ -100,49 +101,6 @@ def _require_eos(tokenizer: tokenizer_lib.LMTokenizer) -> int:
     raise tokenizer_lib.TokenizerError(
         f"{tokenizer!r} has no eos token; chunk stores end every document with one.")
   return tokenizer.eos_id
-
-
-# --- Compatibility checks --------------------------------------------------------------------
-
-def check_chunk_size(a: int, b: int, name_a: str, name_b: str) -> None:
-  """Raises ManifestMismatchError if two chunk sizes differ, naming both."""
-  if int(a) != int(b):
-    raise ManifestMismatchError(
-        f"chunk size mismatch: {name_a} has chunk_size={a} but {name_b} has chunk_size={b}")
-
-
-def check_tokenizer(a: Mapping[str, Any], b: Mapping[str, Any], name_a: str,
-                    name_b: str) -> None:
-  """Raises ManifestMismatchError if two tokenizer identities differ (file name ignored)."""
-  if not tokenizer_lib.same_tokenizer(a, b):
-    def short(t):
-      return (f"{t.get('kind')} {t.get('file_name')} (sha256 {str(t.get('sha256'))[:12]}..., "
-              f"vocab_size {t.get('vocab_size')})")
-    raise ManifestMismatchError(
-        f"tokenizer mismatch: {name_a} uses {short(a)} but {name_b} uses {short(b)}")
-
-
-def check_compatible(manifest_a: Mapping[str, Any], manifest_b: Mapping[str, Any],
-                     what: tuple[str, str] | str = ("first", "second")) -> None:
-  """Checks that two manifests (chunk stores, or anything recording `tokenizer` and
-  `chunk_size`) may be mixed: same tokenizer identity and same chunk size.
-
-  Args:
-    manifest_a, manifest_b: manifest dicts; a field missing from either is not compared.
-    what: names of the two sides for the error message, e.g. ("database", "query set"),
-      or one string "A vs B".
-  Raises:
-    ManifestMismatchError naming both values.
-  """
-  if isinstance(what, str):
-    name_a, _, name_b = what.partition(" vs ")
-    name_b = name_b or "the other"
-  else:
-    name_a, name_b = what
-  if "chunk_size" in manifest_a and "chunk_size" in manifest_b:
-    check_chunk_size(manifest_a["chunk_size"], manifest_b["chunk_size"], name_a, name_b)
-  if manifest_a.get("tokenizer") and manifest_b.get("tokenizer"):
-    check_tokenizer(manifest_a["tokenizer"], manifest_b["tokenizer"], name_a, name_b)
 
 
 # --- Streaming .npy writer -------------------------------------------------------------------
@@ -264,7 +222,7 @@ def build_chunk_store(documents: Iterable[corpus_lib.Document],
       return build_chunk_store(documents, tokenizer, out_dir, chunk_size, overwrite=True,
                                batch_documents=batch_documents, batch_bytes=batch_bytes,
                                progress=progress)
-    check_compatible(existing.manifest, {"chunk_size": chunk_size,
+    provenance.check_compatible(existing.manifest, {"chunk_size": chunk_size,
                                          "tokenizer": tokenizer.identity()},
                      (f"existing store {out_dir}", "this build"))
     if source is not None and existing.manifest.get("source") != source:
@@ -438,10 +396,12 @@ class ChunkStore:
     if verify:
       store.verify()
     if chunk_size is not None:
-      check_chunk_size(store.chunk_size, chunk_size, f"chunk store {path}", "the caller")
+      provenance.check_chunk_size(store.chunk_size, chunk_size, f"chunk store {path}",
+                                  "the caller")
     if tokenizer is not None:
       ident = tokenizer if isinstance(tokenizer, Mapping) else tokenizer.identity()
-      check_tokenizer(manifest["tokenizer"], ident, f"chunk store {path}", "the given tokenizer")
+      provenance.check_tokenizer(manifest["tokenizer"], ident, f"chunk store {path}",
+                                 "the given tokenizer")
     return store
 
   @property

@@ -99,6 +99,34 @@ def is_hf_dataset_dir(path: str) -> bool:
        os.path.exists(os.path.join(path, "dataset_info.json"))))
 
 
+def hf_splits(path: str) -> list[str] | None:
+  """The splits of a saved `DatasetDict` (from its dataset_dict.json, without importing
+  `datasets`); None for a single saved `Dataset`."""
+  meta = os.path.join(path, "dataset_dict.json")
+  if not os.path.exists(meta):
+    return None
+  with open(meta, encoding="utf-8") as f:
+    return sorted(json.load(f).get("splits", []))
+
+
+def check_split(source: "Source", split: str | None) -> None:
+  """Before any work: a `DatasetDict` of several splits needs `split` (else every split,
+  test included, would go into one store), and a named split must exist."""
+  for kind, path in resolve_sources(source):
+    if kind != "hf":
+      continue
+    names = hf_splits(path)
+    if names is None:
+      continue
+    if split is None and len(names) > 1:
+      raise CorpusError(
+          f"{path} is a DatasetDict with splits {names}: choose one with --split (e.g. "
+          f"--split={'train' if 'train' in names else names[0]} for the database, and the "
+          "held-out split for retro-chunk-store)")
+    if split is not None and split not in names:
+      raise CorpusError(f"--split={split}: {path} has the splits {names}")
+
+
 def _walk_files(directory: str) -> list[str]:
   """All regular files under `directory`, hidden files/dirs left out, sorted."""
   out = []
@@ -204,6 +232,9 @@ def _read_hf(path: str, text_field: str, stats: CorpusStats,
         "installed: pip install 'retro_jax[datasets]'") from e
   loaded = datasets.load_from_disk(path)
   if isinstance(loaded, datasets.DatasetDict):
+    if split is None and len(loaded) > 1:
+      raise CorpusError(f"{path} is a DatasetDict with splits {sorted(loaded)}: choose one "
+                        "with --split")
     names = sorted(loaded) if split is None else [split]
     for name in names:
       if name not in loaded:
@@ -272,6 +303,8 @@ class Corpus:
   def __init__(self, source: Source, text_field: str = "text", fmt: str = "auto",
                split: str | None = None):
     resolve_sources(source)  # fail early on bad paths.
+    if fmt in ("auto", "hf"):
+      check_split(source, split)  # and on a DatasetDict without a split
     self.source, self.text_field, self.fmt, self.split = source, text_field, fmt, split
     self.stats = CorpusStats()
 

@@ -6,7 +6,8 @@ Llama, ...), so a model can reuse a published vocabulary.
 
 Every artefact built from tokens (chunk stores, neighbor files, checkpoints) records
 `LMTokenizer.identity()` — kind, file name, sha256 of the file, vocabulary size — and
-consumers compare identities (`same_tokenizer`), never file names, before mixing tokens.
+consumers compare identities (retro_jax/provenance.py), never file names, before mixing
+tokens.
 
 SentencePiece conventions we train with (fixed; the model and the data pipeline rely on
 them): pad=0, unk=1, bos=2, eos=3, byte fallback on (every UTF-8 text encodes without
@@ -188,12 +189,6 @@ def load_tokenizer(path: str, **kwargs) -> LMTokenizer:
     return HFTokenizer(path, **kwargs)
   raise TokenizerError(f"Unknown tokenizer file type: {path} (expected a SentencePiece "
                        "'.model' file or a Hugging Face 'tokenizer.json').")
-
-
-def same_tokenizer(a: dict, b: dict) -> bool:
-  """Whether two `identity()` dicts denote the same tokenizer (file name ignored)."""
-  keys = ("kind", "sha256", "vocab_size")
-  return all(a.get(k) == b.get(k) for k in keys)
 
 
 def _training_sentences(texts: Iterable[str], max_sentence_bytes: int) -> Iterator[str]:

@@ -1,0 +1,1 @@
+"""Pretrained LMs in and out: Hugging Face safetensors and GGUF (import), HF (export)."""

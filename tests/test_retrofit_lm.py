@@ -1,0 +1,95 @@
+"""RETRO-fitting an imported pretrained LM (retrofit.checkpoint + retrofit.inherit_decoder):
+with the CCA gate closed (step 0) or retrieval off, the model is the pretrained LM exactly;
+training moves only the new parameters; the database must use the LM's tokenizer."""
+
+import flax
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import fixtures_data as fx
+import lm_fixtures as lf
+from retro_jax import fileio
+from retro_jax.inference import checkpoints
+from retro_jax.model import Retro
+from retro_jax.pretrained import workdir as workdir_lib
+from retro_jax.training import trainer
+
+fx.enable_compilation_cache()
+
+
+def _flat(params):
+  return {"/".join(p): np.asarray(v) for p, v in
+          flax.traverse_util.flatten_dict(flax.core.unfreeze(params)).items()}
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+  root = tmp_path_factory.mktemp("lm")
+  lf.hf_model(str(root / "hf"), "llama_tied", seed=11)
+  wd = str(root / "wd")
+  summary = workdir_lib.import_lm(str(root / "hf"), wd, chunk_size=8)
+  paths = fx.build_dataset(str(root / "data"), tokenizer=summary["tokenizer"])
+  return wd, paths
+
+
+def _fit_config(paths, wd, **changes):
+  cfg = fx.tiny_config(paths, num_steps=8, checkpoint_every=100, log_every=100, **changes)
+  cfg.model.cca_gate = True
+  cfg.retrofit.checkpoint = wd
+  cfg.retrofit.inherit_decoder = True
+  return cfg
+
+
+def test_retrofitted_lm_starts_as_the_lm_and_trains_only_new_parameters(imported, tmp_path):
+  wd, paths = imported
+  lm = checkpoints.load_model(wd)
+  cfg = _fit_config(paths, wd)
+  start_out = trainer.train_and_evaluate(cfg, str(tmp_path / "fit0"), stop_after=0)
+  start = start_out["state"].params
+  model_cfg = trainer.inherit_decoder(cfg, trainer.train_config.model_config(cfg))
+  assert model_cfg.positional == "rope" and model_cfg.tie_embeddings and model_cfg.uses_retrieval
+
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 260, (2, 24))
+  neighbors = rng.integers(0, 260, (2, 3, 2, 16))
+  pretrained = np.asarray(Retro(lm.config).apply({"params": lm.params}, tokens, None))
+  gate_closed = np.asarray(Retro(model_cfg).apply({"params": start}, tokens, neighbors))
+  np.testing.assert_array_equal(gate_closed, pretrained)  # step 0 is the pretrained LM
+
+  out = trainer.train_and_evaluate(cfg, str(tmp_path / "fit"), stop_after=3)
+  end = _flat(out["state"].params)
+  base = _flat(lm.params)
+  for name, value in base.items():
+    np.testing.assert_array_equal(end[name].view(np.uint32), value.view(np.uint32), name)
+  new = sorted(set(end) - set(base))
+  s0 = _flat(start)
+  assert [n for n in new if np.array_equal(s0[n], end[n])] == []
+  assert any("cca_gate" in n for n in new) and any(n.startswith("encoder/") for n in new)
+  off = np.asarray(Retro(model_cfg).apply({"params": out["state"].params}, tokens, None))
+  np.testing.assert_array_equal(off, pretrained)  # retrieval off: still the pretrained LM
+  on = np.asarray(Retro(model_cfg).apply({"params": out["state"].params}, tokens, neighbors))
+  assert np.abs(on - pretrained).max() > 0  # the gate opened: neighbors now reach the logits
+
+
+def test_a_database_with_another_tokenizer_is_refused(imported, tmp_path):
+  wd, _ = imported
+  other = fx.build_dataset(str(tmp_path / "data"))  # the byte-level fixture tokenizer
+  with pytest.raises(fileio.ManifestMismatchError, match="tokenizer mismatch: retrofit"):
+    trainer.train_and_evaluate(_fit_config(other, wd), str(tmp_path / "fit"), stop_after=0)
+
+
+def test_frozen_labels_are_the_same_with_scanned_layers():
+  """retrofit_labels freeze exactly the decoder (embedding, attention, MLP, norms) and train
+  the encoder and every CCA sublayer, in the per-layer and in the scan_layers layout."""
+  from retro_jax import config as config_lib
+  from retro_jax.training import optim
+  cfg = config_lib.get_preset("tiny-llama", num_layers=6, cca_layers=(2, 4, 6), cca_gate=True)
+  for c in (cfg, cfg.replace(scan_layers=True)):
+    labels = {"/".join(p): v for p, v in flax.traverse_util.flatten_dict(
+        flax.core.unfreeze(trainer.retrofit_labels(c, unfreeze_decoder=False))).items()}
+    new = {n for n in labels if n.startswith("encoder/") or "/cca" in n}
+    assert new and len(new) < len(labels)
+    assert {n for n, v in labels.items() if v == optim.TRAINABLE} == new, c.scan_layers
