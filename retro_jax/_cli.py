@@ -18,8 +18,10 @@ given).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import sys
+import threading
 import types
 import typing
 from typing import Any, Callable, Mapping, Sequence
@@ -135,6 +137,7 @@ def run(main: Callable[[list[str]], Any], prog: str, errors: Sequence[str] = (),
   except ValueError as e:
     fail(prog, e)
   host_malloc.reexec_with_tuned_malloc()
+  _quiet_after_disk_full()
 
   def parse(argv: list[str]) -> list[str]:
     try:
@@ -165,6 +168,59 @@ def run(main: Callable[[list[str]], Any], prog: str, errors: Sequence[str] = (),
       raise
 
   app.run(guarded, flags_parser=parse)
+
+
+def _disk_full(error: BaseException | None) -> bool:
+  fileio = sys.modules.get("retro_jax.fileio")  # imported by every job that writes
+  return bool(error is not None and fileio is not None and fileio.is_disk_full(error))
+
+
+class _DiskFullRecords(logging.Filter):
+  """Drops log records whose traceback is a full disk (asyncio's "exception was never
+  retrieved", a library thread's error): the command reports it once, in one line."""
+
+  def filter(self, record):
+    if record.exc_info and _disk_full(record.exc_info[1]):
+      logging.getLogger("retro_jax").debug("disk full: %s", record.getMessage(),
+                                           exc_info=record.exc_info)
+      return False
+    return True
+
+
+def _quiet_after_disk_full() -> None:
+  """A full disk fails every writer at once (checkpoint threads, TensorBoard's writer
+  thread, atexit flushes): their tracebacks go to DEBUG, and the command's one line
+  `<prog>: error: ... the disk is full ...` stays the only thing printed."""
+  for name in ("", "asyncio", "absl"):
+    logging.getLogger(name).addFilter(_DiskFullRecords())
+  thread_hook, unraisable_hook = threading.excepthook, sys.unraisablehook
+
+  def on_thread_error(args):
+    if _disk_full(args.exc_value):
+      logging.getLogger("retro_jax").debug("disk full in thread %s", args.thread,
+                                           exc_info=(args.exc_type, args.exc_value,
+                                                     args.exc_traceback))
+      return
+    thread_hook(args)
+
+  def on_unraisable(args):
+    if _disk_full(args.exc_value):
+      return
+    unraisable_hook(args)
+
+  excepthook = sys.excepthook
+
+  def on_printed_error(exc_type, value, tb):  # what a C extension's callback prints
+    fileio = sys.modules.get("retro_jax.fileio")
+    echo = (isinstance(value, RuntimeError) and "Event loop is closed" in str(value)
+            and fileio is not None and fileio.disk_full_seen)  # a write's callback after
+    if _disk_full(value) or echo:                             # the loop gave up on it
+      logging.getLogger("retro_jax").debug("after a full disk", exc_info=(exc_type, value, tb))
+      return
+    excepthook(exc_type, value, tb)
+
+  threading.excepthook, sys.unraisablehook = on_thread_error, on_unraisable
+  sys.excepthook = on_printed_error
 
 
 # --- Flags from a config dataclass ----------------------------------------------------------

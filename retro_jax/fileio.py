@@ -15,6 +15,7 @@ under a temporary sibling and swapped in by `replace_directory`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -46,23 +47,103 @@ class ManifestMismatchError(ValueError):
   """Two artefacts that must agree do not; the message names both values."""
 
 
+class DiskFullError(OSError):
+  """A write ran out of space; the message names the file and says the disk is full."""
+
+  def __str__(self):
+    return str(self.strerror)
+
+
 # --- Atomic writes ------------------------------------------------------------------------
+
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+disk_full_seen = False  # set once a full disk was recognised (the CLI quiets its echoes)
+
+
+def is_disk_full(error: BaseException) -> bool:
+  """Whether `error` (or what caused it: orbax, tensorstore and Beam wrap the OSError) says
+  the disk is full: ENOSPC / EDQUOT, their message, or numpy's short write."""
+  full = _is_disk_full(error)
+  if full:
+    global disk_full_seen
+    disk_full_seen = True
+  return full
+
+
+def _is_disk_full(error: BaseException | None) -> bool:
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, DiskFullError):
+      return True
+    if isinstance(error, OSError) and error.errno in _FULL_ERRNOS:
+      return True
+    text = str(error)
+    if ("No space left on device" in text or "Disk quota exceeded" in text
+        or ("requested and" in text and "written" in text)):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def disk_full_error(path: str, error: BaseException | None = None) -> DiskFullError:
+  """The one-line error for a write of `path` that ran out of space."""
+  where = os.path.dirname(os.path.abspath(path)) or "."
+  try:
+    free = f"{shutil.disk_usage(where).free / 2**20:.1f} MiB free"
+  except OSError:
+    free = "free space unknown"
+  detail = f" ({first_line(error)})" if error is not None and not isinstance(
+      error, DiskFullError) else ""
+  return DiskFullError(errno.ENOSPC, f"{path}: the disk is full ({free} on that "
+                       f"filesystem){detail}; free space (or write elsewhere) and rerun the "
+                       "same command: finished parts are kept")
+
+
+@contextlib.contextmanager
+def disk_full_named(path: str) -> Iterator[None]:
+  """Turns a disk-full error raised inside into one `DiskFullError` naming `path` (the full
+  traceback goes to the log at debug level)."""
+  try:
+    yield
+  except DiskFullError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (numpy, scann, orbax wrap OSError)
+    if not is_disk_full(e):
+      raise
+    import logging as _pylogging  # pylint: disable=g-import-not-at-top
+    _pylogging.getLogger(__name__).debug("disk full writing %s", path, exc_info=True)
+    raise disk_full_error(path, e) from None
+
+
+def preallocate(f, nbytes: int) -> None:
+  """Reserves `nbytes` for the open file `f` (posix_fallocate): a disk too small fails here,
+  at once, with ENOSPC, not after hours of work.  A filesystem without fallocate is fine."""
+  if nbytes <= 0 or not hasattr(os, "posix_fallocate"):
+    return
+  try:
+    os.posix_fallocate(f.fileno(), 0, int(nbytes))
+  except OSError as e:
+    if e.errno in _FULL_ERRNOS:
+      raise
 
 def _atomic_write(path: str, write: Callable[[Any], None]) -> None:
   """Calls `write(f)` on a temporary file next to `path`, fsyncs it and renames it there."""
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(OSError):
-      os.remove(tmp)
-    raise
+  with disk_full_named(path):
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".",
+                               suffix=".tmp")
+    try:
+      with os.fdopen(fd, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(tmp, path)
+    except BaseException:
+      with contextlib.suppress(OSError):
+        os.remove(tmp)
+      raise
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
@@ -136,8 +217,9 @@ def atomic_directory(path: str) -> Iterator[str]:
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(dir=parent, prefix=os.path.basename(path) + ".", suffix=".tmp")
   try:
-    yield tmp
-    replace_directory(tmp, path)
+    with disk_full_named(path):
+      yield tmp
+      replace_directory(tmp, path)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
@@ -179,6 +261,10 @@ def read_json(path: str, what: str = "manifest", how_to_build: str | None = None
   try:
     with open(path, encoding="utf-8") as f:
       return json.load(f)
+  except UnicodeDecodeError as e:
+    raise ManifestError(f"{what} at {path} is not UTF-8 text (byte {e.start}: "
+                        f"{e.object[e.start:e.start + 1]!r}); rewrite it, or rebuild what made "
+                        "it") from None
   except (OSError, json.JSONDecodeError) as e:
     raise ManifestError(f"{what} at {path} is unreadable: {e}") from e
 

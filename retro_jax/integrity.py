@@ -23,13 +23,24 @@ file (ok, or BAD with the reason and the fix):
 
 Everything is read whole: this is the slow, complete check that services (which only
 memory-map) and interactive tools skip.
+
+`check_contents(...)` is the part of it every long consumer (train, evaluate, generate,
+serve) runs at start on exactly what it will read: the recorded sha256 of the chunk stores'
+arrays (tokens.npy, doc_ids.npy), of embeddings.npy and of every index file (index/
+dataset.npy ...), and of the neighbors arrays.  A same-shape corruption (rows reordered,
+valid ids) passes every shape and range check and would change the answers silently; the
+hashes see it.  Checkpoints carry their own fingerprint (training/checkpoint.py).  Each
+command's `--skip_content_check` skips it (for a file already checked, e.g. by `verify`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Callable, Iterable
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+from absl import logging
 
 import jax
 import numpy as np
@@ -230,7 +241,8 @@ def check_sharded_database(path: str) -> list[Finding]:
   where = os.path.join(path, sharded.SHARDS_FILE)
   out = [_one(where, lambda: sharded.ShardedDatabase.open(path))]
   try:
-    names = [s["name"] for s in fileio.read_json(where).get("shards") or []]
+    names = [sharded.checked_shard_name(s, where)
+             for s in fileio.read_json(where).get("shards") or []]
   except (ValueError, OSError, KeyError, TypeError, AttributeError):
     return out
   for name in names:
@@ -339,6 +351,11 @@ def check_workdir(path: str) -> list[Finding]:
       if os.path.exists(tok_path):
         out.append(_one(tok_path, lambda p=tok_path, t=tok: fileio.check_sha256(
             p, t.get("sha256"), "copy the training database's tokenizer file there again")))
+      else:
+        out.append(Finding(tok_path, False, "missing: the tokenizer copy training made is "
+                           "gone (evaluate and generate need it once the training database "
+                           "is gone); copy the training database's tokenizer file "
+                           f"{tok['file_name']} there again"))
     break
   return out
 
@@ -347,3 +364,102 @@ def report(findings: Iterable[Finding]) -> tuple[list[str], bool]:
   """(lines, all ok)."""
   findings = list(findings)
   return [f.line() for f in findings], all(f.ok for f in findings)
+
+
+# --- The content check every long consumer runs at start -----------------------------------
+
+SKIP_FLAG = "--skip_content_check"
+DB_PARTS = ("chunks", "embeddings", "index")
+
+
+class ContentError(fileio.ManifestError):
+  """A file's content no longer hashes to what its manifest records (same-shape damage)."""
+
+
+def _shards(db) -> list:
+  return list(getattr(db, "shards", None) or [db])
+
+
+def check_contents(*, db: Any = None, db_parts: Sequence[str] = ("chunks",),
+                   neighbors: Sequence[str] = (), stores: Sequence[Any] = (),
+                   skip: bool = False, job: str = "this job") -> float:
+  """Recomputes the recorded sha256 of every file a long job is about to read; returns the
+  seconds it took (0 when `skip`).
+
+  Args:
+    db: an opened database (`database.Database` or `sharded.ShardedDatabase`); every shard.
+    db_parts: which of its files the job reads: "chunks" (tokens.npy, doc_ids.npy),
+      "embeddings" (embeddings.npy), "index" (every file under index/).
+    neighbors: neighbors directories (whole or Beam-sharded layout).
+    stores: opened chunk stores read besides the database's (an evaluation store).
+    skip: do nothing (the command's --skip_content_check).
+    job: the command, for the log line.
+  Raises:
+    ContentError naming the file, the mismatch and the fix.
+  """
+  if skip:
+    logging.info("%s: content check skipped (%s)", job, SKIP_FLAG)
+    return 0.0
+  unknown = set(db_parts) - set(DB_PARTS)
+  if unknown:
+    raise ValueError(f"unknown database parts {sorted(unknown)}; known: {DB_PARTS}")
+  start, nbytes, unrecorded = time.perf_counter(), [0], []
+
+  def sha(path: str, expected: str | None, fix: str, data: Any = None) -> None:
+    """The file's sha256 (or, for a chunk store array `data`, that of its raw data)."""
+    if not expected:
+      unrecorded.append(path)
+      return
+    nbytes[0] += os.path.getsize(path)
+    got = (chunk_store_lib._data_sha256(data) if data is not None  # pylint: disable=protected-access
+           else fileio.file_sha256(path))
+    if got != expected:
+      raise ContentError(f"{path} is damaged: its content sha256 {got[:16]}... does not "
+                         f"match the recorded {str(expected)[:16]}... (it changed after it "
+                         f"was built: rows reordered or overwritten); {fix}")
+
+  def store_arrays(store) -> None:
+    for s in _shards_of_store(store):
+      want = s.manifest.get("sha256") or {}
+      for name in ("tokens", "doc_ids"):
+        sha(os.path.join(s.path, name + ".npy"), want.get(name),
+            "the chunk store is damaged: rebuild it (build_db for a database)",
+            data=getattr(s, name))
+
+  if db is not None:
+    for shard in _shards(db):
+      fix = database_lib.rebuild_hint(shard.path)
+      if "chunks" in db_parts:
+        store_arrays(shard.store)
+      if "embeddings" in db_parts:
+        sha(os.path.join(shard.path, "embeddings.npy"),
+            (shard.manifest.get("embedding") or {}).get("sha256"), fix)
+      if "index" in db_parts:
+        index_dir = os.path.join(shard.path, "index")
+        man = fileio.read_manifest(index_dir, "index manifest", database_lib.BUILD_COMMAND)
+        for rel, want in sorted((man.get("files") or {}).items()):
+          sha(os.path.join(index_dir, rel), (want or {}).get("sha256"), fix)
+  for store in stores:
+    store_arrays(store)
+  for directory in neighbors:
+    man = fileio.read_manifest(directory, "neighbors manifest", neighbors_lib.BUILD_COMMAND)
+    fix = f"delete {directory} and rebuild it with {neighbors_lib.BUILD_COMMAND}"
+    if "shards" in man:
+      for e in man["shards"]:
+        for name in ("neighbors", "distances"):
+          sha(os.path.join(directory, e[name]), (e.get("sha256") or {}).get(name), fix)
+    else:
+      for name in ("neighbors", "distances"):
+        sha(os.path.join(directory, name + ".npy"), (man.get("sha256") or {}).get(name), fix)
+  seconds = time.perf_counter() - start
+  if unrecorded:
+    logging.warning("%s: %d file(s) record no sha256 and were not checked, e.g. %s (rebuild "
+                    "them to record one)", job, len(unrecorded), unrecorded[0])
+  logging.info("%s: content check of %.1f MB in %.2f s (%s skips it)", job, nbytes[0] / 1e6,
+               seconds, SKIP_FLAG)
+  return seconds
+
+
+def _shards_of_store(store) -> list:
+  """The plain chunk stores behind `store` (a sharded database's store concatenates some)."""
+  return list(getattr(store, "stores", None) or [store])

@@ -13,9 +13,11 @@ server.py for the endpoints, limits and timeouts).  One such service per shard o
 database, and this command with --shard_addresses (a JSON file {shard name: URL}) or
 --shards=NAME=URL,... in front, serve it sharded (retro_jax/retrieval/serve/router.py).
 The database is opened with the checks every consumer runs (manifests against chunks,
-shapes, index file sizes), but memory-mapped, not hashed whole: `python -m retro_jax.verify
-DB_DIR` is the complete check.  Binds 127.0.0.1 unless told otherwise: there is no
-authentication.
+shapes, index file sizes), then a service recomputes the recorded sha256 of the chunk store
+and index files it serves from (`integrity.check_contents`: rows reordered in place would
+otherwise change every answer silently; --skip_content_check skips it); `python -m
+retro_jax.verify DB_DIR` is the complete check.  Binds 127.0.0.1 unless told otherwise:
+there is no authentication.
 """
 
 from absl import logging
@@ -41,7 +43,11 @@ def start(config: ServeConfig) -> server_lib.RetrievalServer:
         address_file=config.shard_addresses, allow_partial=config.allow_partial,
         reload_interval=config.reload_interval, timeout=config.shard_timeout,
         embedder=embedder, host=config.host, port=config.port, config=config.service())
-  retriever = retriever_lib.Retriever.open(access.open_database(config.db), embedder=embedder)
+  db = access.open_database(config.db)
+  from retro_jax import integrity  # pylint: disable=g-import-not-at-top
+  integrity.check_contents(db=db, db_parts=("chunks", "index"),
+                           skip=config.skip_content_check, job="serve")
+  retriever = retriever_lib.Retriever.open(db, embedder=embedder)
   return server_lib.RetrievalServer(retriever, config.host, config.port,
                                     config=config.service())
 

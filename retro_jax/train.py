@@ -31,6 +31,10 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0 (multi-host; else auto-detected).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes (multi-host).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+_SKIP_CONTENT_CHECK = flags.DEFINE_bool(
+    "skip_content_check", False, "Do not recompute the recorded sha256 of the chunk store and "
+    "neighbors arrays, nor the resumed checkpoint's fingerprint, at start (seconds per GB; "
+    "skip only for files `python -m retro_jax.verify` has just checked).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 # trainer.USER_ERRORS beyond ValueError and OSError, which _cli.run reports anyway.
@@ -49,7 +53,8 @@ def main(argv):
   if remote.is_url(cfg.retrofit.checkpoint):
     cfg.retrofit.checkpoint = remote.stage_in(cfg.retrofit.checkpoint)
   summary = trainer.run(cfg, _WORKDIR.value, coordinator_address=_COORDINATOR.value,
-                        num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+                        num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+                        check_contents=not _SKIP_CONTENT_CHECK.value)
   logging.info("finished at step %d%s", summary["step"],
                " (preempted: checkpoint saved)" if summary["preempted"] else "")
 

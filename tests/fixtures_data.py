@@ -142,6 +142,8 @@ def write_neighbors(out_dir: str, query_dir: str, db_dir: str, k: int,
       "tokenizer": db_manifest["tokenizer"], "embedder": {"name": "byte-histogram"},
       "index_id": "brute-force-test", "distance": "neg_cosine",
       "exclude_same_document": exclude_same_doc,
+      "sha256": {name: manifest_lib.file_sha256(os.path.join(out_dir, name + ".npy"))
+                 for name in ("neighbors", "distances")},
   }
   manifest_lib.atomic_write_json(os.path.join(out_dir, "manifest.json"), manifest)
   return out

@@ -135,7 +135,7 @@ def largest_index_file(db: str) -> str:
 
 def test_out_of_vocab_tokens_stop_evaluation_naming_the_file(clean, tmp_path):
   db = copy_db(clean, tmp_path)
-  tokens = out_of_vocab(db)
+  tokens = out_of_vocab_rehashed(db)  # hashes match: the id check must see it
   workdir = save_workdir(str(tmp_path / "retro"), TINY, _params(TINY), db)
   before = tree_hash(db, clean["corpus"])
   with pytest.raises(ValueError) as e:
@@ -151,7 +151,7 @@ def test_out_of_vocab_tokens_stop_evaluation_naming_the_file(clean, tmp_path):
 
 def test_out_of_vocab_tokens_stop_generation_cli_in_one_line(clean, tmp_path):
   db = copy_db(clean, tmp_path)
-  tokens = out_of_vocab(db)
+  tokens = out_of_vocab_rehashed(db)  # hashes match: the id check must see it
   workdir = save_workdir(str(tmp_path / "retro"), TINY, _params(TINY), db)
   before = tree_hash(db)
   prompt = " ".join(["alpha beta gamma delta"] * 6)

@@ -140,11 +140,13 @@ def test_router_answers_like_one_index_over_the_union(dbs):
     _same_or_tied(got, ref.retrieve_texts(texts, 3))
     answer = remote._request("/retrieve", {"texts": texts, "k": 2, "return_texts": True})  # pylint: disable=protected-access
     keys = local.store.doc_keys
-    assert answer["doc_keys"][0][0] == keys[int(local.store.doc_ids[answer["ids"][0][0]])]
+    # The document's key, given relative to its corpus (no absolute path leaves the service).
+    assert answer["doc_keys"][0][0] == router.handler.public(
+        keys[int(local.store.doc_ids[answer["ids"][0][0]])])
     health = remote.health()
     assert health["num_chunks"] == local.store.num_chunks
     assert [s["name"] for s in health["shards"]] == ["shard-00000", "shard-00001"]
-    assert remote.manifest == local.manifest  # shards.json
+    assert remote.manifest == router.handler.public_manifest(local.manifest)  # shards.json
     # The router's own /search answers in global ids.
     x = local.embed_chunks(queries[:2])
     ans = remote._request("/search", {"embeddings": x.tolist(), "k": 3})  # pylint: disable=protected-access

@@ -244,6 +244,114 @@ MUTATIONS: tuple[Mutation, ...] = (
        "retro_jax/retrieval/db/sharded.py", [
         ("kk = min(k + len(dropped), ix.num_vectors)", "kk = min(k, ix.num_vectors)"),
     ], "tests/test_sharded.py::test_dropped_documents_are_never_retrieved"),
+    # --- no silent wrong answer (issue #36) ---------------------------------------------------
+    _m("content check compares nothing (same-shape damage passes)", "retro_jax/integrity.py", [
+        ("    if got != expected:\n      raise ContentError(",
+         "    if False:\n      raise ContentError("),
+    ], "tests/test_content_check.py::test_reordered_tokens_stop_evaluate_and_generate",
+       "tests/test_content_check.py::test_train_refuses_reordered_rows"),
+    _m("live retrieval skips the index files' hashes", "retro_jax/inference/session.py", [
+        ('db_parts=("chunks", "index") if local else ("chunks",)', 'db_parts=("chunks",)'),
+    ], "tests/test_content_check.py::test_reordered_index_file_stops_live_retrieval"),
+    _m("serve starts without the content check", "retro_jax/serve.py", [
+        ('skip=config.skip_content_check, job="serve"', 'skip=True, job="serve"'),
+    ], "tests/test_content_check.py::test_serve_cli_refuses_a_reordered_index_in_one_line"),
+    _m("train checks neither neighbors file", "retro_jax/training/trainer.py", [
+        ("      neighbors=[n for n in (k and d.neighbors_dir,", "      neighbors=[n for n in (None,"),
+        ("k and d.eval_chunks_dir and\n                             d.eval_neighbors_dir) if n],",
+         "None) if n],"),
+    ], "tests/test_content_check.py::test_train_refuses_reordered_rows"),
+    _m("checkpoint fingerprint not position-weighted (a row swap passes)",
+       "retro_jax/training/checkpoint.py", [
+        ("return jnp.sum((bits ^ (bits >> 15)) * weight, dtype=jnp.uint32)",
+         "return jnp.sum((bits ^ (bits >> 15)), dtype=jnp.uint32)"),
+        ("np.sum((b ^ (b >> np.uint32(15))) * weight, dtype=np.uint32)",
+         "np.sum((b ^ (b >> np.uint32(15))), dtype=np.uint32)"),
+    ], "tests/test_content_check.py::test_fingerprint_does_not_depend_on_sharding_and_sees_a_swap",
+       "tests/test_content_check.py::test_reordered_checkpoint_array_is_refused"),
+    _m("load_model does not fall back past a step without state/", "retro_jax/inference/checkpoints.py", [
+        ("      candidates = ckpt.all_steps()[::-1]", "      candidates = ckpt.all_steps()[::-1][:1]"),
+    ], "tests/test_content_check.py::test_evaluate_and_generate_fall_back_from_a_step_without_state_or_config"),
+    _m("ENOSPC not recognised as a full disk", "retro_jax/fileio.py", [
+        ("_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)", "_FULL_ERRNOS = (errno.EDQUOT,)"),
+    ], "tests/test_disk_full.py"),
+    _m("embeddings assembled through a writable memory map (SIGBUS on a full disk)",
+       "retro_jax/retrieval/jobs/build.py", [
+        ("          for lo in range(0, len(part), 1 << 16):",
+         "          np.lib.format.open_memmap(tmp + '.m', mode='w+', dtype=dtype, shape=(1, dim))\n"
+         "          for lo in range(0, len(part), 1 << 16):"),
+    ], "tests/test_disk_full.py::test_embedding_assembly_on_a_full_disk_is_one_line_not_sigbus"),
+    _m("checkpoint save errors not reduced to one disk-full line", "retro_jax/training/checkpoint.py", [
+        ("      if not fileio.is_disk_full(e):\n        raise\n      logging.debug(\"checkpoint save",
+         "      if True:\n        raise\n      logging.debug(\"checkpoint save"),
+    ], "tests/test_disk_full.py::test_checkpoint_save_on_a_full_disk"),
+    _m("a full disk's other tracebacks printed (threads, asyncio, atexit)", "retro_jax/_cli.py", [
+        ("  host_malloc.reexec_with_tuned_malloc()\n  _quiet_after_disk_full()\n",
+         "  host_malloc.reexec_with_tuned_malloc()\n"),
+    ], "tests/test_disk_full.py::test_a_command_on_a_full_disk_prints_one_line"),
+    _m("router merges an answer from another index (a service replaced on a shard address)",
+       "retro_jax/retrieval/serve/router.py", [
+        ('    if want is not None and answer.get("index_id") != want:', "    if False:"),
+    ], "tests/test_router_guard.py::test_a_service_replaced_on_a_shard_address_is_never_merged"),
+    _m("router passes on ids beyond a shard", "retro_jax/retrieval/serve/router.py", [
+        ("    if ids.size and (int(ids.min()) < -1 or int(ids.max()) >= n):", "    if False:"),
+    ], "tests/test_router_guard.py::test_ids_outside_a_shard_are_refused"),
+    _m("router /health does not ask the shards", "retro_jax/retrieval/serve/router.py", [
+        ("    states = list(self._fanout.map(lambda s: s.state(), index.shards))",
+         "    states = [dict(name=s.name, state=\"ok\") for s in index.shards]"),
+    ], "tests/test_router_guard.py::test_health_names_a_shard_that_is_down"),
+    _m("router keeps a stale reload_error", "retro_jax/retrieval/serve/router.py", [
+        ("      if self.reload_error is not None:  # repaired back", "      if False:  # repaired back"),
+    ], "tests/test_router_guard.py::test_a_repaired_shard_list_clears_the_reload_error"),
+    _m("service admits every big body at once (a burst of huge texts takes every worker)",
+       "retro_jax/retrieval/serve/server.py", [
+        ('object.__setattr__(self, "max_buffered_bytes", self.max_body_bytes + (4 << 20))',
+         'object.__setattr__(self, "max_buffered_bytes", 64 << 20)'),
+    ], "tests/test_service_burst.py::test_big_texts_leave_workers_to_a_small_query"),
+    _m("JSON bodies parsed whatever they hold (a 16 MiB bomb costs ~20x its size)",
+       "retro_jax/retrieval/serve/handler.py", [
+        ("    if values > limit:\n      brackets =", "    if False:\n      brackets ="),
+    ], "tests/test_service_burst.py::test_a_json_bomb_costs_a_fraction_of_its_size"),
+    _m("absolute corpus paths in /manifest and return_texts", "retro_jax/retrieval/serve/handler.py", [
+        ('    if not isinstance(text, str) or not os.path.isabs(text.split(":", 1)[0]):',
+         "    if True:"),
+    ], "tests/test_service_burst.py::test_no_absolute_corpus_path_leaves_the_service"),
+    _m("warm-up compiles one row per length only (a first burst waits for compiles)",
+       "retro_jax/retrieval/serve/server.py", [
+        ("    todo = [(size, length) for size in sizes for length in emb.buckets]", "    todo = []"),
+    ], "tests/test_service_burst.py::test_warm_up_covers_the_batch_shapes_or_health_says_so"),
+    _m("DirectRunner left to Beam (Prism download attempted)", "retro_jax/retrieval/jobs/beam.py", [
+        ('runner = _classic_direct_runner(options) if standard.runner == "DirectRunner" else None',
+         "runner = None"),
+    ], "tests/test_beam_local.py::test_direct_runner_opens_no_socket_beyond_loopback"),
+    _m("Beam workers outlive a killed driver", "retro_jax/retrieval/jobs/beam.py", [
+        ('      kwargs.setdefault("preexec_fn", _die_with_parent)\n', ""),
+    ], "tests/test_beam_local.py::test_workers_end_with_a_killed_driver"),
+    _m("shard names may leave the database (../)", "retro_jax/retrieval/db/sharded.py", [
+        ('  if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name\n',
+         '  if (not isinstance(name, str) or not name\n'),
+    ], "tests/test_artefact_edges.py::test_shard_names_cannot_leave_the_database"),
+    _m("dropped_documents beyond the database accepted", "retro_jax/retrieval/db/sharded.py", [
+        ("    if self.dropped_documents.size and (self.dropped_documents.min() < 0 or",
+         "    if False and (self.dropped_documents.min() < 0 or"),
+    ], "tests/test_artefact_edges.py::test_dropped_documents_out_of_range_fail_open_and_verify"),
+    _m("a rerun of a finished edit_db add adds the documents again", "retro_jax/retrieval/jobs/edit.py", [
+        ("  same = _same_documents(db, new)\n", "  same = None\n"),
+    ], "tests/test_artefact_edges.py::test_failed_add_leaves_nothing_and_a_finished_add_is_not_repeated"),
+    _m("a failed edit_db add keeps its half-built shard", "retro_jax/retrieval/jobs/edit.py", [
+        ("  except Exception:\n    shutil.rmtree(stage, ignore_errors=True)\n    raise\n",
+         "  except Exception:\n    os.replace(stage, out)\n    raise\n"),
+    ], "tests/test_artefact_edges.py::test_failed_add_leaves_nothing_and_a_finished_add_is_not_repeated"),
+    _m("non-UTF-8 JSON reported without its file", "retro_jax/fileio.py", [
+        ("  except UnicodeDecodeError as e:\n", "  except KeyError as e:\n"),
+    ], "tests/test_artefact_edges.py::test_non_utf8_shards_file_is_named"),
+    _m("--max_documents ignored with an evaluation chunk store", "retro_jax/evaluation/sources.py", [
+        ("    d = store.num_documents if not max_documents else", "    d = store.num_documents if True else"),
+    ], "tests/test_artefact_edges.py::test_max_documents_applies_to_an_evaluation_chunk_store"),
+    _m("verify silent on a missing tokenizer copy", "retro_jax/integrity.py", [
+        ("      else:\n        out.append(Finding(tok_path, False, \"missing:",
+         "      elif False:\n        out.append(Finding(tok_path, False, \"missing:"),
+    ], "tests/test_artefact_edges.py::test_verify_names_a_missing_tokenizer_copy"),
 )
 
 

@@ -69,6 +69,9 @@ class EvalConfig:
   neighbors_dir: str | None = option(None, "Precomputed neighbors of --eval_chunks into --db.")
   service_timeout: float = option(30.0, "Retrieval service timeout (s).")
   output: str | None = option(None, "Write the JSON report here.")
+  skip_content_check: bool = option(False, "Do not recompute the recorded sha256 of the "
+                                    "database, neighbors and evaluation store arrays nor the "
+                                    "checkpoints' fingerprints at start.")
   settings: EvalSettings = EvalSettings()
 
   def __post_init__(self):

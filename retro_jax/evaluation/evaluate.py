@@ -34,6 +34,7 @@ import numpy as np
 import tqdm
 
 from retro_jax import fileio
+from retro_jax import integrity
 from retro_jax import options as options_lib
 from retro_jax import provenance
 from retro_jax import tables
@@ -46,6 +47,7 @@ from retro_jax.inference import checkpoints as ckpt_lib
 from retro_jax.inference import session as session_lib
 from retro_jax.retrieval.serve import client as client_lib
 from retro_jax.retrieval.store import align as align_lib
+from retro_jax.retrieval.store import chunk_store as chunk_store_lib
 
 # The job's configuration lives in eval_config.py; these names stay importable here.
 DEFAULT_KS = eval_config_lib.DEFAULT_KS
@@ -255,7 +257,8 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
   # or the precomputed neighbors' database; checked against the checkpoint.
   session = session_lib.open_session(
       config.workdir, config.step, db=config.db, retrieval_url=config.retrieval_url,
-      live=not neighbors_dir, service_timeout=config.service_timeout)
+      live=not neighbors_dir, service_timeout=config.service_timeout,
+      check_contents=not config.skip_content_check)
   model, db, retriever = session.model, session.database, session.retriever
   db_manifest, db_name = session.manifest, session.source_name
   cfg = model.config
@@ -263,7 +266,8 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
 
   baseline = None
   if config.baseline_workdir:
-    baseline = ckpt_lib.load_model(config.baseline_workdir, config.baseline_step)
+    baseline = ckpt_lib.load_model(config.baseline_workdir, config.baseline_step,
+                                   not config.skip_content_check)
     if model.data_provenance and baseline.data_provenance:  # both read the same tokens
       provenance.check_tokenizer(model.data_provenance["tokenizer"],
                                  baseline.data_provenance["tokenizer"],
@@ -273,8 +277,11 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
 
   # Evaluation documents.
   if config.eval_chunks:
-    docs = sources.EvalDocs.from_store(config.eval_chunks)
+    docs = sources.EvalDocs.from_store(config.eval_chunks, config.max_documents)
     eos_id = docs.manifest.get("eos_id")
+    integrity.check_contents(stores=[chunk_store_lib.ChunkStore.open(config.eval_chunks)],
+                             neighbors=[neighbors_dir] if neighbors_dir and db is not None
+                             else [], skip=config.skip_content_check, job="evaluate")
   else:
     tok = session.tokenizer(config.tokenizer)
     docs = sources.EvalDocs.from_corpus(config.source, tok, m, config.text_field,

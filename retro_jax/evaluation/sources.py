@@ -59,15 +59,19 @@ class EvalDocs:
     return flat[flat >= 0]
 
   @classmethod
-  def from_store(cls, path: str) -> "EvalDocs":
+  def from_store(cls, path: str, max_documents: int | None = None) -> "EvalDocs":
+    """The documents of a chunk store; `max_documents`: only the first N (their chunks keep
+    their row numbers, so the store's precomputed neighbors still line up)."""
     store = chunk_store_lib.ChunkStore.open(path)
     if store.num_documents == 0:
       raise SourceError(f"evaluation chunk store {path} holds no documents")
-    tokens = np.asarray(store.tokens)
+    d = store.num_documents if not max_documents else min(int(max_documents),
+                                                          store.num_documents)
+    offsets = np.asarray(store.doc_offsets[:d + 1], np.int64)
+    tokens = np.asarray(store.tokens[:int(offsets[-1])])
     store.check_tokens(tokens)  # read whole anyway: every id must fit the vocabulary
-    return cls(tokens, np.asarray(store.doc_offsets, np.int64),
-               np.asarray(store.doc_bytes, np.int64), store.doc_keys, dict(store.manifest),
-               store.path)
+    return cls(tokens, offsets, np.asarray(store.doc_bytes[:d], np.int64),
+               store.doc_keys[:d], dict(store.manifest), store.path)
 
   @classmethod
   def from_corpus(cls, source: Any, tokenizer, chunk_size: int, text_field: str = "text",
@@ -151,7 +155,7 @@ def precomputed_table(neighbors_dir: str, db, docs: EvalDocs, k: int,
   if nb.k < k:
     logging.warning("%s holds %d neighbors per chunk; using those instead of %d",
                     neighbors_dir, nb.k, k)
-  ids = np.asarray(nb.ids[:, :k], np.int64)
+  ids = np.asarray(nb.ids[:docs.num_chunks, :k], np.int64)  # --max_documents: a prefix
   if exclude_doc_ids is not None:
     db_docs = np.asarray(db.store.doc_ids)[np.maximum(ids, 0)]
     ids = np.where((ids >= 0) & (db_docs == np.asarray(exclude_doc_ids)[:, None]), -1, ids)

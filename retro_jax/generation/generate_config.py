@@ -55,6 +55,9 @@ class GenerateConfig:
   show_neighbors: bool = option(False, "Also print the database chunk ids retrieved per "
                                 "chunk.")
   service_timeout: float = option(30.0, "Retrieval service timeout (s).")
+  skip_content_check: bool = option(False, "Do not recompute the recorded sha256 of the "
+                                    "database files nor the checkpoint's fingerprint at "
+                                    "start.")
 
   def __post_init__(self):
     if not self.workdir:

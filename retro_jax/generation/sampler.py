@@ -313,14 +313,15 @@ def generate(config: GenerateConfig) -> list[Generation]:
   if not prompts or any(not p or not p.strip() for p in prompts):
     raise GenerationError("empty prompt: give non-empty --prompt text (or lines in "
                           "--prompts_file)")
-  model = ckpt_lib.load_model(config.workdir, config.step)
+  model = ckpt_lib.load_model(config.workdir, config.step, not config.skip_content_check)
   retrieves = config.retrieval and model.config.uses_retrieval
   if retrieves and not config.db and not config.retrieval_url:
     raise GenerationError("a RETRO model retrieves every chunk: pass --db or "
                           "--retrieval_url (or --retrieval=off)")
   session = session_lib.connect(model, db=config.db, retrieval_url=config.retrieval_url,
                                 live=retrieves, service_timeout=config.service_timeout,
-                                chunk_size=retrieves)
+                                chunk_size=retrieves,
+                                check_contents=not config.skip_content_check)
   retriever = session.retriever
   tok = session.tokenizer(config.tokenizer)
   provenance.check({"tokenizer": tok.identity()}, model.expected(chunk_size=False),

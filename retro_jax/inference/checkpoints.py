@@ -85,12 +85,15 @@ def _training_db_manifest(train_cfg: Mapping[str, Any]) -> tuple[dict | None, st
   return None, None
 
 
-def load_model(workdir: str, step: int | None = None) -> LoadedModel:
+def load_model(workdir: str, step: int | None = None,
+               check_contents: bool = True) -> LoadedModel:
   """Restores params + model config (+ training data provenance) from a workdir.
 
   Args:
     workdir: a training workdir, or its checkpoints/ directory.
     step: which checkpoint; None = the latest.
+    check_contents: compare the restored params with the fingerprint saved with them
+      (False: --skip_content_check).
   """
   # Imported here: orbax is heavy and only needed when a checkpoint is read.
   if not workdir or not os.path.isdir(workdir):
@@ -99,21 +102,34 @@ def load_model(workdir: str, step: int | None = None) -> LoadedModel:
   if not os.path.isdir(ckdir):
     raise CheckpointError(f"{workdir} holds no checkpoints/ directory (train with "
                           "`python -m retro_jax.train --workdir=...`)")
-  ckpt = checkpoint_lib.Checkpointer(ckdir, read_only=True, async_save=False)
+  ckpt = checkpoint_lib.Checkpointer(ckdir, read_only=True, async_save=False,
+                                     verify=check_contents)
   try:
     if step is None or step < 0:
-      step = ckpt.latest_step()
-      if step is None:
+      candidates = ckpt.all_steps()[::-1]
+      if not candidates:
         raise CheckpointError(f"{workdir} holds no finished checkpoint")
-    saved = ckpt.restore_config(step)
-    if not isinstance(saved, Mapping) or "model" not in saved:
-      raise CheckpointError(f"checkpoint {ckdir}/{step} has no model config")
-    cfg = model_config_lib.RetroConfig.from_dict(saved["model"])
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-        nn.unbox(model_lib.abstract_params(cfg)))
-    params = ckpt.restore_params(step, abstract)
+    else:
+      candidates = [step]
+    skipped = []
+    for step in candidates:
+      try:
+        with checkpoint_lib.quiet_orbax():
+          saved, cfg, params = _restore_model(ckpt, step)
+        break
+      except Exception as e:  # pylint: disable=broad-except  (orbax, tensorstore, ours)
+        ours = isinstance(e, (CheckpointError, checkpoint_lib.CheckpointError))
+        skipped.append((step, fileio.first_line(e) if ours else checkpoint_lib._why(e)))  # pylint: disable=protected-access
+        logging.debug("checkpoint %s/%d does not restore", ckdir, step, exc_info=True)
+    else:
+      raise CheckpointError(
+          f"no checkpoint in {ckdir} restores ("
+          + "; ".join(f"step {s}: {why}" for s, why in skipped)
+          + "): give another --step, or retrain (python -m retro_jax.verify WORKDIR names "
+          "the damaged files)")
+    for bad, why in skipped:
+      logging.warning("checkpoint %s/%d does not restore (%s); using step %d instead", ckdir,
+                      bad, why, step)
   finally:
     ckpt.close()
   train_cfg = dict(saved.get("train") or {})
@@ -136,3 +152,16 @@ def load_model(workdir: str, step: int | None = None) -> LoadedModel:
   return LoadedModel(params=params, config=cfg, step=int(step),
                      workdir=os.path.abspath(workdir), train_config=train_cfg,
                      data_provenance=data)
+
+
+def _restore_model(ckpt, step: int):
+  """(saved config, RetroConfig, params) of one step; raises whatever the restore raises."""
+  saved = ckpt.restore_config(step)
+  if not isinstance(saved, Mapping) or "model" not in saved:
+    raise CheckpointError(f"checkpoint {ckpt.directory}/{step} has no model config")
+  cfg = model_config_lib.RetroConfig.from_dict(saved["model"])
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+      nn.unbox(model_lib.abstract_params(cfg)))
+  return saved, cfg, ckpt.restore_params(step, abstract)

@@ -56,14 +56,17 @@ class Session:
     return resolve_tokenizer(path, self.database or self.retriever, self.model)
 
 
-def open_session(workdir: str, step: int | None = None, **retrieval) -> Session:
+def open_session(workdir: str, step: int | None = None, check_contents: bool = True,
+                 **retrieval) -> Session:
   """`connect(checkpoints.load_model(workdir, step), **retrieval)`."""
-  return connect(ckpt_lib.load_model(workdir, step), **retrieval)
+  return connect(ckpt_lib.load_model(workdir, step, check_contents),
+                 check_contents=check_contents, **retrieval)
 
 
 def connect(model: ckpt_lib.LoadedModel, *, db: str | None = None,
             retrieval_url: str | None = None, live: bool = True,
-            service_timeout: float = 30.0, chunk_size: bool = True) -> Session:
+            service_timeout: float = 30.0, chunk_size: bool = True,
+            check_contents: bool = True) -> Session:
   """Opens the retrieval source of a loaded model once, checked against it.
 
   Args:
@@ -74,12 +77,19 @@ def connect(model: ckpt_lib.LoadedModel, *, db: str | None = None,
     live: open a live retriever (False: precomputed neighbors, or no retrieval).
     service_timeout: seconds to wait for the service.
     chunk_size: compare the chunk sizes too (False when the model does not retrieve).
+    check_contents: recompute the recorded hashes of the database files it will read (the
+      chunk store; the index too for live retrieval): `integrity.check_contents`.
   """
   database = access.open_database(db) if db else None
   retriever = None
   if live and (retrieval_url or database is not None):
     retriever = open_live_retriever(None if retrieval_url else database, retrieval_url,
                                     service_timeout)
+  if database is not None:
+    from retro_jax import integrity  # pylint: disable=g-import-not-at-top
+    local = retriever is not None and not retrieval_url
+    integrity.check_contents(db=database, db_parts=("chunks", "index") if local else ("chunks",),
+                             skip=not check_contents, job="database")
   session = Session(model, database, retriever)
   if session.manifest is not None:
     provenance.check(session.manifest, model.expected(chunk_size), session.source_name)

@@ -247,6 +247,7 @@ class MetricWriter:
       if dropped:
         logging.info("metrics: dropped %d rows of %s logged after step %d (the run resumes "
                      "from there)", dropped, path, first_step)
+      self._jsonl_path = path
       self._jsonl = open(path, "a", encoding="utf-8")
       tb_dir = os.path.join(workdir, "tensorboard")
       resumed = os.path.isdir(tb_dir) and bool(os.listdir(tb_dir))
@@ -271,8 +272,9 @@ class MetricWriter:
     for key, value in values.items():
       if self._tb is not None:
         self._tb.add_scalar(f"{prefix}/{key}", value, step)
-    self._jsonl.write(json.dumps(dict(step=int(step), split=prefix, **values)) + "\n")
-    self._jsonl.flush()
+    with manifest_lib.disk_full_named(self._jsonl_path):
+      self._jsonl.write(json.dumps(dict(step=int(step), split=prefix, **values)) + "\n")
+      self._jsonl.flush()
 
   def close(self) -> None:
     if self._tb is not None:

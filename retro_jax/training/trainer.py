@@ -79,8 +79,11 @@ class Data:
   eval_bytes_per_token: float | None
 
 
-def open_data(cfg, model_cfg, process_index: int = 0, process_count: int = 1) -> Data:
-  """Opens and cross-checks the training (and held-out) data named by the config."""
+def open_data(cfg, model_cfg, process_index: int = 0, process_count: int = 1,
+              check_contents: bool = True) -> Data:
+  """Opens and cross-checks the training (and held-out) data named by the config;
+  `check_contents`: also recompute the recorded hashes of every array it will read
+  (`integrity.check_contents`; the command's --skip_content_check turns it off)."""
   d = cfg.data
   train_dir = d.train_chunks_dir or os.path.join(d.db_dir, "chunks")
   if d.db_dir:  # the database's manifest must exist and agree with its chunks (as elsewhere)
@@ -117,6 +120,12 @@ def open_data(cfg, model_cfg, process_index: int = 0, process_count: int = 1) ->
     eval_ds = data_lib.WindowDataset(eval_store, cfg.seq_len, model_cfg.vocab_size,
                                      eval_retrieval, pad_id=d.pad_id)
     bpt = data_lib.bytes_per_token(eval_store)
+  from retro_jax import integrity  # pylint: disable=g-import-not-at-top  (imports this package)
+  integrity.check_contents(
+      stores=[store] + ([eval_store] if d.eval_chunks_dir else []),
+      neighbors=[n for n in (k and d.neighbors_dir, k and d.eval_chunks_dir and
+                             d.eval_neighbors_dir) if n],
+      skip=not check_contents, job="train")
   return Data(train=iterator, eval=eval_ds, eval_bytes_per_token=bpt)
 
 
@@ -413,8 +422,11 @@ def _training_store_manifest(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
                        stop_after: int | None = None,
                        on_step: Callable[[int, dict], None] | None = None,
-                       devices=None) -> dict[str, Any]:
+                       devices=None, check_contents: bool = True) -> dict[str, Any]:
   """Trains until cfg.num_steps (or `stop_after` steps of this call, for tests).
+
+  `check_contents`: recompute the recorded hashes of the data and the saved fingerprint of
+  the checkpoint it resumes from before training (False: --skip_content_check).
 
   `devices` restricts the mesh to some devices (default: all devices of all processes).
   Returns a summary: final step, per-step losses of this call, last eval, preempted flag,
@@ -428,7 +440,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
     model_cfg = inherit_decoder(cfg, model_cfg)
   if cfg.compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", cfg.compilation_cache_dir)
-  data = open_data(cfg, model_cfg, jax.process_index(), jax.process_count())
+  data = open_data(cfg, model_cfg, jax.process_index(), jax.process_count(), check_contents)
 
   mesh = sharding_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices)
   n_batch_shards = sharding_lib.num_batch_shards(mesh)
@@ -449,7 +461,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
 
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                      cfg.checkpoint_every, cfg.keep_checkpoints,
-                                     cfg.async_checkpointing)
+                                     cfg.async_checkpointing, verify=check_contents)
   store_manifest = data.train.dataset.store.manifest
   provenance = resume_lib.provenance(cfg, store_manifest, None)
   ours = state_layout(cfg, model_cfg)
@@ -571,7 +583,8 @@ USER_ERRORS = (model_config_lib.ConfigError, data_lib.DataError, manifest_lib.Ma
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str, coordinator_address: str | None = None,
-        num_processes: int | None = None, process_id: int | None = None) -> dict[str, Any]:
+        num_processes: int | None = None, process_id: int | None = None,
+        check_contents: bool = True) -> dict[str, Any]:
   """The CLI's one call: optional jax.distributed.initialize(), then train_and_evaluate."""
   if cfg.distributed or coordinator_address:
     kwargs = {k: v for k, v in dict(coordinator_address=coordinator_address,
@@ -581,4 +594,4 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, coordinator_address: str |
     logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
                  jax.process_index(), jax.process_count(), jax.local_device_count(),
                  jax.device_count())
-  return train_and_evaluate(cfg, workdir)
+  return train_and_evaluate(cfg, workdir, check_contents=check_contents)

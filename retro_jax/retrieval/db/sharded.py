@@ -198,6 +198,18 @@ def _store_manifest_hash(shards: Sequence[database_lib.Database]) -> str:
   return fileio.stable_hash([s.store.manifest_hash for s in shards])
 
 
+def checked_shard_name(entry: Any, where: str) -> str:
+  """The directory name of a shards.json entry: one plain name inside the database, never a
+  path (`../x`, `/x`) that would lead a reader outside it."""
+  name = entry.get("name") if isinstance(entry, Mapping) else None
+  if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name
+      or "\\" in name or os.sep in name or "\0" in name):
+    raise fileio.ManifestError(f"{where}: shard name {name!r} is not a plain directory name "
+                               "inside the database; rebuild the list with "
+                               "sharded.write_shards_manifest")
+  return name
+
+
 def write_shards_manifest(db_dir: str, shard_names: Sequence[str],
                           dropped_documents: Sequence[int] = ()) -> dict:
   """Checks the shards agree, computes their offsets and writes DB/shards.json (atomic).
@@ -213,6 +225,8 @@ def write_shards_manifest(db_dir: str, shard_names: Sequence[str],
     raise fileio.ManifestError(f"{db_dir}: a sharded database needs at least one shard")
   if len(set(shard_names)) != len(shard_names):
     raise fileio.ManifestError(f"{db_dir}: a shard is listed twice in {list(shard_names)}")
+  for n in shard_names:
+    checked_shard_name({"name": n}, db_dir)
   shards = [database_lib.Database.open(os.path.join(db_dir, n)) for n in shard_names]
   _check_same(shards)
   entries, chunks, docs = [], 0, 0
@@ -259,7 +273,8 @@ class ShardedDatabase(database_lib.Database):
       raise fileio.ManifestError(f"{where} lists no shards")
     self.shards = []
     for entry in entries:
-      shard = database_lib.Database.open(os.path.join(path, entry["name"]))
+      shard = database_lib.Database.open(
+          os.path.join(path, checked_shard_name(entry, where)))
       fileio.check_equal("shard manifest hash", entry.get("manifest_hash"),
                          fileio.manifest_hash(shard.manifest), where,
                          f"{shard.path}/manifest.json (rebuild {where} with "
@@ -277,6 +292,13 @@ class ShardedDatabase(database_lib.Database):
     fileio.check_equal("chunk store hash", manifest.get("chunk_store", {}).get("manifest_hash"),
                        _store_manifest_hash(self.shards), where, "the shards' chunk stores")
     self.dropped_documents = np.asarray(manifest.get("dropped_documents") or [], np.int64)
+    num_docs = int(expected_d[-1])
+    if self.dropped_documents.size and (self.dropped_documents.min() < 0 or
+                                        self.dropped_documents.max() >= num_docs):
+      bad = [int(d) for d in self.dropped_documents if d < 0 or d >= num_docs]
+      raise fileio.ManifestError(f"{where}: dropped_documents holds {bad[0]}, outside the "
+                                 f"database's documents [0, {num_docs}); rebuild it with "
+                                 "sharded.write_shards_manifest (python -m retro_jax.edit_db)")
     self.store = ShardedChunkStore(path, [s.store for s in self.shards], self.chunk_offsets,
                                    self.doc_offsets)
     self.embeddings = rows_lib.ConcatRows([s.embeddings for s in self.shards])

@@ -8,6 +8,10 @@ Beam's own options go in one string, `--beam_options="--direct_num_workers=2
 --temp_location=gs://B/tmp`, ...), and are checked against Beam's option parser before any
 work: an unknown option or a bad value is a one-line error.
 
+`--runner=DirectRunner` is Beam's classic Python runner (`_classic_direct_runner`): Beam
+2.78's own "DirectRunner" would first try Prism, downloading an executable at run time.  Its
+multi_processing workers are killed with their driver (`_WorkersDieWithDriver`).
+
 Files are read and written with plain POSIX calls, so every worker must see the output
 directory at the same path: the local disk for the DirectRunner, a shared filesystem
 (NFS, Filestore, a GCS FUSE mount) for Dataflow, Flink or Spark workers.
@@ -119,12 +123,67 @@ def pipeline_options(runner: str | None, beam_options: str | None) -> Any:
   return beam_options_lib.PipelineOptions(argv)
 
 
+def _classic_direct_runner(options) -> Any:
+  """The Python DirectRunner itself (Beam's FnApiRunner, in memory or with
+  `--direct_running_mode` workers).  Beam 2.78's "DirectRunner" first tries its Prism
+  runner, which downloads an executable from the internet at run time; a batch job on this
+  machine must never do that, so `--runner=DirectRunner` gets this runner instead."""
+  from apache_beam.portability.api import beam_provision_api_pb2  # pylint: disable=g-import-not-at-top
+  from apache_beam.runners.portability import portable_runner  # pylint: disable=g-import-not-at-top
+  from apache_beam.runners.portability.fn_api_runner import fn_runner  # pylint: disable=g-import-not-at-top
+  encoded = portable_runner.JobServiceHandle.encode_pipeline_options(
+      options.get_all_options())
+  return fn_runner.FnApiRunner(provision_info=fn_runner.ExtendedProvisionInfo(
+      beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)))
+
+
+def _die_with_parent() -> None:
+  """In a worker process before it executes: SIGKILL it when the driver thread that
+  started it dies (Linux PR_SET_PDEATHSIG), so a killed driver leaves no worker behind."""
+  import ctypes  # pylint: disable=g-import-not-at-top
+  import signal  # pylint: disable=g-import-not-at-top
+  try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+  except (OSError, AttributeError):  # not Linux: the workers end when their pipe closes
+    pass
+
+
+class _WorkersDieWithDriver:
+  """While a pipeline runs, the DirectRunner's multi_processing workers are started with
+  `_die_with_parent` (Beam starts them with subprocess.Popen in local_job_service and gives
+  no hook for it, so its module's `subprocess` is replaced by one that adds it)."""
+
+  def __enter__(self):
+    import subprocess  # pylint: disable=g-import-not-at-top
+    import types  # pylint: disable=g-import-not-at-top
+    from apache_beam.runners.portability import local_job_service  # pylint: disable=g-import-not-at-top
+
+    def popen(args, *rest, **kwargs):
+      kwargs.setdefault("preexec_fn", _die_with_parent)
+      if kwargs.get("shell") and isinstance(args, str) and not args.startswith("exec "):
+        args = "exec " + args  # the shell becomes the worker (dash would fork it instead)
+      return subprocess.Popen(args, *rest, **kwargs)
+
+    self._module, self._old = local_job_service, local_job_service.subprocess
+    shim = types.SimpleNamespace(**{k: getattr(subprocess, k) for k in dir(subprocess)
+                                    if not k.startswith("__")})
+    shim.Popen = popen
+    local_job_service.subprocess = shim
+    return self
+
+  def __exit__(self, *exc):
+    self._module.subprocess = self._old
+
+
 def _run(pipeline_builder: Callable[[Any], None], options) -> Any:
   """Builds and runs a pipeline to completion; returns its result (for its metrics)."""
-  pipeline = beam.Pipeline(options=options)
+  standard = options.view_as(beam_options_lib.StandardOptions)
+  runner = _classic_direct_runner(options) if standard.runner == "DirectRunner" else None
+  pipeline = beam.Pipeline(runner=runner, options=options)
   pipeline_builder(pipeline)
-  result = pipeline.run()
-  result.wait_until_finish()
+  with _WorkersDieWithDriver():
+    result = pipeline.run()
+    result.wait_until_finish()
   return result
 
 

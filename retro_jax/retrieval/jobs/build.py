@@ -22,6 +22,7 @@ top-k are merged at search time (sharded.py).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import os
@@ -135,21 +136,32 @@ class EmbeddingParts:
                            np.concatenate(out).astype(self.config.embeddings_dtype))
 
   def assemble(self, done_chunks: int = 0, elapsed: float = 0.0) -> dict:
-    """Copies every part into `out_path` (via a temporary memmap), writes the embeddings
-    manifest and removes the parts; returns that manifest."""
-    num, dtype = self.store.num_chunks, self.config.embeddings_dtype
+    """Copies every part into `out_path` (through plain file writes into a temporary file
+    whose size is reserved first: a full disk is one `DiskFullError` naming the file, never
+    a SIGBUS from a memory-mapped write), writes the embeddings manifest and removes the
+    parts; returns that manifest."""
+    num, dtype = self.store.num_chunks, np.dtype(self.config.embeddings_dtype)
     dim = int(np.load(self.part_path(0), mmap_mode="r").shape[1])
     tmp = self.out_path + ".assembling.tmp"
-    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(num, dim))
-    for s in range(self.num_parts):
-      part = np.load(self.part_path(s), mmap_mode="r")
-      start, stop = self.bounds(s)
-      if part.shape != (stop - start, dim):
-        raise BuildError(f"embedding shard {self.part_path(s)} has shape {part.shape}, "
-                         f"expected {(stop - start, dim)}; delete it and rerun")
-      arr[start:stop] = part
-    arr.flush()
-    del arr
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+              "shape": (num, dim)}
+    try:
+      with fileio.disk_full_named(self.out_path), open(tmp, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        fileio.preallocate(f, f.tell() + num * dim * dtype.itemsize)
+        for s in range(self.num_parts):
+          part = np.load(self.part_path(s), mmap_mode="r")
+          start, stop = self.bounds(s)
+          if part.shape != (stop - start, dim):
+            raise BuildError(f"embedding shard {self.part_path(s)} has shape {part.shape}, "
+                             f"expected {(stop - start, dim)}; delete it and rerun")
+          for lo in range(0, len(part), 1 << 16):
+            f.write(np.ascontiguousarray(part[lo:lo + (1 << 16)], dtype).tobytes())
+        f.flush()
+    except BaseException:
+      with contextlib.suppress(OSError):
+        os.remove(tmp)
+      raise
     fileio.commit_file(tmp, self.out_path)
     man = dict(self.settings, dim=dim, sha256=fileio.file_sha256(self.out_path),
                timings={"last_run_seconds": round(elapsed, 3),

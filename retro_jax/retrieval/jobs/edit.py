@@ -119,10 +119,28 @@ def add_shard(db_dir: str, corpus: Any, *, name: str | None = None, embedder=Non
                         "the embedder for the new shard (pass --embed_dtype or --bert as "
                         "the shards were built)")
   out = os.path.join(db.path, name)
+  # Built under a hidden staging name and renamed once complete: a failed add leaves no
+  # unlisted shard-NNNNN behind (a killed one leaves the staging directory, which the same
+  # command resumes).  A shard renamed but not yet listed (killed in between) is taken back.
+  stage = os.path.join(db.path, f".{name}.adding")
+  if os.path.isdir(out) and not os.path.exists(stage):
+    os.replace(out, stage)
   logging.info("edit_db: building shard %s of %s with %s", name, db.path, settings)
-  man = build_lib.build_database(corpus, tokenizer, out, embedder=embedder,
-                                max_documents=max_documents, shard_size=shard_size,
-                                **settings)
+  try:
+    man = build_lib.build_database(corpus, tokenizer, stage, embedder=embedder,
+                                  max_documents=max_documents, shard_size=shard_size,
+                                  **settings)
+    new = database_lib.Database.open(stage)
+  except Exception:
+    shutil.rmtree(stage, ignore_errors=True)
+    raise
+  same = _same_documents(db, new)
+  if same is not None:  # a rerun of a finished add: nothing new
+    shutil.rmtree(stage, ignore_errors=True)
+    logging.warning("edit_db: %s holds exactly the documents of shard %s of %s (added "
+                    "before); nothing added", corpus, same, db.path)
+    return dict(db.manifest)
+  os.replace(stage, out)
   new = database_lib.Database.open(out)
   keys = set(db.store.doc_keys)
   again = [k for k in new.store.doc_keys if k in keys]
@@ -135,6 +153,18 @@ def add_shard(db_dir: str, corpus: Any, *, name: str | None = None, embedder=Non
   logging.info("edit_db: %s now has %d shards, %d chunks (%d new)", db.path,
                len(result["shards"]), result["num_chunks"], man["num_chunks"])
   return result
+
+
+def _same_documents(db: sharded.ShardedDatabase, new: database_lib.Database) -> str | None:
+  """The listed shard whose chunk store holds exactly `new`'s documents (same keys, same
+  token content), or None."""
+  want = (new.store.manifest.get("sha256") or {}).get("tokens")
+  for name, shard in zip(_names(db), db.shards):
+    if (want and (shard.store.manifest.get("sha256") or {}).get("tokens") == want
+        and shard.store.num_documents == new.store.num_documents
+        and shard.store.doc_keys == new.store.doc_keys):
+      return name
+  return None
 
 
 def find_documents(db: sharded.ShardedDatabase, doc_keys: Sequence[str] = (),

@@ -7,6 +7,8 @@ import base64
 import dataclasses
 import json
 import math
+import os
+import re
 from typing import Any, Sequence
 
 import numpy as np
@@ -24,6 +26,29 @@ SEARCH_FIELDS = frozenset({"embeddings", "embeddings_f32", "k", "leaves_to_searc
 
 _INT64_MAX = 2**63 - 1
 
+
+# A JSON string, escapes included (unrolled: no backtracking).
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+
+
+def _corpus_paths(db) -> list[str]:
+  """Every path the manifests of `db` (and of its shards and chunk stores) record."""
+  out = []
+
+  def walk(obj, key=""):
+    if isinstance(obj, dict):
+      for k, v in obj.items():
+        walk(v, k)
+    elif isinstance(obj, list):
+      for v in obj:
+        walk(v, key)
+    elif isinstance(obj, str) and os.path.isabs(obj) and key in ("paths", "path", "source"):
+      out.append(obj.rstrip(os.sep) or os.sep)
+
+  for d in list(getattr(db, "shards", None) or []) + [db]:
+    walk(d.manifest)
+    walk(getattr(getattr(d, "store", None), "manifest", None) or {})
+  return out
 
 class BadRequest(Exception):
 
@@ -97,15 +122,66 @@ class RetrievalHandler:
     self.max_batch = max_batch
     self.max_k = max_k
     self.max_search_k = max_search_k
+    self._roots = None  # the corpus paths the database records (`public`)
     emb = retriever.embedder
     # Embedders whose forward pass the batcher can share across requests (the BERT one).
     self.batched_embedder = all(hasattr(emb, a) for a in ("tokenize", "pad_lengths",
                                                           "embed_token_ids"))
 
+  def public(self, text: str) -> str:
+    """`text` as a client may see it: an absolute path (a document key of a corpus read by
+    path, a corpus path in a manifest) made relative to the corpus it came from, never
+    naming this machine's directories."""
+    if not isinstance(text, str) or not os.path.isabs(text.split(":", 1)[0]):
+      return text
+    if self._roots is None:
+      self._roots = sorted(_corpus_paths(self.retriever.db), key=len, reverse=True)
+    for root in self._roots:
+      if text == root or text.startswith(root + os.sep) or text.startswith(root + ":"):
+        rest = text[len(root):].lstrip(os.sep)
+        if text[len(root):].startswith(":") or not rest:  # a file corpus: keep its name
+          return os.path.basename(root) + text[len(root):]
+        return rest
+    return os.path.basename(text)
+
+  def public_manifest(self, manifest: Any) -> Any:
+    """A manifest with every absolute path replaced by `public` (GET /manifest)."""
+    if isinstance(manifest, dict):
+      return {k: self.public_manifest(v) for k, v in manifest.items()}
+    if isinstance(manifest, list):
+      return [self.public_manifest(v) for v in manifest]
+    return self.public(manifest) if isinstance(manifest, str) else manifest
+
   def parse(self, raw: bytes) -> Query:
     return self.validate(self.parse_json(raw))
 
+  def max_json_values(self) -> int:
+    """The most JSON values (numbers, lists, objects; strings are not counted) a valid
+    request can hold: a full batch of chunks, or of embeddings for POST /search."""
+    width = max(int(self.retriever.chunk_size) + 2, int(self.retriever.db.dim) + 1)
+    return self.max_batch * width + 64
+
   def parse_json(self, raw: bytes) -> Any:
+    # A body of small values ("[0,0,0,...": 8 M Python objects for 16 MiB) costs ~20x its
+    # size once parsed; its values are counted first, outside strings (bytes.count and a
+    # C-speed regex over the strings, nothing copied), and a body with more than a valid
+    # request can hold is refused before json.loads builds anything.
+    limit = self.max_json_values()
+    values = raw.count(b",") + raw.count(b"[") + raw.count(b"{")
+    if values > limit and b'"' in raw:  # what lies inside strings does not count
+      for n, match in enumerate(_JSON_STRING.finditer(raw)):
+        start, end = match.span()
+        values -= (raw.count(b",", start, end) + raw.count(b"[", start, end)
+                   + raw.count(b"{", start, end)) - 1  # the string is one value
+        if n > limit:  # more strings than a request holds: over anyway
+          values = max(values, n)
+          break
+    if values > limit:
+      brackets = raw.count(b"[") + raw.count(b"{")
+      if brackets > limit and 2 * raw.count(b",") < brackets:  # "[[[[...": depth, not width
+        raise BadRequest(400, "malformed JSON: nested too deeply")
+      raise BadRequest(413, f"the body holds about {values} JSON values; a request of this "
+                       f"service holds at most {limit}")
     try:
       return json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
@@ -236,8 +312,8 @@ class RetrievalHandler:
       m = store.chunk_size
       answer["texts"] = [[tok.decode(t[:m]) if i >= 0 else None for i, t in zip(ids, toks)]
                          for ids, toks in zip(result.ids, result.tokens)]
-      answer["doc_keys"] = [[keys[int(store.doc_ids[i])] if i >= 0 else None for i in row]
-                            for row in result.ids]
+      answer["doc_keys"] = [[self.public(keys[int(store.doc_ids[i])]) if i >= 0 else None
+                             for i in row] for row in result.ids]
     return answer
 
   def retrieve(self, body: Any) -> dict:
@@ -314,4 +390,8 @@ class RetrievalHandler:
   def search(self, x: np.ndarray, k: int, options: dict) -> dict:
     """The index's k nearest of each embedding, in this database's ids."""
     ids, dist = self.retriever.db.index.search(x, k, **options)
-    return {"ids": np.asarray(ids).tolist(), "distances": _json_floats(np.asarray(dist))}
+    # Which index answered: a router compares it with the one its shard list names, so a
+    # service replaced on the same address (another database) is never merged silently.
+    index = (self.retriever.db.manifest.get("index") or {}).get("index_id")
+    return {"ids": np.asarray(ids).tolist(), "distances": _json_floats(np.asarray(dist)),
+            "index_id": index, "num_chunks": int(self.retriever.store.num_chunks)}

@@ -23,14 +23,20 @@ values).  A shard that does not answer makes the request fail with 503 and a mes
 the shard and its URL (`ServiceUnavailableAnswer` in `RemoteRetriever`); with
 `--allow_partial` the router answers from the shards that are up and marks the answer
 `"partial": true, "missing_shards": [names]` (`result.missing_shards` in the client).  A
-shard that failed is not asked again for `retry_after` seconds (1 s).
+shard that failed is not asked again for `retry_after` seconds (1 s).  Every /search answer
+carries the index id it came from; one that is not the listed shard's (another database
+started on that address) or that holds an id outside the shard's chunks counts as that
+shard being down (503 naming it, or partial), never as an answer.  GET /health asks every
+shard now and reports each one's state ("ok", "down", "wrong index"): status "ok",
+"partial" or "unavailable" (503).
 
 Editing without a restart: the router re-reads DB/shards.json and the address file every
 `--reload_interval` seconds; when either changed it opens the new shard list (a shard added
 by `edit_db add`, documents dropped by `edit_db drop`), checks the shard services again and
 swaps it in between requests.  A reload that fails (say, a new shard with no address yet)
 is logged and shown in /health as "reload_error"; the router keeps serving the old list and
-tries again at every look until it succeeds.
+tries again at every look until it succeeds (or the files are put back as they were, which
+clears it).
 """
 
 from __future__ import annotations
@@ -138,8 +144,8 @@ class RemoteIndex:
         f"`{SERVE_COMMAND.format(name=self.name)}` and list its address, or run the router "
         "with --allow_partial")
 
-  def _call(self, method: str, path: str, body: Any = None) -> Any:
-    if time.monotonic() < self._down_until:
+  def _call(self, method: str, path: str, body: Any = None, probe: bool = False) -> Any:
+    if not probe and time.monotonic() < self._down_until:
       raise ShardUnavailableError(
           f"shard {self.name} at {self.url} is not available ({self._last_error}; not "
           f"retried for {self.retry_after:g} s); start it with "
@@ -214,10 +220,39 @@ class RemoteIndex:
     if pre_reorder is not None:
       body["pre_reorder"] = int(pre_reorder)
     answer = self._call("POST", "/search", body)
+    # Every answer must come from the index the shard list names (a service replaced on
+    # this address, e.g. another shard's, answers well-formed but wrong ids) and hold ids
+    # of this shard only; otherwise the shard counts as down (503, or left out: partial).
+    want = self._expected["index"]["index_id"] if self._expected is not None else None
+    if want is not None and answer.get("index_id") != want:
+      self.verified = False
+      raise self._unavailable(f"it answered from index {answer.get('index_id')!r}, not the "
+                              f"listed {want!r}: another database is served on its address")
     ids = np.asarray(answer["ids"], np.int64).reshape(q.shape[0], int(k))
+    n = self.num_vectors
+    if ids.size and (int(ids.min()) < -1 or int(ids.max()) >= n):
+      bad = int(ids.max()) if int(ids.max()) >= n else int(ids.min())
+      raise self._unavailable(f"it answered chunk id {bad}, outside its {n} chunks")
     dist = np.asarray([[np.inf if v is None else v for v in row]
                        for row in answer["distances"]], np.float32).reshape(ids.shape)
     return ids, dist
+
+  def state(self) -> dict:
+    """This shard's state for the router's /health: its service asked now (GET /health)."""
+    out = {"name": self.name, "url": self.url, "num_chunks": self.num_vectors}
+    try:
+      health = self._call("GET", "/health", probe=True)  # asked now, even if lately down
+    except (ShardUnavailableError, client_lib.RetrievalServiceError) as e:
+      return dict(out, state="down", error=" ".join(str(e).split())[:300])
+    if self._expected is not None:
+      want = (self._expected["index"]["index_id"], int(self._expected["num_chunks"]))
+      got = (health.get("index_id"), health.get("num_chunks"))
+      if got != want:
+        self.verified = False
+        return dict(out, state="wrong index", error=(
+            f"serves index {got[0]!r} of {got[1]} chunks, not the listed {want[0]!r} of "
+            f"{want[1]}: start `{SERVE_COMMAND.format(name=self.name)}` on {self.url}"))
+    return dict(out, state="ok")
 
   def close(self) -> None:
     conn = getattr(self._local, "conn", None)
@@ -465,7 +500,23 @@ class RouterServer(server_lib.RetrievalServer):
                    for s in index.shards],
         "allow_partial": self.allow_partial, "reloads": self.reloads,
         "reload_error": self.reload_error}).encode("utf-8")
-    self._manifest = json.dumps(r.manifest).encode("utf-8")
+    self._manifest = json.dumps(self.handler.public_manifest(r.manifest)).encode("utf-8")
+
+  def health(self) -> tuple[int, bytes]:
+    """Every shard asked now: 200 "ok" when all serve their listed index, "partial" (200,
+    with --allow_partial and one up) or "unavailable" (503) otherwise; each shard's state,
+    and the last reload error if the files on disk still cannot be served."""
+    index = self.handler.retriever.db.index
+    states = list(self._fanout.map(lambda s: s.state(), index.shards))
+    up = sum(s["state"] == "ok" for s in states)
+    status = ("ok" if up == len(states) else
+              "partial" if up and self.allow_partial else "unavailable")
+    r = self.handler.retriever
+    body = {"status": status, "num_chunks": int(r.store.num_chunks),
+            "chunk_size": int(r.store.chunk_size), "shards": states,
+            "allow_partial": self.allow_partial, "reloads": self.reloads,
+            "reload_error": self.reload_error}
+    return (200 if status != "unavailable" else 503), json.dumps(body).encode("utf-8")
 
   def reload(self) -> bool:
     """Opens shards.json and the addresses afresh and swaps them in; False (old list kept,
@@ -481,6 +532,7 @@ class RouterServer(server_lib.RetrievalServer):
       self._describe()
       return False
     self.handler.retriever = new  # Requests already running finish on the old one.
+    self.handler._roots = None  # pylint: disable=protected-access  (the new shards' corpora)
     self.reloads += 1
     self.reload_error = None
     self._describe()
@@ -494,6 +546,9 @@ class RouterServer(server_lib.RetrievalServer):
     again at every look while that reload fails: the new shard's service may be starting)."""
     files = self._files()
     if files == self._seen:
+      if self.reload_error is not None:  # repaired back to what is served: not stale
+        self.reload_error = None
+        self._describe()
       return False
     if not self.reload():
       return False

@@ -33,6 +33,9 @@ class ServeConfig:
                                "a request's headers.")
   request_timeout: float = option(_LIMITS.request_timeout,
                                   "Seconds for a request's body to arrive.")
+  skip_content_check: bool = option(False, "Do not recompute the recorded sha256 of the "
+                                    "chunk store and index files at start (seconds per GB; "
+                                    "for files `verify` has just checked).")
   warm_up: bool = option(True, "Compile BERT for one row at every bucket length before "
                          "serving (no effect with a hashing embedder).")
   workers: int = option(_LIMITS.workers, "Threads that parse, validate and tokenise requests.")
@@ -77,7 +80,7 @@ class ServeConfig:
     """The server's limits (the buffered-bytes budget grows with the body limit)."""
     return server_lib.ServiceConfig(
         max_batch=self.max_batch, max_k=self.max_k, max_body_bytes=self.max_body_bytes,
-        max_buffered_bytes=max(_LIMITS.max_buffered_bytes, 4 * self.max_body_bytes),
+        max_buffered_bytes=self.max_body_bytes + (4 << 20),  # one largest body + small ones
         max_connections=self.max_connections, idle_timeout=self.idle_timeout,
         request_timeout=self.request_timeout, workers=self.workers, warm_up=self.warm_up,
         log_requests=self.log_requests)

@@ -42,6 +42,10 @@ How it holds load (`ServiceConfig` has the numbers):
   `idle_timeout` of the connection opening (or of the previous answer), the body within
   `request_timeout` of the headers; at most `max_connections` are open (503 beyond), and a
   body over `max_body_bytes` is refused unread (413).
+* The bytes of bodies being read or handled at once are bounded (`max_buffered_bytes`,
+  by default one largest body plus 4 MiB; 503 beyond), so a burst of huge texts is handled
+  one at a time and leaves the other workers to small queries; a body holding more JSON
+  values than a valid request can (a "JSON bomb") is refused (413) before it is parsed.
 * A request is parsed, validated and prepared in one of `workers` threads: a BERT embedder
   tokenises there (each free text first cut to the prefix whose BERT tokens, truncated to
   the embedder's `max_length`, are those of the whole text: the rest cannot change the
@@ -98,7 +102,10 @@ class ServiceConfig:
   max_batch: int = 256            # Most queries in one request (413 beyond).
   max_k: int = 100                # Largest k a request may ask for (413 beyond).
   max_body_bytes: int = 16 << 20  # Largest request body (413 beyond, not read).
-  max_buffered_bytes: int = 64 << 20  # Bodies being read or handled at once (503 beyond).
+  # Bytes of bodies being read or handled at once, texts included (503 beyond); default
+  # max_body_bytes + 4 MiB: one body of the largest size at a time beside small queries, so
+  # a burst of huge texts cannot take every worker (and their memory) from a small query.
+  max_buffered_bytes: int | None = None
   max_connections: int = 512      # Open connections at once (503 beyond).
   idle_timeout: float = 10.0      # s: a connection's next request line + headers must come.
   request_timeout: float = 30.0   # s: the body must arrive, and the answer be taken.
@@ -111,6 +118,8 @@ class ServiceConfig:
                                   # absl level: "info", "debug" or "off".
 
   def __post_init__(self):
+    if self.max_buffered_bytes is None and isinstance(self.max_body_bytes, int):
+      object.__setattr__(self, "max_buffered_bytes", self.max_body_bytes + (4 << 20))
     for name in ("max_batch", "max_k", "max_body_bytes", "max_buffered_bytes",
                  "max_connections", "workers", "batch_rows", "max_queued_rows",
                  "max_search_k"):
@@ -188,9 +197,12 @@ class RetrievalServer:
     self.config = config
     self.handler = self.handler_class(retriever, config.max_batch, config.max_k,
                                       config.max_search_k)
-    self._health = json.dumps({"status": "ok", "num_chunks": int(retriever.store.num_chunks),
-                               "chunk_size": int(retriever.store.chunk_size)}).encode()
-    self._manifest = json.dumps(retriever.manifest).encode("utf-8")
+    self._health = json.dumps({
+        "status": "ok", "num_chunks": int(retriever.store.num_chunks),
+        "chunk_size": int(retriever.store.chunk_size),
+        "index_id": (retriever.manifest.get("index") or {}).get("index_id")}).encode()
+    self._manifest = json.dumps(self.handler.public_manifest(retriever.manifest)).encode(
+        "utf-8")  # no absolute path of this machine
     self._warm_up()
     self._sock = socket.create_server((host, port), backlog=1024)
     self._sock.setblocking(False)
@@ -208,18 +220,49 @@ class RetrievalServer:
   def _warm_up(self) -> None:
     """Sets the BERT tokenizer's truncation state once, before threads share it (a call
     with other settings would mutate it under a concurrent one); with config.warm_up, also
-    compiles BERT for one row at every bucket length, so that a query's first long text
-    does not wait for a compile (~1 s each on CPU; other row counts compile on first use)."""
+    compiles BERT for one row at every bucket length before serving, then, in a background
+    thread, for every row count the batcher can send (powers of two up to `batch_rows`) at
+    every length: until that is done /health says "warming up" (the first burst of
+    concurrent queries would otherwise wait for those compiles, 2-6x slower than warm)."""
+    self._warming = None
     if not self.handler.batched_embedder:
       return
     emb = self.handler.retriever.embedder
     emb.tokenize(["warm up"])
-    if self.config.warm_up:
-      t0 = time.perf_counter()
-      for length in emb.buckets:
-        emb.embed_token_ids([[0, 0]], pad_lengths=np.asarray([length]))
-      logging.info("retrieval service: BERT compiled for lengths %s in %.1f s",
-                   list(emb.buckets), time.perf_counter() - t0)
+    if not self.config.warm_up:
+      return
+    t0 = time.perf_counter()
+    for length in emb.buckets:
+      emb.embed_token_ids([[0, 0]], pad_lengths=np.asarray([length]))
+    logging.info("retrieval service: BERT compiled for lengths %s in %.1f s",
+                 list(emb.buckets), time.perf_counter() - t0)
+    most = min(int(self.config.batch_rows), int(getattr(emb, "batch_size", 1)))
+    sizes = sorted({emb._row_bucket(n) for n in range(2, most + 1)})  # pylint: disable=protected-access
+    todo = [(size, length) for size in sizes for length in emb.buckets]
+    if not todo:
+      return
+    self._warming = [0, len(todo)]
+
+    def compile_rest():
+      t1 = time.perf_counter()
+      for size, length in todo:
+        emb.embed_token_ids([[0, 0]] * size, pad_lengths=np.full(size, length))
+        self._warming[0] += 1
+      logging.info("retrieval service: BERT compiled for %d more shapes (rows %s) in %.1f s",
+                   len(todo), sizes, time.perf_counter() - t1)
+      self._warming = None
+
+    threading.Thread(target=compile_rest, name="retrieval-warm-up", daemon=True).start()
+
+  def health(self) -> tuple[int, bytes]:
+    """(HTTP status, body) of GET /health: "warming up" while BERT still compiles the
+    batch shapes a burst would use (answers are right meanwhile, only slower)."""
+    warming = self._warming
+    if warming is None:
+      return 200, self._health
+    body = dict(json.loads(self._health), status="warming up",
+                warm_up={"compiled": warming[0], "of": warming[1]})
+    return 200, json.dumps(body).encode()
 
   @property
   def url(self) -> str:
@@ -409,8 +452,11 @@ class RetrievalServer:
                              f"(limit {self.config.max_buffered_bytes}); retry later")
         parts.append(event.data)
       if allowed == "GET":
-        await self._send(conn, writer, 200, self._health if path == "/health"
-                         else self._manifest, method, request=logged)
+        status, body = 200, self._manifest
+        if path == "/health":  # a router asks its shards: not in the event loop
+          status, body = await asyncio.get_running_loop().run_in_executor(self._pool,
+                                                                           self.health)
+        await self._send(conn, writer, status, body, method, request=logged)
         return True
       if path == "/search":
         status, body = await self._search(b"".join(parts))

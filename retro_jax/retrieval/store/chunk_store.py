@@ -133,16 +133,18 @@ class _NpyAppender:
     array = np.ascontiguousarray(array, dtype=self.dtype.newbyteorder("<"))
     assert array.shape[1:] == self.row_shape, (array.shape, self.row_shape)
     data = array.tobytes()
-    self._f.write(data)
+    with fileio.disk_full_named(self.path):
+      self._f.write(data)
     self.sha.update(data)
     self.rows += array.shape[0]
 
   def close(self) -> None:
-    self._f.seek(0)
-    self._f.write(_npy_header(self.dtype, (self.rows,) + self.row_shape))
-    self._f.flush()
-    os.fsync(self._f.fileno())
-    self._f.close()
+    with fileio.disk_full_named(self.path):
+      self._f.seek(0)
+      self._f.write(_npy_header(self.dtype, (self.rows,) + self.row_shape))
+      self._f.flush()
+      os.fsync(self._f.fileno())
+      self._f.close()
 
 
 def _escape_key(key: str) -> str:
@@ -293,8 +295,11 @@ def build_chunk_store(documents: Iterable[corpus_lib.Document],
     }
     fileio.write_manifest(tmp, manifest)
     fileio.replace_directory(tmp, out_dir)  # an existing store (overwrite=True) goes last
-  except BaseException:
+  except BaseException as e:
     shutil.rmtree(tmp, ignore_errors=True)
+    if (isinstance(e, Exception) and not isinstance(e, fileio.DiskFullError)
+        and fileio.is_disk_full(e)):  # e.g. keys.txt's buffered write
+      raise fileio.disk_full_error(out_dir, e) from None
     raise
   elapsed = time.time() - start
   logging.info("Chunk store %s: %d documents, %d chunks, %d tokens in %.1fs (%.0f tokens/s)",
