@@ -110,8 +110,7 @@ def test_reexec_keeps_a_threads_large_block_mapped_between_steps(tmp_path):
 
 ENTRY_POINTS = ("retro_jax/train.py", "retro_jax/evaluate.py", "retro_jax/generate.py",
                 "retro_jax/quickstart.py", "retro_jax/build_db.py",
-                "retro_jax/precompute_neighbors.py", "retro_jax/retrieval/jobs/build.py",
-                "retro_jax/retrieval/jobs/precompute.py",
+                "retro_jax/precompute_neighbors.py",
                 "retro_jax/train_tokenizer.py", "retro_jax/show_neighbors.py")
 
 

@@ -81,7 +81,7 @@ def test_distributed_flag_initialises_jax_distributed_before_training(monkeypatc
   monkeypatch.setattr(trainer.jax.distributed, "initialize",
                       lambda **kwargs: calls.append(("initialize", kwargs)))
   monkeypatch.setattr(trainer, "train_and_evaluate",
-                      lambda cfg, workdir: calls.append(("train", workdir)) or "trained")
+                      lambda cfg, workdir, **kw: calls.append(("train", workdir)) or "trained")
   cfg = train_config.default_config()
   cfg.distributed = True
   assert trainer.run(cfg, "/w") == "trained"
