@@ -107,7 +107,7 @@ def test_direct_runner_opens_no_socket_beyond_loopback(inputs, tmp_path, options
   out = str(tmp_path / "db")
   extra = [f"--beam_options={options}"] if options else []
   proc = subprocess.run(_build_argv(inputs, out, extra), env=_env(inputs, log), cwd=ROOT,
-                        capture_output=True, text=True, timeout=600, check=False)
+                        capture_output=True, text=True, timeout=300, check=False)
   attempts = open(log, encoding="utf-8").read() if os.path.exists(log) else ""
   assert not attempts, attempts
   assert proc.returncode == 0, proc.stderr[-3000:]

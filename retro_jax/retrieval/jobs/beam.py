@@ -64,6 +64,7 @@ import gc
 import json
 import os
 import shutil
+import sys
 import threading
 import time
 import weakref
@@ -137,31 +138,41 @@ def _classic_direct_runner(options) -> Any:
       beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)))
 
 
-def _die_with_parent() -> None:
-  """In a worker process before it executes: SIGKILL it when the driver thread that
-  started it dies (Linux PR_SET_PDEATHSIG), so a killed driver leaves no worker behind."""
-  import ctypes  # pylint: disable=g-import-not-at-top
-  import signal  # pylint: disable=g-import-not-at-top
-  try:
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-  except (OSError, AttributeError):  # not Linux: the workers end when their pipe closes
-    pass
+# Run by a fresh interpreter between the shell Beam starts and the worker it starts: asks
+# Linux to SIGKILL this process when the driver thread that started it dies
+# (PR_SET_PDEATHSIG, kept across exec), leaves at once if the driver is already gone, then
+# becomes the worker.  Nothing runs between fork and exec in the driver: a `preexec_fn`
+# there runs Python in a copy of a process full of gRPC threads, and can deadlock before
+# exec (then Beam waits for the worker forever).
+_DIE_WITH_DRIVER = """\
+import ctypes, os, signal, sys
+try:
+  ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+except (OSError, AttributeError):
+  pass
+if os.getppid() != int(sys.argv[1]):
+  os._exit(1)
+os.execv("/bin/sh", ["/bin/sh", "-c", "exec " + sys.argv[2]])
+"""
 
 
 class _WorkersDieWithDriver:
-  """While a pipeline runs, the DirectRunner's multi_processing workers are started with
-  `_die_with_parent` (Beam starts them with subprocess.Popen in local_job_service and gives
-  no hook for it, so its module's `subprocess` is replaced by one that adds it)."""
+  """While a pipeline runs, the DirectRunner's multi_processing workers are started through
+  `_DIE_WITH_DRIVER`, so a killed driver leaves no worker behind (Beam starts them with
+  subprocess.Popen(shell=True) in local_job_service and gives no hook for it, so its
+  module's `subprocess` is replaced by one that prefixes the command line)."""
 
   def __enter__(self):
+    import shlex  # pylint: disable=g-import-not-at-top
     import subprocess  # pylint: disable=g-import-not-at-top
     import types  # pylint: disable=g-import-not-at-top
     from apache_beam.runners.portability import local_job_service  # pylint: disable=g-import-not-at-top
 
     def popen(args, *rest, **kwargs):
-      kwargs.setdefault("preexec_fn", _die_with_parent)
-      if kwargs.get("shell") and isinstance(args, str) and not args.startswith("exec "):
-        args = "exec " + args  # the shell becomes the worker (dash would fork it instead)
+      if (kwargs.get("shell") and isinstance(args, str)
+          and sys.platform.startswith("linux")):
+        args = "exec " + shlex.join([sys.executable, "-c", _DIE_WITH_DRIVER,
+                                     str(os.getpid()), args])
       return subprocess.Popen(args, *rest, **kwargs)
 
     self._module, self._old = local_job_service, local_job_service.subprocess
