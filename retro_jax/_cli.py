@@ -292,13 +292,13 @@ def _value(f: dataclasses.Field, tp: Any, raw: Any) -> Any:
     try:
       return tuple(item(v) for v in raw)
     except ValueError:
-      raise ValueError(f"--{_flag_name(f)} takes {item.__name__} values, got "
-                       f"{','.join(raw)}") from None
+      kind = {int: "integers", float: "numbers"}.get(item, f"{item.__name__} values")
+      raise ValueError(f"--{_flag_name(f)} takes {kind}, got {','.join(raw)}") from None
   return raw
 
 
-def _build(cls, values: Mapping[tuple[str, ...], Any]):
-  kwargs = {}
+def _build(cls, values: Mapping[tuple[str, ...], Any], given: Mapping[str, Any] | None = None):
+  kwargs = dict(given or {})
   for f in dataclasses.fields(cls):
     tp = _plain(typing.get_type_hints(cls)[f.name])
     if dataclasses.is_dataclass(tp):
@@ -310,10 +310,12 @@ def _build(cls, values: Mapping[tuple[str, ...], Any]):
 
 
 def define_flags(config_cls, *, aliases: Mapping[str, str] | None = None,
-                 flag_values=flags.FLAGS) -> Callable[[], Any]:
-  """Defines the flags of `config_cls`; returns `() -> config` from the parsed flags.
+                 flag_values=flags.FLAGS) -> Callable[..., Any]:
+  """Defines the flags of `config_cls`; returns `(**fields) -> config` from the parsed flags.
 
-  `aliases` maps an old flag name to the current one (`{"db_dir": "db"}`).
+  `aliases` maps an old flag name to the current one (`{"db_dir": "db"}`).  The returned
+  function takes the top-level fields that have no flag (`cli=False`), e.g. edit_db's
+  command word.
   """
   # The flags belong to the CLI module that asks for them, so its --helpshort lists them.
   caller = sys._getframe(1).f_globals.get("__name__")  # pylint: disable=protected-access
@@ -324,8 +326,8 @@ def define_flags(config_cls, *, aliases: Mapping[str, str] | None = None,
   for old, new in (aliases or {}).items():
     flags.DEFINE_alias(old, new, flag_values=flag_values, module_name=module_name)
 
-  def config():
+  def config(**given):
     values = {path: _value(f, tp, flag_values[_flag_name(f)].value) for path, f, tp in leaves}
-    return _build(config_cls, values)
+    return _build(config_cls, values, given)
 
   return config

@@ -17,41 +17,39 @@ from __future__ import annotations
 
 import textwrap
 
-from absl import flags
-import numpy as np
-
 from retro_jax import _cli
-from retro_jax.retrieval.db import access
-from retro_jax.retrieval.db import retriever as retriever_lib
-from retro_jax.retrieval.store import neighbors as neighbors_lib
+from retro_jax.retrieval.db.show_config import ShowNeighborsConfig
 
-_DB = flags.DEFINE_string("db", None, "Database directory.", required=True)
-_CHUNK = flags.DEFINE_integer("chunk_id", None, "Database chunk to inspect.")
-_TEXT = flags.DEFINE_string("text", None, "Free text to use as the query.")
-_K = flags.DEFINE_integer("k", 4, "Neighbors to show.")
-_NEIGHBORS = flags.DEFINE_string("neighbors", None, "Show this precomputed neighbors file "
-                                 "(query store = the database) instead of searching.")
-_EXCLUDE = flags.DEFINE_bool("exclude_same_document", True, "For --chunk_id: drop neighbors "
-                             "from the chunk's own document.")
-_WIDTH = flags.DEFINE_integer("width", 100, "Wrap text at this width (0 = no wrapping).")
+_CONFIG = _cli.define_flags(ShowNeighborsConfig)
 
 
-def _show(text: str, indent: str = "    ") -> str:
+def _show(text: str, width: int, indent: str = "    ") -> str:
   text = text.replace("\t", "  ")
-  if _WIDTH.value > 0:
+  if width > 0:
     lines = []
     for line in text.splitlines() or [""]:
-      lines.extend(textwrap.wrap(line, _WIDTH.value, replace_whitespace=False,
+      lines.extend(textwrap.wrap(line, width, replace_whitespace=False,
                                  drop_whitespace=False) or [""])
     text = "\n".join(lines)
   return textwrap.indent(text, indent, lambda _: True)
 
 
-def show(db_dir: str, chunk_id: int | None = None, text: str | None = None, k: int = 4,
-            neighbors_dir: str | None = None, exclude_same_document: bool = True) -> str:
-  """Returns the report as a string (the CLI prints it)."""
-  if (chunk_id is None) == (text is None):
-    raise ValueError("give exactly one of --chunk_id or --text")
+def show(db_dir: str, **settings) -> str:
+  """The report (the CLI prints it) of `ShowNeighborsConfig(db=db_dir, **settings)`."""
+  return report(ShowNeighborsConfig(db=db_dir, **settings))
+
+
+def report(config: ShowNeighborsConfig) -> str:
+  """The query of `config` and its neighbors, as text."""
+  # pylint: disable=g-import-not-at-top  (the command imports these after the malloc restart)
+  import numpy as np
+  from retro_jax.retrieval.db import access
+  from retro_jax.retrieval.db import retriever as retriever_lib
+  from retro_jax.retrieval.store import neighbors as neighbors_lib
+  # pylint: enable=g-import-not-at-top
+  db_dir, chunk_id, text, k = config.db, config.chunk_id, config.text, config.k
+  neighbors_dir, exclude_same_document = config.neighbors_dir, config.exclude_same_document
+  wrap = lambda t: _show(t, config.width)  # pylint: disable=unnecessary-lambda-assignment
   db = access.open_database(db_dir)
   store, m = db.store, db.chunk_size
   tok = db.tokenizer
@@ -62,7 +60,7 @@ def show(db_dir: str, chunk_id: int | None = None, text: str | None = None, k: i
       raise ValueError(f"--chunk_id={chunk_id} is outside the database [0, {store.num_chunks})")
     doc = int(store.doc_ids[chunk_id])
     out.append(f"QUERY chunk {chunk_id} (document {doc}: {keys[doc]})")
-    out.append(_show(tok.decode(np.asarray(store.tokens[chunk_id]))))
+    out.append(wrap(tok.decode(np.asarray(store.tokens[chunk_id]))))
     if neighbors_dir:
       nb = neighbors_lib.load_neighbors(neighbors_dir, expected_db_manifest=db.manifest,
                                          expected_query_manifest=store.manifest)
@@ -78,7 +76,7 @@ def show(db_dir: str, chunk_id: int | None = None, text: str | None = None, k: i
       source = "live search" + (", own document excluded" if exclude_same_document else "")
   else:
     out.append("QUERY text")
-    out.append(_show(text))
+    out.append(wrap(text))
     r = retriever_lib.Retriever(db)
     res = r.retrieve_texts([text], k)
     ids, dist = res.ids, res.distances
@@ -92,18 +90,17 @@ def show(db_dir: str, chunk_id: int | None = None, text: str | None = None, k: i
     doc = int(store.doc_ids[i])
     out.append(f"[{rank}] chunk {int(i)}  distance {float(d):.4f}  document {doc}: {keys[doc]}")
     out.append("  N:")
-    out.append(_show(tok.decode(tokens[rank][:m])))
+    out.append(wrap(tok.decode(tokens[rank][:m])))
     cont = tokens[rank][m:]
     out.append("  F:" + ("" if (cont >= 0).any() else " (document ends)"))
     if (cont >= 0).any():
-      out.append(_show(tok.decode(cont)))
+      out.append(wrap(tok.decode(cont)))
   return "\n".join(out)
 
 
 def main(argv):
   del argv
-  print(show(_DB.value, _CHUNK.value, _TEXT.value, _K.value, _NEIGHBORS.value,
-             _EXCLUDE.value))
+  print(report(_CONFIG()))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,22 @@ CASES = [
     ("retro_jax.quickstart", "quickstart", ["--scale=big"], "--scale"),
     ("retro_jax.train_tokenizer", "train_tokenizer",
      ["--corpus=c", "--output=o", "--vocab_size=many"], "--vocab_size"),
+    ("retro_jax.train_tokenizer", "train_tokenizer",
+     ["--corpus=c", "--output=o", "--vocab_size=0"], "--vocab_size=0 is too small"),
+    ("retro_jax.train_tokenizer", "train_tokenizer",
+     ["--corpus=c", "--output=o", "--model_type=word"], "--model_type"),
+    ("retro_jax.train_tokenizer", "train_tokenizer",
+     ["--corpus=c", "--output=o", "--normalization=nfc"], "--normalization must be one of"),
+    ("retro_jax.train_tokenizer", "train_tokenizer",
+     ["--corpus=c", "--output=o", "--max_documents=-1"], "--max_documents"),
     ("retro_jax.show_neighbors", "show_neighbors", ["--db=d", "--k=many"], "--k"),
+    ("retro_jax.show_neighbors", "show_neighbors", ["--db=d", "--chunk_id=0", "--k=0"],
+     "--k must be >= 1"),
+    ("retro_jax.show_neighbors", "show_neighbors", ["--db=d", "--chunk_id=0", "--text=t"],
+     "exactly one of --chunk_id or --text"),
+    ("retro_jax.show_neighbors", "show_neighbors", ["--db=d", "--chunk_id=-1"], "--chunk_id"),
+    ("retro_jax.show_neighbors", "show_neighbors", ["--db=d", "--text=t", "--neighbors=n"],
+     "give --chunk_id, not --text"),
     ("retro_jax.serve", "serve", ["--db=d", "--port=70000"], "--port"),
     ("retro_jax.serve", "serve", ["--db=d", "--shards=a=http://h:1",
                                              "--reload_interval=-1"], "--reload_interval"),
@@ -33,6 +48,12 @@ CASES = [
     ("retro_jax.edit_db", "edit_db", ["shard", "--db=d", "--output=o", "--how=hardlink"],
      "--how"),
     ("retro_jax.edit_db", "edit_db", ["add", "--db=d"], "--corpus"),
+    ("retro_jax.edit_db", "edit_db", ["drop", "--db=d"], "--doc_key=KEY"),
+    ("retro_jax.edit_db", "edit_db", ["drop", "--db=d", "--doc_id=-2"], "--doc_id"),
+    ("retro_jax.edit_db", "edit_db", ["shard", "--db=d"], "--output=DB"),
+    ("retro_jax.edit_db", "edit_db", ["--db=d", "--corpus=c"], "give a command first"),
+    ("retro_jax.edit_db", "edit_db", ["add", "--db=d", "--corpus=c", "--how=move"],
+     "--how belongs to `edit_db shard`"),
     ("retro_jax.train", "train", ["--config=experiments/configs/tiny.py", "--workdir=w",
                                   "--config.seq_len=abc"], "--config.seq_len"),
     ("retro_jax.chunk_store", "chunk_store", ["--corpus=c", "--output=o"], "give --db=DB"),
@@ -122,34 +143,65 @@ def _configs():
   from retro_jax.generation import generate_config  # pylint: disable=g-import-not-at-top
   from retro_jax.retrieval.jobs import build_config  # pylint: disable=g-import-not-at-top
   from retro_jax.retrieval.jobs import precompute_config  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval.jobs import edit_config  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval.db import show_config  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval.serve import serve_config  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval.store import tokenizer_config  # pylint: disable=g-import-not-at-top
   return [
       (build_config.BuildConfig, dict(corpus=("c",), tokenizer="t", output="o")),
       (precompute_config.PrecomputeConfig, dict(db="d", output="o")),
       (eval_config.EvalConfig, dict(workdir="w", corpus=("c",))),
       (generate_config.GenerateConfig, dict(workdir="w")),
       (quickstart_config.QuickstartConfig, {}),
+      (tokenizer_config.TokenizerConfig, dict(corpus=("c",), output="o")),
+      (show_config.ShowNeighborsConfig, dict(db="d", chunk_id=3)),
+      (serve_config.ServeConfig, dict(db="d")),
+      # The command word has no flag: the command passes it (`_CONFIG(command=...)`).
+      (edit_config.EditConfig, dict(db="d", corpus=("c",)), dict(command="add")),
   ]
 
 
-def _parse(cls, argv, aliases=None):
+def _required_argv(required):
+  argv = []
+  for name, value in required.items():
+    for v in (value if isinstance(value, tuple) else (value,)):
+      argv.append(f"--{name}={v}")
+  return argv
+
+
+def _parse(cls, argv, aliases=None, **given):
   from absl import flags  # pylint: disable=g-import-not-at-top
   from retro_jax import _cli  # pylint: disable=g-import-not-at-top
   values = flags.FlagValues()
   build = _cli.define_flags(cls, aliases=aliases, flag_values=values)
   values(["prog"] + argv)
-  return build()
+  return build(**given)
 
 
-@pytest.mark.parametrize("index", range(5))
+@pytest.mark.parametrize("index", range(9))
 def test_flag_defaults_are_the_config_defaults(index):
   """Every default is stated once: no flags but the required ones give the config's own
   defaults."""
-  cls, required = _configs()[index]
-  argv = []
-  for name, value in required.items():
-    for v in (value if isinstance(value, tuple) else (value,)):
-      argv.append(f"--{name}={v}")
-  assert _parse(cls, argv) == cls(**required)
+  cls, required, *given = _configs()[index] + ({},)
+  given = given[0]
+  assert _parse(cls, _required_argv(required), **given) == cls(**required, **given)
+
+
+def test_hand_written_flags_became_config_flags():
+  """edit_db, show_neighbors and train_tokenizer keep their flags' names and kinds, and
+  the flags fill the config's fields (--neighbors is the field neighbors_dir)."""
+  from retro_jax.retrieval.db import show_config  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval.jobs import edit_config  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval.store import tokenizer_config  # pylint: disable=g-import-not-at-top
+  e = _parse(edit_config.EditConfig, ["--db=D", "--doc_key=a.txt", "--doc_key=b.txt",
+                                      "--doc_id=3,17"], command="drop")
+  assert (e.doc_key, e.doc_id) == (("a.txt", "b.txt"), (3, 17))
+  s = _parse(show_config.ShowNeighborsConfig, ["--db=D", "--chunk_id=5", "--neighbors=NB",
+                                               "--noexclude_same_document", "--width=0"])
+  assert (s.chunk_id, s.neighbors_dir, s.exclude_same_document, s.width) == (5, "NB", False, 0)
+  t = _parse(tokenizer_config.TokenizerConfig, ["--corpus=a,b", "--output=o",
+                                                "--model_type=bpe", "--via_file"])
+  assert (t.corpus, t.model_type, t.via_file) == (("a", "b"), "bpe", True)
 
 
 def test_flags_reach_nested_fields_and_the_old_name_is_an_alias():

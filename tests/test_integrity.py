@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 
-from absl import flags
 import numpy as np
 import pytest
 
@@ -38,7 +37,6 @@ from test_build_db import write_corpus  # pylint: disable=g-bad-import-order
 from test_evaluate import M, ROOT, TINY, _cli_env, _params, save_workdir  # pylint: disable=g-bad-import-order
 
 VOCAB = TINY.vocab_size
-flags.FLAGS.mark_as_parsed()  # show_neighbors.show() reads its --width flag (default) in-process
 
 
 @pytest.fixture(scope="module")

@@ -207,7 +207,7 @@ def test_show_neighbors_cli_shows_what_the_model_reads(db_dir, retriever, tmp_pa
   assert _shown_ids(run(f"--text={text}", "--k=2")) == (
       retriever.retrieve_texts([text], 2).ids[0].tolist())
   bad = subprocess.run([sys.executable, "-m", "retro_jax.show_neighbors", f"--db={db_dir}",
-                        "--chunk_id=-1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                        f"--chunk_id={store.num_chunks}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert bad.returncode != 0 and "outside the database" in bad.stderr
 
 

@@ -9,6 +9,7 @@
                                in the chunk store (ids are stable) but are never retrieved.
   shard_whole(WHOLE, DB)       a whole database (build_db output) as a 1-shard sharded one,
                                by symlink (default), move or copy: `add` needs a sharded DB.
+  apply(EditConfig)            the command: one of the three, as edit_config.py describes it.
 
 Ids: a new shard is appended, so every existing chunk and document id stays what it was
 (sharded.py).  A neighbors file precomputed before an edit is refused afterwards (the
@@ -35,9 +36,10 @@ from retro_jax.retrieval.db import database as database_lib
 from retro_jax.retrieval.db import sharded
 from retro_jax.retrieval.embed import hashing as hashing_lib
 from retro_jax.retrieval.jobs import build as build_lib
+from retro_jax.retrieval.jobs.edit_config import EditConfig
+from retro_jax.retrieval.jobs.edit_config import HOWS
 
 SHARD_COMMAND = "python -m retro_jax.edit_db shard --db=WHOLE_DB --output=SHARDED_DB"
-HOWS = ("symlink", "move", "copy")
 
 
 class EditError(ValueError):
@@ -239,3 +241,21 @@ def shard_whole(whole_db: str, output: str, how: str = "symlink") -> dict:
   else:
     shutil.copytree(whole_db, target, symlinks=True)
   return sharded.write_shards_manifest(output, [name])
+
+
+def apply(config: EditConfig) -> str:
+  """Runs the edit `config` describes (add, drop or shard); returns what it did, one line."""
+  if config.command == "add":
+    man = add_shard(config.db, list(config.corpus), name=config.name,
+                    embed_dtype=config.embed_dtype, text_field=config.text_field)
+    last = man["shards"][-1]
+    return (f"added {last['name']} to {config.db}: {last['num_documents']} documents, "
+            f"{last['num_chunks']} chunks (ids from {last['chunk_offset']}); now "
+            f"{len(man['shards'])} shards, {man['num_chunks']} chunks")
+  if config.command == "drop":
+    man, new = drop_documents(config.db, config.doc_key, config.doc_id)
+    return (f"dropped {len(new)} documents {new} of {config.db}; "
+            f"{len(man['dropped_documents'])} dropped in all")
+  man = shard_whole(config.db, config.output, config.how)
+  return (f"wrote {config.output}: 1 shard ({config.how} of {config.db}), "
+          f"{man['num_chunks']} chunks")

@@ -30,6 +30,10 @@ import sentencepiece as spm
 import tokenizers
 
 from retro_jax import fileio
+from retro_jax.retrieval.store import corpus as corpus_lib
+from retro_jax.retrieval.store.tokenizer_config import MIN_VOCAB_SIZE
+from retro_jax.retrieval.store.tokenizer_config import MODEL_TYPES
+from retro_jax.retrieval.store.tokenizer_config import TokenizerConfig
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
@@ -245,9 +249,9 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int
   Returns:
     The path of the `.model` file.
   """
-  if model_type not in ("unigram", "bpe"):
+  if model_type not in MODEL_TYPES:
     raise TokenizerError(f"model_type must be 'unigram' or 'bpe', got {model_type!r}.")
-  if vocab_size < 4 + 256 + 1:
+  if vocab_size < MIN_VOCAB_SIZE:
     raise TokenizerError(f"vocab_size {vocab_size} is too small: byte fallback alone needs "
                          "260 pieces (4 specials + 256 bytes).")
   options = dict(
@@ -305,3 +309,18 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int
   logging.info("Trained SentencePiece %s model, %d pieces: %s.model", model_type,
                sp.get_piece_size(), model_prefix)
   return model_prefix + ".model"
+
+
+def train(config: TokenizerConfig) -> str:
+  """Trains the SentencePiece model `config` describes on its corpus (the command
+  `python -m retro_jax.train_tokenizer`); returns the path of the `.model` file."""
+  source = list(config.corpus)
+  corpus_lib.check_split(source, config.split)  # before reading anything
+  texts = corpus_lib.texts(corpus_lib.iter_documents(source, config.text_field,
+                                                     split=config.split))
+  if config.max_documents:
+    texts = (t for _, t in zip(range(config.max_documents), texts))
+  return train_sentencepiece(
+      texts, config.output, config.vocab_size, model_type=config.model_type,
+      input_sentence_size=config.input_sentence_size,
+      normalization_rule_name=config.normalization, via_file=config.via_file)
