@@ -338,6 +338,11 @@ MUTATIONS: tuple[Mutation, ...] = (
     _m("a rerun of a finished edit_db add adds the documents again", "retro_jax/retrieval/jobs/edit.py", [
         ("  same = _same_documents(db, new)\n", "  same = None\n"),
     ], "tests/test_artefact_edges.py::test_failed_add_leaves_nothing_and_a_finished_add_is_not_repeated"),
+    _m("a flag of another edit_db command is taken silently (add --how=move)",
+       "retro_jax/retrieval/jobs/edit_config.py", [
+        ("        if other != self.command and self.given(name):\n",
+         "        if False and other != self.command and self.given(name):\n"),
+    ], "tests/test_cli.py::test_a_bad_flag_value_is_one_line_and_status_1"),
     _m("a failed edit_db add keeps its half-built shard", "retro_jax/retrieval/jobs/edit.py", [
         ("  except Exception:\n    shutil.rmtree(stage, ignore_errors=True)\n    raise\n",
          "  except Exception:\n    os.replace(stage, out)\n    raise\n"),
