@@ -93,3 +93,18 @@ def test_frozen_labels_are_the_same_with_scanned_layers():
     new = {n for n in labels if n.startswith("encoder/") or "/cca" in n}
     assert new and len(new) < len(labels)
     assert {n for n, v in labels.items() if v == optim.TRAINABLE} == new, c.scan_layers
+
+
+def test_cca_layers_are_checked_against_the_lm_depth_not_the_preset(imported, tmp_path):
+  # The config's own decoder has 1 layer; the imported LM has 2: CCA at layer 2 fits the LM
+  # that is RETRO-fitted (the check runs after the decoder is inherited), layer 3 does not.
+  wd, paths = imported
+  cfg = _fit_config(paths, wd)
+  cfg.model.num_layers = 1
+  cfg.model.cca_layers = (2,)
+  out = trainer.train_and_evaluate(cfg, str(tmp_path / "fit"), stop_after=0)
+  names = " ".join(_flat(out["state"].params))
+  assert "layer_1/cca_gate" in names and "layer_0/cca" not in names  # 0-based in the tree
+  cfg.model.cca_layers = (3,)
+  with pytest.raises(trainer.model_config_lib.ConfigError, match=r"cca_layers \[3\].*1\.\.2"):
+    trainer.train_and_evaluate(cfg, str(tmp_path / "fit3"), stop_after=0)

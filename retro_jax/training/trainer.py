@@ -313,6 +313,11 @@ _DECODER_FIELDS = ("vocab_size", "chunk_size", "emb_dim", "num_layers", "num_hea
 def inherit_decoder(cfg, model_cfg):
   """model_cfg with the decoder fields of cfg.retrofit.checkpoint's model (the family and
   sizes of an imported pretrained LM); CCA layers, encoder and reading options kept."""
+  return model_cfg.replace(**inherited_decoder_fields(cfg))
+
+
+def inherited_decoder_fields(cfg) -> dict:
+  """The decoder fields (_DECODER_FIELDS) of cfg.retrofit.checkpoint's model config."""
   path = cfg.retrofit.checkpoint
   ckpt = checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_dir(path), read_only=True)
   try:
@@ -322,7 +327,7 @@ def inherit_decoder(cfg, model_cfg):
     base = model_config_lib.RetroConfig.from_dict(ckpt.restore_config(step)["model"])
   finally:
     ckpt.close()
-  return model_cfg.replace(**{name: getattr(base, name) for name in _DECODER_FIELDS})
+  return {name: getattr(base, name) for name in _DECODER_FIELDS}
 
 
 def baseline_checkpoint(cfg, model_cfg, data_provenance=None):
@@ -434,10 +439,10 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   """
   if cfg.get("model_from_data", False):
     cfg = train_config.fill_model_from_data(cfg, _training_store_manifest(cfg))
-  train_config.validate(cfg)
-  model_cfg = train_config.model_config(cfg)
-  if cfg.retrofit.checkpoint and cfg.retrofit.get("inherit_decoder"):
-    model_cfg = inherit_decoder(cfg, model_cfg)
+  decoder = (inherited_decoder_fields(cfg)
+             if cfg.retrofit.checkpoint and cfg.retrofit.get("inherit_decoder") else None)
+  train_config.validate(cfg, decoder)
+  model_cfg = train_config.model_config(cfg, decoder)
   if cfg.compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", cfg.compilation_cache_dir)
   data = open_data(cfg, model_cfg, jax.process_index(), jax.process_count(), check_contents)
