@@ -108,3 +108,27 @@ def test_cca_layers_are_checked_against_the_lm_depth_not_the_preset(imported, tm
   cfg.model.cca_layers = (3,)
   with pytest.raises(trainer.model_config_lib.ConfigError, match=r"cca_layers \[3\].*1\.\.2"):
     trainer.train_and_evaluate(cfg, str(tmp_path / "fit3"), stop_after=0)
+
+
+def test_quickstart_retrofits_a_pretrained_lm_against_the_lm_itself(imported, tmp_path):
+  # `retro-quickstart --lm=WORKDIR`: the database in the LM's tokenizer and chunk size, the
+  # `retrofit` recipe, and the LM itself as the baseline.  With retrieval off the retrofitted
+  # model is the LM exactly, so its row must equal the baseline's to the last digit.
+  import glob
+  import os
+  import sysconfig
+  from retro_jax import pipeline
+  wd, _ = imported
+  root = tmp_path / "corpus"
+  root.mkdir()
+  for path in sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))[:24]:
+    (root / os.path.basename(path)).write_text(open(path, encoding="utf-8").read()[:3000])
+  summary = pipeline.run_quickstart(
+      workdir=str(tmp_path / "work"), lm=wd, steps=3, corpus_root=str(root),
+      train_bytes=40_000, eval_bytes=12_000, eval_k=[1], bert="hashing:64", eval_percent=40)
+  res = summary["results"]
+  assert res["RETRO, retrieval off"]["bpb"] == res["baseline"]["bpb"], res
+  assert "RETRO, k=1" in summary["table"] and "r(C)" in summary["table"]
+  assert summary["artifacts"]["baseline run"] == os.path.abspath(wd)
+  with pytest.raises(pipeline.PipelineError, match="not a pretrained-LM workdir"):
+    pipeline.run_quickstart(workdir=str(tmp_path / "w2"), lm=str(tmp_path), corpus_root=str(root))

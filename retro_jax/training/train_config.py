@@ -70,7 +70,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.retrofit.checkpoint = ""       # a baseline run's workdir (or its checkpoints/ dir); "" = off.
   c.retrofit.step = -1             # which baseline step; -1 = latest.
   c.retrofit.unfreeze_decoder = False  # also train the baseline's parameters.
-  # Take the decoder's fields (vocabulary, sizes, family: trainer._DECODER_FIELDS) from the
+  # Take the decoder's fields (vocabulary, sizes, family: trainer.DECODER_FIELDS) from the
   # baseline's checkpoint instead of model.*: how a pretrained LM imported with
   # `python -m retro_jax.import_lm` is RETRO-fitted (encoder, CCA and reading options stay
   # model.*'s).

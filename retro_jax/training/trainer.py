@@ -304,7 +304,7 @@ def evaluate(eval_step, params, dataset, cfg, mesh, bytes_per_token) -> dict[str
 # RETRO-fitting.
 # --------------------------------------------------------------------------------------------
 
-_DECODER_FIELDS = ("vocab_size", "chunk_size", "emb_dim", "num_layers", "num_heads",
+DECODER_FIELDS = ("vocab_size", "chunk_size", "emb_dim", "num_layers", "num_heads",
                    "head_dim", "mlp_dim", "positional", "norm_eps", "pos_max_wavelength",
                    "rope_base", "rope_fraction", "max_len", "norm", "norm_zero_centered", "mlp",
                    "num_kv_heads", "tie_embeddings", "bias")
@@ -317,17 +317,21 @@ def inherit_decoder(cfg, model_cfg):
 
 
 def inherited_decoder_fields(cfg) -> dict:
-  """The decoder fields (_DECODER_FIELDS) of cfg.retrofit.checkpoint's model config."""
-  path = cfg.retrofit.checkpoint
+  """The decoder fields (DECODER_FIELDS) of cfg.retrofit.checkpoint's model config."""
+  base = saved_model_config(cfg.retrofit.checkpoint, cfg.retrofit.step, "retrofit.checkpoint")
+  return {name: getattr(base, name) for name in DECODER_FIELDS}
+
+
+def saved_model_config(path: str, step: int = -1, what: str = "workdir"):
+  """The RetroConfig saved with a workdir's checkpoint (step -1: the latest)."""
   ckpt = checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_dir(path), read_only=True)
   try:
-    step = ckpt.latest_step() if cfg.retrofit.step < 0 else int(cfg.retrofit.step)
+    step = ckpt.latest_step() if step < 0 else int(step)
     if step is None:
-      raise FileNotFoundError(f"retrofit.checkpoint {path} holds no checkpoint")
-    base = model_config_lib.RetroConfig.from_dict(ckpt.restore_config(step)["model"])
+      raise FileNotFoundError(f"{what} {path} holds no checkpoint")
+    return model_config_lib.RetroConfig.from_dict(ckpt.restore_config(step)["model"])
   finally:
     ckpt.close()
-  return {name: getattr(base, name) for name in _DECODER_FIELDS}
 
 
 def baseline_checkpoint(cfg, model_cfg, data_provenance=None):
@@ -349,7 +353,7 @@ def baseline_checkpoint(cfg, model_cfg, data_provenance=None):
                                 data_provenance.get("tokenizer"),
                                 f"retrofit.checkpoint {path} (step {step})",
                                 f"the training chunk store {data_provenance.get('source')}")
-  for name in _DECODER_FIELDS:
+  for name in DECODER_FIELDS:
     a, b = getattr(base_cfg, name), getattr(model_cfg, name)
     if a != b:
       raise model_config_lib.ConfigError(
