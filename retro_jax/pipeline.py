@@ -220,10 +220,12 @@ class Data:
 
 def build_data(split: Split, work: str, *, vocab_size: int, chunk_size: int,
                num_neighbors: int, eval_neighbors: int, bert: str | None = None,
-               embed_batch_size: int = 64) -> Data:
-  """Tokenizer, database, held-out chunk store and both neighbor files (all resumable)."""
+               embed_batch_size: int = 64, tokenizer: str | None = None) -> Data:
+  """Tokenizer (trained here unless `tokenizer` names one), database, held-out chunk store
+  and both neighbor files (all resumable)."""
 
-  tok_path = train_tokenizer(split.train_jsonl, os.path.join(work, "tokenizer"), vocab_size)
+  tok_path = tokenizer or train_tokenizer(split.train_jsonl, os.path.join(work, "tokenizer"),
+                                          vocab_size)
   db_dir = os.path.join(work, "db")
   if not os.path.exists(os.path.join(db_dir, fileio.MANIFEST)):
     build_db_lib.build_database(split.train_jsonl, tok_path, db_dir, chunk_size=chunk_size,
@@ -353,15 +355,47 @@ def corpus_version(config: QuickstartConfig) -> str:
   return f"Python {sys.version.split()[0]} standard library"
 
 
+def retrofit_cca_layers(num_layers: int) -> tuple[int, ...]:
+  """CCA in three upper layers of a pretrained decoder, 6 apart (18, 24, 30 for 30 layers):
+  the backward pass then runs through the top of the frozen decoder only."""
+  return tuple(sorted({max(1, num_layers - 12), max(1, num_layers - 6), num_layers}))
+
+
+def pretrained_lm(path: str) -> tuple[config_lib.RetroConfig, str]:
+  """(model config, tokenizer file) of a `retro-import-lm` workdir, or a PipelineError."""
+  tok_dir = os.path.join(path, "tokenizer")
+  toks = sorted(os.listdir(tok_dir)) if os.path.isdir(tok_dir) else []
+  if not os.path.isdir(os.path.join(path, "checkpoints")) or not toks:
+    raise PipelineError(f"--lm={path} is not a pretrained-LM workdir (no checkpoints/ or "
+                        "tokenizer/): make one with retro-import-lm --source=MODEL "
+                        "--output=DIR")
+  try:
+    model = trainer.saved_model_config(path, what="--lm")
+  except FileNotFoundError as e:
+    raise PipelineError(str(e)) from None
+  return model, os.path.join(tok_dir, toks[0])
+
+
 def quickstart(config: QuickstartConfig) -> dict:
   """Everything the quickstart does (see retro_jax/quickstart.py); returns the table, the
   results per model and the artefacts' paths."""
   workdir, scale, seed, bert = config.workdir, config.scale, config.seed, config.bert or None
   corpus_root, suffixes, split_by = corpus_source(config)
   model_overrides = dict(config.model_overrides or {})
+  lm_model, lm_tokenizer = pretrained_lm(config.lm) if config.lm else (None, None)
+  vocab_size = lm_model.vocab_size if lm_model else config.vocab_size
   try:
-    model = config_lib.get_preset(config.preset, vocab_size=config.vocab_size,
-                                  **model_overrides)
+    if lm_model:  # the retrofit's reading options over the LM's decoder
+      from retro_jax.configs import retrofit as retrofit_config  # pylint: disable=g-import-not-at-top
+      recipe = retrofit_config.get_config()
+      model_overrides = dict(dict(cca_layers=retrofit_cca_layers(lm_model.num_layers),
+                                  neighbor_min_match=max(1, lm_model.chunk_size // 4)),
+                             **model_overrides)
+      model = config_lib.get_preset(recipe.model.preset, **{
+          **model_overrides, **{f: getattr(lm_model, f) for f in trainer.DECODER_FIELDS}})
+    else:
+      model = config_lib.get_preset(config.preset, vocab_size=config.vocab_size,
+                                    **model_overrides)
   except config_lib.ConfigError as e:
     raise PipelineError(str(e)) from None
   if not model.uses_retrieval:
@@ -371,8 +405,9 @@ def quickstart(config: QuickstartConfig) -> dict:
       corpus_root=os.path.abspath(corpus_root), suffixes=list(suffixes), split_by=split_by,
       twin_eval=bool(config.twin_eval), eval_percent=config.eval_percent, scale=scale,
       train_bytes=config.train_bytes, eval_bytes=config.eval_bytes, seed=seed,
-      vocab_size=config.vocab_size,
-      chunk_size=model.chunk_size, bert=bert, corpus_version=corpus_version(config)))
+      vocab_size=vocab_size, chunk_size=model.chunk_size, bert=bert,
+      corpus_version=corpus_version(config),
+      **({"lm": os.path.abspath(config.lm)} if config.lm else {})))
   steps = max(1, int(round(config.steps * scale)))
   stage = lambda name: logging.info("=== quickstart: %s ===", name)
 
@@ -390,20 +425,34 @@ def quickstart(config: QuickstartConfig) -> dict:
   train_k = model.num_neighbors
   if model.neighbor_min_match:
     train_k = max(train_k, align_lib.CANDIDATES)
-  data = build_data(split, workdir, vocab_size=config.vocab_size,
+  data = build_data(split, workdir, vocab_size=vocab_size,
                     chunk_size=model.chunk_size, num_neighbors=train_k,
-                    eval_neighbors=max(10, *config.eval_k), bert=bert)
+                    eval_neighbors=max(10, *config.eval_k), bert=bert,
+                    tokenizer=lm_tokenizer)
 
   runs = {"RETRO": os.path.join(workdir, "runs", "retro"),
-          "baseline": os.path.join(workdir, "runs", "baseline")}
-  common = dict(preset=config.preset, steps=steps, seq_len=config.seq_len,
-                batch_size=config.batch_size, learning_rate=config.learning_rate,
-                warmup_steps=max(1, steps // 10), eval_every=max(1, steps // 6),
-                eval_batches=4, vocab_size=config.vocab_size,
-                seed=seed, overrides={f"model.{k}": v for k, v in model_overrides.items()})
-  for i, (name, retrieval) in enumerate((("RETRO", True), ("baseline", False))):
-    stage(f"{3 + i}/5 train {name} for {steps} steps")
-    train(train_config(data, retrieval=retrieval, **common), runs[name])
+          "baseline": (os.path.abspath(config.lm) if lm_model
+                       else os.path.join(workdir, "runs", "baseline"))}
+  if lm_model:  # RETRO-fit the LM (the `retrofit` config); the baseline is the LM itself
+    run = dict(preset=recipe.model.preset, steps=steps, seq_len=recipe.seq_len,
+               batch_size=recipe.batch_size, learning_rate=recipe.optimizer.learning_rate,
+               warmup_steps=max(1, steps // 10), eval_every=max(1, steps // 6),
+               eval_batches=4, vocab_size=vocab_size, seed=seed,
+               overrides={**{f"model.{k}": v for k, v in model_overrides.items()},
+                          "retrofit.checkpoint": os.path.abspath(config.lm),
+                          "retrofit.inherit_decoder": True})
+    stage(f"3/5 RETRO-fit {config.lm} for {steps} steps (decoder frozen)")
+    train(train_config(data, retrieval=True, **run), runs["RETRO"])
+    stage("4/5 the baseline is the pretrained LM itself: nothing to train")
+  else:
+    common = dict(preset=config.preset, steps=steps, seq_len=config.seq_len,
+                  batch_size=config.batch_size, learning_rate=config.learning_rate,
+                  warmup_steps=max(1, steps // 10), eval_every=max(1, steps // 6),
+                  eval_batches=4, vocab_size=config.vocab_size,
+                  seed=seed, overrides={f"model.{k}": v for k, v in model_overrides.items()})
+    for i, (name, retrieval) in enumerate((("RETRO", True), ("baseline", False))):
+      stage(f"{3 + i}/5 train {name} for {steps} steps")
+      train(train_config(data, retrieval=retrieval, **common), runs[name])
 
   stage("5/5 evaluate both on the held-out documents")
   report = evaluate_pair(data, runs["RETRO"], runs["baseline"], ks=config.eval_k,

@@ -57,6 +57,10 @@ class QuickstartConfig:
   learning_rate: float = option(2e-3, "Peak learning rate.")
   eval_k: tuple[int, ...] = option((1, 2, 4), "Neighbor counts at evaluation.")
   seed: int = option(0, "Seed of the split, the initialisation and the data order.")
+  lm: str | None = option(None, "RETRO-fit this pretrained LM (a `retro-import-lm` workdir) "
+                          "instead of training a small RETRO from scratch: the database uses "
+                          "its tokenizer and chunk size, its decoder stays frozen under the "
+                          "`retrofit` config, and the baseline is the LM itself, untrained.")
   model_overrides: dict | None = option(None, "RetroConfig fields changed from the preset "
                                         "(both models).", cli=False)
   eval_percent: float = option(5.0, "Share of the files held out, in percent.", cli=False)

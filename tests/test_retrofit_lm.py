@@ -93,3 +93,42 @@ def test_frozen_labels_are_the_same_with_scanned_layers():
     new = {n for n in labels if n.startswith("encoder/") or "/cca" in n}
     assert new and len(new) < len(labels)
     assert {n for n, v in labels.items() if v == optim.TRAINABLE} == new, c.scan_layers
+
+
+def test_cca_layers_are_checked_against_the_lm_depth_not_the_preset(imported, tmp_path):
+  # The config's own decoder has 1 layer; the imported LM has 2: CCA at layer 2 fits the LM
+  # that is RETRO-fitted (the check runs after the decoder is inherited), layer 3 does not.
+  wd, paths = imported
+  cfg = _fit_config(paths, wd)
+  cfg.model.num_layers = 1
+  cfg.model.cca_layers = (2,)
+  out = trainer.train_and_evaluate(cfg, str(tmp_path / "fit"), stop_after=0)
+  names = " ".join(_flat(out["state"].params))
+  assert "layer_1/cca_gate" in names and "layer_0/cca" not in names  # 0-based in the tree
+  cfg.model.cca_layers = (3,)
+  with pytest.raises(trainer.model_config_lib.ConfigError, match=r"cca_layers \[3\].*1\.\.2"):
+    trainer.train_and_evaluate(cfg, str(tmp_path / "fit3"), stop_after=0)
+
+
+def test_quickstart_retrofits_a_pretrained_lm_against_the_lm_itself(imported, tmp_path):
+  # `retro-quickstart --lm=WORKDIR`: the database in the LM's tokenizer and chunk size, the
+  # `retrofit` recipe, and the LM itself as the baseline.  With retrieval off the retrofitted
+  # model is the LM exactly, so its row must equal the baseline's to the last digit.
+  import glob
+  import os
+  import sysconfig
+  from retro_jax import pipeline
+  wd, _ = imported
+  root = tmp_path / "corpus"
+  root.mkdir()
+  for path in sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))[:24]:
+    (root / os.path.basename(path)).write_text(open(path, encoding="utf-8").read()[:3000])
+  summary = pipeline.run_quickstart(
+      workdir=str(tmp_path / "work"), lm=wd, steps=3, corpus_root=str(root),
+      train_bytes=40_000, eval_bytes=12_000, eval_k=[1], bert="hashing:64", eval_percent=40)
+  res = summary["results"]
+  assert res["RETRO, retrieval off"]["bpb"] == res["baseline"]["bpb"], res
+  assert "RETRO, k=1" in summary["table"] and "r(C)" in summary["table"]
+  assert summary["artifacts"]["baseline run"] == os.path.abspath(wd)
+  with pytest.raises(pipeline.PipelineError, match="not a pretrained-LM workdir"):
+    pipeline.run_quickstart(workdir=str(tmp_path / "w2"), lm=str(tmp_path), corpus_root=str(root))

@@ -70,7 +70,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.retrofit.checkpoint = ""       # a baseline run's workdir (or its checkpoints/ dir); "" = off.
   c.retrofit.step = -1             # which baseline step; -1 = latest.
   c.retrofit.unfreeze_decoder = False  # also train the baseline's parameters.
-  # Take the decoder's fields (vocabulary, sizes, family: trainer._DECODER_FIELDS) from the
+  # Take the decoder's fields (vocabulary, sizes, family: trainer.DECODER_FIELDS) from the
   # baseline's checkpoint instead of model.*: how a pretrained LM imported with
   # `python -m retro_jax.import_lm` is RETRO-fitted (encoder, CCA and reading options stay
   # model.*'s).
@@ -96,9 +96,13 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def model_config(cfg: ml_collections.ConfigDict) -> model_config_lib.RetroConfig:
-  """The RetroConfig a training config describes (preset + overrides, retrieval switch)."""
+def model_config(cfg: ml_collections.ConfigDict,
+                 decoder: Mapping[str, Any] | None = None) -> model_config_lib.RetroConfig:
+  """The RetroConfig a training config describes (preset + overrides, retrieval switch);
+  `decoder`: fields that replace model.*'s (a RETRO-fitted LM's, `retrofit.inherit_decoder`),
+  applied before the config is checked, so CCA layers are checked against the LM's depth."""
   overrides = {k: v for k, v in cfg.model.items() if k != "preset" and v is not None}
+  overrides.update(decoder or {})
   model = model_config_lib.get_preset(cfg.model.preset, **overrides)
   if not cfg.retrieval:
     model = model.baseline()
@@ -125,10 +129,11 @@ def fill_model_from_data(cfg: ml_collections.ConfigDict,
   return out
 
 
-def validate(cfg: ml_collections.ConfigDict) -> None:
+def validate(cfg: ml_collections.ConfigDict,
+             decoder: Mapping[str, Any] | None = None) -> None:
   """Checks that do not need the data; raises ConfigError naming the field."""
   err = model_config_lib.ConfigError
-  model = model_config(cfg)
+  model = model_config(cfg, decoder)
   if cfg.seq_len <= 0 or cfg.seq_len % model.chunk_size:
     raise err(f"seq_len {cfg.seq_len} must be a positive multiple of the chunk size "
               f"{model.chunk_size}")

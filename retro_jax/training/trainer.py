@@ -304,7 +304,7 @@ def evaluate(eval_step, params, dataset, cfg, mesh, bytes_per_token) -> dict[str
 # RETRO-fitting.
 # --------------------------------------------------------------------------------------------
 
-_DECODER_FIELDS = ("vocab_size", "chunk_size", "emb_dim", "num_layers", "num_heads",
+DECODER_FIELDS = ("vocab_size", "chunk_size", "emb_dim", "num_layers", "num_heads",
                    "head_dim", "mlp_dim", "positional", "norm_eps", "pos_max_wavelength",
                    "rope_base", "rope_fraction", "max_len", "norm", "norm_zero_centered", "mlp",
                    "num_kv_heads", "tie_embeddings", "bias")
@@ -313,16 +313,25 @@ _DECODER_FIELDS = ("vocab_size", "chunk_size", "emb_dim", "num_layers", "num_hea
 def inherit_decoder(cfg, model_cfg):
   """model_cfg with the decoder fields of cfg.retrofit.checkpoint's model (the family and
   sizes of an imported pretrained LM); CCA layers, encoder and reading options kept."""
-  path = cfg.retrofit.checkpoint
+  return model_cfg.replace(**inherited_decoder_fields(cfg))
+
+
+def inherited_decoder_fields(cfg) -> dict:
+  """The decoder fields (DECODER_FIELDS) of cfg.retrofit.checkpoint's model config."""
+  base = saved_model_config(cfg.retrofit.checkpoint, cfg.retrofit.step, "retrofit.checkpoint")
+  return {name: getattr(base, name) for name in DECODER_FIELDS}
+
+
+def saved_model_config(path: str, step: int = -1, what: str = "workdir"):
+  """The RetroConfig saved with a workdir's checkpoint (step -1: the latest)."""
   ckpt = checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_dir(path), read_only=True)
   try:
-    step = ckpt.latest_step() if cfg.retrofit.step < 0 else int(cfg.retrofit.step)
+    step = ckpt.latest_step() if step < 0 else int(step)
     if step is None:
-      raise FileNotFoundError(f"retrofit.checkpoint {path} holds no checkpoint")
-    base = model_config_lib.RetroConfig.from_dict(ckpt.restore_config(step)["model"])
+      raise FileNotFoundError(f"{what} {path} holds no checkpoint")
+    return model_config_lib.RetroConfig.from_dict(ckpt.restore_config(step)["model"])
   finally:
     ckpt.close()
-  return model_cfg.replace(**{name: getattr(base, name) for name in _DECODER_FIELDS})
 
 
 def baseline_checkpoint(cfg, model_cfg, data_provenance=None):
@@ -344,7 +353,7 @@ def baseline_checkpoint(cfg, model_cfg, data_provenance=None):
                                 data_provenance.get("tokenizer"),
                                 f"retrofit.checkpoint {path} (step {step})",
                                 f"the training chunk store {data_provenance.get('source')}")
-  for name in _DECODER_FIELDS:
+  for name in DECODER_FIELDS:
     a, b = getattr(base_cfg, name), getattr(model_cfg, name)
     if a != b:
       raise model_config_lib.ConfigError(
@@ -434,10 +443,10 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   """
   if cfg.get("model_from_data", False):
     cfg = train_config.fill_model_from_data(cfg, _training_store_manifest(cfg))
-  train_config.validate(cfg)
-  model_cfg = train_config.model_config(cfg)
-  if cfg.retrofit.checkpoint and cfg.retrofit.get("inherit_decoder"):
-    model_cfg = inherit_decoder(cfg, model_cfg)
+  decoder = (inherited_decoder_fields(cfg)
+             if cfg.retrofit.checkpoint and cfg.retrofit.get("inherit_decoder") else None)
+  train_config.validate(cfg, decoder)
+  model_cfg = train_config.model_config(cfg, decoder)
   if cfg.compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", cfg.compilation_cache_dir)
   data = open_data(cfg, model_cfg, jax.process_index(), jax.process_count(), check_contents)
