@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 import sysconfig
 
 import numpy as np
@@ -231,3 +233,30 @@ def test_npy_files_are_plain_numpy(store):
   for name in ("tokens", "doc_ids", "doc_offsets", "doc_bytes"):
     arr = np.load(os.path.join(store.path, name + ".npy"))
     np.testing.assert_array_equal(arr, getattr(store, name))
+
+
+def test_the_command_writes_the_store_the_library_writes(store, tok, docs_dir, tmp_path):
+  """`python -m retro_jax.chunk_store --tokenizer --chunk_size` (flags from its config) cuts
+  the documents exactly as build_chunk_store does; bad combinations are one line."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+  def run(*args):
+    return subprocess.run([sys.executable, "-m", "retro_jax.chunk_store", *args], cwd=root,
+                          capture_output=True, text=True, timeout=300, env=env, check=False)
+
+  out = str(tmp_path / "cli_store")
+  proc = run(f"--corpus={docs_dir}", f"--tokenizer={tok.path}", f"--chunk_size={M}",
+             f"--output={out}")
+  assert proc.returncode == 0, proc.stderr
+  got = cs.ChunkStore.open(out)
+  assert got.doc_keys == store.doc_keys
+  np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(store.tokens))
+  np.testing.assert_array_equal(np.asarray(got.doc_ids), np.asarray(store.doc_ids))
+  for args, text in (((f"--tokenizer={tok.path}",), "--tokenizer needs --chunk_size"),
+                     ((f"--tokenizer={tok.path}", "--chunk_size=0"), "--chunk_size must be >= 1"),
+                     ((f"--tokenizer={tok.path}", "--db=D", "--chunk_size=8"), "not both")):
+    proc = run(f"--corpus={docs_dir}", f"--output={tmp_path / 'x'}", *args)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("chunk_store: error: ") and text in lines[0], lines

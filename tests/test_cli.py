@@ -146,6 +146,7 @@ def _configs():
   from retro_jax.retrieval.jobs import edit_config  # pylint: disable=g-import-not-at-top
   from retro_jax.retrieval.db import show_config  # pylint: disable=g-import-not-at-top
   from retro_jax.retrieval.serve import serve_config  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval.store import chunk_store_config  # pylint: disable=g-import-not-at-top
   from retro_jax.retrieval.store import tokenizer_config  # pylint: disable=g-import-not-at-top
   return [
       (build_config.BuildConfig, dict(corpus=("c",), tokenizer="t", output="o")),
@@ -156,6 +157,7 @@ def _configs():
       (tokenizer_config.TokenizerConfig, dict(corpus=("c",), output="o")),
       (show_config.ShowNeighborsConfig, dict(db="d", chunk_id=3)),
       (serve_config.ServeConfig, dict(db="d")),
+      (chunk_store_config.ChunkStoreConfig, dict(corpus=("c",), output="o", db="d")),
       # The command word has no flag: the command passes it (`_CONFIG(command=...)`).
       (edit_config.EditConfig, dict(db="d", corpus=("c",)), dict(command="add")),
   ]
@@ -178,7 +180,7 @@ def _parse(cls, argv, aliases=None, **given):
   return build(**given)
 
 
-@pytest.mark.parametrize("index", range(9))
+@pytest.mark.parametrize("index", range(10))
 def test_flag_defaults_are_the_config_defaults(index):
   """Every default is stated once: no flags but the required ones give the config's own
   defaults."""
