@@ -8,20 +8,17 @@ model.safetensors (float32) and the workdir's tokenizer.json; transformers'
 (rope, SwiGLU, RMSNorm) are exported; a RETRO model's encoder and CCA are left out.
 """
 
-from absl import flags
-
 from retro_jax import _cli
+from retro_jax.pretrained import lm_config
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir to export.")
-_OUTPUT = flags.DEFINE_string("output", None, "New Hugging Face directory to write.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-flags.mark_flags_as_required(["workdir", "output"])
+_CONFIG = _cli.define_flags(lm_config.ExportLMConfig)
 
 
 def main(argv):
   del argv
+  config = _CONFIG()
   from retro_jax.pretrained import workdir  # pylint: disable=g-import-not-at-top
-  s = workdir.export_lm(_WORKDIR.value, _OUTPUT.value, _STEP.value)
+  s = workdir.export_lm(config.workdir, config.output, config.step)
   print(f"exported step {s['step']} as {s['model_type']} ({s['tensors']} tensors) to "
         f"{s['output']}")
 

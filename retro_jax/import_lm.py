@@ -12,26 +12,19 @@ LM's tokenizer is WORKDIR/tokenizer/tokenizer.json (build databases with it).  N
 the checkpoint is executed.  See retro_jax/pretrained/workdir.py.
 """
 
-from absl import flags
-
 from retro_jax import _cli
+from retro_jax.pretrained import lm_config
 
-_SOURCE = flags.DEFINE_string("source", None, "HF model directory or .gguf file.")
-_OUTPUT = flags.DEFINE_string("output", None, "New workdir to write.")
-_CHUNK = flags.DEFINE_integer("chunk_size", 64, "RETRO chunk size m recorded in the workdir.")
-_NEIGHBORS = flags.DEFINE_integer("num_neighbors", 2, "k recorded in the model config.")
-_TOKENIZER = flags.DEFINE_string("tokenizer", None,
-                                 "tokenizer.json to use (default: the source's own).")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 512, "Evaluation window recorded in the workdir.")
-flags.mark_flags_as_required(["source", "output"])
+_CONFIG = _cli.define_flags(lm_config.ImportLMConfig)
 
 
 def main(argv):
   del argv
+  config = _CONFIG()
   from retro_jax.pretrained import workdir  # pylint: disable=g-import-not-at-top
-  s = workdir.import_lm(_SOURCE.value, _OUTPUT.value, chunk_size=_CHUNK.value,
-                        num_neighbors=_NEIGHBORS.value, tokenizer=_TOKENIZER.value,
-                        seq_len=_SEQ_LEN.value)
+  s = workdir.import_lm(config.source, config.output, chunk_size=config.chunk_size,
+                        num_neighbors=config.num_neighbors, tokenizer=config.tokenizer,
+                        seq_len=config.seq_len)
   c = s["config"]
   print(f"imported {s['format']} {s['architecture']} ({s['parameters']:,} parameters, "
         f"{c['num_layers']} layers, d={c['emb_dim']}, vocab {c['vocab_size']}) into "

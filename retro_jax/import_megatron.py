@@ -13,26 +13,18 @@ Nothing but tensors, plain containers and the argument namespace is unpickled; t
 needed.  Details: retro_jax/megatron/.
 """
 
-from absl import flags
-
 from retro_jax import _cli
+from retro_jax.megatron import convert_config
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "The Megatron checkpoint directory (with "
-                                  "latest_checkpointed_iteration.txt).", required=True)
-_OUTPUT = flags.DEFINE_string("output", None, "The retro_jax workdir to create.", required=True)
-_TOKENIZER = flags.DEFINE_string("tokenizer", None, "The model's SentencePiece (or Hugging "
-                                 "Face) tokenizer, copied into the workdir and recorded.")
-_CHUNK_SIZE = flags.DEFINE_integer("chunk_size", None, "RETRO chunk length m, when the "
-                                   "checkpoint's args do not record it.")
-_CCA_SCALE = flags.DEFINE_float("cca_scale", None, "The constant CCA scale (Megatron's "
-                                "retro_attention_gate); default: the checkpoint's.")
+_CONFIG = _cli.define_flags(convert_config.MegatronImportConfig)
 
 
 def main(argv):
   del argv
+  config = _CONFIG()
   from retro_jax.megatron import convert  # pylint: disable=g-import-not-at-top  (after the malloc restart)
-  summary = convert.convert(_CHECKPOINT.value, _OUTPUT.value, tokenizer=_TOKENIZER.value,
-                            chunk_size=_CHUNK_SIZE.value, cca_scale=_CCA_SCALE.value)
+  summary = convert.convert(config.checkpoint, config.output, tokenizer=config.tokenizer,
+                            chunk_size=config.chunk_size, cca_scale=config.cca_scale)
   arch = summary["arch"]
   print(f"import_megatron: {summary['output']}: {summary['num_params']:,} parameters, "
         f"{arch['num_layers']} layers x {arch['hidden_size']}, CCA at "
