@@ -13,22 +13,19 @@ fix`.  Exits 1 if anything is bad.  See retro_jax/integrity.py.
 
 import sys
 
-from absl import flags
-
 from retro_jax import _cli
+from retro_jax import verify_config
 
-_DB = flags.DEFINE_string("db", None, "For a neighbors directory: the database it must "
-                          "belong to (optional).")
+_CONFIG = _cli.define_flags(verify_config.VerifyConfig)
 
 
 def main(argv):
-  if len(argv) != 2:
-    raise ValueError("give one PATH: a database, a neighbors directory, a chunk store or a "
-                     "training work directory")
+  paths = argv[1:]
+  config = _CONFIG(path=paths[0] if len(paths) == 1 else None)
   from retro_jax import integrity  # pylint: disable=g-import-not-at-top  (after the malloc restart)
-  kind, findings = integrity.check(argv[1], db=_DB.value)
+  kind, findings = integrity.check(config.path, db=config.db)
   lines, ok = integrity.report(findings)
-  print(f"verify: {argv[1]} is a {kind}")
+  print(f"verify: {config.path} is a {kind}")
   for line in lines:
     print(line)
   bad = sum(not f.ok for f in findings)

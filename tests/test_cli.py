@@ -57,6 +57,7 @@ CASES = [
     ("retro_jax.train", "train", ["--config=experiments/configs/tiny.py", "--workdir=w",
                                   "--config.seq_len=abc"], "--config.seq_len"),
     ("retro_jax.chunk_store", "chunk_store", ["--corpus=c", "--output=o"], "give --db=DB"),
+    ("retro_jax.verify", "verify", ["a", "b"], "give one PATH"),
     ("retro_jax.import_lm", "import_lm", ["--source=s", "--output=o", "--num_neighbors=0"],
      "--num_neighbors must be >= 1"),
     ("retro_jax.export_lm", "export_lm", ["--workdir=w", "--output=o", "--step=-1"], "--step"),
@@ -151,6 +152,7 @@ def _configs():
   from retro_jax.retrieval.jobs import edit_config  # pylint: disable=g-import-not-at-top
   from retro_jax.retrieval.db import show_config  # pylint: disable=g-import-not-at-top
   from retro_jax.retrieval.serve import serve_config  # pylint: disable=g-import-not-at-top
+  from retro_jax import verify_config  # pylint: disable=g-import-not-at-top
   from retro_jax.megatron import convert_config  # pylint: disable=g-import-not-at-top
   from retro_jax.pretrained import lm_config  # pylint: disable=g-import-not-at-top
   from retro_jax.retrieval.store import chunk_store_config  # pylint: disable=g-import-not-at-top
@@ -168,6 +170,7 @@ def _configs():
       (lm_config.ImportLMConfig, dict(source="s", output="o")),
       (lm_config.ExportLMConfig, dict(workdir="w", output="o")),
       (convert_config.MegatronImportConfig, dict(checkpoint="c", output="o")),
+      (verify_config.VerifyConfig, {}, dict(path="p")),  # PATH: the positional argument
       # The command word has no flag: the command passes it (`_CONFIG(command=...)`).
       (edit_config.EditConfig, dict(db="d", corpus=("c",)), dict(command="add")),
   ]
@@ -190,7 +193,7 @@ def _parse(cls, argv, aliases=None, **given):
   return build(**given)
 
 
-@pytest.mark.parametrize("index", range(13))
+@pytest.mark.parametrize("index", range(14))
 def test_flag_defaults_are_the_config_defaults(index):
   """Every default is stated once: no flags but the required ones give the config's own
   defaults."""
