@@ -313,12 +313,13 @@ def main(argv):
   record("retrofit, edited database: old values", retro, live)
   record("frozen SmolLM2: new values", lm, None, values=new)
 
-  with open(os.path.join(retro, "config.json")) as f:
-    train_cfg = json.load(f)
+  from retro_jax.configs import retrofit as retrofit_config  # pylint: disable=import-outside-toplevel
+  recipe = retrofit_config.get_config()
   out = dict(command="experiments/retrofit_knowledge.py " + " ".join(sys.argv[1:]),
              people=FLAGS.num_people, asked=FLAGS.num_asked, questions=len(items),
              chunk_size=M, train_steps=FLAGS.num_steps,
-             train=dict(seq_len=train_cfg.get("seq_len"), batch_size=train_cfg.get("batch_size")),
+             train=dict(config="retrofit", seq_len=recipe.seq_len, batch_size=recipe.batch_size,
+                        cca_layers=list(recipe.model.cca_layers)),
              stages=log, results=results)
   os.makedirs(FLAGS.results, exist_ok=True)
   with open(os.path.join(FLAGS.results, "retrofit_knowledge.json"), "w") as f:
@@ -336,6 +337,25 @@ def main(argv):
             f"(SmolLM2-135M retrofit, {FLAGS.num_steps} steps, m = {M}).\n\n"
             + "\n".join(lines) + "\n")
   print("\n".join(lines))
+  _plot(results, os.path.join(FLAGS.results, "retrofit_knowledge.png"))
+
+
+def _plot(results, path):
+  """Exact match per condition and attribute, as grouped bars."""
+  from retro_jax import reporting  # pylint: disable=import-outside-toplevel
+  fig, ax = reporting.pyplot().subplots(figsize=(9, 4))
+  names = list(results)
+  width = 0.8 / len(QUESTIONS)
+  for j, (attr, _) in enumerate(QUESTIONS):
+    ax.bar([i + j * width for i in range(len(names))],
+           [results[n]["summary"][attr]["exact"] for n in names], width, label=attr)
+  ax.set_xticks([i + width for i in range(len(names))])
+  ax.set_xticklabels([n.replace(", ", ",\n").replace(": ", ":\n") for n in names], fontsize=7)
+  ax.set_ylabel("exact match (greedy)")
+  ax.set_ylim(0, 1.05)
+  ax.legend()
+  ax.set_title("questions about people only the database knows (SmolLM2-135M)")
+  reporting.save_figure(fig, path)
 
 
 if __name__ == "__main__":
