@@ -376,22 +376,18 @@ def pretrained_lm(path: str) -> tuple[config_lib.RetroConfig, str]:
   return model, os.path.join(tok_dir, toks[0])
 
 
-def quickstart(config: QuickstartConfig) -> dict:
-  """Everything the quickstart does (see retro_jax/quickstart.py); returns the table, the
-  results per model and the artefacts' paths."""
-  workdir, scale, seed, bert = config.workdir, config.scale, config.seed, config.bert or None
-  corpus_root, suffixes, split_by = corpus_source(config)
+def _model_plan(config: QuickstartConfig):
+  """(RETRO model config, its overrides of the preset, the pretrained LM's config or None,
+  its tokenizer or None): the quickstart's small RETRO, or with --lm the `retrofit` recipe's
+  reading options over the LM's decoder."""
   model_overrides = dict(config.model_overrides or {})
   lm_model, lm_tokenizer = pretrained_lm(config.lm) if config.lm else (None, None)
-  vocab_size = lm_model.vocab_size if lm_model else config.vocab_size
   try:
-    if lm_model:  # the retrofit's reading options over the LM's decoder
-      from retro_jax.configs import retrofit as retrofit_config  # pylint: disable=g-import-not-at-top
-      recipe = retrofit_config.get_config()
+    if lm_model:
       model_overrides = dict(dict(cca_layers=retrofit_cca_layers(lm_model.num_layers),
                                   neighbor_min_match=max(1, lm_model.chunk_size // 4)),
                              **model_overrides)
-      model = config_lib.get_preset(recipe.model.preset, **{
+      model = config_lib.get_preset(_retrofit_recipe().model.preset, **{
           **model_overrides, **{f: getattr(lm_model, f) for f in trainer.DECODER_FIELDS}})
     else:
       model = config_lib.get_preset(config.preset, vocab_size=config.vocab_size,
@@ -400,6 +396,48 @@ def quickstart(config: QuickstartConfig) -> dict:
     raise PipelineError(str(e)) from None
   if not model.uses_retrieval:
     raise PipelineError(f"preset {config.preset!r} has no retrieval; pick a RETRO preset")
+  return model, model_overrides, lm_model, lm_tokenizer
+
+
+def _retrofit_recipe():
+  from retro_jax.configs import retrofit as retrofit_config  # pylint: disable=g-import-not-at-top
+  return retrofit_config.get_config()
+
+
+def _train_models(config: QuickstartConfig, data: Data, runs: dict[str, str], steps: int,
+                  vocab_size: int, model_overrides: dict, stage) -> None:
+  """Stages 3 and 4: RETRO and its baseline trained alike, or (--lm) the LM RETRO-fitted
+  with the `retrofit` recipe and the LM itself as the baseline."""
+  overrides = {f"model.{k}": v for k, v in model_overrides.items()}
+  schedule = dict(steps=steps, warmup_steps=max(1, steps // 10),
+                  eval_every=max(1, steps // 6), eval_batches=4, vocab_size=vocab_size,
+                  seed=config.seed)
+  if config.lm:
+    recipe = _retrofit_recipe()
+    overrides.update({"retrofit.checkpoint": os.path.abspath(config.lm),
+                      "retrofit.inherit_decoder": True})
+    stage(f"3/5 RETRO-fit {config.lm} for {steps} steps (decoder frozen)")
+    train(train_config(data, retrieval=True, preset=recipe.model.preset,
+                       seq_len=recipe.seq_len, batch_size=recipe.batch_size,
+                       learning_rate=recipe.optimizer.learning_rate, overrides=overrides,
+                       **schedule), runs["RETRO"])
+    stage("4/5 the baseline is the pretrained LM itself: nothing to train")
+    return
+  for i, (name, retrieval) in enumerate((("RETRO", True), ("baseline", False))):
+    stage(f"{3 + i}/5 train {name} for {steps} steps")
+    train(train_config(data, retrieval=retrieval, preset=config.preset,
+                       seq_len=config.seq_len, batch_size=config.batch_size,
+                       learning_rate=config.learning_rate, overrides=overrides, **schedule),
+          runs[name])
+
+
+def quickstart(config: QuickstartConfig) -> dict:
+  """Everything the quickstart does (see retro_jax/quickstart.py); returns the table, the
+  results per model and the artefacts' paths."""
+  workdir, scale, seed, bert = config.workdir, config.scale, config.seed, config.bert or None
+  corpus_root, suffixes, split_by = corpus_source(config)
+  model, model_overrides, lm_model, lm_tokenizer = _model_plan(config)
+  vocab_size = lm_model.vocab_size if lm_model else config.vocab_size
   os.makedirs(workdir, exist_ok=True)
   check_workdir_data(workdir, dict(
       corpus_root=os.path.abspath(corpus_root), suffixes=list(suffixes), split_by=split_by,
@@ -433,26 +471,7 @@ def quickstart(config: QuickstartConfig) -> dict:
   runs = {"RETRO": os.path.join(workdir, "runs", "retro"),
           "baseline": (os.path.abspath(config.lm) if lm_model
                        else os.path.join(workdir, "runs", "baseline"))}
-  if lm_model:  # RETRO-fit the LM (the `retrofit` config); the baseline is the LM itself
-    run = dict(preset=recipe.model.preset, steps=steps, seq_len=recipe.seq_len,
-               batch_size=recipe.batch_size, learning_rate=recipe.optimizer.learning_rate,
-               warmup_steps=max(1, steps // 10), eval_every=max(1, steps // 6),
-               eval_batches=4, vocab_size=vocab_size, seed=seed,
-               overrides={**{f"model.{k}": v for k, v in model_overrides.items()},
-                          "retrofit.checkpoint": os.path.abspath(config.lm),
-                          "retrofit.inherit_decoder": True})
-    stage(f"3/5 RETRO-fit {config.lm} for {steps} steps (decoder frozen)")
-    train(train_config(data, retrieval=True, **run), runs["RETRO"])
-    stage("4/5 the baseline is the pretrained LM itself: nothing to train")
-  else:
-    common = dict(preset=config.preset, steps=steps, seq_len=config.seq_len,
-                  batch_size=config.batch_size, learning_rate=config.learning_rate,
-                  warmup_steps=max(1, steps // 10), eval_every=max(1, steps // 6),
-                  eval_batches=4, vocab_size=config.vocab_size,
-                  seed=seed, overrides={f"model.{k}": v for k, v in model_overrides.items()})
-    for i, (name, retrieval) in enumerate((("RETRO", True), ("baseline", False))):
-      stage(f"{3 + i}/5 train {name} for {steps} steps")
-      train(train_config(data, retrieval=retrieval, **common), runs[name])
+  _train_models(config, data, runs, steps, vocab_size, model_overrides, stage)
 
   stage("5/5 evaluate both on the held-out documents")
   report = evaluate_pair(data, runs["RETRO"], runs["baseline"], ks=config.eval_k,
