@@ -51,6 +51,13 @@ class SourceError(ConfigError):
   """Unusable evaluation/generation input (empty corpus, missing tokenizer, ...)."""
 
 
+def paths(value) -> tuple:
+  """A path option given as one string, a list or None, as a tuple (None: empty)."""
+  if value is None:
+    return ()
+  return (value,) if isinstance(value, str) else tuple(value)
+
+
 def beam_argv(runner: str | None, beam_options: str | None, error=ConfigError) -> list[str]:
   """`--runner=R` plus the words of `beam_options` (Beam's own pipeline flags), checked for
   form only: a known runner, options given only with one, each word a `--flag[=value]`

@@ -11,6 +11,7 @@ import dataclasses
 
 from retro_jax.options import ConfigError
 from retro_jax.options import option
+from retro_jax.options import paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,12 +27,7 @@ class ChunkStoreConfig:
   split: str | None = option(None, "The split of a datasets DatasetDict to read.")
 
   def __post_init__(self):
-    corpus = self.corpus
-    if corpus is None:
-      corpus = ()
-    elif isinstance(corpus, str):
-      corpus = (corpus,)
-    object.__setattr__(self, "corpus", tuple(corpus))
+    object.__setattr__(self, "corpus", paths(self.corpus))
     self.validate()
 
   def validate(self) -> None:

@@ -11,6 +11,7 @@ import dataclasses
 
 from retro_jax.options import ConfigError
 from retro_jax.options import option
+from retro_jax.options import paths
 
 MODEL_TYPES = ("unigram", "bpe")
 # SentencePiece's built-in normalization rules.
@@ -39,12 +40,7 @@ class TokenizerConfig:
   via_file: bool = option(False, "Spool sentences to a temporary file instead of streaming.")
 
   def __post_init__(self):
-    corpus = self.corpus
-    if corpus is None:
-      corpus = ()
-    elif isinstance(corpus, str):
-      corpus = (corpus,)
-    object.__setattr__(self, "corpus", tuple(corpus))
+    object.__setattr__(self, "corpus", paths(self.corpus))
     self.validate()
 
   def validate(self) -> None:
