@@ -305,9 +305,9 @@ def evaluate(eval_step, params, dataset, cfg, mesh, bytes_per_token) -> dict[str
 # --------------------------------------------------------------------------------------------
 
 DECODER_FIELDS = ("vocab_size", "chunk_size", "emb_dim", "num_layers", "num_heads",
-                   "head_dim", "mlp_dim", "positional", "norm_eps", "pos_max_wavelength",
-                   "rope_base", "rope_fraction", "max_len", "norm", "norm_zero_centered", "mlp",
-                   "num_kv_heads", "tie_embeddings", "bias")
+                  "head_dim", "mlp_dim", "positional", "norm_eps", "pos_max_wavelength",
+                  "rope_base", "rope_fraction", "max_len", "norm", "norm_zero_centered", "mlp",
+                  "num_kv_heads", "tie_embeddings", "bias")
 
 
 def inherit_decoder(cfg, model_cfg):
