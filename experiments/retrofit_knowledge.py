@@ -124,6 +124,15 @@ QUESTIONS = (("year", "Question: When was {n} born? Answer: {n} was born in the 
              ("employer", "Question: Who employed {n}? Answer: {n} worked for"))
 
 
+# Question forms never used in training (neither the Q&A documents nor the prose word them
+# so): whether the reader generalises past the trained wording.  Scored against the
+# database before the edit (db_all, which the edit does not touch).
+OTHER_QUESTIONS = (
+    ("year", "Question: What is the birth year of {n}? Answer: {n}'s birth year is"),
+    ("town", "Question: What is the home town of {n}? Answer: {n} comes from the town of"),
+    ("employer", "Question: Where did {n} have a job? Answer: {n} was employed by"))
+
+
 def qa(p):
   return " ".join(q.format(n=p["name"]) + " " + p[a] + "." for a, q in QUESTIONS) + "\n"
 
@@ -226,8 +235,8 @@ class Scorer:
     return rows
 
 
-def _items(persons):
-  return [(p["name"], q.format(n=p["name"]), p[a]) for p in persons for a, q in QUESTIONS]
+def _items(persons, questions=QUESTIONS):
+  return [(p["name"], q.format(n=p["name"]), p[a]) for p in persons for a, q in questions]
 
 
 def _summary(rows, attrs):
@@ -284,12 +293,12 @@ def main(argv):
   items = _items(asked)
   attrs = [a for _ in asked for a, _ in QUESTIONS]
 
-  def record(name, workdir, db, values=None, step=None):
+  def record(name, workdir, db, values=None, step=None, questions=QUESTIONS):
     if name in results:
       return
     t0 = time.time()
     scorer = Scorer(workdir, db, step)
-    its = items if values is None else _items(values)
+    its = _items(asked if values is None else values, questions)
     rows = scorer.score(its)
     results[name] = dict(summary=_summary(rows, attrs), wall_s=round(time.time() - t0, 1),
                          examples=[dict(prompt=i[1], value=i[2], **r)
@@ -312,6 +321,10 @@ def main(argv):
   record("retrofit, edited database: new values", retro, live, values=new)
   record("retrofit, edited database: old values", retro, live)
   record("frozen SmolLM2: new values", lm, None, values=new)
+  record("retrofit, database, question forms never trained on", retro, f"{w}/db_all",
+         questions=OTHER_QUESTIONS)
+  record("frozen SmolLM2, question forms never trained on", lm, None,
+         questions=OTHER_QUESTIONS)
 
   from retro_jax.configs import retrofit as retrofit_config  # pylint: disable=import-outside-toplevel
   recipe = retrofit_config.get_config()
