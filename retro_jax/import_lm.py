@@ -4,7 +4,7 @@ r"""Import a pretrained Llama-family LM as a retro_jax training workdir.
       [--chunk_size=64] [--tokenizer=tokenizer.json] [--seq_len=512]
 
 --source: a Hugging Face model directory (config.json + model.safetensors, or shards listed
-by model.safetensors.index.json; llama / mistral / qwen2 / SmolLM2) or a .gguf file (llama,
+by model.safetensors.index.json; llama / mistral / qwen2 / SmolLM2 / gpt2) or a .gguf file (llama,
 qwen2; every tensor dequantized to float32, the tokenizer taken from the file).  WORKDIR
 then serves `evaluate --workdir=WORKDIR --retrieval=off`, `generate`, and RETRO-fitting
 (`train --config.retrofit.checkpoint=WORKDIR --config.retrofit.inherit_decoder=True`); the

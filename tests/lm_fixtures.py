@@ -28,7 +28,7 @@ def tokenizer(path: str) -> str:
 
 
 def hf_model(directory: str, family: str, seed: int = 0, max_shard_size: str | None = None):
-  """Saves a random tiny model of a family ("llama", "llama_tied", "qwen2") with every
+  """Saves a random tiny model of a family ("llama", "llama_tied", "qwen2", "gpt2") with every
   weight moved off its init (norms start at 1, biases at 0); returns the torch model."""
   import torch
   import transformers
@@ -36,7 +36,11 @@ def hf_model(directory: str, family: str, seed: int = 0, max_shard_size: str | N
   common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5,
                 max_position_embeddings=128)
-  if family == "qwen2":
+  if family == "gpt2":
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
+                                  n_positions=128, layer_norm_epsilon=1e-5)
+    model = transformers.GPT2LMHeadModel(cfg)
+  elif family == "qwen2":
     cfg = transformers.Qwen2Config(rope_theta=1000.0, tie_word_embeddings=False, **common)
     model = transformers.Qwen2ForCausalLM(cfg)
   else:

@@ -32,6 +32,21 @@ def _our_logits(wd, ids=IDS):
   return np.asarray(Retro(lm.config).apply({"params": lm.params}, np.asarray(ids), None))
 
 
+def test_gpt2_import_matches_transformers_logits(tmp_path):
+  # GPT-2's own layout: fused c_attn, Conv1D [in, out] weights, learned positions, layer norm
+  # with biases, tanh GELU, tied embeddings.  A [out, in] mix-up or a q/k/v split in the wrong
+  # order changes every logit.
+  src = str(tmp_path / "hf")
+  model = lf.hf_model(src, "gpt2", seed=13)
+  summary = workdir_lib.import_lm(src, str(tmp_path / "wd"), chunk_size=8)
+  cfg = checkpoints.load_model(str(tmp_path / "wd")).config
+  assert (cfg.positional, cfg.norm, cfg.mlp, cfg.bias) == (
+      "learned_absolute", "layernorm", "gelu", "all") and cfg.tie_embeddings
+  diff = np.abs(_our_logits(str(tmp_path / "wd")) - lf.torch_logits(model, IDS)).max()
+  print(f"parity gpt2: max abs logit diff {diff:.3g}")
+  assert diff <= TOL, diff
+
+
 @pytest.mark.parametrize("family", ["llama", "llama_tied", "qwen2"])
 def test_hf_import_matches_transformers_logits(tmp_path, family):
   src = str(tmp_path / "hf")

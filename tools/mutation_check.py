@@ -94,6 +94,9 @@ MUTATIONS: tuple[Mutation, ...] = (
     _m("GGUF llama q/k left in llama.cpp's permuted layout", "retro_jax/pretrained/gguf_file.py", [
         ('if self.arch == "llama" and hf.endswith', 'if False and hf.endswith'),
     ], "tests/test_lm_import.py::test_gguf_import_matches_transformers_gguf_loading"),
+    _m("GPT-2 c_attn split as k, q, v", "retro_jax/pretrained/hf.py", [
+        ('    for j, x in enumerate("qkv"):\n      attn["w" + x]', '    for j, x in enumerate("kqv"):\n      attn["w" + x]'),
+    ], "tests/test_lm_import.py::test_gpt2_import_matches_transformers_logits"),
     _m("-1 neighbor tokens not masked in the encoder", "retro_jax/model/encoder.py", [
         ("mask = neighbors >= 0", "mask = neighbors > -1000"),
     ], "tests/test_model.py"),

@@ -3,8 +3,9 @@
 Read: a model directory with `config.json` and `model.safetensors` (or shards named by
 `model.safetensors.index.json`).  Only safetensors are read (never pickles), and nothing
 from the directory is executed.  Supported `model_type`s: llama, mistral, qwen2 (SmolLM2 is
-llama).  Written (export): the same layout, loadable by transformers' `LlamaForCausalLM` /
-`Qwen2ForCausalLM`.
+llama), and gpt2 (learned positions, layer norm, GELU, biases; `_params_from_gpt2`).
+Written (export): the Llama-family layout, loadable by transformers' `LlamaForCausalLM` /
+`Qwen2ForCausalLM` (GPT-2 is read, not written).
 
 Weight names (ours <- theirs, `W.T` where theirs is [out, in]):
   embed/embedding [V, d]          <- model.embed_tokens.weight
@@ -27,7 +28,7 @@ import numpy as np
 
 from retro_jax.config import RetroConfig
 
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "gpt2")
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
@@ -68,6 +69,48 @@ def _rope(cfg: Mapping[str, Any], path: str) -> tuple[float, float]:
   return float(base), float(fraction)
 
 
+# GPT-2's config.json fields that do not change the forward pass (or are checked below).
+_GPT2_HARMLESS = {
+    "architectures", "model_type", "bos_token_id", "eos_token_id", "pad_token_id",
+    "torch_dtype", "dtype", "transformers_version", "initializer_range", "use_cache", "n_ctx",
+    "n_embd", "n_head", "n_layer", "n_positions", "n_inner", "vocab_size",
+    "activation_function", "layer_norm_epsilon", "attn_pdrop", "embd_pdrop", "resid_pdrop",
+    "summary_activation", "summary_first_dropout", "summary_proj_to_labels", "summary_type",
+    "summary_use_proj", "task_specific_params", "scale_attn_weights",
+    "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention",
+    "tie_word_embeddings", "output_attentions", "output_hidden_states", "return_dict",
+    "tokenizer_class", "name_or_path", "id2label", "label2id", "problem_type",
+}
+
+
+def _config_from_gpt2(cfg: Mapping[str, Any], path: str, chunk_size: int,
+                      num_neighbors: int) -> RetroConfig:
+  """GPT-2: learned absolute positions, layer norm, tanh-GELU MLP, biases everywhere, tied."""
+  unknown = sorted(k for k in cfg if k not in _GPT2_HARMLESS and not k.startswith("_"))
+  if unknown:
+    raise ImportError_(f"{path}: unknown config field(s) {unknown}: retro_jax does not know "
+                       f"whether they change the model; remove them if they do not")
+  act = cfg.get("activation_function", "gelu_new")
+  if act not in ("gelu_new", "gelu_pytorch_tanh"):
+    raise ImportError_(f"{path}: activation_function {act!r} is not supported (the tanh GELU, "
+                       f"gelu_new, only)")
+  for field, want in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                      ("add_cross_attention", False), ("tie_word_embeddings", True)):
+    if bool(cfg.get(field, want)) != want:
+      raise ImportError_(f"{path}: {field}={cfg[field]} is not supported (only {want})")
+  try:
+    d, heads = int(cfg["n_embd"]), int(cfg["n_head"])
+    return RetroConfig(
+        vocab_size=int(cfg["vocab_size"]), chunk_size=chunk_size, num_neighbors=num_neighbors,
+        emb_dim=d, num_layers=int(cfg["n_layer"]), num_heads=heads, head_dim=d // heads,
+        mlp_dim=int(cfg.get("n_inner") or 4 * d), cca_layers=(),
+        positional="learned_absolute", max_len=int(cfg["n_positions"]), norm="layernorm",
+        norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)), mlp="gelu", bias="all",
+        tie_embeddings=True)
+  except KeyError as e:
+    raise ImportError_(f"{path}: missing field {e.args[0]!r}") from None
+
+
 def config_from_hf(cfg: Mapping[str, Any], path: str, *, chunk_size: int = 64,
                    num_neighbors: int = 2) -> RetroConfig:
   """A baseline RetroConfig (no CCA layers) for a Hugging Face config.json dict."""
@@ -75,6 +118,8 @@ def config_from_hf(cfg: Mapping[str, Any], path: str, *, chunk_size: int = 64,
   if model_type not in SUPPORTED_TYPES:
     raise ImportError_(f"{path}: model_type {model_type!r} is not supported; supported: "
                        f"{', '.join(SUPPORTED_TYPES)}")
+  if model_type == "gpt2":
+    return _config_from_gpt2(cfg, path, chunk_size, num_neighbors)
   unknown = sorted(k for k in cfg if k not in _HARMLESS and not k.startswith("_"))
   if unknown:
     raise ImportError_(f"{path}: unknown config field(s) {unknown}: retro_jax does not know "
@@ -140,8 +185,36 @@ def _layer_names(i: int) -> dict[str, str]:
               ffw_norm=p + "post_attention_layernorm")
 
 
+def _params_from_gpt2(c: RetroConfig, get) -> dict[str, Any]:
+  """GPT-2's tensors (Conv1D weights stored [in, out]; q, k, v fused in c_attn), with or
+  without the `transformer.` prefix that GPT2LMHeadModel's own saves carry."""
+  h, dh, d = c.num_heads, c.head_dim, c.emb_dim
+  pre = "transformer." if "transformer.wte.weight" in get else ""
+  f32 = lambda name: np.ascontiguousarray(np.asarray(get(pre + name), np.float32))
+  norm = lambda name: {"scale": f32(name + ".weight"), "bias": f32(name + ".bias")}
+  params: dict[str, Any] = {"embed": {"embedding": f32("wte.weight")},
+                            "pos_embed": f32("wpe.weight"), "final_norm": norm("ln_f")}
+  for i in range(c.num_layers):
+    p = f"h.{i}."
+    qkv, bqkv = f32(p + "attn.c_attn.weight"), f32(p + "attn.c_attn.bias")
+    attn = {}
+    for j, x in enumerate("qkv"):
+      attn["w" + x] = np.ascontiguousarray(qkv[:, j * d:(j + 1) * d].reshape(d, h, dh))
+      attn["b" + x] = np.ascontiguousarray(bqkv[j * d:(j + 1) * d].reshape(h, dh))
+    attn["wo"] = f32(p + "attn.c_proj.weight").reshape(h, dh, d)
+    attn["bo"] = f32(p + "attn.c_proj.bias")
+    params[f"layer_{i}"] = {
+        "attn": attn,
+        "ffw": {"wi": f32(p + "mlp.c_fc.weight"), "bi": f32(p + "mlp.c_fc.bias"),
+                "wo": f32(p + "mlp.c_proj.weight"), "bo": f32(p + "mlp.c_proj.bias")},
+        "attn_norm": norm(p + "ln_1"), "ffw_norm": norm(p + "ln_2")}
+  return params
+
+
 def params_from_hf(c: RetroConfig, get) -> dict[str, Any]:
   """Our parameter tree from `get(hf_name) -> np.ndarray` (raises KeyError when absent)."""
+  if c.positional == "learned_absolute":  # the one family config_from_hf maps to it: GPT-2
+    return _params_from_gpt2(c, get)
   h, kv, dh, d = c.num_heads, c.kv_heads, c.head_dim, c.emb_dim
   f32 = lambda name: np.asarray(get(name), np.float32)
   params: dict[str, Any] = {"embed": {"embedding": f32("model.embed_tokens.weight")},
