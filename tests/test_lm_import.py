@@ -215,3 +215,22 @@ def test_smollm2_matches_transformers(tmp_path):
   diff = np.abs(_our_logits(wd, ids) - lf.torch_logits(ref, ids)).max()
   print(f"parity SmolLM2-135M (Q4_1 dequantized, 30 layers): max abs logit diff {diff:.3g}")
   assert diff <= 2e-3, diff
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("activation_function", "relu", "activation_function 'relu' is not supported"),
+    ("scale_attn_by_inverse_layer_idx", True, "scale_attn_by_inverse_layer_idx=True"),
+    ("tie_word_embeddings", False, "tie_word_embeddings=False"),
+    ("n_embd_extra", 3, "unknown config field(s) ['n_embd_extra']"),
+])
+def test_gpt2_configs_that_change_the_model_are_refused_in_one_line(tmp_path, field, value,
+                                                                    message):
+  src = tmp_path / "hf"
+  lf.hf_model(str(src), "gpt2", seed=1)
+  cfg_path = src / "config.json"
+  cfg = json.loads(cfg_path.read_text())
+  cfg[field] = value
+  cfg_path.write_text(json.dumps(cfg))
+  line = _cli_error(f"--source={src}", f"--output={tmp_path / 'wd'}")
+  assert message in line and "config.json" in line, line
+  assert not os.path.exists(tmp_path / "wd")
