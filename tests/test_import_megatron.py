@@ -55,6 +55,23 @@ def test_cli_converts_and_load_model_reads_it(model, tmp_path):
   assert len(proc.stderr.strip().splitlines()) == 1
 
 
+def test_a_bfloat16_checkpoint_converts_and_loads_with_its_content_check(model, tmp_path):
+  # NVIDIA's releases are bfloat16: the converted workdir keeps bfloat16 matrices, and
+  # load_model must check their fingerprints in that dtype before casting (it once compared
+  # the float32 cast against the bfloat16 fingerprint and refused every converted release).
+  from retro_jax.inference import checkpoints  # pylint: disable=g-import-not-at-top
+  args, m = model
+  megatron_ref.save_legacy(m, args, str(tmp_path / "ckpt"), 2, dtype="bfloat16")
+  out = str(tmp_path / "workdir")
+  convert.convert(str(tmp_path / "ckpt"), out)
+  loaded = checkpoints.load_model(out)  # the content check is on by default
+  emb = np.asarray(loaded.params["embed"]["embedding"])
+  assert emb.dtype == np.float32
+  ref = megatron_ref.state_dict(m)["embedding.word_embeddings.weight"]
+  np.testing.assert_array_equal(emb, np.asarray(ref, np.float32).astype(
+      __import__("ml_dtypes").bfloat16).astype(np.float32))
+
+
 def test_cli_bad_input_is_one_line(model, tmp_path):
   args, m = model
   paths = megatron_ref.save_legacy(m, args, str(tmp_path / "ckpt"), 2)

@@ -7,12 +7,6 @@
 # Uses the Python that has a CUDA jax ($PYTHON, default python3), as gpu_train_step.sh.
 set -euo pipefail
 source experiments/benchmarks/gpu_env.sh
-DRY=0
-for arg in "$@"; do [ "$arg" = "--dry_run" ] && DRY=1; done
-if [ "$DRY" = 0 ] && ! "$PY" -c "import jax; assert jax.devices()[0].platform == 'gpu'" 2>/dev/null; then
-  echo "error: the jax of $PY sees no GPU; set PYTHON to a Python with a CUDA jax" \
-    "(or pass --dry_run)" >&2
-  exit 1
-fi
+require_gpu "$@"
 "$PY" -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__)"
 exec "$PY" experiments/benchmarks/gpu_impls.py "$@"

@@ -6,12 +6,6 @@
 # Results land in $OUT (else experiments/benchmarks/results).  --dry_run: tiny shapes on CPU.
 set -euo pipefail
 source experiments/benchmarks/gpu_env.sh
-DRY=0
-for arg in "$@"; do [ "$arg" = "--dry_run" ] && DRY=1; done
-if [ "$DRY" = 0 ] && ! "$PY" -c "import jax; assert jax.devices()[0].platform == 'gpu'" 2>/dev/null; then
-  echo "error: the jax of $PY sees no GPU; set PYTHON to a Python with a CUDA jax" \
-    "(or pass --dry_run)" >&2
-  exit 1
-fi
+require_gpu "$@"
 "$PY" -c "import ml_dtypes, numpy" || "$PY" -m pip install -q ml_dtypes
 exec timeout 540 "$PY" experiments/benchmarks/gpu_megatron.py "$@"

@@ -141,6 +141,22 @@ def state_fingerprint(state) -> dict[str, dict[str, int]]:
   return {"params": params, "state": whole}
 
 
+def _matches_as_saved(x, want: int) -> bool:
+  """Whether float32 `x` is an array saved in 16 bits (a converted Megatron checkpoint keeps
+  bfloat16; restores cast to the model's float32, which changes the bits but not the
+  values): the fingerprint of the exact cast back is compared."""
+  if np.dtype(x.dtype) != np.float32:
+    return False
+  import ml_dtypes  # pylint: disable=g-import-not-at-top
+  host = np.asarray(x)
+  for dtype in (ml_dtypes.bfloat16, np.float16):
+    narrow = host.astype(dtype)
+    if np.array_equal(narrow.astype(np.float32), host, equal_nan=True) and (
+        _np_fingerprint(narrow) == int(want)):
+      return True
+  return False
+
+
 def check_fingerprint(tree, recorded: Mapping[str, int] | None, where: str) -> None:
   """Refuses `tree` (restored from `where`) unless each leaf's fingerprint equals the one
   recorded at save time under its path."""
@@ -151,9 +167,10 @@ def check_fingerprint(tree, recorded: Mapping[str, int] | None, where: str) -> N
     logging.warning("checkpoint %s: its saved fingerprint names other arrays than the "
                     "restored state; not compared", where)
     return
+  leaves = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
   for path, value in ours.items():
     want = recorded.get(path)
-    if want is not None and int(want) != value:
+    if want is not None and int(want) != value and not _matches_as_saved(leaves[path], want):
       raise FingerprintError(
           f"checkpoint {where} is damaged: array {path} no longer matches the fingerprint "
           f"saved with it ({value} vs {want}: rows reordered or overwritten); move the step "
